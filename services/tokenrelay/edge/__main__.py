@@ -1,0 +1,22 @@
+"""``tokenrelay-edge``: run the HTTP edge with the settings of TOKENRELAY_CONFIG."""
+
+from __future__ import annotations
+
+import sys
+
+from tokenrelay.config import load_settings
+from tokenrelay.edge.app import run
+from tokenrelay.logs import configure_logging
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except (OSError, ValueError) as exc:
+        sys.exit(f"tokenrelay-edge: bad configuration: {exc}")
+    configure_logging("edge", settings.log_level)
+    run(settings.edge)
+
+
+if __name__ == "__main__":
+    main()

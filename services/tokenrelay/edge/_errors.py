@@ -1,0 +1,100 @@
+"""The one mapping from errors to HTTP status and OpenAI-shaped error bodies at the edge.
+
+Every error response has the body ``{"error": {"message", "type", "param", "code"}}``: tokenrelay
+errors by the table below, aiohttp's own HTTP errors (unknown route, wrong method, body too
+large) by their status, anything else as a 500 with a fixed message (the exception is logged,
+never sent).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from tokenrelay.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    RelayError,
+    Unauthenticated,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+__all__ = ["error_body", "error_middleware", "error_response", "status_of"]
+
+log = logging.getLogger(__name__)
+
+# Most specific first: the first matching class wins. (status, OpenAI error type)
+_TABLE: tuple[tuple[type[RelayError], int, str], ...] = (
+    (ModelNotFound, 404, "invalid_request_error"),
+    (InvalidRequest, 400, "invalid_request_error"),
+    (Unauthenticated, 401, "authentication_error"),
+    (Overloaded, 429, "rate_limit_error"),
+    (UpstreamUnavailable, 503, "service_unavailable"),
+    (UpstreamTimeout, 504, "timeout"),
+    (GenerationFailed, 500, "server_error"),
+    (RelayError, 500, "server_error"),
+)
+
+_HTTP_MESSAGES = {
+    404: ("Not found.", "invalid_request_error", None),
+    405: ("Method not allowed.", "invalid_request_error", None),
+    413: ("The request body is too large.", "invalid_request_error", "request_too_large"),
+}
+
+
+def status_of(exc: RelayError) -> tuple[int, str]:
+    return next((status, kind) for cls, status, kind in _TABLE if isinstance(exc, cls))
+
+
+def error_body(exc: RelayError) -> dict[str, Any]:
+    _, kind = status_of(exc)
+    param = exc.param if isinstance(exc, InvalidRequest) else None
+    code = exc.code if isinstance(exc, InvalidRequest) else None
+    return {"error": {"message": exc.message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(exc: RelayError) -> web.Response:
+    status, _ = status_of(exc)
+    headers = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return web.json_response(error_body(exc), status=status, headers=headers)
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    message, kind, code = _HTTP_MESSAGES.get(
+        exc.status,
+        (exc.reason, "invalid_request_error" if exc.status < 500 else "server_error", None),
+    )
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(
+        body,
+        status=exc.status,
+        headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None,
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RelayError as exc:
+        status, _ = status_of(exc)
+        log.info("request refused", extra={"fields": {"status": status, "error": exc.message}})
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error(exc)
+    except Exception:
+        log.exception("unexpected error while serving a request")
+        return error_response(RelayError("Internal error."))

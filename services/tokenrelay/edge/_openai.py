@@ -1,0 +1,321 @@
+"""OpenAI request bodies → orchestrator requests, and orchestrator messages → OpenAI JSON.
+
+Field names and meanings follow ``CreateChatCompletionRequest`` / ``CreateCompletionRequest`` of
+the official OpenAI description. The edge checks JSON types here; value ranges and limits are the
+orchestrator's to check, so gRPC and HTTP callers meet the same rules and messages.
+
+Unknown-field policy: fields this edge does not know are ignored, as OpenAI-compatible servers do
+(clients such as LiteLLM and ADK add their own). Known fields that ask for something tokenrelay
+does not do (``n`` > 1, ``logprobs``, a non-text ``response_format``) are refused with a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from tokenrelay.errors import InvalidRequest
+from tokenrelay.v1 import generation_pb2 as pb
+
+__all__ = [
+    "ParsedRequest",
+    "chat_chunk",
+    "chat_completion",
+    "completion",
+    "completion_chunk",
+    "finish_reason",
+    "loads",
+    "parse_chat",
+    "parse_completion",
+    "usage",
+]
+
+_INT32 = 2**31 - 1
+_INT64 = 2**63 - 1
+_ROLES = {
+    "system": pb.ROLE_SYSTEM,
+    "developer": pb.ROLE_SYSTEM,
+    "user": pb.ROLE_USER,
+    "assistant": pb.ROLE_ASSISTANT,
+}
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    request: pb.GenerateStreamRequest
+    stream: bool
+    include_usage: bool
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidRequest(f"The request body is not valid JSON: {name} is not allowed.")
+
+
+def loads(body: bytes) -> dict[str, Any]:
+    """Parse a request body; refuses invalid UTF-8, NaN/Infinity and non-object JSON."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not valid UTF-8.") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return value
+
+
+def _type_error(name: str, expected: str) -> InvalidRequest:
+    return InvalidRequest(f"'{name}' must be {expected}.", name)
+
+
+def _model(body: dict[str, Any]) -> str:
+    value = body.get("model")
+    if value is None:
+        raise InvalidRequest("'model' is required.", "model")
+    if not isinstance(value, str):
+        raise _type_error("model", "a string")
+    return value
+
+
+def _bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _type_error(name, "a boolean")
+    return value
+
+
+def _number(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _type_error(name, "a number")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, bound: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(name, "an integer")
+    if not -bound - 1 <= value <= bound:
+        raise InvalidRequest(f"'{name}' is out of range.", name)
+    return value
+
+
+def _sampling(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> pb.SamplingParams:
+    sampling = pb.SamplingParams()
+    for name in max_tokens_names:
+        max_tokens = _integer(body, name, _INT32)
+        if max_tokens is not None:
+            sampling.max_tokens = max_tokens
+            break
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        value = _number(body, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    top_k = _integer(body, "top_k", _INT32)  # vLLM's extension
+    if top_k is not None and top_k != -1:
+        sampling.top_k = top_k
+    seed = _integer(body, "seed", _INT64)
+    if seed is not None:
+        sampling.seed = seed
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        sampling.stop.append(stop)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        sampling.stop.extend(stop)
+    elif stop is not None:
+        raise _type_error("stop", "a string or an array of strings")
+    return sampling
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    n = _integer(body, "n", _INT32)
+    if n is not None and n != 1:
+        raise InvalidRequest("Only n=1 is supported.", "n")
+    if body.get("logprobs") not in (None, False, 0):
+        raise InvalidRequest("logprobs are not supported.", "logprobs")
+    if body.get("echo") not in (None, False):
+        raise InvalidRequest("echo is not supported.", "echo")
+    if body.get("best_of") not in (None, 1):
+        raise InvalidRequest("Only best_of=1 is supported.", "best_of")
+    response_format = body.get("response_format")
+    if response_format is not None and (
+        not isinstance(response_format, dict) or response_format.get("type") != "text"
+    ):
+        raise InvalidRequest("Only the 'text' response_format is supported.", "response_format")
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise _type_error("stream_options", "an object")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise _type_error("stream_options.include_usage", "a boolean")
+    return stream, include
+
+
+def _content(value: Any, i: int) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise InvalidRequest(
+                    f"messages[{i}].content: only text parts are supported.",
+                    f"messages[{i}].content",
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _type_error(f"messages[{i}].content.text", "a string")
+            texts.append(text)
+        return "".join(texts)
+    raise _type_error(f"messages[{i}].content", "a string or an array of text parts")
+
+
+def _messages(body: dict[str, Any]) -> list[pb.ChatMessage]:
+    raw = body.get("messages")
+    if raw is None:
+        raise InvalidRequest("'messages' is required.", "messages")
+    if not isinstance(raw, list):
+        raise _type_error("messages", "an array")
+    messages = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise _type_error(f"messages[{i}]", "an object")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise InvalidRequest(
+                f"messages[{i}].role must be one of system, developer, user, assistant.",
+                f"messages[{i}].role",
+            )
+        messages.append(
+            pb.ChatMessage(role=_ROLES[role], content=_content(message.get("content"), i))
+        )
+    return messages
+
+
+def parse_chat(body: dict[str, Any], request_id: str) -> ParsedRequest:
+    """A ``/v1/chat/completions`` body; raises ``InvalidRequest`` naming the field."""
+    model = _model(body)
+    messages = _messages(body)
+    _refuse_unsupported(body)
+    stream, include_usage = _stream_flags(body)
+    request = pb.GenerateStreamRequest(
+        model=model,
+        chat=pb.Chat(messages=messages),
+        sampling=_sampling(body, ("max_completion_tokens", "max_tokens")),
+        request_id=request_id,
+    )
+    return ParsedRequest(request, stream, include_usage)
+
+
+def parse_completion(body: dict[str, Any], request_id: str) -> ParsedRequest:
+    """A ``/v1/completions`` body; raises ``InvalidRequest`` naming the field."""
+    model = _model(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _type_error("prompt", "a string")
+    _refuse_unsupported(body)
+    if body.get("suffix") is not None:
+        raise InvalidRequest("suffix is not supported.", "suffix")
+    stream, include_usage = _stream_flags(body)
+    request = pb.GenerateStreamRequest(
+        model=model, prompt=prompt, sampling=_sampling(body, ("max_tokens",)), request_id=request_id
+    )
+    return ParsedRequest(request, stream, include_usage)
+
+
+def finish_reason(end: pb.StreamEnd) -> str | None:
+    """The OpenAI finish reason, or None for a generation the inference server cancelled."""
+    return _FINISH.get(end.finish_reason)
+
+
+def usage(value: pb.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": value.prompt_tokens,
+        "completion_tokens": value.completion_tokens,
+        "total_tokens": value.total_tokens,
+    }
+
+
+def chat_completion(
+    id_: str, created: int, model: str, text: str, finish: str, use: pb.Usage
+) -> dict[str, Any]:
+    return {
+        "id": id_,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(use),
+    }
+
+
+def chat_chunk(
+    id_: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": id_,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def completion(
+    id_: str, created: int, model: str, text: str, finish: str | None, use: pb.Usage | None
+) -> dict[str, Any]:
+    """A text completion; also each chunk of a streamed one (``finish`` None until the last)."""
+    body: dict[str, Any] = {
+        "id": id_,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+    }
+    if use is not None:
+        body["usage"] = usage(use)
+    return body
+
+
+def completion_chunk(
+    id_: str, created: int, model: str, text: str, finish: str | None
+) -> dict[str, Any]:
+    return completion(id_, created, model, text, finish, None)

@@ -1,0 +1,262 @@
+"""HTTP handlers: each OpenAI request becomes one ``GenerateStream`` call to the orchestrator.
+
+A streaming answer's headers go out only with the first message from the orchestrator, so an
+error before any token (bad request, no node, first-token timeout) is still a plain HTTP error
+with the right status. The call's deadline is the client's budget: the OpenAI SDK's
+``x-stainless-timeout`` header where present, else the configured request timeout. When the
+client goes away aiohttp cancels the handler (``handler_cancellation``), which closes the stream
+and so cancels the gRPC call, which cancels the Triton request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from tokenrelay.config import EdgeSettings
+from tokenrelay.edge import _openai as oa
+from tokenrelay.edge._errors import error_body
+from tokenrelay.edge._sse import SSEWriter
+from tokenrelay.edge._upstream import OrchestratorClient
+from tokenrelay.errors import GenerationFailed, ModelNotFound, RelayError, UpstreamUnavailable
+from tokenrelay.logs import bind
+from tokenrelay.v1 import generation_pb2 as pb
+
+__all__ = ["SETTINGS", "STATE", "UPSTREAM", "EdgeState", "routes"]
+
+
+@dataclass
+class EdgeState:
+    draining: bool = False
+
+
+SETTINGS = web.AppKey("settings", EdgeSettings)
+UPSTREAM = web.AppKey("upstream", OrchestratorClient)
+STATE = web.AppKey("state", EdgeState)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+routes = web.RouteTableDef()
+
+
+class _Shape(Protocol):
+    """How one endpoint spells its answer."""
+
+    def opening(self) -> list[dict[str, Any]]: ...
+    def text(self, text: str) -> dict[str, Any]: ...
+    def end(self, finish: str) -> dict[str, Any]: ...
+    def usage(self, usage: pb.Usage) -> dict[str, Any]: ...
+    def whole(self, text: str, finish: str, usage: pb.Usage) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Chat:
+    id: str
+    created: int
+    model: str
+    with_usage: bool
+
+    def opening(self) -> list[dict[str, Any]]:
+        delta = {"role": "assistant", "content": ""}
+        return [oa.chat_chunk(self.id, self.created, self.model, delta, None, self.with_usage)]
+
+    def text(self, text: str) -> dict[str, Any]:
+        return oa.chat_chunk(
+            self.id, self.created, self.model, {"content": text}, None, self.with_usage
+        )
+
+    def end(self, finish: str) -> dict[str, Any]:
+        return oa.chat_chunk(self.id, self.created, self.model, {}, finish, self.with_usage)
+
+    def usage(self, usage: pb.Usage) -> dict[str, Any]:
+        chunk = oa.chat_chunk(self.id, self.created, self.model, {}, None, True)
+        chunk["choices"] = []
+        chunk["usage"] = oa.usage(usage)
+        return chunk
+
+    def whole(self, text: str, finish: str, usage: pb.Usage) -> dict[str, Any]:
+        return oa.chat_completion(self.id, self.created, self.model, text, finish, usage)
+
+
+@dataclass(frozen=True, slots=True)
+class _Completion:
+    id: str
+    created: int
+    model: str
+    with_usage: bool
+
+    def opening(self) -> list[dict[str, Any]]:
+        return []
+
+    def text(self, text: str) -> dict[str, Any]:
+        return oa.completion_chunk(self.id, self.created, self.model, text, None)
+
+    def end(self, finish: str) -> dict[str, Any]:
+        return oa.completion_chunk(self.id, self.created, self.model, "", finish)
+
+    def usage(self, usage: pb.Usage) -> dict[str, Any]:
+        chunk = oa.completion(self.id, self.created, self.model, "", None, usage)
+        chunk["choices"] = []
+        return chunk
+
+    def whole(self, text: str, finish: str, usage: pb.Usage) -> dict[str, Any]:
+        return oa.completion(self.id, self.created, self.model, text, finish, usage)
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _budget(request: web.Request, settings: EdgeSettings) -> float:
+    try:
+        stated = float(request.headers.get("x-stainless-timeout", "inf"))
+    except ValueError:
+        stated = float("inf")
+    return stated if 0 < stated < settings.request_timeout_s else settings.request_timeout_s
+
+
+def _finish(end: pb.StreamEnd) -> str:
+    finish = oa.finish_reason(end)
+    if finish is None:
+        raise UpstreamUnavailable("The inference server cancelled the generation.")
+    return finish
+
+
+async def _next(
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
+) -> pb.GenerateStreamResponse:
+    try:
+        return await anext(messages)
+    except StopAsyncIteration:
+        raise GenerationFailed("The answer ended unexpectedly.") from None
+
+
+async def _next_or_ping(
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None], sse: SSEWriter, interval_s: float
+) -> pb.GenerateStreamResponse:
+    """The next message; writes ``: ping`` comments while waiting for it."""
+    task = asyncio.ensure_future(_next(messages))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=interval_s)
+            if done:
+                return task.result()
+            await sse.ping()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _stream(
+    request: web.Request,
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
+    shape: _Shape,
+    first: pb.GenerateStreamResponse,
+    headers: dict[str, str],
+    include_usage: bool,
+) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    sse = await SSEWriter.open(request, headers)
+    try:
+        for chunk in shape.opening():
+            await sse.data(chunk)
+        message = first
+        while True:
+            if message.text:
+                await sse.data(shape.text(message.text))
+            if message.HasField("end"):
+                await sse.data(shape.end(_finish(message.end)))
+                if include_usage:
+                    await sse.data(shape.usage(message.end.usage))
+                break
+            message = await _next_or_ping(messages, sse, settings.keepalive_interval_s)
+    except RelayError as exc:
+        await sse.error(error_body(exc))
+        await sse.response.write_eof()
+        return sse.response
+    await sse.done()
+    return sse.response
+
+
+async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    request_id = _request_id(request)
+    body = oa.loads(await request.read())
+    parsed = (oa.parse_chat if chat else oa.parse_completion)(body, request_id)
+    with bind(request_id=request_id, model=parsed.request.model):
+        messages = request.app[UPSTREAM].stream(
+            parsed.request, _budget(request, settings), metadata=[("x-request-id", request_id)]
+        )
+        try:
+            first = await _next(messages)
+            model = first.start.served_by.model or parsed.request.model
+            kind = _Chat if chat else _Completion
+            prefix = "chatcmpl-" if chat else "cmpl-"
+            shape = kind(prefix + request_id, int(time.time()), model, parsed.include_usage)
+            headers = {"X-Request-Id": request_id}
+            if parsed.stream:
+                return await _stream(request, messages, shape, first, headers, parsed.include_usage)
+            texts = []
+            message = first
+            while True:
+                texts.append(message.text)
+                if message.HasField("end"):
+                    break
+                message = await _next(messages)
+            answer = shape.whole("".join(texts), _finish(message.end), message.end.usage)
+            return web.json_response(answer, headers=headers)
+        finally:
+            await messages.aclose()
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, chat=True)
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, chat=False)
+
+
+def _model_json(model: pb.Model) -> dict[str, Any]:
+    return {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by}
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    models = await request.app[UPSTREAM].list_models(request.app[SETTINGS].ready_timeout_s * 5)
+    return web.json_response({"object": "list", "data": [_model_json(m) for m in models]})
+
+
+@routes.get("/v1/models/{model}")
+async def get_model(request: web.Request) -> web.Response:
+    models = await request.app[UPSTREAM].list_models(request.app[SETTINGS].ready_timeout_s * 5)
+    wanted = request.match_info["model"]
+    for model in models:
+        if model.id == wanted:
+            return web.json_response(_model_json(model))
+    raise ModelNotFound(wanted)
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[STATE].draining:
+        return web.json_response({"status": "not ready", "reason": "draining"}, status=503)
+    ready, reason = await request.app[UPSTREAM].ready(request.app[SETTINGS].ready_timeout_s)
+    status = "ready" if ready else "not ready"
+    return web.json_response({"status": status, "reason": reason}, status=200 if ready else 503)

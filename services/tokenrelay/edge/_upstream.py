@@ -1,0 +1,116 @@
+"""The edge's client of the orchestrator: one gRPC channel, errors translated to ``RelayError``.
+
+A gRPC status becomes the matching tokenrelay error (the inverse of the orchestrator's table),
+keeping the orchestrator's message and its ``tokenrelay-error-param``/``-code`` and
+``retry-after`` trailing metadata. UNAUTHENTICATED from the orchestrator means the edge itself is
+misconfigured, so it becomes a plain server error, never a 401 to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from contextlib import contextmanager
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tokenrelay.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    RelayError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+
+__all__ = ["OrchestratorClient"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+def _translate(exc: grpc.aio.AioRpcError) -> RelayError:
+    code = exc.code()
+    details = exc.details() or ""
+    trailing = dict(exc.trailing_metadata() or ())
+    param = trailing.get("tokenrelay-error-param")
+    error_code = trailing.get("tokenrelay-error-code")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(
+            details, param=str(param) if param else None, code=error_code and str(error_code)
+        )
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ModelNotFound("", details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry = trailing.get("retry-after", "1")
+        return Overloaded(details or "The service is at capacity.", float(str(retry)))
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return UpstreamTimeout(details or "The request did not complete in time.")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        log.warning("orchestrator unavailable", extra={"fields": {"grpc_code": code.name}})
+        return UpstreamUnavailable(
+            details
+            if code == grpc.StatusCode.UNAVAILABLE and "inference" in details.lower()
+            else "The service is temporarily unavailable."
+        )
+    log.error("orchestrator error", extra={"fields": {"grpc_code": code.name, "details": details}})
+    if code == grpc.StatusCode.INTERNAL:
+        return GenerationFailed(details or "The model failed while generating.")
+    return RelayError("Internal error.")
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise _translate(exc) from exc
+
+
+class OrchestratorClient:
+    """Calls to the orchestrator. Create and close it inside the event loop that uses it."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def stream(
+        self,
+        request: pb.GenerateStreamRequest,
+        timeout_s: float,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
+        """The orchestrator's stream; raises ``RelayError``. Closing it cancels the call."""
+        call = self._stub.GenerateStream(request, timeout=timeout_s, metadata=tuple(metadata))
+        try:
+            with _translated():
+                async for message in call:
+                    yield message
+        finally:
+            call.cancel()
+
+    async def list_models(self, timeout_s: float) -> list[pb.Model]:
+        with _translated():
+            response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s)
+        return list(response.models)
+
+    async def ready(self, timeout_s: float) -> tuple[bool, str]:
+        """Whether the orchestrator answers and says SERVING; never raises."""
+        try:
+            response = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            return False, f"orchestrator unreachable ({exc.code().name})"
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            return False, "orchestrator not serving (no inference node ready)"
+        return True, "ready"
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,84 @@
+"""The one exception hierarchy of tokenrelay.
+
+Domain code raises these; each transport maps them to its wire status in one place
+(``orchestrator/_status.py`` for gRPC, ``edge/_errors.py`` for HTTP)::
+
+    RelayError                      base; never raised itself
+    ├── InvalidRequest              malformed or out of bounds (400 / INVALID_ARGUMENT)
+    │   └── ModelNotFound           the model is not in the catalog (404 / NOT_FOUND)
+    ├── Unauthenticated             missing or wrong credentials (401 / UNAUTHENTICATED)
+    ├── Overloaded                  at capacity; retry later (429 / RESOURCE_EXHAUSTED)
+    ├── UpstreamUnavailable         no inference node can serve now (503 / UNAVAILABLE)
+    ├── UpstreamTimeout             a deadline or watchdog expired (504 / DEADLINE_EXCEEDED)
+    └── GenerationFailed            the model failed while generating (500 / INTERNAL)
+
+Messages are written for the caller: they never carry addresses, stack traces or a
+dependency's raw error text.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GenerationFailed",
+    "InvalidRequest",
+    "ModelNotFound",
+    "Overloaded",
+    "RelayError",
+    "Unauthenticated",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+
+class RelayError(Exception):
+    """Base of every error tokenrelay reports to a caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(RelayError):
+    """The request is malformed or out of bounds.
+
+    ``param`` names the offending field; ``code`` is a machine-readable reason where OpenAI defines
+    one (e.g. ``context_length_exceeded``).
+    """
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ModelNotFound(InvalidRequest):
+    """The requested model is not in the catalog."""
+
+    def __init__(self, model: str, message: str | None = None) -> None:
+        super().__init__(
+            message or f"The model '{model}' does not exist.", param="model", code="model_not_found"
+        )
+
+
+class Unauthenticated(RelayError):
+    """Credentials are missing or wrong."""
+
+
+class Overloaded(RelayError):
+    """The service is at capacity; ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(RelayError):
+    """No inference node can serve the request now."""
+
+
+class UpstreamTimeout(RelayError):
+    """A deadline or watchdog expired before the answer was complete."""
+
+
+class GenerationFailed(RelayError):
+    """The model reported a failure while generating."""

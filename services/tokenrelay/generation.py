@@ -1,0 +1,130 @@
+"""Domain types of a generation and the seam to a source of tokens.
+
+These plain dataclasses are what the orchestrator's logic works with; protobuf types stop at the
+gRPC border (``orchestrator/_convert.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "ChatMessage",
+    "Delta",
+    "FinishReason",
+    "GenerationRequest",
+    "Sampling",
+    "TokenSource",
+    "Usage",
+]
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Decoding parameters; ``None`` means the model's default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def to_engine_json(self) -> dict[str, object]:
+        """The set fields, named as vLLM's ``SamplingParams`` names them."""
+        out: dict[str, object] = {}
+        for name in (
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.stop:
+            out["stop"] = list(self.stop)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One request, as the caller stated it (before the chat template is applied)."""
+
+    model: str
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    request_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One step of a generation as a token source reports it.
+
+    ``output_tokens`` counts the tokens behind ``text`` (text may be empty while a token is held
+    back, e.g. as a possible start of a stop sequence). ``prompt_tokens`` is set when the source
+    knows it. ``finish_reason`` is set on the last delta only.
+    """
+
+    text: str
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+    finish_reason: FinishReason | None = None
+
+
+class TokenSource(Protocol):
+    """A place that turns a prompt into a stream of deltas (one Triton node, or a fake).
+
+    ``generate`` yields deltas as they are produced; the last one has ``finish_reason`` set. It
+    raises ``UpstreamUnavailable`` when the source cannot be reached, ``UpstreamTimeout`` when the
+    source's own deadline expires and ``GenerationFailed`` when the model reports an error. Closing
+    or cancelling the iterator cancels the generation at the source. Each call is independent;
+    calls may run concurrently.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def generate(
+        self, model: str, prompt: str, sampling: Sampling, request_id: str
+    ) -> AsyncGenerator[Delta, None]: ...
+
+    async def ready(self, model: str) -> bool:
+        """Whether the source can serve ``model`` now. Never raises; safe to call repeatedly."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections. Safe to call more than once."""
+        ...

@@ -1,0 +1,23 @@
+"""``tokenrelay-orchestrator``: run the gRPC orchestrator with the settings of TOKENRELAY_CONFIG."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from tokenrelay.config import load_settings
+from tokenrelay.logs import configure_logging
+from tokenrelay.orchestrator.server import serve
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except (OSError, ValueError) as exc:
+        sys.exit(f"tokenrelay-orchestrator: bad configuration: {exc}")
+    configure_logging("orchestrator", settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

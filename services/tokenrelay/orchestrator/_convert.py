@@ -1,0 +1,102 @@
+"""Protobuf ↔ domain conversion: protobuf types stop here."""
+
+from __future__ import annotations
+
+from tokenrelay.errors import InvalidRequest
+from tokenrelay.generation import ChatMessage, FinishReason, GenerationRequest, Sampling, Usage
+from tokenrelay.orchestrator._relay import Chunk, ModelStatus, StreamStart
+from tokenrelay.v1 import generation_pb2 as pb
+
+__all__ = ["chunk_to_pb", "model_to_pb", "request_from_pb", "start_to_pb", "usage_to_pb"]
+
+_ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+_FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def _opt(message: pb.SamplingParams, name: str) -> float | int | None:
+    value: float | int | None = getattr(message, name) if message.HasField(name) else None  # type: ignore[arg-type]
+    return value
+
+
+def request_from_pb(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> GenerationRequest:
+    """Raises ``InvalidRequest`` for a role the API does not define."""
+    messages = None
+    prompt = None
+    kind = request.WhichOneof("input")
+    if kind == "chat":
+        converted = []
+        for i, m in enumerate(request.chat.messages):
+            role = _ROLES.get(m.role)
+            if role is None:
+                raise InvalidRequest(
+                    f"messages[{i}].role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT.",
+                    f"messages[{i}].role",
+                )
+            converted.append(ChatMessage(role, m.content))
+        messages = tuple(converted)
+    elif kind == "prompt":
+        prompt = request.prompt
+    s = request.sampling
+    max_tokens, top_k, seed = (_opt(s, n) for n in ("max_tokens", "top_k", "seed"))
+    sampling = Sampling(
+        max_tokens=None if max_tokens is None else int(max_tokens),
+        temperature=_opt(s, "temperature"),
+        top_p=_opt(s, "top_p"),
+        top_k=None if top_k is None else int(top_k),
+        seed=None if seed is None else int(seed),
+        stop=tuple(s.stop),
+        presence_penalty=_opt(s, "presence_penalty"),
+        frequency_penalty=_opt(s, "frequency_penalty"),
+    )
+    return GenerationRequest(
+        model=request.model,
+        messages=messages,
+        prompt=prompt,
+        sampling=sampling,
+        request_id=request.request_id,
+        labels=dict(request.labels),
+    )
+
+
+def served_by_to_pb(start: StreamStart) -> pb.ServedBy:
+    return pb.ServedBy(model=start.model, node=start.node, fallback=start.fallback)
+
+
+def start_to_pb(start: StreamStart) -> pb.StreamStart:
+    return pb.StreamStart(request_id=start.request_id, served_by=served_by_to_pb(start))
+
+
+def usage_to_pb(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
+
+
+def finish_to_pb(reason: FinishReason) -> pb.FinishReason.ValueType:
+    return _FINISH[reason]
+
+
+def chunk_to_pb(chunk: Chunk) -> pb.GenerateStreamResponse:
+    message = pb.GenerateStreamResponse(text=chunk.text)
+    if chunk.start is not None:
+        message.start.CopyFrom(start_to_pb(chunk.start))
+    if chunk.end is not None:
+        message.end.finish_reason = finish_to_pb(chunk.end.finish_reason)
+        message.end.usage.CopyFrom(usage_to_pb(chunk.end.usage))
+    return message
+
+
+def model_to_pb(status: ModelStatus) -> pb.Model:
+    return pb.Model(
+        id=status.spec.id,
+        owned_by=status.spec.owned_by,
+        context_window=status.spec.context_window,
+        ready=status.ready,
+        created=status.created,
+    )

@@ -1,0 +1,69 @@
+"""``tokenrelay.v1.GenerationService``: decode the protobuf, call the relay, encode each chunk."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import grpc
+
+from tokenrelay.errors import GenerationFailed
+from tokenrelay.orchestrator._convert import (
+    chunk_to_pb,
+    finish_to_pb,
+    model_to_pb,
+    request_from_pb,
+    served_by_to_pb,
+    usage_to_pb,
+)
+from tokenrelay.orchestrator._relay import Relay
+from tokenrelay.orchestrator._status import grpc_errors
+from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+
+__all__ = ["GenerationServicer"]
+
+log = logging.getLogger(__name__)
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+def _budget(context: Context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else max(remaining, 0.0)
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    @grpc_errors
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async for chunk in self._relay.stream(request_from_pb(request), _budget(context)):
+            yield chunk_to_pb(chunk)
+
+    @grpc_errors
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
+        response = pb.GenerateResponse()
+        texts = []
+        async for chunk in self._relay.stream(request_from_pb(request), _budget(context)):
+            texts.append(chunk.text)
+            if chunk.start is not None:
+                response.request_id = chunk.start.request_id
+                response.served_by.CopyFrom(served_by_to_pb(chunk.start))
+            if chunk.end is not None:
+                response.finish_reason = finish_to_pb(chunk.end.finish_reason)
+                response.usage.CopyFrom(usage_to_pb(chunk.end.usage))
+        if not response.finish_reason:
+            raise GenerationFailed("The model ended without finishing its answer.")
+        response.text = "".join(texts)
+        return response
+
+    @grpc_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_to_pb(m) for m in self._relay.models()])

@@ -1,0 +1,101 @@
+"""The one mapping from tokenrelay errors to gRPC status, for every servicer method.
+
+``@grpc_errors`` wraps a unary or server-streaming method: a ``RelayError`` aborts the call with
+its status code and message (and ``tokenrelay-error-param`` / ``tokenrelay-error-code`` /
+``retry-after`` trailing metadata where they apply); any other exception is logged with its
+traceback and becomes INTERNAL with a fixed message, so no exception text or traceback reaches a
+caller (grpc.aio would otherwise send it as UNKNOWN).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from tokenrelay.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    RelayError,
+    Unauthenticated,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+__all__ = ["STATUS", "grpc_errors", "trailing_metadata"]
+
+log = logging.getLogger(__name__)
+
+# Most specific first: the first matching class wins.
+STATUS: tuple[tuple[type[RelayError], grpc.StatusCode], ...] = (
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UpstreamUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (UpstreamTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (GenerationFailed, grpc.StatusCode.INTERNAL),
+)
+
+M = TypeVar("M", bound=Callable[..., Any])
+
+
+def status_of(exc: RelayError) -> grpc.StatusCode:
+    return next(code for kind, code in STATUS if isinstance(exc, kind))
+
+
+def trailing_metadata(exc: RelayError) -> tuple[tuple[str, str], ...]:
+    metadata: list[tuple[str, str]] = []
+    if isinstance(exc, InvalidRequest):
+        if exc.param:
+            metadata.append(("tokenrelay-error-param", exc.param))
+        if exc.code:
+            metadata.append(("tokenrelay-error-code", exc.code))
+    if isinstance(exc, Overloaded):
+        metadata.append(("retry-after", f"{exc.retry_after:g}"))
+    return tuple(metadata)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    if isinstance(exc, RelayError):
+        code = status_of(exc)
+        log.info(
+            "request refused", extra={"fields": {"grpc_code": code.name, "error": exc.message}}
+        )
+        await context.abort(code, exc.message, trailing_metadata(exc))
+    log.exception("unexpected error while serving a request", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "Internal error.")
+
+
+def grpc_errors(method: M) -> M:
+    """Map exceptions raised by a servicer method to gRPC status (see module docstring)."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for message in method(self, request, context):
+                    yield message
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return unary  # type: ignore[return-value]

@@ -1,0 +1,200 @@
+"""One Triton node as a ``TokenSource``, through ``tritonclient.grpc.aio``.
+
+Each generation is one ``ModelStreamInfer`` stream carrying one request, so cancelling the stream
+cancels exactly that Triton request (Triton then tells the model, which stops decoding). The
+vLLM backend's contract is spoken as it is: ``exclude_input_in_output`` is always true, token
+counts and the finish reason are asked for.
+
+``stream_infer`` fails three ways, all translated here by ``_translate``: an exception when the
+call is set up, ``(result, error)`` pairs while streaming, and a raw ``grpc.RpcError`` out of
+``__anext__``. Messages of the upstream never reach callers; they go to the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from tokenrelay.config import Timeouts
+from tokenrelay.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    RelayError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from tokenrelay.generation import Delta, FinishReason, Sampling
+
+__all__ = ["TritonNode"]
+
+log = logging.getLogger(__name__)
+
+_FINISH = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "abort": FinishReason.CANCELLED,
+    "cancelled": FinishReason.CANCELLED,
+}
+_OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
+# Phrases of a prompt that does not fit: ours (tokenrelay.triton_python.llama) and vLLM's.
+_CONTEXT_PHRASES = ("context window", "maximum context length")
+
+
+def _bool_input(name: str, value: bool) -> InferInput:
+    tensor = InferInput(name, [1], "BOOL")
+    tensor.set_data_from_numpy(np.array([value], dtype=bool))
+    return tensor
+
+
+def _bytes_input(name: str, value: str) -> InferInput:
+    tensor = InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=object))
+    return tensor
+
+
+def _stream_error(message: str, address: str) -> RelayError:
+    """An error response inside the stream (the model or Triton refused or failed)."""
+    lowered = message.lower()
+    if any(phrase in lowered for phrase in _CONTEXT_PHRASES):
+        return InvalidRequest(
+            "The prompt and max_tokens do not fit in the model's context window.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if "unknown model" in lowered or "no available versions" in lowered or "not ready" in lowered:
+        log.warning("node cannot serve the model", extra={"fields": {"node": address}})
+        return UpstreamUnavailable("The model is not loaded on the inference node.")
+    log.error("model error", extra={"fields": {"node": address, "upstream_error": message}})
+    return GenerationFailed("The model failed while generating.")
+
+
+def _rpc_error(exc: grpc.RpcError | InferenceServerException, address: str) -> RelayError:
+    code = exc.code() if isinstance(exc, grpc.RpcError) else None
+    if isinstance(exc, InferenceServerException):
+        status = exc.status() or ""
+        code = next((c for c in grpc.StatusCode if str(c) == status), None)
+    log.warning(
+        "triton call failed",
+        extra={"fields": {"node": address, "grpc_code": str(code), "upstream_error": str(exc)}},
+    )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return UpstreamTimeout("The inference node did not answer in time.")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, None):
+        return UpstreamUnavailable("The inference node is unavailable.")
+    return GenerationFailed("The inference node failed the request.")
+
+
+@contextmanager
+def _translate(address: str) -> Iterator[None]:
+    try:
+        yield
+    except (grpc.RpcError, InferenceServerException) as exc:
+        raise _rpc_error(exc, address) from exc
+
+
+class TritonNode:
+    """A Triton server reached over gRPC; implements ``tokenrelay.generation.TokenSource``."""
+
+    def __init__(self, address: str, timeouts: Timeouts) -> None:
+        self._address = address
+        self._timeouts = timeouts
+        self._client = triton_aio.InferenceServerClient(url=address)
+        self._outputs = [InferRequestedOutput(name) for name in _OUTPUTS]
+
+    @property
+    def name(self) -> str:
+        return self._address
+
+    async def ready(self, model: str) -> bool:
+        try:
+            async with asyncio.timeout(self._timeouts.connect_s):
+                return bool(
+                    await self._client.is_server_ready()
+                    and await self._client.is_model_ready(model)
+                )
+        except (grpc.RpcError, InferenceServerException, TimeoutError):
+            return False
+
+    def _request(self, model: str, prompt: str, sampling: Sampling, request_id: str) -> Any:
+        return {
+            "model_name": model,
+            "request_id": request_id,
+            "outputs": self._outputs,
+            "inputs": [
+                _bytes_input("text_input", prompt),
+                _bool_input("stream", True),
+                _bytes_input("sampling_parameters", json.dumps(sampling.to_engine_json())),
+                _bool_input("exclude_input_in_output", True),
+                _bool_input("return_finish_reason", True),
+                _bool_input("return_num_input_tokens", True),
+                _bool_input("return_num_output_tokens", True),
+            ],
+        }
+
+    async def generate(
+        self, model: str, prompt: str, sampling: Sampling, request_id: str
+    ) -> AsyncGenerator[Delta, None]:
+        request = self._request(model, prompt, sampling, request_id)
+
+        async def requests() -> AsyncIterator[Any]:
+            # One request, then the client half-closes; Triton keeps streaming its responses.
+            yield request
+
+        with _translate(self._address):
+            stream = self._client.stream_infer(requests())
+        try:
+            while True:
+                with _translate(self._address):
+                    try:
+                        result, error = await anext(stream)
+                    except StopAsyncIteration:
+                        raise UpstreamUnavailable(
+                            "The inference node closed the stream early."
+                        ) from None
+                if error is not None:
+                    raise _stream_error(str(error.message()), self._address)
+                delta, final = _decode(result)
+                yield delta
+                if final:
+                    return
+        finally:
+            # Cancels the Triton request when we stop early (caller gone, watchdog, error);
+            # a no-op once the stream has ended.
+            stream.cancel()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _first(result: Any, name: str) -> Any:
+    array = result.as_numpy(name)
+    return None if array is None or array.size == 0 else array.reshape(-1)[0]
+
+
+def _decode(result: Any) -> tuple[Delta, bool]:
+    text = _first(result, "text_output")
+    finish = _first(result, "finish_reason")
+    prompt_tokens = _first(result, "num_input_tokens")
+    output_tokens = _first(result, "num_output_tokens")
+    finish_text = finish.decode() if isinstance(finish, bytes) else str(finish or "None")
+    final = bool(result.get_response().parameters["triton_final_response"].bool_param)
+    reason = _FINISH.get(finish_text.lower())
+    if final and reason is None:
+        reason = FinishReason.STOP
+    delta = Delta(
+        text=text.decode("utf-8", errors="replace") if isinstance(text, bytes) else "",
+        output_tokens=int(output_tokens or 0),
+        prompt_tokens=None if prompt_tokens is None else int(prompt_tokens),
+        finish_reason=reason,
+    )
+    return delta, final or reason is not None

@@ -1,0 +1,123 @@
+"""The orchestrator process: the gRPC server, its health and reflection services, its lifetime.
+
+``Orchestrator`` owns the Triton clients, the probe task and the server. ``start()`` probes every
+node once, then listens; ``stop(grace)`` turns health NOT_SERVING, refuses new calls, lets
+in-flight streams finish for up to ``grace`` seconds, then cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tokenrelay.config import Settings
+from tokenrelay.generation import TokenSource
+from tokenrelay.orchestrator._pool import NodePool
+from tokenrelay.orchestrator._relay import Relay
+from tokenrelay.orchestrator._servicer import GenerationServicer
+from tokenrelay.orchestrator._triton import TritonNode
+from tokenrelay.v1 import generation_pb2, generation_pb2_grpc
+
+__all__ = ["SERVICE_NAME", "Orchestrator", "serve"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+class Orchestrator:
+    def __init__(
+        self, settings: Settings, sources: Mapping[str, TokenSource] | None = None
+    ) -> None:
+        """``sources`` maps node names to token sources; by default a ``TritonNode`` for each
+        configured endpoint (tests pass fakes)."""
+        self._settings = settings
+        placement = {m.triton_model: settings.nodes_for(m) for m in settings.models}
+        if sources is None:
+            addresses = {a for nodes in placement.values() for a in nodes}
+            sources = {a: TritonNode(a, settings.orchestrator.timeouts) for a in sorted(addresses)}
+        self._sources = dict(sources)
+        self._health = health.aio.HealthServicer()
+        self._pool = NodePool(self._sources, placement, on_change=self._serving_changed)
+        self._relay = Relay(settings, self._pool)
+        self._server = grpc.aio.server()
+        self._probe: asyncio.Task[None] | None = None
+        self._draining = False
+        self.port = 0
+
+    async def _serving_changed(self, serving: bool) -> None:
+        if self._draining:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        log.info("serving status changed", extra={"fields": {"serving": serving}})
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def start(self, listen: str | None = None) -> int:
+        """Probe the nodes once, then listen on ``listen`` (default: the configured address).
+
+        Returns the bound port (useful with port 0). Raises ``RuntimeError`` if it cannot bind.
+        """
+        address = listen or self._settings.orchestrator.listen
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(self._relay), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._pool.probe_once()
+        self._probe = asyncio.create_task(
+            self._pool.run(self._settings.orchestrator.probe_interval_s), name="node-probe"
+        )
+        self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {address}")
+        await self._server.start()
+        log.info(
+            "orchestrator listening", extra={"fields": {"address": address, "port": self.port}}
+        )
+        return self.port
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain and stop. Safe to call more than once."""
+        grace = self._settings.orchestrator.drain_grace_s if grace_s is None else grace_s
+        if not self._draining:
+            self._draining = True
+            log.info("draining", extra={"fields": {"grace_s": grace}})
+            await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+            self._probe = None
+        for source in self._sources.values():
+            await source.close()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    orchestrator = Orchestrator(settings)
+    await orchestrator.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await orchestrator.stop()
+    log.info("orchestrator stopped")

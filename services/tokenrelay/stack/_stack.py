@@ -1,0 +1,210 @@
+"""Start and stop the whole local stack: tritonserver, the orchestrator and the edge.
+
+The same code serves ``make run`` (``tokenrelay-stack``) and the system tests. Each component is
+a real process on loopback with its log in ``<workdir>/logs/``; ``start()`` returns when the edge
+says it is ready (which needs the orchestrator serving and Triton's models ready) and raises with
+the tail of the failing component's log otherwise. ``stop()`` sends SIGTERM edge → orchestrator →
+Triton, waits for each and kills what does not exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from tokenrelay.stack._triton import TritonPorts, prepare_backends, triton_command, triton_env
+
+__all__ = ["Stack", "StackError", "StackPorts", "free_port"]
+
+HOST = "127.0.0.1"
+
+
+class StackError(RuntimeError):
+    """A component did not start; the message holds the tail of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class StackPorts:
+    edge: int = 8080
+    orchestrator: int = 50051
+    triton: TritonPorts = field(default_factory=TritonPorts)
+
+    @classmethod
+    def free(cls) -> StackPorts:
+        return cls(free_port(), free_port(), TritonPorts(free_port(), free_port(), free_port()))
+
+
+def _get(url: str, timeout: float = 1.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, urllib.error.URLError):
+        return 0
+
+
+class Stack:
+    def __init__(
+        self,
+        model_repository: Path,
+        ports: StackPorts | None = None,
+        models: tuple[str, ...] = (),
+        config: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        """``models``: Triton models to load (default: all in the repository). ``config``: the
+        TOML file for orchestrator and edge. ``env``: extra environment for both."""
+        self.ports = ports or StackPorts()
+        self.model_repository = model_repository.resolve()
+        self.models = models
+        self.config = config
+        self.extra_env = dict(env or {})
+        self._own_workdir = workdir is None
+        self.workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-")) if workdir is None else workdir
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.triton: subprocess.Popen[bytes] | None = None
+        self.orchestrator: subprocess.Popen[bytes] | None = None
+        self.edge: subprocess.Popen[bytes] | None = None
+
+    @property
+    def edge_url(self) -> str:
+        return f"http://{HOST}:{self.ports.edge}"
+
+    @property
+    def orchestrator_address(self) -> str:
+        return f"{HOST}:{self.ports.orchestrator}"
+
+    @property
+    def triton_grpc(self) -> str:
+        return f"{HOST}:{self.ports.triton.grpc}"
+
+    @property
+    def triton_metrics_url(self) -> str:
+        return f"http://{HOST}:{self.ports.triton.metrics}/metrics"
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        # A session of its own: Ctrl-C in the terminal reaches the launcher, which stops the
+        # components in order, instead of all of them at once.
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def _service_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "TOKENRELAY_ORCHESTRATOR_LISTEN": self.orchestrator_address,
+                "TOKENRELAY_TRITON": self.triton_grpc,
+                "TOKENRELAY_EDGE_LISTEN": f"{HOST}:{self.ports.edge}",
+                "TOKENRELAY_EDGE_ORCHESTRATOR": self.orchestrator_address,
+            }
+        )
+        if self.config is not None:
+            env["TOKENRELAY_CONFIG"] = str(self.config)
+        env.update(self.extra_env)
+        return env
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.logs / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _wait(
+        self, name: str, process: subprocess.Popen[bytes], url: str, timeout_s: float
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise StackError(f"{name} exited with {process.returncode}:\n{self.log_tail(name)}")
+            if _get(url) == 200:
+                return
+            time.sleep(0.1)
+        raise StackError(f"{name} not ready after {timeout_s:g} s:\n{self.log_tail(name)}")
+
+    def start_triton(self, timeout_s: float = 120.0) -> None:
+        backends = prepare_backends(self.workdir)
+        command = triton_command(
+            self.model_repository, backends, self.ports.triton, self.models, HOST
+        )
+        self.triton = self._spawn("triton", command, triton_env())
+        ready = f"http://{HOST}:{self.ports.triton.http}/v2/health/ready"
+        self._wait("triton", self.triton, ready, timeout_s)
+
+    def start(self, timeout_s: float = 180.0) -> Stack:
+        """Start all three and wait until the edge is ready. Raises ``StackError``."""
+        try:
+            self.start_triton(timeout_s)
+            env = self._service_env()
+            python = sys.executable
+            self.orchestrator = self._spawn(
+                "orchestrator", [python, "-m", "tokenrelay.orchestrator"], env
+            )
+            self.edge = self._spawn("edge", [python, "-m", "tokenrelay.edge"], env)
+            self._wait("edge", self.edge, f"{self.edge_url}/readyz", timeout_s)
+            if self.orchestrator.poll() is not None:
+                raise StackError(f"orchestrator exited:\n{self.log_tail('orchestrator')}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @staticmethod
+    def terminate(process: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM, wait up to ``timeout_s``, then SIGKILL the process group; the exit code."""
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        # Triton's Python-backend stubs share its process group: make sure none is left.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.returncode
+
+    def stop(self) -> None:
+        """Stop everything that runs, edge first. Safe to call more than once."""
+        self.terminate(self.edge)
+        self.terminate(self.orchestrator)
+        self.terminate(self.triton)
+        if self._own_workdir and not os.environ.get("TOKENRELAY_KEEP_WORKDIR"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
