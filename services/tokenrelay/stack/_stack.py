@@ -105,12 +105,13 @@ class Stack:
         return f"http://{HOST}:{self.ports.triton.metrics}/metrics"
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        # A session of its own: Ctrl-C in the terminal reaches the launcher, which stops the
-        # components in order, instead of all of them at once.
-        return subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        # The child keeps its own copy of the descriptor; ours closes at once.
+        with (self.logs / f"{name}.log").open("ab") as log:
+            # A session of its own: Ctrl-C in the terminal reaches the launcher, which stops the
+            # components in order, instead of all of them at once.
+            return subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
 
     def _service_env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -78,6 +78,9 @@ class LlamaEngine:
             if sampling.seed is not None
             else llama_cpp.LLAMA_DEFAULT_SEED
         )
+        # Evaluate the whole prompt afresh: reusing a cached prefix evaluates it in other batches,
+        # which changes the logits slightly, and then the same seed no longer gives the same text.
+        self._llm.reset()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(sampling.stop)
         produced = 0

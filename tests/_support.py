@@ -1,0 +1,126 @@
+"""Helpers shared by the test tiers: OpenAI schema validation, Triton metrics, a fake token source."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+from collections.abc import AsyncGenerator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+from tokenrelay.errors import UpstreamUnavailable
+from tokenrelay.generation import Delta, FinishReason, Sampling
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMAS = Path(__file__).resolve().parent / "schemas" / "openai-schemas.json"
+
+
+@cache
+def _registry() -> tuple[Registry, dict[str, Any]]:
+    document = json.loads(SCHEMAS.read_text())
+    resource = Resource.from_contents(document, default_specification=DRAFT202012)
+    return Registry().with_resource("urn:openai", resource), document
+
+
+def assert_openai(schema: str, instance: Any) -> None:
+    """Fail unless ``instance`` validates against the official OpenAI schema ``schema``."""
+    registry, document = _registry()
+    assert schema in document["components"]["schemas"], schema
+    validator = Draft202012Validator(
+        {"$ref": f"urn:openai#/components/schemas/{schema}"}, registry=registry
+    )
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
+    assert not errors, f"{schema}: " + "; ".join(
+        f"{list(e.path)}: {e.message[:200]}" for e in errors[:5]
+    )
+
+
+def triton_metric(metrics_url: str, name: str, **labels: str) -> float:
+    """The value of one sample on Triton's Prometheus endpoint (0 when absent)."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
+        if not match:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(match.group(2))
+    return 0.0
+
+
+class FakeSource:
+    """An in-memory ``TokenSource`` for unit and in-process tests.
+
+    Streams ``words`` one per ``interval_s``; records each generation's prompt and whether it was
+    closed early (cancelled). ``fail_with`` raises instead of streaming; ``first_delay_s`` delays
+    the first token.
+    """
+
+    def __init__(
+        self,
+        name: str = "fake:1",
+        words: tuple[str, ...] = ("Hello", " world", "!"),
+        interval_s: float = 0.0,
+        first_delay_s: float = 0.0,
+        ready: bool = True,
+        fail_with: BaseException | None = None,
+    ) -> None:
+        self._name = name
+        self.words = words
+        self.interval_s = interval_s
+        self.first_delay_s = first_delay_s
+        self.is_ready = ready
+        self.fail_with = fail_with
+        self.prompts: list[str] = []
+        self.samplings: list[Sampling] = []
+        self.cancelled = 0
+        self.finished = 0
+        self.closed = False
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def generate(
+        self, model: str, prompt: str, sampling: Sampling, request_id: str
+    ) -> AsyncGenerator[Delta, None]:
+        self.prompts.append(prompt)
+        self.samplings.append(sampling)
+        done = False
+        try:
+            await asyncio.sleep(self.first_delay_s)
+            if self.fail_with is not None:
+                raise self.fail_with
+            limit = sampling.max_tokens or len(self.words)
+            words = self.words[:limit]
+            for i, word in enumerate(words):
+                if i:
+                    await asyncio.sleep(self.interval_s)
+                last = i == len(words) - 1
+                reason = None
+                if last:
+                    reason = FinishReason.LENGTH if limit < len(self.words) else FinishReason.STOP
+                yield Delta(word, 1, len(prompt.split()), reason)
+            done = True
+        finally:
+            if done:
+                self.finished += 1
+            else:
+                self.cancelled += 1
+
+    async def ready(self, model: str) -> bool:
+        return self.is_ready
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def unavailable() -> UpstreamUnavailable:
+    return UpstreamUnavailable("The inference node is unavailable.")

@@ -1,0 +1,24 @@
+"""The system tier's stack: real processes on free loopback ports, started once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+from _support import REPO
+from tokenrelay.stack import Stack, StackPorts
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    with Stack(
+        REPO / "triton_models", StackPorts.free(), config=REPO / "tokenrelay.toml"
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{stack.edge_url}/v1", api_key="unused", max_retries=0) as sdk:
+        yield sdk

@@ -1,0 +1,89 @@
+"""Process lifecycle: draining on SIGTERM, and Triton going away under a running stack."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import pytest
+from _support import REPO, assert_openai
+from tokenrelay.stack import Stack, StackPorts
+from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+
+
+@pytest.fixture
+def own_stack() -> Iterator[Stack]:
+    """A stack of its own (these tests stop its parts), with only the synthetic model."""
+    with Stack(REPO / "triton_models", StackPorts.free(), models=("synthetic",)) as running:
+        yield running
+
+
+def test_sigterm_drains_in_flight_streams_and_exits_0(own_stack: Stack) -> None:
+    results: list[pb.GenerateStreamResponse | Exception] = []
+    started = threading.Barrier(4)
+
+    def stream() -> None:
+        with grpc.insecure_channel(own_stack.orchestrator_address) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            request = pb.GenerateStreamRequest(
+                model="synthetic", prompt="go", sampling=pb.SamplingParams(max_tokens=50)
+            )
+            try:
+                messages = iter(stub.GenerateStream(request, timeout=30))
+                last = next(messages)
+                started.wait()
+                for last in messages:  # noqa: B007 - the last message is the result
+                    pass
+                results.append(last)
+            except Exception as exc:  # recorded and asserted below
+                results.append(exc)
+
+    workers = [threading.Thread(target=stream) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    started.wait(timeout=10)
+    assert own_stack.orchestrator is not None
+    own_stack.orchestrator.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    # New work is refused while the in-flight streams finish.
+    with (
+        grpc.insecure_channel(own_stack.orchestrator_address) as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        pb_grpc.GenerationServiceStub(channel).Generate(
+            pb.GenerateRequest(model="synthetic", prompt="late"), timeout=2
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    for worker in workers:
+        worker.join(timeout=20)
+    assert len(results) == 3
+    for last in results:
+        assert isinstance(last, pb.GenerateStreamResponse), last
+        assert last.end.usage.completion_tokens == 50
+    assert own_stack.orchestrator.wait(timeout=10) == 0
+    assert Stack.terminate(own_stack.edge) == 0
+
+
+def test_triton_stopped_means_not_ready_and_fast_503(own_stack: Stack) -> None:
+    edge = own_stack.edge_url
+    assert httpx.get(f"{edge}/readyz").status_code == 200
+    Stack.terminate(own_stack.triton, timeout_s=5)
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{edge}/readyz").status_code != 503:
+        assert time.monotonic() < deadline, "/readyz still says ready"
+        time.sleep(0.1)
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}
+    for stream in (False, True):
+        began = time.monotonic()
+        response = httpx.post(
+            f"{edge}/v1/chat/completions", json={**body, "stream": stream}, timeout=10
+        )
+        assert time.monotonic() - began < 1.0
+        assert response.status_code == 503
+        assert_openai("ErrorResponse", response.json())
+    assert httpx.get(f"{edge}/healthz").status_code == 200  # the edge itself is alive
