@@ -1,4 +1,4 @@
-"""Helpers shared by the test tiers: OpenAI schema validation, Triton metrics, a fake token source."""
+"""Helpers of the test tiers: OpenAI schema validation, Triton metrics, a fake token source."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
+
 from tokenrelay.errors import UpstreamUnavailable
 from tokenrelay.generation import Delta, FinishReason, Sampling
 

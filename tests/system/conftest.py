@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+
 from _support import REPO
 from tokenrelay.stack import Stack, StackPorts
 

@@ -6,6 +6,7 @@ import time
 
 import httpx
 import pytest
+
 from _support import triton_metric
 from tokenrelay.stack import Stack
 

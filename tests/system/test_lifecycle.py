@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import pytest
+
 from _support import REPO, assert_openai
 from tokenrelay.stack import Stack, StackPorts
 from tokenrelay.v1 import generation_pb2 as pb

@@ -1,4 +1,4 @@
-"""The official openai SDK against the running stack; every body validated against OpenAI's schemas."""
+"""The openai SDK against the running stack; every body validated against OpenAI's schemas."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 
 import httpx
 import openai
+
 from _support import assert_openai
 from tokenrelay.stack import Stack
 
