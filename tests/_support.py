@@ -84,6 +84,7 @@ class FakeSource:
         self.cancelled = 0
         self.finished = 0
         self.closed = False
+        self.ended = asyncio.Event()  # set when a generation ends, whichever way
 
     @property
     def name(self) -> str:
@@ -115,6 +116,7 @@ class FakeSource:
                 self.finished += 1
             else:
                 self.cancelled += 1
+            self.ended.set()
 
     async def ready(self, model: str) -> bool:
         return self.is_ready

@@ -12,7 +12,8 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from tokenrelay.config import ModelSpec, Settings
@@ -101,7 +102,7 @@ class Relay:
 
     async def stream(
         self, request: GenerationRequest, time_budget_s: float | None = None
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Generate ``request``'s answer as chunks.
 
         Raises ``InvalidRequest``/``ModelNotFound`` before anything is sent to a node,
@@ -114,9 +115,13 @@ class Relay:
             node = self._pool.pick(spec.triton_model)
             if node is None:
                 raise UpstreamUnavailable(f"No inference node is ready to serve '{spec.id}'.")
+            # aclosing: closing this stream must close the inner one too, which cancels the
+            # generation at the node now rather than whenever the garbage collector runs.
+            relayed = self._relay(spec, prompt, request, node, time_budget_s)
             with self._pool.lease(node.name):
-                async for chunk in self._relay(spec, prompt, request, node, time_budget_s):
-                    yield chunk
+                async with aclosing(relayed) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
 
     async def _relay(
         self,
@@ -125,7 +130,7 @@ class Relay:
         request: GenerationRequest,
         source: TokenSource,
         time_budget_s: float | None,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         timeouts = self._settings.orchestrator.timeouts
         loop = asyncio.get_running_loop()
         began = loop.time()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, TypeAlias
 
 import grpc
@@ -42,21 +43,25 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for chunk in self._relay.stream(request_from_pb(request), _budget(context)):
-            yield chunk_to_pb(chunk)
+        chunks = self._relay.stream(request_from_pb(request), _budget(context))
+        async with aclosing(chunks):  # a cancelled call closes the relay, which cancels Triton
+            async for chunk in chunks:
+                yield chunk_to_pb(chunk)
 
     @grpc_errors
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         response = pb.GenerateResponse()
         texts = []
-        async for chunk in self._relay.stream(request_from_pb(request), _budget(context)):
-            texts.append(chunk.text)
-            if chunk.start is not None:
-                response.request_id = chunk.start.request_id
-                response.served_by.CopyFrom(served_by_to_pb(chunk.start))
-            if chunk.end is not None:
-                response.finish_reason = finish_to_pb(chunk.end.finish_reason)
-                response.usage.CopyFrom(usage_to_pb(chunk.end.usage))
+        chunks = self._relay.stream(request_from_pb(request), _budget(context))
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                texts.append(chunk.text)
+                if chunk.start is not None:
+                    response.request_id = chunk.start.request_id
+                    response.served_by.CopyFrom(served_by_to_pb(chunk.start))
+                if chunk.end is not None:
+                    response.finish_reason = finish_to_pb(chunk.end.finish_reason)
+                    response.usage.CopyFrom(usage_to_pb(chunk.end.usage))
         if not response.finish_reason:
             raise GenerationFailed("The model ended without finishing its answer.")
         response.text = "".join(texts)

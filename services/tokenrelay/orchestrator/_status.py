@@ -13,6 +13,7 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import grpc
@@ -80,8 +81,9 @@ def grpc_errors(method: M) -> M:
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
             try:
-                async for message in method(self, request, context):
-                    yield message
+                async with aclosing(method(self, request, context)) as messages:
+                    async for message in messages:
+                        yield message
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:

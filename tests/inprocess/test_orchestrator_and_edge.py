@@ -1,0 +1,124 @@
+"""Orchestrator (gRPC on port 0) and edge (aiohttp test server) in this process, fake sources."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from aiohttp import ClientSession, ClientTimeout
+from aiohttp.test_utils import TestServer
+
+from _support import FakeSource, assert_openai
+from tokenrelay.config import EdgeSettings, OrchestratorSettings, Settings
+from tokenrelay.edge import create_app
+from tokenrelay.orchestrator import Orchestrator
+from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+
+
+@pytest.fixture
+async def source() -> FakeSource:
+    return FakeSource(words=tuple(f" w{i}" for i in range(40)), interval_s=0.02)
+
+
+@pytest.fixture
+async def orchestrator(source: FakeSource) -> AsyncIterator[Orchestrator]:
+    settings = Settings(orchestrator=OrchestratorSettings(triton=(source.name,)))
+    orchestrator = Orchestrator(settings, sources={source.name: source})
+    await orchestrator.start("127.0.0.1:0")
+    yield orchestrator
+    await orchestrator.stop(grace_s=0)
+
+
+@pytest.fixture
+async def stub(orchestrator: Orchestrator) -> AsyncIterator[pb_grpc.GenerationServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{orchestrator.port}") as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+@pytest.fixture
+async def edge(orchestrator: Orchestrator) -> AsyncIterator[str]:
+    settings = EdgeSettings(
+        orchestrator=f"127.0.0.1:{orchestrator.port}", keepalive_interval_s=0.05
+    )
+    server = TestServer(create_app(settings), host="127.0.0.1", handler_cancellation=True)
+    await server.start_server()
+    yield str(server.make_url(""))
+    await server.close()
+
+
+async def test_unexpected_failure_is_internal_without_details(
+    source: FakeSource, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    source.fail_with = RuntimeError("secret internal detail at 10.1.2.3")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(pb.GenerateRequest(model="synthetic", prompt="x"))
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert caught.value.details() == "Internal error."
+
+
+async def test_cancelled_grpc_call_cancels_the_source(
+    source: FakeSource, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    call = stub.GenerateStream(pb.GenerateStreamRequest(model="synthetic", prompt="x"))
+    await call.read()
+    call.cancel()
+    await asyncio.wait_for(source.ended.wait(), 3)
+    assert (source.cancelled, source.finished) == (1, 0)
+
+
+async def test_edge_disconnect_cancels_the_source(source: FakeSource, edge: str) -> None:
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with (
+        ClientSession(timeout=ClientTimeout(total=10)) as session,
+        session.post(f"{edge}/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status == 200
+        await response.content.readline()
+        # leaving the block drops the connection mid-stream
+    await asyncio.wait_for(source.ended.wait(), 3)
+    assert (source.cancelled, source.finished) == (1, 0)
+
+
+async def test_edge_keeps_idle_streams_alive_and_ends_with_done(
+    source: FakeSource, edge: str
+) -> None:
+    source.words = (" slow", " answer")
+    source.interval_s = 0.2  # longer than the keepalive interval
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with (
+        ClientSession() as session,
+        session.post(f"{edge}/v1/chat/completions", json=body) as response,
+    ):
+        text = (await response.read()).decode()
+    assert ": ping" in text
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        assert_openai("CreateChatCompletionStreamResponse", json.loads(event))
+
+
+async def test_error_after_first_token_is_an_sse_error_event(source: FakeSource, edge: str) -> None:
+    # The stall watchdog cannot fire here (30 s); a source failing mid-stream stands in for it.
+    class FailingLater(FakeSource):
+        async def generate(self, model, prompt, sampling, request_id):  # type: ignore[no-untyped-def]
+            async for delta in super().generate(model, prompt, sampling, request_id):
+                yield delta
+                raise RuntimeError("boom")
+
+    failing = FailingLater(name=source.name)
+    source.generate = failing.generate  # type: ignore[method-assign]
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with (
+        ClientSession() as session,
+        session.post(f"{edge}/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status == 200
+        text = (await response.read()).decode()
+    assert "event: error" in text and "[DONE]" not in text
+    error = json.loads(text.split("event: error\ndata: ")[1].split("\n")[0])
+    assert_openai("ErrorResponse", error)
+    assert error["error"]["message"] == "Internal error." and "boom" not in text

@@ -1,0 +1,68 @@
+"""The vLLM-contract parsing and stop-sequence matching of the CPU models (no Triton)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenrelay.triton_python._contract import BadRequest, StopMatcher, parse_sampling
+from tokenrelay.triton_python.synthetic import SyntheticEngine
+
+
+def test_sampling_accepts_vllm_spellings() -> None:
+    parsed = parse_sampling('{"max_tokens": "100", "temperature": "0.5", "stop": "END", "seed": 3}')
+    assert (parsed.max_tokens, parsed.temperature, parsed.stop, parsed.seed) == (
+        100,
+        0.5,
+        ("END",),
+        3,
+    )
+    assert parse_sampling("").max_tokens is None
+    assert parse_sampling('{"n": 1, "seed": null}').seed is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "not valid JSON"),
+        ("3", "must be a JSON object"),
+        ('{"top_p": 0}', "out of range"),
+        ('{"max_tokens": 2.5}', "whole number"),
+        ('{"max_tokens": true}', "not a boolean"),
+        ('{"temperature": "NaN"}', "finite"),
+        ('{"stop": [1]}', "list of strings"),
+        ('{"n": 2}', "not supported"),
+        ('{"lora_name": "x"}', "unknown sampling parameter"),
+    ],
+)
+def test_sampling_refuses_with_a_clear_message(text: str, message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        parse_sampling(text)
+
+
+def test_stop_matcher_cuts_across_pieces_and_holds_back_prefixes() -> None:
+    matcher = StopMatcher(("<END>",))
+    assert matcher.feed("Hello <E") == ("Hello ", False)
+    assert matcher.feed("N") == ("", False)
+    assert matcher.feed("D> more") == ("", True)
+    other = StopMatcher(("<END>",))
+    assert other.feed("a <E") == ("a ", False)
+    assert other.feed("X") == ("<EX", False)
+    assert other.feed("<") == ("", False)
+    assert other.flush() == "<"
+    assert StopMatcher(()).feed("<END>") == ("<END>", False)
+
+
+def test_synthetic_engine_counts_and_cancels() -> None:
+    engine = SyntheticEngine(default_tokens=5, token_interval_s=0.0)
+    steps = list(engine.stream("a b", parse_sampling(""), lambda: False))
+    assert [s.finish_reason for s in steps] == [None] * 4 + ["stop"]
+    assert sum(s.tokens for s in steps) == 5
+    limited = list(
+        engine.stream("a", parse_sampling('{"max_tokens": 3, "seed": 1}'), lambda: False)
+    )
+    assert limited[-1].finish_reason == "length" and len(limited) == 3
+    again = list(engine.stream("a", parse_sampling('{"max_tokens": 3, "seed": 1}'), lambda: False))
+    assert [s.text for s in again] == [s.text for s in limited]
+    calls = iter([False, False, True])
+    cancelled = list(engine.stream("a", parse_sampling(""), lambda: next(calls, True)))
+    assert all(s.finish_reason is None for s in cancelled) and len(cancelled) < 5
