@@ -52,12 +52,15 @@ def _translate(exc: grpc.aio.AioRpcError) -> RelayError:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return UpstreamTimeout(details or "The request did not complete in time.")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        log.warning("orchestrator unavailable", extra={"fields": {"grpc_code": code.name}})
-        return UpstreamUnavailable(
-            details
-            if code == grpc.StatusCode.UNAVAILABLE and "inference" in details.lower()
-            else "The service is temporarily unavailable."
+        log.warning(
+            "upstream unavailable", extra={"fields": {"grpc_code": code.name, "details": details}}
         )
+        # The orchestrator's own UNAVAILABLE messages speak of inference nodes and are meant for
+        # clients; gRPC's transport messages ("failed to connect to all addresses; ...") name
+        # internal addresses and are replaced.
+        if code == grpc.StatusCode.UNAVAILABLE and "inference" in details.lower():
+            return UpstreamUnavailable(details)
+        return UpstreamUnavailable("The service is temporarily unavailable.")
     log.error("orchestrator error", extra={"fields": {"grpc_code": code.name, "details": details}})
     if code == grpc.StatusCode.INTERNAL:
         return GenerationFailed(details or "The model failed while generating.")
