@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -122,3 +123,28 @@ async def test_error_after_first_token_is_an_sse_error_event(source: FakeSource,
     error = json.loads(text.split("event: error\ndata: ")[1].split("\n")[0])
     assert_openai("ErrorResponse", error)
     assert error["error"]["message"] == "Internal error." and "boom" not in text
+
+
+async def test_every_log_line_of_a_refused_request_carries_its_id(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    from tokenrelay.logs import _context
+
+    seen: list[object] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(dict(_context.get()).get("request_id"))
+
+    handler = Recorder()
+    logger = logging.getLogger("tokenrelay")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Generate(pb.GenerateRequest(model="nope", prompt="x", request_id="rid-7"))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen and all(rid == "rid-7" for rid in seen)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ from tokenrelay.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from tokenrelay.logs import bind
 
 __all__ = ["STATUS", "grpc_errors", "trailing_metadata"]
 
@@ -74,30 +76,42 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
     await context.abort(grpc.StatusCode.INTERNAL, "Internal error.")
 
 
+def _request_fields(request: Any) -> dict[str, str]:
+    """Give a request that has a ``request_id`` field one (if the caller sent none), so every
+    log line of the call, refusals included, carries it."""
+    if not hasattr(request, "request_id"):
+        return {}
+    if not request.request_id:
+        request.request_id = uuid.uuid4().hex
+    return {"request_id": str(request.request_id)[:128]}
+
+
 def grpc_errors(method: M) -> M:
     """Map exceptions raised by a servicer method to gRPC status (see module docstring)."""
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-            try:
-                async with aclosing(method(self, request, context)) as messages:
-                    async for message in messages:
-                        yield message
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await _abort(context, exc)
+            with bind(**_request_fields(request)):
+                try:
+                    async with aclosing(method(self, request, context)) as messages:
+                        async for message in messages:
+                            yield message
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _abort(context, exc)
 
         return stream  # type: ignore[return-value]
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: Any) -> Any:
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
+        with bind(**_request_fields(request)):
+            try:
+                return await method(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
 
     return unary  # type: ignore[return-value]
