@@ -22,6 +22,7 @@ This module runs inside Triton's Python-backend stub, where ``triton_python_back
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import threading
@@ -116,15 +117,22 @@ class _Outbox:
     def submit(self, job: Callable[[], None]) -> None:
         self._queue.put(job)
 
-    def send(self, req: _Request, response: Any, final: bool) -> None:
+    def send(self, req: _Request, response: Any) -> None:
+        """Send a response that is not the last; then learn whether ``req`` was cancelled."""
+
         def job() -> None:
-            if final:
-                req.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            else:
-                req.sender.send(response)
-                req.cancelled = bool(req.sender.is_cancelled())
+            req.sender.send(response)
+            req.cancelled = bool(req.sender.is_cancelled())
 
         self.submit(job)
+
+    def finish(self, sender: Any, response: Any) -> None:
+        """Send the last response of a request."""
+        self.submit(
+            functools.partial(
+                sender.send, response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            )
+        )
 
     def poll(self, req: _Request) -> bool:
         """What is known of ``req``'s cancellation; asks the stub again unless already asking."""
@@ -187,12 +195,7 @@ class DecoupledLLMModel:
             try:
                 parsed = _Request(request, sender)
             except BadRequest as exc:
-                self._outcomes["rejected"].increment(1)
-                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                sender.send(
-                    pb_utils.InferenceResponse(error=error),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-                )
+                self._fail(sender, str(exc), pb_utils.TritonError.INVALID_ARG, "rejected")
                 continue
             worker = threading.Thread(target=self._serve, args=(parsed,), daemon=True)
             with self._workers_lock:
@@ -214,18 +217,18 @@ class DecoupledLLMModel:
         except Exception as exc:  # a model bug must end the request, never hang it
             message = f"{self._name}: generation failed: {exc!r}"
             self._outbox.submit(lambda: pb_utils.Logger.log_error(message))
-            self._fail(req, "generation failed", pb_utils.TritonError.INTERNAL, "failed")
+            self._fail(req.sender, "generation failed", pb_utils.TritonError.INTERNAL, "failed")
         finally:
             with self._workers_lock:
                 self._workers.discard(threading.current_thread())
 
     def _count(self, outcome: str) -> None:
-        self._outbox.submit(lambda: self._outcomes[outcome].increment(1))
+        self._outbox.submit(functools.partial(self._outcomes[outcome].increment, 1))
 
-    def _fail(self, req: _Request, message: str, code: Any, outcome: str) -> None:
+    def _fail(self, sender: Any, message: str, code: Any, outcome: str) -> None:
         self._count(outcome)
         error = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
-        self._outbox.send(req, error, final=True)
+        self._outbox.finish(sender, error)
 
     def _acquire_slot(self, req: _Request) -> bool:
         if self._slots is None:
@@ -239,15 +242,15 @@ class DecoupledLLMModel:
         try:
             prompt_tokens = self._engine.count_prompt_tokens(req.prompt)
         except BadRequest as exc:
-            self._fail(req, str(exc), pb_utils.TritonError.INVALID_ARG, "rejected")
+            self._fail(req.sender, str(exc), pb_utils.TritonError.INVALID_ARG, "rejected")
             return
         if not self._acquire_slot(req):
-            self._fail(req, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
+            self._fail(req.sender, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
             return
         try:
             self._run(req, prompt_tokens)
         except BadRequest as exc:
-            self._fail(req, str(exc), pb_utils.TritonError.INVALID_ARG, "rejected")
+            self._fail(req.sender, str(exc), pb_utils.TritonError.INVALID_ARG, "rejected")
         finally:
             if self._slots is not None:
                 self._slots.release()
@@ -256,8 +259,7 @@ class DecoupledLLMModel:
         held_text = req.prompt if req.prepend_input else ""
         held_tokens = 0
         for step in self._engine.stream(req.prompt, req.sampling, lambda: self._outbox.poll(req)):
-            tokens = step.tokens
-            self._outbox.submit(lambda n=tokens: self._tokens.increment(n))  # type: ignore[misc]
+            self._outbox.submit(functools.partial(self._tokens.increment, step.tokens))
             held_tokens += step.tokens
             held_text += step.text
             if step.finish_reason is None and (not req.stream or not held_text):
@@ -265,9 +267,9 @@ class DecoupledLLMModel:
             if step.finish_reason is not None:
                 self._count("completed")
                 response = req.response(held_text, step.finish_reason, prompt_tokens, held_tokens)
-                self._outbox.send(req, response, final=True)
+                self._outbox.finish(req.sender, response)
                 return
-            self._outbox.send(req, req.response(held_text, None, prompt_tokens, held_tokens), False)
+            self._outbox.send(req, req.response(held_text, None, prompt_tokens, held_tokens))
             held_text, held_tokens = "", 0
         # The engine stopped without a finish reason: the request was cancelled.
-        self._fail(req, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
+        self._fail(req.sender, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
