@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import urllib.request
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
@@ -127,3 +128,26 @@ class FakeSource:
 
 def unavailable() -> UpstreamUnavailable:
     return UpstreamUnavailable("The inference node is unavailable.")
+
+
+T = TypeVar("T")
+
+
+class Clock:
+    """A fake monotonic clock: tests move ``now`` by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Ordered(random.Random):
+    """An rng that always takes the first candidates, so routing ties go to the first node."""
+
+    def choice(self, seq: Sequence[T]) -> T:
+        return seq[0]
+
+    def sample(self, population: Sequence[T], k: int, **_: Any) -> list[T]:  # type: ignore[override]
+        return list(population[:k])

@@ -1,10 +1,10 @@
 """Settings: one TOML file, environment overrides, frozen typed objects.
 
 Read once, in a service's ``__main__``, and passed to constructors; nothing else reads the
-environment. The file's sections are ``[orchestrator]`` (with ``[orchestrator.timeouts]`` and
-``[orchestrator.limits]``), ``[[models]]`` (the catalog) and ``[edge]``; see ``tokenrelay.toml``
-at the repository root for every key with its default. Unknown keys are errors, so a typo never
-goes unnoticed.
+environment. The file's sections are ``[orchestrator]`` (with ``[orchestrator.timeouts]``,
+``.limits``, ``.breaker``, ``.routing`` and ``.admission``), ``[[models]]`` (the catalog) and
+``[edge]``; see ``tokenrelay.toml`` at the repository root for every key with its default.
+Unknown keys are errors, so a typo never goes unnoticed.
 
 Environment overrides (the one registry of variables):
 
@@ -31,10 +31,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
+    "Admission",
+    "Breaker",
     "EdgeSettings",
     "Limits",
     "ModelSpec",
     "OrchestratorSettings",
+    "Routing",
     "Settings",
     "Timeouts",
     "load_settings",
@@ -66,6 +69,44 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Breaker:
+    """The circuit breaker of each Triton node (closed → open → half-open → closed)."""
+
+    failure_threshold: int = 3  # consecutive failures that open it
+    failure_rate: float = 0.5  # ... or this share of failed requests
+    window_s: float = 30.0  # ... among those that ended in this window
+    min_requests: int = 10  # ... once the window holds at least this many
+    cooldown_s: float = 5.0  # open → half-open
+    half_open_probes: int = 1  # requests let through at once while half-open
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """How a request finds a node, and what happens when that node fails it."""
+
+    # Retries on another node while nothing has reached the caller yet (node down, no first
+    # token in time, model error).
+    max_retries: int = 1
+    # Send the request to a second node as well when no first token has come after this long;
+    # the first to answer wins, the other is cancelled. 0 turns hedging off.
+    hedge_after_s: float = 0.0
+    # Send prompts sharing their first N characters to the same node (its prefix cache), unless
+    # it has more than `affinity_slack` requests in flight above the least busy node. 0: off.
+    prefix_affinity_chars: int = 0
+    affinity_slack: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Bounds on the work one orchestrator accepts; past them, RESOURCE_EXHAUSTED (429)."""
+
+    max_concurrent: int = 64  # generations running at once
+    max_queue: int = 256  # requests waiting for a slot
+    queue_timeout_s: float = 10.0  # longest wait for a slot
+    retry_after_s: float = 1.0  # the hint given to refused callers
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     """One catalog entry: a public model id and the Triton model that serves it."""
 
@@ -77,6 +118,7 @@ class ModelSpec:
     context_window: int = 2048
     default_max_tokens: int = 256
     owned_by: str = "tokenrelay"
+    fallback: str = ""  # a catalog model that answers when no node of this one can
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +129,9 @@ class OrchestratorSettings:
     drain_grace_s: float = 30.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
+    breaker: Breaker = field(default_factory=Breaker)
+    routing: Routing = field(default_factory=Routing)
+    admission: Admission = field(default_factory=Admission)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,5 +265,17 @@ def _check(settings: Settings) -> None:
             raise ValueError(f"models.{model.id}: default_max_tokens must fit the context window")
         if not settings.nodes_for(model):
             raise ValueError(f"models.{model.id}: no Triton nodes")
+        if model.fallback and (model.fallback == model.id or model.fallback not in ids):
+            raise ValueError(f"models.{model.id}: fallback must name another catalog model")
+    orchestrator = settings.orchestrator
+    breaker, admission = orchestrator.breaker, orchestrator.admission
+    if breaker.failure_threshold < 1 or breaker.half_open_probes < 1 or breaker.min_requests < 1:
+        raise ValueError("orchestrator.breaker: thresholds must be at least 1")
+    if not 0 < breaker.failure_rate <= 1:
+        raise ValueError("orchestrator.breaker.failure_rate: must be in (0, 1]")
+    if admission.max_concurrent < 1 or admission.max_queue < 0:
+        raise ValueError("orchestrator.admission: max_concurrent ≥ 1 and max_queue ≥ 0")
+    if orchestrator.routing.max_retries < 0 or orchestrator.routing.hedge_after_s < 0:
+        raise ValueError("orchestrator.routing: max_retries and hedge_after_s must be ≥ 0")
     for address in (settings.orchestrator.listen, settings.edge.listen, settings.edge.orchestrator):
         split_hostport(address)

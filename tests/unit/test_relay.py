@@ -7,22 +7,35 @@ import dataclasses
 
 import pytest
 
-from _support import FakeSource, unavailable
-from tokenrelay.config import OrchestratorSettings, Settings, Timeouts
-from tokenrelay.errors import ModelNotFound, UpstreamTimeout, UpstreamUnavailable
+from _support import FakeSource, Ordered, unavailable
+from tokenrelay.config import (
+    Admission,
+    ModelSpec,
+    OrchestratorSettings,
+    Routing,
+    Settings,
+    Timeouts,
+)
+from tokenrelay.errors import ModelNotFound, Overloaded, UpstreamTimeout, UpstreamUnavailable
 from tokenrelay.generation import ChatMessage, FinishReason, GenerationRequest, Sampling
-from tokenrelay.orchestrator._pool import NodePool
+from tokenrelay.orchestrator._breaker import BreakerState
+from tokenrelay.orchestrator._pool import NodePool, Placement
 from tokenrelay.orchestrator._relay import Chunk, Relay
 
 
-def _relay(*sources: FakeSource, timeouts: Timeouts | None = None) -> tuple[Relay, NodePool]:
+def _relay(
+    *sources: FakeSource, timeouts: Timeouts | None = None, **orchestrator: object
+) -> tuple[Relay, NodePool]:
+    """A relay over ``sources``; ties in routing go to the first source listed."""
     settings = Settings(
         orchestrator=OrchestratorSettings(
-            triton=tuple(s.name for s in sources), timeouts=timeouts or Timeouts()
+            triton=tuple(s.name for s in sources),
+            timeouts=timeouts or Timeouts(),
+            **orchestrator,  # type: ignore[arg-type]
         )
     )
-    placement = {m.triton_model: settings.nodes_for(m) for m in settings.models}
-    pool = NodePool({s.name: s for s in sources}, placement)
+    placement = {m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in settings.models}
+    pool = NodePool({s.name: s for s in sources}, placement, rng=Ordered())
     return Relay(settings, pool), pool
 
 
@@ -82,7 +95,8 @@ async def test_routes_to_the_least_busy_ready_node_and_drops_a_failed_one() -> N
         await _collect(relay, _request())
     assert pool.pick("synthetic") is None  # b:1 is out of rotation until a probe finds it ready
     await pool.probe_once()
-    assert pool.pick("synthetic") is fast
+    lease = pool.pick("synthetic")
+    assert lease is not None and lease.source is fast
 
 
 async def test_first_token_watchdog_cancels_the_source() -> None:
@@ -118,3 +132,117 @@ async def test_closing_the_stream_cancels_the_source() -> None:
     await anext(stream)
     await stream.aclose()
     assert source.cancelled == 1 and source.finished == 0
+
+
+async def test_a_node_failing_before_the_first_token_is_retried_on_another() -> None:
+    down, up = FakeSource("a:1", fail_with=unavailable()), FakeSource("b:1")
+    relay, pool = _relay(down, up)
+    await pool.probe_once()
+    chunks = await _collect(relay, _request())
+    assert "".join(c.text for c in chunks) == "Hello world!"
+    assert chunks[0].start is not None and chunks[0].start.node == "b:1"
+    assert len(down.prompts) == 1  # tried first, then taken out of rotation
+    lease = pool.pick("synthetic")
+    assert lease is not None and lease.node == "b:1"
+
+
+async def test_first_token_watchdog_retries_elsewhere_within_the_deadline() -> None:
+    stalled, healthy = FakeSource("a:1", first_delay_s=5), FakeSource("b:1")
+    relay, pool = _relay(stalled, healthy, timeouts=Timeouts(first_token_s=0.2))
+    await pool.probe_once()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    chunks = await _collect(relay, _request())
+    assert 0.2 <= loop.time() - began < 0.5
+    assert chunks[0].start is not None and chunks[0].start.node == "b:1"
+    assert stalled.cancelled == 1  # the silent request was cancelled at its node
+    # No retry left, or no deadline left: the caller gets the timeout.
+    relay, pool = _relay(
+        stalled, healthy, timeouts=Timeouts(first_token_s=0.2), routing=Routing(max_retries=0)
+    )
+    await pool.probe_once()
+    with pytest.raises(UpstreamTimeout, match=r"no first token within 0\.2 s"):
+        await _collect(relay, _request())
+
+
+async def test_no_retry_once_a_token_went_out() -> None:
+    breaking = FakeSource("a:1", interval_s=0.05)
+    relay, pool = _relay(breaking, FakeSource("b:1"))
+    await pool.probe_once()
+    received = []
+    with pytest.raises(UpstreamTimeout):
+        async for chunk in relay.stream(_request(), time_budget_s=0.08):
+            received.append(chunk)
+    assert [c.text for c in received] == ["Hello", " world"]  # then the budget ran out
+    assert received[0].start is not None and received[0].start.node == "a:1"
+
+
+async def test_fallback_model_answers_when_no_node_of_the_primary_can() -> None:
+    primary, backup = FakeSource("a:1", ready=False), FakeSource("b:1")
+    models = (
+        ModelSpec("big", "big", nodes=("a:1",), fallback="small"),
+        ModelSpec("small", "small", nodes=("b:1",), context_window=64),
+        ModelSpec("alone", "big", nodes=("a:1",)),
+    )
+    settings = Settings(orchestrator=OrchestratorSettings(triton=("a:1",)), models=models)
+    placement = {m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in models}
+    pool = NodePool({"a:1": primary, "b:1": backup}, placement)
+    relay = Relay(settings, pool)
+    await pool.probe_once()
+    chunks = await _collect(relay, dataclasses.replace(_request(), model="big"))
+    start = chunks[0].start
+    assert start is not None and (start.model, start.node, start.fallback) == ("small", "b:1", True)
+    with pytest.raises(UpstreamUnavailable, match="'alone'"):
+        await _collect(relay, dataclasses.replace(_request(), model="alone"))
+    # A request that does not fit the fallback is not sent there.
+    too_long = dataclasses.replace(_request(max_tokens=100), model="big")
+    with pytest.raises(UpstreamUnavailable):
+        await _collect(relay, too_long)
+
+
+async def test_hedging_keeps_the_first_answer_and_cancels_the_other() -> None:
+    slow, fast = FakeSource("a:1", first_delay_s=5), FakeSource("b:1")
+    relay, pool = _relay(slow, fast, routing=Routing(hedge_after_s=0.1))
+    await pool.probe_once()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    chunks = await _collect(relay, _request())
+    assert loop.time() - began < 0.5
+    assert chunks[0].start is not None and chunks[0].start.node == "b:1"
+    assert slow.cancelled == 1 and pool.in_flight("a:1") == 0
+    assert pool.breaker("a:1").state is BreakerState.CLOSED  # losing a race is no failure
+
+
+async def test_admission_queue_then_refusal_with_retry_after() -> None:
+    source = FakeSource(interval_s=0.1)
+    admission = Admission(max_concurrent=1, max_queue=1, queue_timeout_s=5, retry_after_s=2)
+    relay, pool = _relay(source, admission=admission)
+    await pool.probe_once()
+    running = asyncio.create_task(_collect(relay, _request()))
+    await asyncio.sleep(0.02)
+    queued = asyncio.create_task(_collect(relay, _request()))
+    await asyncio.sleep(0.02)
+    assert (relay.admission.running, relay.admission.queued) == (1, 1)
+    with pytest.raises(Overloaded) as refused:
+        await _collect(relay, _request())
+    assert refused.value.retry_after == 2
+    assert len(await running) == len(await queued) == 3  # the queued one ran after the first
+    assert (relay.admission.running, relay.admission.queued) == (0, 0)
+
+
+async def test_admission_wait_is_bounded_and_a_gone_waiter_frees_its_place() -> None:
+    source = FakeSource(interval_s=0.3)
+    admission = Admission(max_concurrent=1, max_queue=2, queue_timeout_s=0.1)
+    relay, pool = _relay(source, admission=admission)
+    await pool.probe_once()
+    running = asyncio.create_task(_collect(relay, _request()))
+    await asyncio.sleep(0.02)
+    with pytest.raises(Overloaded, match="in time"):
+        await _collect(relay, _request())
+    leaving = asyncio.create_task(_collect(relay, _request()))
+    await asyncio.sleep(0.02)
+    leaving.cancel()
+    await asyncio.gather(leaving, return_exceptions=True)
+    assert relay.admission.queued == 0
+    await running
+    assert relay.admission.running == 0

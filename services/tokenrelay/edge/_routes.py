@@ -203,6 +203,8 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
             prefix = "chatcmpl-" if chat else "cmpl-"
             shape = kind(prefix + request_id, int(time.time()), model, parsed.include_usage)
             headers = {"X-Request-Id": request_id}
+            if first.start.served_by.fallback:
+                headers["x-tokenrelay-fallback"] = model
             if parsed.stream:
                 return await _stream(request, messages, shape, first, headers, parsed.include_usage)
             texts = []

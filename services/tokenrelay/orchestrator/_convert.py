@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.generation import ChatMessage, FinishReason, GenerationRequest, Sampling, Usage
+from tokenrelay.orchestrator._breaker import BreakerState
+from tokenrelay.orchestrator._pool import NodeStatus
 from tokenrelay.orchestrator._relay import Chunk, ModelStatus, StreamStart
 from tokenrelay.v1 import generation_pb2 as pb
 
@@ -99,4 +101,20 @@ def model_to_pb(status: ModelStatus) -> pb.Model:
         context_window=status.spec.context_window,
         ready=status.ready,
         created=status.created,
+    )
+
+
+_BREAKER = {
+    BreakerState.CLOSED: pb.BREAKER_STATE_CLOSED,
+    BreakerState.OPEN: pb.BREAKER_STATE_OPEN,
+    BreakerState.HALF_OPEN: pb.BREAKER_STATE_HALF_OPEN,
+}
+
+
+def node_to_pb(status: NodeStatus) -> pb.NodeStatus:
+    return pb.NodeStatus(
+        address=status.node,
+        breaker=_BREAKER[status.breaker],
+        in_flight=status.in_flight,
+        ready_models=status.ready_models,
     )

@@ -1,71 +1,177 @@
-"""The Triton nodes, what each can serve right now, and how busy each is.
+"""The Triton nodes: which can serve each model now, how busy each is, and which takes a request.
 
-A probe loop asks every node ServerReady and ModelReady for each model it should hold; a node
-that fails a request with UNAVAILABLE is marked down at once instead of waiting for the next probe.
-Among the ready nodes of a model, ``pick`` takes the one with the fewest requests in flight: Triton
+A node serves a catalog model when its last probe said so (ServerReady and ModelReady) and its
+circuit breaker lets requests through. A probe loop asks every node about every Triton model it
+should hold; a node that answers for none of them has its breaker tripped, and a request that
+finds a node unreachable takes it out of rotation at once instead of waiting for the next probe.
+
+Routing is by least outstanding work with the power of two choices: two eligible nodes drawn at
+random, the one with fewer requests in flight wins (among two or fewer, the least busy). Triton
 exports no queue depth for LLM models, so the orchestrator's own counts are the load signal.
+Optionally, prompts sharing a prefix go to the same node (rendezvous hashing), to reuse its
+prefix cache, unless that node is busier than the least busy one by more than a set slack.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import random
+import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
 
+from tokenrelay.config import Breaker
 from tokenrelay.generation import TokenSource
+from tokenrelay.orchestrator._breaker import BreakerState, CircuitBreaker, Outcome, Permit
 
-__all__ = ["NodePool"]
+__all__ = ["Lease", "NodePool", "NodeStatus", "Placement"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a catalog model runs: its Triton model name on these nodes."""
+
+    triton_model: str
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    node: str
+    breaker: BreakerState
+    in_flight: int
+    ready_models: tuple[str, ...]
+
+
+class Lease:
+    """One request on one node: counted in flight until ``release``, which also tells the
+    node's breaker how it ended. Releasing twice does nothing."""
+
+    __slots__ = ("_permit", "_pool", "_released", "model", "source", "triton_model")
+
+    def __init__(
+        self, pool: NodePool, source: TokenSource, triton_model: str, model: str, permit: Permit
+    ) -> None:
+        self._pool = pool
+        self.source = source
+        self.triton_model = triton_model
+        self.model = model
+        self._permit = permit
+        self._released = False
+
+    @property
+    def node(self) -> str:
+        return self.source.name
+
+    def release(self, outcome: Outcome, node_down: bool = False) -> None:
+        """End the lease. ``node_down``: the node could not be reached (or lost the model), so it
+        leaves the rotation until a probe finds it ready again."""
+        if self._released:
+            return
+        self._released = True
+        self._pool._in_flight[self.node] -= 1
+        self._pool._breakers[self.node].record(self._permit, outcome)
+        if node_down:
+            self._pool._ready[(self.node, self.triton_model)] = False
+            log.warning(
+                "node taken out of rotation",
+                extra={"fields": {"node": self.node, "triton_model": self.triton_model}},
+            )
 
 
 class NodePool:
     def __init__(
         self,
         sources: Mapping[str, TokenSource],
-        placement: Mapping[str, tuple[str, ...]],
+        placement: Mapping[str, Placement],
+        breaker: Breaker | None = None,
         on_change: Callable[[bool], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        affinity_slack: int = 4,
     ) -> None:
-        """``placement`` maps each Triton model name to the nodes that should serve it.
+        """``placement`` maps each catalog model id to where it runs.
 
-        ``on_change(serving)`` is called whenever "at least one model can be served" flips.
+        ``on_change(serving)`` is called (after a probe) whenever "at least one model can be
+        served" flips.
         """
         self._sources = dict(sources)
         self._placement = dict(placement)
         self._ready: dict[tuple[str, str], bool] = {}
         self._in_flight: Counter[str] = Counter()
+        self._breakers = {
+            name: CircuitBreaker(name, breaker or Breaker(), clock) for name in self._sources
+        }
         self._on_change = on_change
         self._serving: bool | None = None
+        self._rng = rng or random.Random()
+        self._slack = affinity_slack
 
     @property
     def serving(self) -> bool:
         return bool(self._serving)
 
-    def ready(self, model: str) -> bool:
-        return any(self._ready.get((node, model)) for node in self._placement.get(model, ()))
+    def _eligible(self, node: str, triton_model: str) -> bool:
+        return bool(self._ready.get((node, triton_model))) and self._breakers[node].available()
 
-    async def _set(self, node: str, model: str, ready: bool) -> None:
-        before = self._ready.get((node, model))
-        self._ready[(node, model)] = ready
+    def ready(self, model: str) -> bool:
+        """Whether some node can take a request for catalog ``model`` now."""
+        where = self._placement.get(model)
+        return where is not None and any(self._eligible(n, where.triton_model) for n in where.nodes)
+
+    def in_flight(self, node: str) -> int:
+        return self._in_flight[node]
+
+    def breaker(self, node: str) -> CircuitBreaker:
+        return self._breakers[node]
+
+    def status(self) -> list[NodeStatus]:
+        return [
+            NodeStatus(
+                node,
+                self._breakers[node].state,
+                self._in_flight[node],
+                tuple(sorted(m for (n, m), ok in self._ready.items() if n == node and ok)),
+            )
+            for node in sorted(self._sources)
+        ]
+
+    def _set(self, node: str, triton_model: str, ready: bool) -> None:
+        before = self._ready.get((node, triton_model))
+        self._ready[(node, triton_model)] = ready
         if before != ready:
             log.info(
                 "node readiness changed",
-                extra={"fields": {"node": node, "triton_model": model, "ready": ready}},
+                extra={"fields": {"node": node, "triton_model": triton_model, "ready": ready}},
             )
-        serving = any(self._ready.values())
+
+    async def probe_once(self) -> None:
+        """Ask every node about every Triton model it should serve, all at once."""
+        pairs = sorted(
+            {
+                (node, where.triton_model)
+                for where in self._placement.values()
+                for node in where.nodes
+            }
+        )
+        results = await asyncio.gather(*(self._sources[n].ready(m) for n, m in pairs))
+        answered: dict[str, bool] = {}
+        for (node, triton_model), ready in zip(pairs, results, strict=True):
+            self._set(node, triton_model, ready)
+            answered[node] = answered.get(node, False) or ready
+        for node, any_ready in answered.items():
+            if not any_ready:
+                self._breakers[node].trip()
+        serving = any(self.ready(model) for model in self._placement)
         if serving != self._serving:
             self._serving = serving
             if self._on_change is not None:
                 await self._on_change(serving)
-
-    async def probe_once(self) -> None:
-        """Ask every node about every model it should serve, all at once."""
-        pairs = [(node, model) for model, nodes in self._placement.items() for node in nodes]
-        results = await asyncio.gather(*(self._sources[n].ready(m) for n, m in pairs))
-        for (node, model), ready in zip(pairs, results, strict=True):
-            await self._set(node, model, ready)
 
     async def run(self, interval_s: float) -> None:
         """Probe forever, every ``interval_s`` seconds; cancel the task to stop."""
@@ -73,22 +179,39 @@ class NodePool:
             await self.probe_once()
             await asyncio.sleep(interval_s)
 
-    def pick(self, model: str) -> TokenSource | None:
-        """The ready node of ``model`` with the fewest requests in flight, or None."""
-        ready = [n for n in self._placement.get(model, ()) if self._ready.get((n, model))]
-        if not ready:
+    def pick(
+        self, model: str, exclude: Collection[str] = (), affinity: str | None = None
+    ) -> Lease | None:
+        """Lease a node for catalog ``model`` (not one of ``exclude``), or None if none can serve.
+
+        ``affinity``: a key (the prompt's prefix) whose requests should go to the same node.
+        """
+        where = self._placement.get(model)
+        if where is None:
             return None
-        return self._sources[min(ready, key=lambda n: self._in_flight[n])]
-
-    async def mark_down(self, node: str, model: str) -> None:
-        """Take ``node`` out of rotation for ``model`` until a probe finds it ready again."""
-        await self._set(node, model, False)
-
-    @contextmanager
-    def lease(self, node: str) -> Iterator[None]:
-        """Count one request in flight on ``node`` for the duration of the block."""
+        eligible = [
+            n for n in where.nodes if n not in exclude and self._eligible(n, where.triton_model)
+        ]
+        if not eligible:
+            return None
+        node = self._choose(eligible, affinity)
+        permit = self._breakers[node].acquire()
+        if permit is None:  # cannot happen: availability was just checked, nothing awaited since
+            return None
         self._in_flight[node] += 1
-        try:
-            yield
-        finally:
-            self._in_flight[node] -= 1
+        return Lease(self, self._sources[node], where.triton_model, model, permit)
+
+    def _choose(self, eligible: list[str], affinity: str | None) -> str:
+        if affinity is not None and len(eligible) > 1:
+            preferred = max(eligible, key=lambda n: _weight(n, affinity))
+            least = min(self._in_flight[n] for n in eligible)
+            if self._in_flight[preferred] <= least + self._slack:
+                return preferred
+        candidates = eligible if len(eligible) <= 2 else self._rng.sample(eligible, 2)
+        least = min(self._in_flight[n] for n in candidates)
+        return self._rng.choice([n for n in candidates if self._in_flight[n] == least])
+
+
+def _weight(node: str, key: str) -> bytes:
+    """Rendezvous hashing: each key prefers the node with the highest weight."""
+    return hashlib.blake2b(f"{node}\0{key}".encode(), digest_size=8).digest()

@@ -1,8 +1,17 @@
 """The orchestrator's logic: from a caller's request to a stream of chunks from a Triton node.
 
-Resolve the model in the catalog, validate, apply the chat template, pick a ready node, stream
-the answer under three watchdogs (first token, silence between tokens, total deadline), count
-usage. Transport-free: the gRPC servicer converts its messages to these types and back.
+Resolve the model in the catalog, validate, apply the chat template, wait for an admission slot,
+lease a node, stream the answer under three watchdogs (first token, silence between tokens,
+total deadline), count usage. Transport-free: the gRPC servicer converts to and from protobuf.
+
+Until the first token reaches the caller nothing is lost by starting over, so that phase
+(``_first_token``) may run several attempts: when a node fails, cannot be reached or stays
+silent past the first-token deadline, the request is retried on another node (``max_retries``,
+within the caller's deadline); with hedging on, a second node is asked as well once
+``hedge_after_s`` passes without a first token, and the first to answer wins while the other is
+cancelled. When no node of the model can serve, its fallback model (if the catalog names one)
+answers, and the stream's start says so. Once a token has gone out, a failure ends the stream
+with an error: the caller already holds part of one answer, and a second would not continue it.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping
@@ -21,12 +31,15 @@ from tokenrelay.errors import (
     GenerationFailed,
     InvalidRequest,
     ModelNotFound,
+    RelayError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from tokenrelay.generation import FinishReason, GenerationRequest, TokenSource, Usage
+from tokenrelay.generation import Delta, FinishReason, GenerationRequest, Usage
 from tokenrelay.logs import bind
-from tokenrelay.orchestrator._pool import NodePool
+from tokenrelay.orchestrator._admission import AdmissionControl
+from tokenrelay.orchestrator._breaker import Outcome
+from tokenrelay.orchestrator._pool import Lease, NodePool
 from tokenrelay.orchestrator._validate import validate
 from tokenrelay.templates import ChatTemplate
 
@@ -65,30 +78,93 @@ class ModelStatus:
     created: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A request made ready for one catalog model: validated, templated, defaults filled."""
+
+    spec: ModelSpec
+    prompt: str
+    request: GenerationRequest
+    fallback: bool = False
+
+
+class _Attempt:
+    """One try of a request on one leased node. ``first`` reads up to the first delta that
+    carries text or ends the answer; the rest is read by whoever won."""
+
+    def __init__(self, plan: _Plan, lease: Lease, started: float) -> None:
+        self.plan = plan
+        self.lease = lease
+        self.started = started
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.deltas = lease.source.generate(
+            lease.triton_model, plan.prompt, plan.request.sampling, plan.request.request_id
+        )
+        self.first: asyncio.Task[Delta] = asyncio.create_task(self._first_content())
+
+    @property
+    def node(self) -> str:
+        return self.lease.node
+
+    def count(self, delta: Delta) -> None:
+        if delta.prompt_tokens is not None:
+            self.prompt_tokens = delta.prompt_tokens
+        self.completion_tokens += delta.output_tokens
+
+    async def _first_content(self) -> Delta:
+        while True:
+            try:
+                delta = await anext(self.deltas)
+            except StopAsyncIteration:
+                raise GenerationFailed("The model ended without finishing its answer.") from None
+            self.count(delta)
+            if delta.text or delta.finish_reason is not None:
+                return delta
+
+    async def stop(self, outcome: Outcome, node_down: bool = False) -> None:
+        """Cancel the generation if it still runs (which cancels the Triton request), then give
+        the node back, telling its breaker ``outcome``."""
+        if not self.first.done():
+            self.first.cancel()
+            await asyncio.gather(self.first, return_exceptions=True)
+        await self.deltas.aclose()
+        self.lease.release(outcome, node_down)
+
+
+def _judge(exc: BaseException) -> tuple[Outcome, bool]:
+    """What a failed attempt says about its node: (breaker outcome, node unreachable)."""
+    if isinstance(exc, InvalidRequest):
+        return Outcome.NEUTRAL, False  # the request's fault, not the node's
+    return Outcome.FAILURE, isinstance(exc, UpstreamUnavailable)
+
+
 class Relay:
     """Serves generation requests over a ``NodePool``. Safe for any number of concurrent calls."""
 
-    def __init__(self, settings: Settings, pool: NodePool) -> None:
+    def __init__(
+        self, settings: Settings, pool: NodePool, admission: AdmissionControl | None = None
+    ) -> None:
         self._settings = settings
         self._pool = pool
+        self._admission = admission or AdmissionControl(settings.orchestrator.admission)
         self._specs: Mapping[str, ModelSpec] = {m.id: m for m in settings.models}
         self._templates = {
             m.id: ChatTemplate(m.chat_template, m.default_system_prompt) for m in settings.models
         }
         self._created = int(time.time())
 
+    @property
+    def admission(self) -> AdmissionControl:
+        return self._admission
+
     def models(self) -> list[ModelStatus]:
         return [
-            ModelStatus(spec, self._pool.ready(spec.triton_model), self._created)
+            ModelStatus(spec, self._pool.ready(spec.id), self._created)
             for spec in self._specs.values()
         ]
 
-    def _prepare(self, request: GenerationRequest) -> tuple[ModelSpec, str, GenerationRequest]:
-        spec = self._specs.get(request.model)
-        if spec is None:
-            if not request.model:
-                raise InvalidRequest("'model' is required.", "model")
-            raise ModelNotFound(request.model)
+    def _plan(self, spec: ModelSpec, request: GenerationRequest, fallback: bool) -> _Plan:
         validate(request, spec, self._settings.orchestrator.limits)
         if request.messages is not None:
             prompt = self._templates[spec.id].render(request.messages)
@@ -97,8 +173,26 @@ class Relay:
         sampling = request.sampling
         if sampling.max_tokens is None:
             sampling = dataclasses.replace(sampling, max_tokens=spec.default_max_tokens)
-        request_id = request.request_id or uuid.uuid4().hex
-        return spec, prompt, dataclasses.replace(request, sampling=sampling, request_id=request_id)
+        return _Plan(spec, prompt, dataclasses.replace(request, sampling=sampling), fallback)
+
+    def _plans(self, request: GenerationRequest) -> list[_Plan]:
+        """The primary plan, then the fallback's (if any, and if the request fits it)."""
+        spec = self._specs.get(request.model)
+        if spec is None:
+            if not request.model:
+                raise InvalidRequest("'model' is required.", "model")
+            raise ModelNotFound(request.model)
+        request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
+        plans = [self._plan(spec, request, fallback=False)]
+        if spec.fallback:
+            try:
+                plans.append(self._plan(self._specs[spec.fallback], request, fallback=True))
+            except InvalidRequest as exc:
+                log.info(
+                    "request does not fit the fallback model",
+                    extra={"fields": {"fallback": spec.fallback, "error": exc.message}},
+                )
+        return plans
 
     async def stream(
         self, request: GenerationRequest, time_budget_s: float | None = None
@@ -106,100 +200,184 @@ class Relay:
         """Generate ``request``'s answer as chunks.
 
         Raises ``InvalidRequest``/``ModelNotFound`` before anything is sent to a node,
-        ``UpstreamUnavailable`` when no node can serve, ``UpstreamTimeout`` when a watchdog or the
-        budget (``time_budget_s``, the caller's remaining deadline) expires, ``GenerationFailed``
-        when the model fails. Closing the iterator cancels the generation on the node.
+        ``Overloaded`` when no admission slot frees up in time, ``UpstreamUnavailable`` when no
+        node can serve, ``UpstreamTimeout`` when a watchdog or the budget (``time_budget_s``, the
+        caller's remaining deadline) expires, ``GenerationFailed`` when the model fails. Closing
+        the iterator cancels the generation on the node.
         """
-        spec, prompt, request = self._prepare(request)
-        with bind(request_id=request.request_id, model=spec.id):
-            node = self._pool.pick(spec.triton_model)
-            if node is None:
-                raise UpstreamUnavailable(f"No inference node is ready to serve '{spec.id}'.")
-            # aclosing: closing this stream must close the inner one too, which cancels the
-            # generation at the node now rather than whenever the garbage collector runs.
-            relayed = self._relay(spec, prompt, request, node, time_budget_s)
-            with self._pool.lease(node.name):
-                async with aclosing(relayed) as chunks:
+        plans = self._plans(request)
+        primary = plans[0]
+        with bind(request_id=primary.request.request_id, model=primary.spec.id):
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            total = self._settings.orchestrator.timeouts.total_s
+            budget = total if time_budget_s is None else min(total, time_budget_s)
+            deadline = began + budget
+            async with self._admission.slot(budget):
+                attempt, first, tries = await self._first_token(plans, deadline)
+                # aclosing: closing this stream must close the inner one too, which cancels the
+                # generation at the node now rather than whenever the garbage collector runs.
+                rest = self._rest(attempt, first, deadline, began, tries)
+                async with aclosing(rest) as chunks:
                     async for chunk in chunks:
                         yield chunk
 
-    async def _relay(
-        self,
-        spec: ModelSpec,
-        prompt: str,
-        request: GenerationRequest,
-        source: TokenSource,
-        time_budget_s: float | None,
-    ) -> AsyncGenerator[Chunk, None]:
-        timeouts = self._settings.orchestrator.timeouts
+    async def _first_token(
+        self, plans: list[_Plan], deadline: float
+    ) -> tuple[_Attempt, Delta, int]:
+        """Run attempts until one yields its first content; returns it, that delta and the
+        number of attempts made. Every losing attempt is stopped before this returns."""
         loop = asyncio.get_running_loop()
-        began = loop.time()
-        budget = timeouts.total_s if time_budget_s is None else min(timeouts.total_s, time_budget_s)
-        deadline = began + budget
-        prompt_tokens = completion_tokens = 0
-        first_token_at: float | None = None
-        pending_start: StreamStart | None = StreamStart(request.request_id, spec.id, source.name)
-        outcome = "error"
-        deltas = source.generate(spec.triton_model, prompt, request.sampling, request.request_id)
+        routing = self._settings.orchestrator.routing
+        first_token_s = self._settings.orchestrator.timeouts.first_token_s
+        chars = routing.prefix_affinity_chars
+        affinity = plans[0].prompt[:chars] if chars > 0 else None
+        attempts: list[_Attempt] = []
+        tried: set[str] = set()
+
+        def launch() -> _Attempt | None:
+            for plan in plans:
+                lease = self._pool.pick(plan.spec.id, exclude=tried, affinity=affinity)
+                if lease is not None:
+                    tried.add(lease.node)
+                    attempt = _Attempt(plan, lease, loop.time())
+                    attempts.append(attempt)
+                    return attempt
+            return None
+
+        if launch() is None:
+            raise UpstreamUnavailable(f"No inference node is ready to serve '{plans[0].spec.id}'.")
+        hedge_at = (
+            attempts[0].started + routing.hedge_after_s if routing.hedge_after_s else math.inf
+        )
+        retries = 0
+        last_error: RelayError | None = None
         try:
             while True:
-                watchdog = (
-                    timeouts.first_token_s if first_token_at is None else timeouts.between_tokens_s
+                wake = min(deadline, hedge_at, *(a.started + first_token_s for a in attempts))
+                done, _ = await asyncio.wait(
+                    [a.first for a in attempts],
+                    timeout=max(wake - loop.time(), 0.0),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-                wait = min(watchdog, deadline - loop.time())
-                try:
-                    async with asyncio.timeout(max(wait, 0.0)):
-                        delta = await anext(deltas)
-                except TimeoutError:
+                for attempt in [a for a in attempts if a.first in done]:
+                    attempts.remove(attempt)
+                    exc = attempt.first.exception()
+                    if exc is None:
+                        for loser in attempts:
+                            log.info("hedged attempt lost", extra={"fields": {"node": loser.node}})
+                            await loser.stop(Outcome.NEUTRAL)
+                        attempts.clear()
+                        return attempt, attempt.first.result(), len(tried)
+                    outcome, node_down = _judge(exc)
+                    await attempt.stop(outcome, node_down)
+                    if not isinstance(exc, RelayError) or isinstance(exc, InvalidRequest):
+                        raise exc
+                    log.warning(
+                        "attempt failed before the first token",
+                        extra={"fields": {"node": attempt.node, "error": exc.message}},
+                    )
+                    last_error = exc
+                now = loop.time()
+                for attempt in [a for a in attempts if now >= a.started + first_token_s]:
+                    attempts.remove(attempt)
+                    log.warning(
+                        "first-token watchdog fired",
+                        extra={
+                            "fields": {
+                                "node": attempt.node,
+                                "waited_s": round(now - attempt.started, 4),
+                            }
+                        },
+                    )
+                    await attempt.stop(Outcome.FAILURE)
+                    last_error = UpstreamTimeout(
+                        f"The model produced no first token within {first_token_s:g} s."
+                    )
+                if now >= deadline:
                     raise UpstreamTimeout(
-                        self._timeout_message(first_token_at, watchdog, wait)
-                    ) from None
-                except UpstreamUnavailable:
-                    await self._pool.mark_down(source.name, spec.triton_model)
-                    raise
-                except StopAsyncIteration:
-                    raise GenerationFailed(
-                        "The model ended without finishing its answer."
-                    ) from None
-                if first_token_at is None:
-                    first_token_at = loop.time()
-                if delta.prompt_tokens is not None:
-                    prompt_tokens = delta.prompt_tokens
-                completion_tokens += delta.output_tokens
+                        "The request's deadline expired before the answer was complete."
+                    )
+                if now >= hedge_at:
+                    hedge_at = math.inf
+                    hedge = launch()
+                    if hedge is not None:
+                        log.info("hedging", extra={"fields": {"node": hedge.node}})
+                if not attempts:
+                    retry = launch() if retries < routing.max_retries else None
+                    if retry is None:
+                        raise last_error or UpstreamUnavailable(
+                            f"No inference node is ready to serve '{plans[0].spec.id}'."
+                        )
+                    retries += 1
+                    log.info("retrying on another node", extra={"fields": {"node": retry.node}})
+        finally:
+            for attempt in attempts:  # the caller went away, or the deadline passed
+                await attempt.stop(Outcome.NEUTRAL)
+
+    async def _rest(
+        self, attempt: _Attempt, first: Delta, deadline: float, began: float, tries: int
+    ) -> AsyncGenerator[Chunk, None]:
+        """The winning attempt's stream, from its first content on."""
+        between_s = self._settings.orchestrator.timeouts.between_tokens_s
+        loop = asyncio.get_running_loop()
+        plan = attempt.plan
+        first_token_at = loop.time()
+        pending_start: StreamStart | None = StreamStart(
+            plan.request.request_id, plan.spec.id, attempt.node, plan.fallback
+        )
+        outcome, node_down, result = Outcome.NEUTRAL, False, "cancelled"
+        delta = first
+        try:
+            while True:
                 end = None
                 if delta.finish_reason is not None:
-                    end = StreamEnd(delta.finish_reason, Usage(prompt_tokens, completion_tokens))
+                    usage = Usage(attempt.prompt_tokens, attempt.completion_tokens)
+                    end = StreamEnd(delta.finish_reason, usage)
                 if delta.text or end is not None:
                     yield Chunk(delta.text, pending_start, end)
                     pending_start = None
                 if end is not None:
-                    outcome = end.finish_reason.value
+                    outcome, result = Outcome.SUCCESS, end.finish_reason.value
                     return
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled"
-            raise
+                wait = min(between_s, deadline - loop.time())
+                try:
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        delta = await anext(attempt.deltas)
+                except TimeoutError:
+                    result = "timeout"
+                    if wait < between_s:
+                        raise UpstreamTimeout(
+                            "The request's deadline expired before the answer was complete."
+                        ) from None
+                    outcome = Outcome.FAILURE
+                    raise UpstreamTimeout(
+                        f"The model produced no token for {between_s:g} s."
+                    ) from None
+                except StopAsyncIteration:
+                    outcome, result = Outcome.FAILURE, "error"
+                    raise GenerationFailed(
+                        "The model ended without finishing its answer."
+                    ) from None
+                except RelayError as exc:
+                    (outcome, node_down), result = _judge(exc), "error"
+                    raise
+                attempt.count(delta)
         finally:
-            await deltas.aclose()
+            await attempt.stop(outcome, node_down)
             log.info(
                 "generation ended",
                 extra={
                     "fields": {
-                        "outcome": outcome,
-                        "node": source.name,
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                        "ttft_s": None
-                        if first_token_at is None
-                        else round(first_token_at - began, 4),
+                        "outcome": result,
+                        "node": attempt.node,
+                        "served_model": plan.spec.id,
+                        "fallback": plan.fallback,
+                        "attempts": tries,
+                        "prompt_tokens": attempt.prompt_tokens,
+                        "completion_tokens": attempt.completion_tokens,
+                        "ttft_s": round(first_token_at - began, 4),
                         "duration_s": round(loop.time() - began, 4),
                     }
                 },
             )
-
-    @staticmethod
-    def _timeout_message(first_token_at: float | None, watchdog: float, wait: float) -> str:
-        if wait < watchdog:
-            return "The request's deadline expired before the answer was complete."
-        if first_token_at is None:
-            return f"The model produced no first token within {watchdog:g} s."
-        return f"The model produced no token for {watchdog:g} s."

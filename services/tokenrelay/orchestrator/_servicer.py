@@ -14,11 +14,13 @@ from tokenrelay.orchestrator._convert import (
     chunk_to_pb,
     finish_to_pb,
     model_to_pb,
+    node_to_pb,
     request_from_pb,
     served_by_to_pb,
     usage_to_pb,
 )
-from tokenrelay.orchestrator._relay import Relay
+from tokenrelay.orchestrator._pool import NodePool
+from tokenrelay.orchestrator._relay import Relay, StreamStart
 from tokenrelay.orchestrator._status import grpc_errors
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
@@ -35,9 +37,16 @@ def _budget(context: Context) -> float | None:
     return None if remaining is None else max(remaining, 0.0)
 
 
+async def _announce(context: Context, start: StreamStart) -> None:
+    """Initial metadata: says when a fallback model answers."""
+    if start.fallback:
+        await context.send_initial_metadata((("tokenrelay-fallback", start.model),))
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, pool: NodePool) -> None:
         self._relay = relay
+        self._pool = pool
 
     @grpc_errors
     async def GenerateStream(
@@ -46,6 +55,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         chunks = self._relay.stream(request_from_pb(request), _budget(context))
         async with aclosing(chunks):  # a cancelled call closes the relay, which cancels Triton
             async for chunk in chunks:
+                if chunk.start is not None:
+                    await _announce(context, chunk.start)
                 yield chunk_to_pb(chunk)
 
     @grpc_errors
@@ -57,6 +68,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             async for chunk in chunks:
                 texts.append(chunk.text)
                 if chunk.start is not None:
+                    await _announce(context, chunk.start)
                     response.request_id = chunk.start.request_id
                     response.served_by.CopyFrom(served_by_to_pb(chunk.start))
                 if chunk.end is not None:
@@ -72,3 +84,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[model_to_pb(m) for m in self._relay.models()])
+
+    @grpc_errors
+    async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:
+        models = self._relay.models()
+        return pb.StatusResponse(
+            serving=any(m.ready for m in models),
+            nodes=[node_to_pb(n) for n in self._pool.status()],
+            running=self._relay.admission.running,
+            queued=self._relay.admission.queued,
+            models=[model_to_pb(m) for m in models],
+        )

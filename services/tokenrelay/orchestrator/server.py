@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tokenrelay.config import Settings
 from tokenrelay.generation import TokenSource
-from tokenrelay.orchestrator._pool import NodePool
+from tokenrelay.orchestrator._pool import NodePool, Placement
 from tokenrelay.orchestrator._relay import Relay
 from tokenrelay.orchestrator._servicer import GenerationServicer
 from tokenrelay.orchestrator._triton import TritonNode
@@ -38,15 +38,30 @@ class Orchestrator:
         """``sources`` maps node names to token sources; by default a ``TritonNode`` for each
         configured endpoint (tests pass fakes)."""
         self._settings = settings
-        placement = {m.triton_model: settings.nodes_for(m) for m in settings.models}
+        orchestrator = settings.orchestrator
+        placement = {
+            m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in settings.models
+        }
         if sources is None:
-            addresses = {a for nodes in placement.values() for a in nodes}
-            sources = {a: TritonNode(a, settings.orchestrator.timeouts) for a in sorted(addresses)}
+            addresses = {a for where in placement.values() for a in where.nodes}
+            sources = {a: TritonNode(a, orchestrator.timeouts) for a in sorted(addresses)}
         self._sources = dict(sources)
         self._health = health.aio.HealthServicer()
-        self._pool = NodePool(self._sources, placement, on_change=self._serving_changed)
+        self._pool = NodePool(
+            self._sources,
+            placement,
+            breaker=orchestrator.breaker,
+            on_change=self._serving_changed,
+            affinity_slack=orchestrator.routing.affinity_slack,
+        )
         self._relay = Relay(settings, self._pool)
-        self._server = grpc.aio.server()
+        # Admission control bounds the generations; this bounds the calls themselves, so that a
+        # flood past the queue is refused by gRPC (RESOURCE_EXHAUSTED) before it costs memory.
+        # The headroom keeps health checks, ListModels and Status answering under the flood.
+        admission = orchestrator.admission
+        self._server = grpc.aio.server(
+            maximum_concurrent_rpcs=admission.max_concurrent + admission.max_queue + 64
+        )
         self._probe: asyncio.Task[None] | None = None
         self._draining = False
         self.port = 0
@@ -70,7 +85,7 @@ class Orchestrator:
         """
         address = listen or self._settings.orchestrator.listen
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(self._relay), self._server
+            GenerationServicer(self._relay, self._pool), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(

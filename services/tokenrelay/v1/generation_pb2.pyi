@@ -77,6 +77,32 @@ FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 """The inference server cancelled the generation."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _BreakerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BreakerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BreakerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BREAKER_STATE_UNSPECIFIED: _BreakerState.ValueType  # 0
+    BREAKER_STATE_CLOSED: _BreakerState.ValueType  # 1
+    """Requests flow."""
+    BREAKER_STATE_OPEN: _BreakerState.ValueType  # 2
+    """The node failed; no requests until the cool-down passes."""
+    BREAKER_STATE_HALF_OPEN: _BreakerState.ValueType  # 3
+    """After the cool-down: a few trial requests decide whether it closes again."""
+
+class BreakerState(_BreakerState, metaclass=_BreakerStateEnumTypeWrapper):
+    """State of a node's circuit breaker."""
+
+BREAKER_STATE_UNSPECIFIED: BreakerState.ValueType  # 0
+BREAKER_STATE_CLOSED: BreakerState.ValueType  # 1
+"""Requests flow."""
+BREAKER_STATE_OPEN: BreakerState.ValueType  # 2
+"""The node failed; no requests until the cool-down passes."""
+BREAKER_STATE_HALF_OPEN: BreakerState.ValueType  # 3
+"""After the cool-down: a few trial requests decide whether it closes again."""
+Global___BreakerState: _TypeAlias = BreakerState  # noqa: Y015
+
 @_typing.final
 class ChatMessage(_message.Message):
     """ChatMessage is one turn of a conversation."""
@@ -367,7 +393,9 @@ Global___Usage: _TypeAlias = Usage  # noqa: Y015
 
 @_typing.final
 class ServedBy(_message.Message):
-    """ServedBy says who answers a request."""
+    """ServedBy says who answers a request. When a fallback answers, the call's initial metadata also
+    carries `tokenrelay-fallback: <model>`.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -585,3 +613,88 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class StatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusRequest: _TypeAlias = StatusRequest  # noqa: Y015
+
+@_typing.final
+class NodeStatus(_message.Message):
+    """NodeStatus is one inference node as the orchestrator sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    BREAKER_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    READY_MODELS_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """As configured (host:port)."""
+    breaker: Global___BreakerState.ValueType
+    in_flight: _builtins.int
+    """Requests the orchestrator has in flight on it."""
+    @_builtins.property
+    def ready_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Triton models its last readiness probe found ready."""
+
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        breaker: Global___BreakerState.ValueType = ...,
+        in_flight: _builtins.int = ...,
+        ready_models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "breaker", b"breaker", "in_flight", b"in_flight", "ready_models", b"ready_models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeStatus: _TypeAlias = NodeStatus  # noqa: Y015
+
+@_typing.final
+class StatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVING_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    serving: _builtins.bool
+    """True when at least one model can be served."""
+    running: _builtins.int
+    """Generations running, and requests waiting for an admission slot."""
+    queued: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeStatus]: ...
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]: ...
+    def __init__(
+        self,
+        *,
+        serving: _builtins.bool = ...,
+        nodes: _abc.Iterable[Global___NodeStatus] | None = ...,
+        running: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        models: _abc.Iterable[Global___Model] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "nodes", b"nodes", "queued", b"queued", "running", b"running", "serving", b"serving"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015

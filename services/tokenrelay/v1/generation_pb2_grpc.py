@@ -50,6 +50,11 @@ class GenerationServiceStub:
                 request_serializer=tokenrelay_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tokenrelay_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/tokenrelay.v1.GenerationService/Status',
+                request_serializer=tokenrelay_dot_v1_dot_generation__pb2.StatusRequest.SerializeToString,
+                response_deserializer=tokenrelay_dot_v1_dot_generation__pb2.StatusResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -88,6 +93,15 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Status reports what the orchestrator knows of its inference nodes and its own load: each
+        node's circuit breaker, requests in flight and ready models; generations running and queued.
+        It is the readiness detail for operators.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +119,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=tokenrelay_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
                     response_serializer=tokenrelay_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=tokenrelay_dot_v1_dot_generation__pb2.StatusRequest.FromString,
+                    response_serializer=tokenrelay_dot_v1_dot_generation__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -189,6 +208,33 @@ class GenerationService:
             '/tokenrelay.v1.GenerationService/ListModels',
             tokenrelay_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
             tokenrelay_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenrelay.v1.GenerationService/Status',
+            tokenrelay_dot_v1_dot_generation__pb2.StatusRequest.SerializeToString,
+            tokenrelay_dot_v1_dot_generation__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,11 @@ class GenerationServiceStub:
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]
     """ListModels lists the models of the catalog and whether each can serve now."""
+    Status: _grpc.UnaryUnaryMultiCallable[_generation_pb2.StatusRequest, _generation_pb2.StatusResponse]
+    """Status reports what the orchestrator knows of its inference nodes and its own load: each
+    node's circuit breaker, requests in flight and ready models; generations running and queued.
+    It is the readiness detail for operators.
+    """
 
 @_typing.type_check_only
 class GenerationServiceAsyncStub(GenerationServiceStub):
@@ -87,6 +92,11 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the models of the catalog and whether each can serve now."""
+    Status: _aio.UnaryUnaryMultiCallable[_generation_pb2.StatusRequest, _generation_pb2.StatusResponse]  # type: ignore[assignment]
+    """Status reports what the orchestrator knows of its inference nodes and its own load: each
+    node's circuit breaker, requests in flight and ready models; generations running and queued.
+    It is the readiness detail for operators.
+    """
 
 class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     """GenerationService produces text from a model served by Triton Inference Server."""
@@ -126,5 +136,16 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.ListModelsResponse, _abc.Awaitable[_generation_pb2.ListModelsResponse]]:
         """ListModels lists the models of the catalog and whether each can serve now."""
+
+    @_abc_1.abstractmethod
+    def Status(
+        self,
+        request: _generation_pb2.StatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.StatusResponse, _abc.Awaitable[_generation_pb2.StatusResponse]]:
+        """Status reports what the orchestrator knows of its inference nodes and its own load: each
+        node's circuit breaker, requests in flight and ready models; generations running and queued.
+        It is the readiness detail for operators.
+        """
 
 def add_GenerationServiceServicer_to_server(servicer: GenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
