@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -26,7 +27,7 @@ def own_stack() -> Iterator[Stack]:
 
 def test_sigterm_drains_in_flight_streams_and_exits_0(own_stack: Stack) -> None:
     results: list[pb.GenerateStreamResponse | Exception] = []
-    started = threading.Barrier(4)
+    started = threading.Barrier(9)
 
     def stream() -> None:
         with grpc.insecure_channel(own_stack.orchestrator_address) as channel:
@@ -44,7 +45,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(own_stack: Stack) -> None:
             except Exception as exc:  # recorded and asserted below
                 results.append(exc)
 
-    workers = [threading.Thread(target=stream) for _ in range(3)]
+    workers = [threading.Thread(target=stream) for _ in range(8)]
     for worker in workers:
         worker.start()
     started.wait(timeout=10)
@@ -62,7 +63,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(own_stack: Stack) -> None:
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
     for worker in workers:
         worker.join(timeout=20)
-    assert len(results) == 3
+    assert len(results) == 8
     for last in results:
         assert isinstance(last, pb.GenerateStreamResponse), last
         assert last.end.usage.completion_tokens == 50
@@ -88,3 +89,44 @@ def test_triton_stopped_means_not_ready_and_fast_503(own_stack: Stack) -> None:
         assert response.status_code == 503
         assert_openai("ErrorResponse", response.json())
     assert httpx.get(f"{edge}/healthz").status_code == 200  # the edge itself is alive
+
+
+def test_sigterm_to_the_edge_lets_its_sse_streams_finish_and_exits_0(own_stack: Stack) -> None:
+    body = {"model": "synthetic", "prompt": "go", "max_tokens": 50, "stream": True}
+    texts: list[str | Exception] = []
+    started = threading.Barrier(5)
+
+    def stream() -> None:
+        try:
+            with httpx.stream(
+                "POST", f"{own_stack.edge_url}/v1/completions", json=body, timeout=30
+            ) as response:
+                lines = response.iter_lines()
+                first = next(lines)
+                started.wait()
+                texts.append("\n".join([first, *lines]))
+        except Exception as exc:  # recorded and asserted below
+            texts.append(exc)
+
+    workers = [threading.Thread(target=stream) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    started.wait(timeout=10)
+    assert own_stack.edge is not None
+    own_stack.edge.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.ConnectError):  # no new connections while draining
+        httpx.get(f"{own_stack.edge_url}/healthz", timeout=2)
+    for worker in workers:
+        worker.join(timeout=20)
+    assert len(texts) == 4
+    for text in texts:
+        assert isinstance(text, str), text
+        assert text.rstrip().endswith("data: [DONE]")
+        chunks = [
+            json.loads(line.removeprefix("data: "))
+            for line in text.splitlines()
+            if line.startswith("data: {")
+        ]
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert own_stack.edge.wait(timeout=10) == 0

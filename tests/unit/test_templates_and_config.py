@@ -61,6 +61,11 @@ def test_environment_overrides() -> None:
         ("[[models]]\nid = 'a'\ntriton_model = 'a'\ndefault_max_tokens = 9999\n", "context window"),
         ("[extra]\n", "unknown section"),
         ("[edge]\nlisten = 'nowhere'\n", "host:port"),
+        ("[[models]]\nid = 'a'\ntriton_model = 'a'\nfallback = 'b'\n", "fallback must name"),
+        ("[[models]]\nid = 'a'\ntriton_model = 'a'\nfallback = 'a'\n", "fallback must name"),
+        ("[orchestrator.breaker]\nfailure_rate = 1.5\n", "failure_rate"),
+        ("[orchestrator.admission]\nmax_concurrent = 0\n", "admission"),
+        ("[orchestrator.routing]\nhedge_after_s = -1\n", "routing"),
     ],
 )
 def test_bad_config_is_refused_with_its_key(tmp_path: Path, toml: str, message: str) -> None:

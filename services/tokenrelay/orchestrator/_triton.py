@@ -105,10 +105,25 @@ def _translate(address: str) -> Iterator[None]:
 class TritonNode:
     """A Triton server reached over gRPC; implements ``tokenrelay.generation.TokenSource``."""
 
-    def __init__(self, address: str, timeouts: Timeouts) -> None:
+    def __init__(self, address: str, timeouts: Timeouts, reconnect_max_s: float = 1.0) -> None:
+        """``reconnect_max_s`` caps gRPC's reconnect backoff (default 120 s), so that a node
+        that comes back is reachable by the next probe instead of minutes later."""
         self._address = address
         self._timeouts = timeouts
-        self._client = triton_aio.InferenceServerClient(url=address)
+        backoff_ms = max(100, int(reconnect_max_s * 1000))
+        self._client = triton_aio.InferenceServerClient(
+            url=address,
+            channel_args=[
+                # tritonclient's defaults, which passing channel_args replaces:
+                ("grpc.max_send_message_length", 2**31 - 1),
+                ("grpc.max_receive_message_length", 2**31 - 1),
+                # Triton answers client pings more often than every 5 min with GOAWAY.
+                ("grpc.keepalive_time_ms", 2**31 - 1),
+                ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
+                ("grpc.min_reconnect_backoff_ms", min(backoff_ms, 1000)),
+                ("grpc.max_reconnect_backoff_ms", backoff_ms),
+            ],
+        )
         self._outputs = [InferRequestedOutput(name) for name in _OUTPUTS]
 
     @property

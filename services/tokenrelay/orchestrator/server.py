@@ -44,7 +44,12 @@ class Orchestrator:
         }
         if sources is None:
             addresses = {a for where in placement.values() for a in where.nodes}
-            sources = {a: TritonNode(a, orchestrator.timeouts) for a in sorted(addresses)}
+            sources = {
+                a: TritonNode(
+                    a, orchestrator.timeouts, reconnect_max_s=orchestrator.probe_interval_s
+                )
+                for a in sorted(addresses)
+            }
         self._sources = dict(sources)
         self._health = health.aio.HealthServicer()
         self._pool = NodePool(

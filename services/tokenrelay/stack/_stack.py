@@ -1,10 +1,13 @@
-"""Start and stop the whole local stack: tritonserver, the orchestrator and the edge.
+"""Start and stop the whole local stack: tritonserver(s), the orchestrator and the edge.
 
 The same code serves ``make run`` (``tokenrelay-stack``) and the system tests. Each component is
 a real process on loopback with its log in ``<workdir>/logs/``; ``start()`` returns when the edge
 says it is ready (which needs the orchestrator serving and Triton's models ready) and raises with
 the tail of the failing component's log otherwise. ``stop()`` sends SIGTERM edge → orchestrator →
 Triton, waits for each and kills what does not exit.
+
+With ``nodes=N`` there are N Triton servers (``TritonProcess``), each listed as an endpoint of
+the orchestrator; the chaos tests kill, pause and restart them one by one.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from tokenrelay.stack._triton import TritonPorts, prepare_backends, triton_command, triton_env
 
-__all__ = ["Stack", "StackError", "StackPorts", "free_port"]
+__all__ = ["Stack", "StackError", "StackPorts", "TritonProcess", "free_port"]
 
 HOST = "127.0.0.1"
 
@@ -63,6 +66,110 @@ def _get(url: str, timeout: float = 1.0) -> int:
         return 0
 
 
+def _spawn(log_path: Path, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # The child keeps its own copy of the descriptor; ours closes at once.
+    with log_path.open("ab") as log:
+        # A session of its own: Ctrl-C in the terminal reaches the launcher, which stops the
+        # components in order, instead of all of them at once. Triton's Python-backend stubs
+        # share their server's process group, so signalling the group reaches them too.
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _wait_ready(
+    name: str, process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StackError(f"{name} exited with {process.returncode}:\n{_log_tail(log)}")
+        if _get(url) == 200:
+            return
+        time.sleep(0.05)
+    raise StackError(f"{name} not ready after {timeout_s:g} s:\n{_log_tail(log)}")
+
+
+def _signal_group(process: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
+    if process is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+
+
+class TritonProcess:
+    """One ``tritonserver`` on loopback, which can be started again on the same ports."""
+
+    def __init__(
+        self,
+        name: str,
+        model_repository: Path,
+        ports: TritonPorts,
+        models: tuple[str, ...],
+        workdir: Path,
+    ) -> None:
+        self.name = name
+        self.model_repository = model_repository.resolve()
+        self.ports = ports
+        self.models = models
+        self.workdir = workdir
+        self.log = workdir / "logs" / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc(self) -> str:
+        return f"{HOST}:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.ports.metrics}/metrics"
+
+    @property
+    def ready_url(self) -> str:
+        return f"http://{HOST}:{self.ports.http}/v2/health/ready"
+
+    def spawn(self) -> None:
+        backends = prepare_backends(self.workdir)
+        command = triton_command(self.model_repository, backends, self.ports, self.models, HOST)
+        self.process = _spawn(self.log, command, triton_env())
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        assert self.process is not None
+        _wait_ready(self.name, self.process, self.ready_url, self.log, timeout_s)
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        self.spawn()
+        self.wait_ready(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL the server and its model stubs: a node that dies without a word."""
+        _signal_group(self.process, signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: a node that hangs with its connections open."""
+        _signal_group(self.process, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        _signal_group(self.process, signal.SIGCONT)
+
+    def request_stop(self) -> None:
+        """SIGTERM without waiting (``stop`` waits), so that several servers stop together."""
+        self.resume()  # a stopped process cannot handle SIGTERM
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int | None:
+        self.request_stop()
+        return Stack.terminate(self.process)
+
+
 class Stack:
     def __init__(
         self,
@@ -72,9 +179,14 @@ class Stack:
         config: Path | None = None,
         env: Mapping[str, str] | None = None,
         workdir: Path | None = None,
+        nodes: int = 1,
+        node_repositories: Sequence[Path] = (),
     ) -> None:
         """``models``: Triton models to load (default: all in the repository). ``config``: the
-        TOML file for orchestrator and edge. ``env``: extra environment for both."""
+        TOML file for orchestrator and edge. ``env``: extra environment for both. ``nodes``:
+        how many Triton servers; node i serves ``node_repositories[i]`` if given, else
+        ``model_repository``. Ports are known from here on, so a test can write ``config``
+        (naming ``triton_addresses``) before ``start()``."""
         self.ports = ports or StackPorts()
         self.model_repository = model_repository.resolve()
         self.models = models
@@ -84,9 +196,27 @@ class Stack:
         self.workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-")) if workdir is None else workdir
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.triton: subprocess.Popen[bytes] | None = None
+        self.nodes = [
+            TritonProcess(
+                "triton" if i == 0 else f"triton-{i}",
+                node_repositories[i] if i < len(node_repositories) else model_repository,
+                self.ports.triton if i == 0 else TritonPorts(free_port(), free_port(), free_port()),
+                models,
+                self.workdir,
+            )
+            for i in range(nodes)
+        ]
         self.orchestrator: subprocess.Popen[bytes] | None = None
         self.edge: subprocess.Popen[bytes] | None = None
+
+    @property
+    def triton(self) -> subprocess.Popen[bytes] | None:
+        """The first Triton server's process."""
+        return self.nodes[0].process
+
+    @property
+    def triton_addresses(self) -> list[str]:
+        return [node.grpc for node in self.nodes]
 
     @property
     def edge_url(self) -> str:
@@ -98,27 +228,21 @@ class Stack:
 
     @property
     def triton_grpc(self) -> str:
-        return f"{HOST}:{self.ports.triton.grpc}"
+        return self.nodes[0].grpc
 
     @property
     def triton_metrics_url(self) -> str:
-        return f"http://{HOST}:{self.ports.triton.metrics}/metrics"
+        return self.nodes[0].metrics_url
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        # The child keeps its own copy of the descriptor; ours closes at once.
-        with (self.logs / f"{name}.log").open("ab") as log:
-            # A session of its own: Ctrl-C in the terminal reaches the launcher, which stops the
-            # components in order, instead of all of them at once.
-            return subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+        return _spawn(self.logs / f"{name}.log", command, env)
 
     def _service_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
                 "TOKENRELAY_ORCHESTRATOR_LISTEN": self.orchestrator_address,
-                "TOKENRELAY_TRITON": self.triton_grpc,
+                "TOKENRELAY_TRITON": ",".join(self.triton_addresses),
                 "TOKENRELAY_EDGE_LISTEN": f"{HOST}:{self.ports.edge}",
                 "TOKENRELAY_EDGE_ORCHESTRATOR": self.orchestrator_address,
             }
@@ -129,31 +253,19 @@ class Stack:
         return env
 
     def log_tail(self, name: str, lines: int = 30) -> str:
-        path = self.logs / f"{name}.log"
-        if not path.exists():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return _log_tail(self.logs / f"{name}.log", lines)
 
     def _wait(
         self, name: str, process: subprocess.Popen[bytes], url: str, timeout_s: float
     ) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise StackError(f"{name} exited with {process.returncode}:\n{self.log_tail(name)}")
-            if _get(url) == 200:
-                return
-            time.sleep(0.1)
-        raise StackError(f"{name} not ready after {timeout_s:g} s:\n{self.log_tail(name)}")
+        _wait_ready(name, process, url, self.logs / f"{name}.log", timeout_s)
 
     def start_triton(self, timeout_s: float = 120.0) -> None:
-        backends = prepare_backends(self.workdir)
-        command = triton_command(
-            self.model_repository, backends, self.ports.triton, self.models, HOST
-        )
-        self.triton = self._spawn("triton", command, triton_env())
-        ready = f"http://{HOST}:{self.ports.triton.http}/v2/health/ready"
-        self._wait("triton", self.triton, ready, timeout_s)
+        """Start every Triton node at once; return when all are ready."""
+        for node in self.nodes:
+            node.spawn()
+        for node in self.nodes:
+            node.wait_ready(timeout_s)
 
     def start(self, timeout_s: float = 180.0) -> Stack:
         """Start all three and wait until the edge is ready. Raises ``StackError``."""
@@ -195,7 +307,10 @@ class Stack:
         """Stop everything that runs, edge first. Safe to call more than once."""
         self.terminate(self.edge)
         self.terminate(self.orchestrator)
-        self.terminate(self.triton)
+        for node in self.nodes:
+            node.request_stop()  # each takes seconds to unload its models: all at once
+        for node in self.nodes:
+            node.stop()
         if self._own_workdir and not os.environ.get("TOKENRELAY_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
