@@ -16,7 +16,14 @@ TOKENRELAY_TRITON                 comma-separated Triton gRPC endpoints for ever
 TOKENRELAY_EDGE_LISTEN            edge listen address, host:port
 TOKENRELAY_EDGE_ORCHESTRATOR      the orchestrator the edge calls, host:port
 TOKENRELAY_LOG_LEVEL              DEBUG, INFO, WARNING or ERROR
+TOKENRELAY_API_KEY                one API key the edge accepts (besides edge.api_keys_file)
+TOKENRELAY_INTERNAL_SECRET        the shared secret of the edge → orchestrator hop
+TOKENRELAY_INTERNAL_SECRET_FILE   ... or a file holding it (e.g. a mounted Kubernetes secret)
 ================================  =====================================================
+
+Secrets come only from the environment (or a file it names), never from the TOML file, and they
+never show in a repr. A service that listens beyond loopback refuses to start without them: the
+edge without API keys, the orchestrator without the internal secret or mutual TLS.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tokenrelay.security import Secret, is_loopback
+
 __all__ = [
     "Admission",
     "Breaker",
@@ -38,8 +47,10 @@ __all__ = [
     "ModelSpec",
     "OrchestratorSettings",
     "Routing",
+    "Secrets",
     "Settings",
     "Timeouts",
+    "check_exposure",
     "load_settings",
     "split_hostport",
 ]
@@ -132,6 +143,16 @@ class OrchestratorSettings:
     breaker: Breaker = field(default_factory=Breaker)
     routing: Routing = field(default_factory=Routing)
     admission: Admission = field(default_factory=Admission)
+    # TLS of the gRPC API (PEM file paths): certificate and key turn it on; a client CA makes
+    # it mutual (callers must present a certificate it signed).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # TLS to Triton (its --grpc-use-ssl): the CA that signed Triton's certificate turns it on;
+    # a certificate and key are presented for --grpc-use-ssl-mutual.
+    triton_tls_ca: str = ""
+    triton_tls_cert: str = ""
+    triton_tls_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +165,19 @@ class EdgeSettings:
     ready_timeout_s: float = 1.0
     drain_grace_s: float = 10.0
     keepalive_interval_s: float = 15.0  # `: ping` comments on idle SSE streams
+    api_keys_file: str = ""  # TOML keys file (see tokenrelay.security); reread when changed
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
+    # Slow or idle clients: a connection beyond the cap is refused; request headers must arrive
+    # within header_timeout_s, a body within body_timeout_s; idle keep-alive connections close.
+    max_connections: int = 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+    # TLS to the orchestrator (PEM paths): its CA turns TLS on; certificate and key are the
+    # edge's client certificate for mutual TLS.
+    orchestrator_tls_ca: str = ""
+    orchestrator_tls_cert: str = ""
+    orchestrator_tls_key: str = ""
 
 
 _DEFAULT_MODELS = (
@@ -168,11 +202,20 @@ _DEFAULT_MODELS = (
 
 
 @dataclass(frozen=True, slots=True)
+class Secrets:
+    """From the environment only (see the module docstring)."""
+
+    internal: Secret | None = None
+    api_key: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     orchestrator: OrchestratorSettings = field(default_factory=OrchestratorSettings)
     edge: EdgeSettings = field(default_factory=EdgeSettings)
     models: tuple[ModelSpec, ...] = _DEFAULT_MODELS
     log_level: str = "INFO"
+    secrets: Secrets = field(default_factory=Secrets)
 
     def nodes_for(self, model: ModelSpec) -> tuple[str, ...]:
         return model.nodes or self.orchestrator.triton
@@ -249,9 +292,44 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             else _DEFAULT_MODELS
         ),
         log_level=str(env.get("TOKENRELAY_LOG_LEVEL", raw.get("log_level", "INFO"))).upper(),
+        secrets=_secrets(env),
     )
     _check(settings)
     return settings
+
+
+def _secrets(env: Mapping[str, str]) -> Secrets:
+    internal = env.get("TOKENRELAY_INTERNAL_SECRET", "")
+    if not internal and env.get("TOKENRELAY_INTERNAL_SECRET_FILE"):
+        internal = Path(env["TOKENRELAY_INTERNAL_SECRET_FILE"]).read_text().strip()
+    api_key = env.get("TOKENRELAY_API_KEY", "")
+    return Secrets(
+        internal=Secret(internal) if internal else None,
+        api_key=Secret(api_key) if api_key else None,
+    )
+
+
+def check_exposure(settings: Settings, service: str) -> None:
+    """Refuse to serve beyond loopback without credentials (``service``: edge or orchestrator).
+
+    Raises ``ValueError`` saying what to set.
+    """
+    if service == "edge":
+        host, _ = split_hostport(settings.edge.listen)
+        if not is_loopback(host) and not (settings.edge.api_keys_file or settings.secrets.api_key):
+            raise ValueError(
+                f"edge: listening on {settings.edge.listen} with no API keys; set"
+                " edge.api_keys_file or TOKENRELAY_API_KEY"
+            )
+    else:
+        orchestrator = settings.orchestrator
+        host, _ = split_hostport(orchestrator.listen)
+        mutual = bool(orchestrator.tls_client_ca)
+        if not is_loopback(host) and not (settings.secrets.internal or mutual):
+            raise ValueError(
+                f"orchestrator: listening on {orchestrator.listen} with no internal secret; set"
+                " TOKENRELAY_INTERNAL_SECRET (edge and orchestrator) or mutual TLS"
+            )
 
 
 def _check(settings: Settings) -> None:
@@ -279,3 +357,14 @@ def _check(settings: Settings) -> None:
         raise ValueError("orchestrator.routing: max_retries and hedge_after_s must be ≥ 0")
     for address in (settings.orchestrator.listen, settings.edge.listen, settings.edge.orchestrator):
         split_hostport(address)
+    for section, cert, key in (
+        ("orchestrator", orchestrator.tls_cert, orchestrator.tls_key),
+        ("edge", settings.edge.orchestrator_tls_cert, settings.edge.orchestrator_tls_key),
+        ("orchestrator", orchestrator.triton_tls_cert, orchestrator.triton_tls_key),
+    ):
+        if bool(cert) != bool(key):
+            raise ValueError(
+                f"{section}: a TLS certificate needs its key, and a key its certificate"
+            )
+    if orchestrator.tls_client_ca and not orchestrator.tls_cert:
+        raise ValueError("orchestrator: tls_client_ca needs tls_cert and tls_key")

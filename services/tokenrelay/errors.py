@@ -61,15 +61,20 @@ class ModelNotFound(InvalidRequest):
 
 
 class Unauthenticated(RelayError):
-    """Credentials are missing or wrong."""
+    """Credentials are missing or wrong; ``code`` as OpenAI spells it (``invalid_api_key``)."""
+
+    def __init__(self, message: str, code: str | None = "invalid_api_key") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Overloaded(RelayError):
     """The service is at capacity; ``retry_after`` is a hint in seconds."""
 
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+    def __init__(self, message: str, retry_after: float = 1.0, code: str | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.code = code
 
 
 class UpstreamUnavailable(RelayError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tokenrelay.config import load_settings
+from tokenrelay.config import check_exposure, load_settings
 from tokenrelay.edge.app import run
 from tokenrelay.logs import configure_logging
 
@@ -12,10 +12,11 @@ from tokenrelay.logs import configure_logging
 def main() -> None:
     try:
         settings = load_settings()
+        check_exposure(settings, "edge")
     except (OSError, ValueError) as exc:
         sys.exit(f"tokenrelay-edge: bad configuration: {exc}")
     configure_logging("edge", settings.log_level)
-    run(settings.edge)
+    run(settings.edge, settings.secrets)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ _TABLE: tuple[tuple[type[RelayError], int, str], ...] = (
 _HTTP_MESSAGES = {
     404: ("Not found.", "invalid_request_error", None),
     405: ("Method not allowed.", "invalid_request_error", None),
+    408: ("The request body did not arrive in time.", "invalid_request_error", None),
     413: ("The request body is too large.", "invalid_request_error", "request_too_large"),
 }
 
@@ -55,7 +56,7 @@ def status_of(exc: RelayError) -> tuple[int, str]:
 def error_body(exc: RelayError) -> dict[str, Any]:
     _, kind = status_of(exc)
     param = exc.param if isinstance(exc, InvalidRequest) else None
-    code = exc.code if isinstance(exc, InvalidRequest) else None
+    code = exc.code if isinstance(exc, InvalidRequest | Unauthenticated | Overloaded) else None
     return {"error": {"message": exc.message, "type": kind, "param": param, "code": code}}
 
 

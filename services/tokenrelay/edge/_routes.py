@@ -11,9 +11,7 @@ and so cancels the gRPC call, which cancels the Triton request.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,24 +22,13 @@ from tokenrelay.config import EdgeSettings
 from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._errors import error_body
 from tokenrelay.edge._sse import SSEWriter
-from tokenrelay.edge._upstream import OrchestratorClient
+from tokenrelay.edge._state import REQUEST_ID, SETTINGS, STATE, UPSTREAM
 from tokenrelay.errors import GenerationFailed, ModelNotFound, RelayError, UpstreamUnavailable
 from tokenrelay.logs import bind
 from tokenrelay.v1 import generation_pb2 as pb
 
-__all__ = ["SETTINGS", "STATE", "UPSTREAM", "EdgeState", "routes"]
+__all__ = ["routes"]
 
-
-@dataclass
-class EdgeState:
-    draining: bool = False
-
-
-SETTINGS = web.AppKey("settings", EdgeSettings)
-UPSTREAM = web.AppKey("upstream", OrchestratorClient)
-STATE = web.AppKey("state", EdgeState)
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 routes = web.RouteTableDef()
 
@@ -108,11 +95,6 @@ class _Completion:
 
     def whole(self, text: str, finish: str, usage: pb.Usage) -> dict[str, Any]:
         return oa.completion(self.id, self.created, self.model, text, finish, usage)
-
-
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 def _budget(request: web.Request, settings: EdgeSettings) -> float:
@@ -189,8 +171,13 @@ async def _stream(
 
 async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     settings = request.app[SETTINGS]
-    request_id = _request_id(request)
-    body = oa.loads(await request.read())
+    request_id = request[REQUEST_ID]
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout() from None
+    body = oa.loads(raw)
     parsed = (oa.parse_chat if chat else oa.parse_completion)(body, request_id)
     with bind(request_id=request_id, model=parsed.request.model):
         messages = request.app[UPSTREAM].stream(
@@ -202,7 +189,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
             kind = _Chat if chat else _Completion
             prefix = "chatcmpl-" if chat else "cmpl-"
             shape = kind(prefix + request_id, int(time.time()), model, parsed.include_usage)
-            headers = {"X-Request-Id": request_id}
+            headers = {}
             if first.start.served_by.fallback:
                 headers["x-tokenrelay-fallback"] = model
             if parsed.stream:

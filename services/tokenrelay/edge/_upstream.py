@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tokenrelay.config import EdgeSettings
 from tokenrelay.errors import (
     GenerationFailed,
     InvalidRequest,
@@ -24,6 +26,7 @@ from tokenrelay.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from tokenrelay.security import Secret
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 
@@ -75,11 +78,31 @@ def _translated() -> Iterator[None]:
         raise _translate(exc) from exc
 
 
-class OrchestratorClient:
-    """Calls to the orchestrator. Create and close it inside the event loop that uses it."""
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+
+class OrchestratorClient:
+    """Calls to the orchestrator. Create and close it inside the event loop that uses it.
+
+    With ``settings.orchestrator_tls_ca`` the channel uses TLS (and the edge's certificate for
+    mutual TLS when given); with ``secret`` every call carries it (``authorization`` metadata).
+    """
+
+    def __init__(self, settings: EdgeSettings, secret: Secret | None = None) -> None:
+        address = settings.orchestrator
+        if settings.orchestrator_tls_ca:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(settings.orchestrator_tls_ca),
+                private_key=_read(settings.orchestrator_tls_key),
+                certificate_chain=_read(settings.orchestrator_tls_cert),
+            )
+            self._channel = grpc.aio.secure_channel(address, credentials)
+        else:
+            self._channel = grpc.aio.insecure_channel(address)
+        self._auth: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {secret.value}"),) if secret else ()
+        )
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -90,7 +113,9 @@ class OrchestratorClient:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         """The orchestrator's stream; raises ``RelayError``. Closing it cancels the call."""
-        call = self._stub.GenerateStream(request, timeout=timeout_s, metadata=tuple(metadata))
+        call = self._stub.GenerateStream(
+            request, timeout=timeout_s, metadata=(*metadata, *self._auth)
+        )
         try:
             with _translated():
                 async for message in call:
@@ -100,14 +125,18 @@ class OrchestratorClient:
 
     async def list_models(self, timeout_s: float) -> list[pb.Model]:
         with _translated():
-            response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s)
+            response = await self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=timeout_s, metadata=self._auth
+            )
         return list(response.models)
 
     async def ready(self, timeout_s: float) -> tuple[bool, str]:
         """Whether the orchestrator answers and says SERVING; never raises."""
         try:
             response = await self._health.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                timeout=timeout_s,
+                metadata=self._auth,
             )
         except grpc.aio.AioRpcError as exc:
             return False, f"orchestrator unreachable ({exc.code().name})"

@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
-from tokenrelay.config import EdgeSettings, split_hostport
+from tokenrelay.config import EdgeSettings, Secrets, split_hostport
 from tokenrelay.edge._errors import error_middleware
-from tokenrelay.edge._routes import SETTINGS, STATE, UPSTREAM, EdgeState, routes
+from tokenrelay.edge._routes import routes
+from tokenrelay.edge._security import (
+    GuardedSite,
+    auth_middleware,
+    context_middleware,
+    on_response_prepare,
+)
+from tokenrelay.edge._state import AUTH, SETTINGS, STATE, UPSTREAM, Auth, EdgeState
 from tokenrelay.edge._upstream import OrchestratorClient
+from tokenrelay.security import KeyStore, is_loopback
 
-__all__ = ["create_app", "run"]
+__all__ = ["create_app", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
 
-async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    # The channel belongs to the app's event loop: created on startup, closed on cleanup.
-    client = OrchestratorClient(app[SETTINGS].orchestrator)
-    app[UPSTREAM] = client
-    yield
-    await client.close()
+def _upstream_ctx(secrets: Secrets) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        # The channel belongs to the app's event loop: created on startup, closed on cleanup.
+        client = OrchestratorClient(app[SETTINGS], secrets.internal)
+        app[UPSTREAM] = client
+        yield
+        await client.close()
+
+    return context
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -30,28 +44,52 @@ async def _on_shutdown(app: web.Application) -> None:
     log.info("edge draining")
 
 
-def create_app(settings: EdgeSettings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+def create_app(settings: EdgeSettings, secrets: Secrets | None = None) -> web.Application:
+    """The edge. API keys are enforced when ``settings.api_keys_file`` or ``secrets.api_key``
+    gives any; without them every caller is let in (``run`` allows that on loopback only)."""
+    secrets = secrets or Secrets()
+    app = web.Application(
+        middlewares=[context_middleware, error_middleware, auth_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
     app[SETTINGS] = settings
     app[STATE] = EdgeState()
-    app.cleanup_ctx.append(_upstream_ctx)
+    keys_file = Path(settings.api_keys_file) if settings.api_keys_file else None
+    app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key))
+    app.cleanup_ctx.append(_upstream_ctx(secrets))
     app.on_shutdown.append(_on_shutdown)
+    app.on_response_prepare.append(on_response_prepare)
     app.add_routes(routes)
     return app
 
 
-def run(settings: EdgeSettings) -> None:
+async def serve(settings: EdgeSettings, secrets: Secrets | None = None) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting and let streams finish within the grace."""
-    host, port = split_hostport(settings.listen)
-    log.info("edge listening", extra={"fields": {"address": settings.listen}})
-    web.run_app(
-        create_app(settings),
-        host=host,
-        port=port,
+    app = create_app(settings, secrets)
+    if not app[AUTH].store.enabled:
+        host, _ = split_hostport(settings.listen)
+        assert is_loopback(host), "check_exposure must have refused this"
+        log.warning("no API keys configured: every local caller is let in (loopback only)")
+    runner = web.AppRunner(
+        app,
         # Cancel a handler as soon as its client disconnects, so the upstream call is cancelled
         # promptly instead of at the next write (see shared/EDGE-FACTS.md).
         handler_cancellation=True,
         shutdown_timeout=settings.drain_grace_s,
+        keepalive_timeout=settings.keepalive_timeout_s,
         access_log=None,
-        print=None,
     )
+    await runner.setup()
+    host, port = split_hostport(settings.listen)
+    await GuardedSite(runner, host, port, settings).start()
+    log.info("edge listening", extra={"fields": {"address": settings.listen}})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()  # closes the listener, then waits for handlers up to the grace
+
+
+def run(settings: EdgeSettings, secrets: Secrets | None = None) -> None:
+    asyncio.run(serve(settings, secrets))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from tokenrelay.config import load_settings
+from tokenrelay.config import check_exposure, load_settings
 from tokenrelay.logs import configure_logging
 from tokenrelay.orchestrator.server import serve
 
@@ -13,6 +13,7 @@ from tokenrelay.orchestrator.server import serve
 def main() -> None:
     try:
         settings = load_settings()
+        check_exposure(settings, "orchestrator")
     except (OSError, ValueError) as exc:
         sys.exit(f"tokenrelay-orchestrator: bad configuration: {exc}")
     configure_logging("orchestrator", settings.log_level)

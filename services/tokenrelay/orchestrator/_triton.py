@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -35,7 +36,7 @@ from tokenrelay.errors import (
 )
 from tokenrelay.generation import Delta, FinishReason, Sampling
 
-__all__ = ["TritonNode"]
+__all__ = ["TritonNode", "TritonTLS"]
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +103,39 @@ def _translate(address: str) -> Iterator[None]:
         raise _rpc_error(exc, address) from exc
 
 
+@dataclass(frozen=True, slots=True)
+class TritonTLS:
+    """PEM file paths: the CA of Triton's certificate (TLS on when set), and the orchestrator's
+    own certificate and key for Triton's mutual TLS."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+
 class TritonNode:
     """A Triton server reached over gRPC; implements ``tokenrelay.generation.TokenSource``."""
 
-    def __init__(self, address: str, timeouts: Timeouts, reconnect_max_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeouts: Timeouts,
+        reconnect_max_s: float = 1.0,
+        tls: TritonTLS | None = None,
+    ) -> None:
         """``reconnect_max_s`` caps gRPC's reconnect backoff (default 120 s), so that a node
-        that comes back is reachable by the next probe instead of minutes later."""
+        that comes back is reachable by the next probe instead of minutes later. ``tls``: TLS
+        to Triton's gRPC endpoint when it names a CA."""
         self._address = address
         self._timeouts = timeouts
         backoff_ms = max(100, int(reconnect_max_s * 1000))
+        tls = tls or TritonTLS()
         self._client = triton_aio.InferenceServerClient(
             url=address,
+            ssl=bool(tls.ca),
+            root_certificates=tls.ca or None,
+            private_key=tls.key or None,
+            certificate_chain=tls.cert or None,
             channel_args=[
                 # tritonclient's defaults, which passing channel_args replaces:
                 ("grpc.max_send_message_length", 2**31 - 1),

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Mapping
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,10 +19,11 @@ from grpc_reflection.v1alpha import reflection
 
 from tokenrelay.config import Settings
 from tokenrelay.generation import TokenSource
+from tokenrelay.orchestrator._auth import InternalSecretInterceptor
 from tokenrelay.orchestrator._pool import NodePool, Placement
 from tokenrelay.orchestrator._relay import Relay
 from tokenrelay.orchestrator._servicer import GenerationServicer
-from tokenrelay.orchestrator._triton import TritonNode
+from tokenrelay.orchestrator._triton import TritonNode, TritonTLS
 from tokenrelay.v1 import generation_pb2, generation_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "Orchestrator", "serve"]
@@ -29,6 +31,17 @@ __all__ = ["SERVICE_NAME", "Orchestrator", "serve"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS for the gRPC API; mutual (client certificates required) with a client CA."""
+    tls = settings.orchestrator
+    client_ca = Path(tls.tls_client_ca).read_bytes() if tls.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(tls.tls_key).read_bytes(), Path(tls.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 class Orchestrator:
@@ -46,7 +59,14 @@ class Orchestrator:
             addresses = {a for where in placement.values() for a in where.nodes}
             sources = {
                 a: TritonNode(
-                    a, orchestrator.timeouts, reconnect_max_s=orchestrator.probe_interval_s
+                    a,
+                    orchestrator.timeouts,
+                    reconnect_max_s=orchestrator.probe_interval_s,
+                    tls=TritonTLS(
+                        orchestrator.triton_tls_ca,
+                        orchestrator.triton_tls_cert,
+                        orchestrator.triton_tls_key,
+                    ),
                 )
                 for a in sorted(addresses)
             }
@@ -64,8 +84,10 @@ class Orchestrator:
         # flood past the queue is refused by gRPC (RESOURCE_EXHAUSTED) before it costs memory.
         # The headroom keeps health checks, ListModels and Status answering under the flood.
         admission = orchestrator.admission
+        secret = settings.secrets.internal
         self._server = grpc.aio.server(
-            maximum_concurrent_rpcs=admission.max_concurrent + admission.max_queue + 64
+            interceptors=[InternalSecretInterceptor(secret)] if secret else [],
+            maximum_concurrent_rpcs=admission.max_concurrent + admission.max_queue + 64,
         )
         self._probe: asyncio.Task[None] | None = None
         self._draining = False
@@ -102,7 +124,10 @@ class Orchestrator:
         self._probe = asyncio.create_task(
             self._pool.run(self._settings.orchestrator.probe_interval_s), name="node-probe"
         )
-        self.port = self._server.add_insecure_port(address)
+        if self._settings.orchestrator.tls_cert:
+            self.port = self._server.add_secure_port(address, _server_credentials(self._settings))
+        else:
+            self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {address}")
         await self._server.start()

@@ -1,0 +1,248 @@
+"""What stands between the public and the API: request ids, API keys with per-key limits, CORS,
+security headers, and a listening socket that slow or numerous clients cannot exhaust.
+
+Middleware order (outermost first): ``context_middleware`` (request id bound to every log line,
+CORS preflight), the error middleware, ``auth_middleware`` (``/v1/`` only). Headers go on every
+response, streamed ones included, through ``on_response_prepare``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from tokenrelay.config import EdgeSettings
+from tokenrelay.edge._state import AUTH, REQUEST_ID, SETTINGS
+from tokenrelay.errors import Overloaded, Unauthenticated
+from tokenrelay.logs import bind
+
+__all__ = [
+    "GuardedSite",
+    "auth_middleware",
+    "context_middleware",
+    "on_response_prepare",
+]
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# API responses are JSON or SSE for programs: nothing in them may be framed, sniffed or cached.
+_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+}
+_CORS_METHODS = "GET, POST, OPTIONS"
+_CORS_HEADERS = "Authorization, Content-Type, X-Request-Id"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    with bind(request_id=request_id):
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return _preflight(request)
+        return await handler(request)
+
+
+def _allowed_origin(request: web.Request) -> str | None:
+    origin = request.headers.get("Origin")
+    allowed = request.app[SETTINGS].cors_origins
+    if origin and (origin in allowed or "*" in allowed):
+        return origin
+    return None
+
+
+def _preflight(request: web.Request) -> web.Response:
+    origin = _allowed_origin(request)
+    if origin is None:
+        return web.Response(status=403, text="origin not allowed")
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": _CORS_METHODS,
+            "Access-Control-Allow-Headers": _CORS_HEADERS,
+            "Access-Control-Max-Age": "600",
+        },
+    )
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in _SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
+    origin = _allowed_origin(request)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = (
+            "X-Request-Id, Retry-After, x-tokenrelay-fallback"
+        )
+        response.headers["Vary"] = "Origin"
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    auth = request.app[AUTH]
+    if not request.path.startswith("/v1/") or not auth.store.enabled:
+        return await handler(request)
+    if auth.store.maybe_reload():
+        try:
+            await asyncio.to_thread(auth.store.reload)
+        except (OSError, ValueError) as exc:
+            log.error(
+                "keys file unreadable; keeping the previous keys",
+                extra={"fields": {"error": str(exc)}},
+            )
+    presented = _bearer(request)
+    if presented is None:
+        raise Unauthenticated(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+            code="missing_api_key",
+        )
+    key = auth.store.find(presented)
+    if key is None:
+        raise Unauthenticated("Incorrect API key provided.")
+    if key.revoked:
+        log.info("revoked key refused", extra={"fields": {"key_id": key.id}})
+        raise Unauthenticated("This API key has been revoked.")
+    with bind(key_id=key.id):
+        wait = auth.limiter.take(key)
+        if wait > 0:
+            raise Overloaded(
+                f"Rate limit reached: {key.requests_per_minute} requests per minute for this key.",
+                retry_after=wait,
+                code="rate_limit_exceeded",
+            )
+        if key.max_streams and auth.in_flight[key.id] >= key.max_streams:
+            raise Overloaded(
+                f"Too many concurrent requests: at most {key.max_streams} for this key.",
+                retry_after=1.0,
+                code="rate_limit_exceeded",
+            )
+        auth.in_flight[key.id] += 1
+        try:
+            return await handler(request)
+        finally:
+            auth.in_flight[key.id] -= 1
+            if not auth.in_flight[key.id]:
+                del auth.in_flight[key.id]
+
+
+_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nRetry-After: 1\r\nContent-Length: 97\r\n\r\n"
+    b'{"error": {"message": "Too many open connections.", "type": "server_error", '
+    b'"param": null, "code": null}}'
+)
+
+
+class _Guarded(asyncio.Protocol):
+    """Wraps aiohttp's protocol of one connection: counts it, and closes it when its first
+    request's headers are not complete within the header timeout (a slow-loris client).
+    Later requests on a kept-alive connection are bounded by aiohttp's keep-alive timeout."""
+
+    def __init__(self, site: GuardedSite, inner: Any) -> None:
+        self._site = site
+        self._inner = inner
+        self._timer: asyncio.TimerHandle | None = None
+        self._seen = b""
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._site.open += 1
+        if self._site.open > self._site.max_connections:
+            log.warning(
+                "connection refused: too many open", extra={"fields": {"open": self._site.open}}
+            )
+            transport.write(_REFUSAL)
+            transport.close()
+            self._inner = None
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._site.header_timeout_s, self._too_slow)
+        self._inner.connection_made(transport)
+
+    def _too_slow(self) -> None:
+        log.info("connection closed: request headers too slow")
+        if self._transport is not None:
+            self._transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._seen = (self._seen + data)[-4096:]
+            if b"\r\n\r\n" in self._seen:
+                self._timer.cancel()
+                self._timer = None
+                self._seen = b""
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._site.open -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
+class GuardedSite(web.TCPSite):
+    """A TCP site whose connections are capped and must send their headers in time."""
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, settings: EdgeSettings, **kwargs: Any
+    ) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self.max_connections = settings.max_connections
+        self.header_timeout_s = settings.header_timeout_s
+        self.open = 0
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Guarded(self, server()),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
