@@ -18,6 +18,10 @@ def test_sampling_accepts_vllm_spellings() -> None:
     )
     assert parse_sampling("").max_tokens is None
     assert parse_sampling('{"n": 1, "seed": null}').seed is None
+    # vLLM's bounds: top_p in (0, 1] and repetition_penalty > 0, however small (schemathesis
+    # found the orchestrator letting 2.2e-16 through to a model that refused it).
+    assert parse_sampling('{"top_p": 2.220446049250313e-16}').top_p > 0
+    assert parse_sampling('{"repetition_penalty": 1e-12}').repetition_penalty > 0
 
 
 @pytest.mark.parametrize(
@@ -26,6 +30,8 @@ def test_sampling_accepts_vllm_spellings() -> None:
         ("{", "not valid JSON"),
         ("3", "must be a JSON object"),
         ('{"top_p": 0}', "out of range"),
+        ('{"top_p": 1.5}', "out of range"),
+        ('{"repetition_penalty": 0}', "out of range"),
         ('{"max_tokens": 2.5}', "whole number"),
         ('{"max_tokens": true}', "not a boolean"),
         ('{"temperature": "NaN"}', "finite"),

@@ -16,7 +16,13 @@ from tokenrelay.config import (
     Settings,
     Timeouts,
 )
-from tokenrelay.errors import ModelNotFound, Overloaded, UpstreamTimeout, UpstreamUnavailable
+from tokenrelay.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from tokenrelay.generation import ChatMessage, FinishReason, GenerationRequest, Sampling
 from tokenrelay.orchestrator._breaker import BreakerState
 from tokenrelay.orchestrator._pool import NodePool, Placement
@@ -246,3 +252,18 @@ async def test_admission_wait_is_bounded_and_a_gone_waiter_frees_its_place() -> 
     assert relay.admission.queued == 0
     await running
     assert relay.admission.running == 0
+
+
+async def test_a_request_the_model_refuses_is_a_400_and_never_blames_the_node() -> None:
+    from tokenrelay.orchestrator._triton import _stream_error
+
+    refusal = _stream_error("sampling parameter 'top_p' is out of range: 0.0", "a:1")
+    assert isinstance(refusal, InvalidRequest) and "top_p" not in refusal.message
+    source = FakeSource("a:1", fail_with=refusal)
+    relay, pool = _relay(source, FakeSource("b:1"))
+    await pool.probe_once()
+    for _ in range(5):
+        with pytest.raises(InvalidRequest):
+            await _collect(relay, _request())
+    assert len(source.prompts) == 5  # no retry elsewhere: the request is at fault
+    assert pool.breaker("a:1").state is BreakerState.CLOSED

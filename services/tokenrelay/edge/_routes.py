@@ -11,9 +11,11 @@ and so cancels the gRPC call, which cancels the Triton request.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -235,6 +237,15 @@ async def get_model(request: web.Request) -> web.Response:
         if model.id == wanted:
             return web.json_response(_model_json(model))
     raise ModelNotFound(wanted)
+
+
+_OPENAPI = json.loads(resources.files("tokenrelay.edge").joinpath("openapi.json").read_text())
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """The description of this API (kept in the repository: tokenrelay/edge/openapi.json)."""
+    return web.json_response(_OPENAPI)
 
 
 @routes.get("/healthz")

@@ -49,6 +49,19 @@ _FINISH = {
 _OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
 # Phrases of a prompt that does not fit: ours (tokenrelay.triton_python.llama) and vLLM's.
 _CONTEXT_PHRASES = ("context window", "maximum context length")
+# Phrases of a request the model refused as malformed (ours: triton_python._contract; vLLM's
+# SamplingParams checks). The orchestrator validates first, so these mean the two layers
+# disagree; the request still gets a 400, and the node is not blamed for it (a client must not
+# be able to open a node's breaker by sending requests the model refuses).
+_REFUSAL_PHRASES = (
+    "sampling parameter",
+    "sampling_parameters",
+    "out of range",
+    "must be",
+    "not supported",
+    "is required",
+    "not valid",
+)
 
 
 def _bool_input(name: str, value: bool) -> InferInput:
@@ -72,6 +85,9 @@ def _stream_error(message: str, address: str) -> RelayError:
             param="messages",
             code="context_length_exceeded",
         )
+    if any(phrase in lowered for phrase in _REFUSAL_PHRASES):
+        log.warning("model refused the request", extra={"fields": {"upstream_error": message}})
+        return InvalidRequest("The model refused the request's parameters.")
     if "unknown model" in lowered or "no available versions" in lowered or "not ready" in lowered:
         log.warning("node cannot serve the model", extra={"fields": {"node": address}})
         return UpstreamUnavailable("The model is not loaded on the inference node.")

@@ -112,8 +112,10 @@ class TritonProcess:
         ports: TritonPorts,
         models: tuple[str, ...],
         workdir: Path,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.extra_args = tuple(extra_args)
         self.model_repository = model_repository.resolve()
         self.ports = ports
         self.models = models
@@ -136,6 +138,7 @@ class TritonProcess:
     def spawn(self) -> None:
         backends = prepare_backends(self.workdir)
         command = triton_command(self.model_repository, backends, self.ports, self.models, HOST)
+        command.extend(self.extra_args)
         self.process = _spawn(self.log, command, triton_env())
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
@@ -181,12 +184,14 @@ class Stack:
         workdir: Path | None = None,
         nodes: int = 1,
         node_repositories: Sequence[Path] = (),
+        triton_args: Sequence[str] = (),
     ) -> None:
         """``models``: Triton models to load (default: all in the repository). ``config``: the
         TOML file for orchestrator and edge. ``env``: extra environment for both. ``nodes``:
         how many Triton servers; node i serves ``node_repositories[i]`` if given, else
-        ``model_repository``. Ports are known from here on, so a test can write ``config``
-        (naming ``triton_addresses``) before ``start()``."""
+        ``model_repository``. ``triton_args``: extra tritonserver options (e.g. TLS). Ports are
+        known from here on, so a test can write ``config`` (naming ``triton_addresses``) before
+        ``start()``."""
         self.ports = ports or StackPorts()
         self.model_repository = model_repository.resolve()
         self.models = models
@@ -203,6 +208,7 @@ class Stack:
                 self.ports.triton if i == 0 else TritonPorts(free_port(), free_port(), free_port()),
                 models,
                 self.workdir,
+                triton_args,
             )
             for i in range(nodes)
         ]

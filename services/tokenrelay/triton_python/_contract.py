@@ -36,12 +36,14 @@ class EngineSampling:
 
 _FLOATS = {
     "temperature": (0.0, math.inf),
-    "top_p": (1e-9, 1.0),
+    "top_p": (0.0, 1.0),
     "min_p": (0.0, 1.0),
     "presence_penalty": (-2.0, 2.0),
     "frequency_penalty": (-2.0, 2.0),
-    "repetition_penalty": (1e-9, math.inf),
+    "repetition_penalty": (0.0, math.inf),
 }
+# As vLLM's SamplingParams: these must be greater than their lower bound, not equal to it.
+_ABOVE_LOW = frozenset({"top_p", "repetition_penalty"})
 _INTS = {"max_tokens": (1, 2**31 - 1), "top_k": (-1, 2**31 - 1), "seed": (-(2**63), 2**63 - 1)}
 # vLLM fields the CPU engines accept only at their neutral value.
 _NEUTRAL = {"n": 1, "best_of": 1, "logprobs": None, "prompt_logprobs": None}
@@ -76,7 +78,7 @@ def parse_sampling(text: str | None) -> EngineSampling:
         if name in _FLOATS:
             low, high = _FLOATS[name]
             number = _number(name, value, float)
-            if not low <= number <= high:
+            if not low <= number <= high or (name in _ABOVE_LOW and number == low):
                 raise BadRequest(f"sampling parameter '{name}' is out of range: {number}")
             fields[name] = number
         elif name in _INTS:
