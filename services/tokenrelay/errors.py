@@ -18,6 +18,11 @@ dependency's raw error text.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenrelay.generation import Usage
+
 __all__ = [
     "GenerationFailed",
     "InvalidRequest",
@@ -31,11 +36,15 @@ __all__ = [
 
 
 class RelayError(Exception):
-    """Base of every error tokenrelay reports to a caller."""
+    """Base of every error tokenrelay reports to a caller.
+
+    ``usage`` is set on an error that ended a generation after tokens went out: what the
+    caller is billed for so far."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        self.usage: Usage | None = None
 
 
 class InvalidRequest(RelayError):

@@ -164,6 +164,17 @@ async def _stream(
                 break
             message = await _next_or_ping(messages, sse, settings.keepalive_interval_s)
     except RelayError as exc:
+        if include_usage and exc.usage is not None:  # what was generated before the error
+            used = exc.usage
+            await sse.data(
+                shape.usage(
+                    pb.Usage(
+                        prompt_tokens=used.prompt_tokens,
+                        completion_tokens=used.completion_tokens,
+                        total_tokens=used.total_tokens,
+                    )
+                )
+            )
         await sse.error(error_body(exc))
         await sse.response.write_eof()
         return sse.response

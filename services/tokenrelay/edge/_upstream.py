@@ -26,6 +26,7 @@ from tokenrelay.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from tokenrelay.generation import Usage
 from tokenrelay.security import Secret
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
@@ -70,12 +71,24 @@ def _translate(exc: grpc.aio.AioRpcError) -> RelayError:
     return RelayError("Internal error.")
 
 
+def _usage(exc: grpc.aio.AioRpcError) -> Usage | None:
+    """``tokenrelay-usage: prompt,completion`` of an error after the stream started."""
+    value = dict(exc.trailing_metadata() or ()).get("tokenrelay-usage")
+    try:
+        prompt, completion = (int(n) for n in str(value).split(","))
+    except ValueError:
+        return None
+    return Usage(prompt, completion)
+
+
 @contextmanager
 def _translated() -> Iterator[None]:
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        raise _translate(exc) from exc
+        error = _translate(exc)
+        error.usage = _usage(exc)
+        raise error from exc
 
 
 def _read(path: str) -> bytes | None:

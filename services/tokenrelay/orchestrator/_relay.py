@@ -37,6 +37,7 @@ from tokenrelay.errors import (
 )
 from tokenrelay.generation import Delta, FinishReason, GenerationRequest, Usage
 from tokenrelay.logs import bind
+from tokenrelay.metrics import RelayMetrics, outcome_of
 from tokenrelay.orchestrator._admission import AdmissionControl
 from tokenrelay.orchestrator._breaker import Outcome
 from tokenrelay.orchestrator._pool import Lease, NodePool
@@ -132,6 +133,28 @@ class _Attempt:
         self.lease.release(outcome, node_down)
 
 
+@dataclass(slots=True)
+class _Record:
+    """What one request did, for its log line and metrics (filled as it goes)."""
+
+    label: str  # the metrics' model label
+    outcome: str = "failed"
+    attempts: list[_Attempt] = dataclasses.field(default_factory=list)
+    winner: _Attempt | None = None
+    ttft_s: float | None = None
+    retries: int = 0
+    hedges: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.winner.prompt_tokens if self.winner else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        """Every token generated for the request, by losing and failed attempts too."""
+        return sum(a.completion_tokens for a in self.attempts)
+
+
 def _judge(exc: BaseException) -> tuple[Outcome, bool]:
     """What a failed attempt says about its node: (breaker outcome, node unreachable)."""
     if isinstance(exc, InvalidRequest):
@@ -143,11 +166,16 @@ class Relay:
     """Serves generation requests over a ``NodePool``. Safe for any number of concurrent calls."""
 
     def __init__(
-        self, settings: Settings, pool: NodePool, admission: AdmissionControl | None = None
+        self,
+        settings: Settings,
+        pool: NodePool,
+        admission: AdmissionControl | None = None,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._pool = pool
         self._admission = admission or AdmissionControl(settings.orchestrator.admission)
+        self._metrics = metrics or RelayMetrics(m.id for m in settings.models)
         self._specs: Mapping[str, ModelSpec] = {m.id: m for m in settings.models}
         self._templates = {
             m.id: ChatTemplate(m.chat_template, m.default_system_prompt) for m in settings.models
@@ -157,6 +185,10 @@ class Relay:
     @property
     def admission(self) -> AdmissionControl:
         return self._admission
+
+    @property
+    def metrics(self) -> RelayMetrics:
+        return self._metrics
 
     def models(self) -> list[ModelStatus]:
         return [
@@ -205,28 +237,79 @@ class Relay:
         caller's remaining deadline) expires, ``GenerationFailed`` when the model fails. Closing
         the iterator cancels the generation on the node.
         """
-        plans = self._plans(request)
-        primary = plans[0]
-        with bind(request_id=primary.request.request_id, model=primary.spec.id):
-            loop = asyncio.get_running_loop()
-            began = loop.time()
-            total = self._settings.orchestrator.timeouts.total_s
-            budget = total if time_budget_s is None else min(total, time_budget_s)
-            deadline = began + budget
-            async with self._admission.slot(budget):
-                attempt, first, tries = await self._first_token(plans, deadline)
-                # aclosing: closing this stream must close the inner one too, which cancels the
-                # generation at the node now rather than whenever the garbage collector runs.
-                rest = self._rest(attempt, first, deadline, began, tries)
-                async with aclosing(rest) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        record = _Record(self._metrics.model(request.model))
+        try:
+            plans = self._plans(request)
+            primary = plans[0]
+            with bind(request_id=primary.request.request_id, model=primary.spec.id):
+                total = self._settings.orchestrator.timeouts.total_s
+                budget = total if time_budget_s is None else min(total, time_budget_s)
+                deadline = began + budget
+                try:
+                    async with self._admission.slot(budget):
+                        attempt, first = await self._first_token(plans, deadline, record)
+                        record.ttft_s = loop.time() - began
+                        # aclosing: closing this stream must close the inner one too, which
+                        # cancels the generation at the node now, not when the GC runs.
+                        rest = self._rest(attempt, first, deadline, record)
+                        async with aclosing(rest) as chunks:
+                            async for chunk in chunks:
+                                yield chunk
+                finally:
+                    if record.attempts:
+                        self._log(record, loop.time() - began)
+        except (asyncio.CancelledError, GeneratorExit):
+            record.outcome = "cancelled"
+            raise
+        except BaseException as exc:
+            record.outcome = outcome_of(exc)
+            raise
+        finally:
+            self._observe(record, loop.time() - began)
+
+    def _observe(self, record: _Record, duration_s: float) -> None:
+        metrics, label = self._metrics, record.label
+        metrics.requests.labels(label, record.outcome).inc()
+        metrics.duration.labels(label).observe(duration_s)
+        if record.ttft_s is not None:
+            metrics.ttft.labels(label).observe(record.ttft_s)
+        if record.attempts:
+            metrics.prompt_tokens.labels(label).inc(record.prompt_tokens)
+            metrics.completion_tokens.labels(label).inc(record.completion_tokens)
+        if record.retries:
+            metrics.retries.labels(label).inc(record.retries)
+        if record.hedges:
+            metrics.hedges.labels(label).inc(record.hedges)
+        if record.winner is not None and record.winner.plan.fallback:
+            metrics.fallbacks.labels(label).inc()
+
+    @staticmethod
+    def _log(record: _Record, duration_s: float) -> None:
+        winner = record.winner
+        log.info(
+            "generation ended",
+            extra={
+                "fields": {
+                    "outcome": record.outcome,
+                    "node": winner.node if winner else None,
+                    "served_model": winner.plan.spec.id if winner else None,
+                    "fallback": bool(winner and winner.plan.fallback),
+                    "attempts": len(record.attempts),
+                    "prompt_tokens": record.prompt_tokens,
+                    "completion_tokens": record.completion_tokens,
+                    "ttft_s": None if record.ttft_s is None else round(record.ttft_s, 4),
+                    "duration_s": round(duration_s, 4),
+                }
+            },
+        )
 
     async def _first_token(
-        self, plans: list[_Plan], deadline: float
-    ) -> tuple[_Attempt, Delta, int]:
-        """Run attempts until one yields its first content; returns it, that delta and the
-        number of attempts made. Every losing attempt is stopped before this returns."""
+        self, plans: list[_Plan], deadline: float, record: _Record
+    ) -> tuple[_Attempt, Delta]:
+        """Run attempts until one yields its first content; returns it and that delta. Every
+        losing attempt is stopped before this returns; ``record`` keeps them all."""
         loop = asyncio.get_running_loop()
         routing = self._settings.orchestrator.routing
         first_token_s = self._settings.orchestrator.timeouts.first_token_s
@@ -242,6 +325,7 @@ class Relay:
                     tried.add(lease.node)
                     attempt = _Attempt(plan, lease, loop.time())
                     attempts.append(attempt)
+                    record.attempts.append(attempt)
                     return attempt
             return None
 
@@ -268,7 +352,8 @@ class Relay:
                             log.info("hedged attempt lost", extra={"fields": {"node": loser.node}})
                             await loser.stop(Outcome.NEUTRAL)
                         attempts.clear()
-                        return attempt, attempt.first.result(), len(tried)
+                        record.winner = attempt
+                        return attempt, attempt.first.result()
                     outcome, node_down = _judge(exc)
                     await attempt.stop(outcome, node_down)
                     if not isinstance(exc, RelayError) or isinstance(exc, InvalidRequest):
@@ -302,6 +387,7 @@ class Relay:
                     hedge_at = math.inf
                     hedge = launch()
                     if hedge is not None:
+                        record.hedges += 1
                         log.info("hedging", extra={"fields": {"node": hedge.node}})
                 if not attempts:
                     retry = launch() if retries < routing.max_retries else None
@@ -310,24 +396,27 @@ class Relay:
                             f"No inference node is ready to serve '{plans[0].spec.id}'."
                         )
                     retries += 1
+                    record.retries += 1
                     log.info("retrying on another node", extra={"fields": {"node": retry.node}})
         finally:
             for attempt in attempts:  # the caller went away, or the deadline passed
                 await attempt.stop(Outcome.NEUTRAL)
 
     async def _rest(
-        self, attempt: _Attempt, first: Delta, deadline: float, began: float, tries: int
+        self, attempt: _Attempt, first: Delta, deadline: float, record: _Record
     ) -> AsyncGenerator[Chunk, None]:
-        """The winning attempt's stream, from its first content on."""
+        """The winning attempt's stream, from its first content on. An error raised once tokens
+        went out carries the usage so far (``RelayError.usage``)."""
         between_s = self._settings.orchestrator.timeouts.between_tokens_s
+        gaps = self._metrics.itl.labels(record.label)
         loop = asyncio.get_running_loop()
         plan = attempt.plan
-        first_token_at = loop.time()
         pending_start: StreamStart | None = StreamStart(
             plan.request.request_id, plan.spec.id, attempt.node, plan.fallback
         )
-        outcome, node_down, result = Outcome.NEUTRAL, False, "cancelled"
+        outcome, node_down = Outcome.NEUTRAL, False
         delta = first
+        last = loop.time()
         try:
             while True:
                 end = None
@@ -338,14 +427,13 @@ class Relay:
                     yield Chunk(delta.text, pending_start, end)
                     pending_start = None
                 if end is not None:
-                    outcome, result = Outcome.SUCCESS, end.finish_reason.value
+                    outcome, record.outcome = Outcome.SUCCESS, end.finish_reason.value
                     return
                 wait = min(between_s, deadline - loop.time())
                 try:
                     async with asyncio.timeout(max(wait, 0.0)):
                         delta = await anext(attempt.deltas)
                 except TimeoutError:
-                    result = "timeout"
                     if wait < between_s:
                         raise UpstreamTimeout(
                             "The request's deadline expired before the answer was complete."
@@ -355,29 +443,19 @@ class Relay:
                         f"The model produced no token for {between_s:g} s."
                     ) from None
                 except StopAsyncIteration:
-                    outcome, result = Outcome.FAILURE, "error"
+                    outcome = Outcome.FAILURE
                     raise GenerationFailed(
                         "The model ended without finishing its answer."
                     ) from None
                 except RelayError as exc:
-                    (outcome, node_down), result = _judge(exc), "error"
+                    outcome, node_down = _judge(exc)
                     raise
+                now = loop.time()
+                gaps.observe(now - last)
+                last = now
                 attempt.count(delta)
+        except RelayError as exc:
+            exc.usage = Usage(attempt.prompt_tokens, attempt.completion_tokens)
+            raise
         finally:
             await attempt.stop(outcome, node_down)
-            log.info(
-                "generation ended",
-                extra={
-                    "fields": {
-                        "outcome": result,
-                        "node": attempt.node,
-                        "served_model": plan.spec.id,
-                        "fallback": plan.fallback,
-                        "attempts": tries,
-                        "prompt_tokens": attempt.prompt_tokens,
-                        "completion_tokens": attempt.completion_tokens,
-                        "ttft_s": round(first_token_at - began, 4),
-                        "duration_s": round(loop.time() - began, 4),
-                    }
-                },
-            )

@@ -2,9 +2,9 @@
 
 ``@grpc_errors`` wraps a unary or server-streaming method: a ``RelayError`` aborts the call with
 its status code and message (and ``tokenrelay-error-param`` / ``tokenrelay-error-code`` /
-``retry-after`` trailing metadata where they apply); any other exception is logged with its
-traceback and becomes INTERNAL with a fixed message, so no exception text or traceback reaches a
-caller (grpc.aio would otherwise send it as UNKNOWN).
+``retry-after`` / ``tokenrelay-usage`` trailing metadata where they apply); any other exception
+is logged with its traceback and becomes INTERNAL with a fixed message, so no exception text or
+traceback reaches a caller (grpc.aio would otherwise send it as UNKNOWN).
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def trailing_metadata(exc: RelayError) -> tuple[tuple[str, str], ...]:
             metadata.append(("tokenrelay-error-code", exc.code))
     if isinstance(exc, Overloaded):
         metadata.append(("retry-after", f"{exc.retry_after:g}"))
+    if exc.usage is not None:  # the stream had started: what was generated before the error
+        usage = f"{exc.usage.prompt_tokens},{exc.usage.completion_tokens}"
+        metadata.append(("tokenrelay-usage", usage))
     return tuple(metadata)
 
 
