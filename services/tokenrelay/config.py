@@ -11,6 +11,7 @@ Environment overrides (the one registry of variables):
 ================================  =====================================================
 TOKENRELAY_CONFIG                 path of the TOML file (default: built-in defaults)
 TOKENRELAY_ORCHESTRATOR_LISTEN    orchestrator listen address, host:port
+TOKENRELAY_ORCHESTRATOR_METRICS   orchestrator /metrics address, host:port ("" for none)
 TOKENRELAY_TRITON                 comma-separated Triton gRPC endpoints for every model
                                   that names no nodes of its own
 TOKENRELAY_EDGE_LISTEN            edge listen address, host:port
@@ -135,6 +136,7 @@ class ModelSpec:
 @dataclass(frozen=True, slots=True)
 class OrchestratorSettings:
     listen: str = "127.0.0.1:50051"
+    metrics_listen: str = "127.0.0.1:9464"  # Prometheus /metrics over HTTP; "" turns it off
     triton: tuple[str, ...] = ("127.0.0.1:8001",)
     probe_interval_s: float = 1.0
     drain_grace_s: float = 30.0
@@ -277,6 +279,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     edge = dict(raw.get("edge", {}))
     if "TOKENRELAY_ORCHESTRATOR_LISTEN" in env:
         orchestrator["listen"] = env["TOKENRELAY_ORCHESTRATOR_LISTEN"]
+    if "TOKENRELAY_ORCHESTRATOR_METRICS" in env:
+        orchestrator["metrics_listen"] = env["TOKENRELAY_ORCHESTRATOR_METRICS"]
     if "TOKENRELAY_TRITON" in env:
         orchestrator["triton"] = [a.strip() for a in env["TOKENRELAY_TRITON"].split(",") if a]
     if "TOKENRELAY_EDGE_LISTEN" in env:
@@ -357,6 +361,8 @@ def _check(settings: Settings) -> None:
         raise ValueError("orchestrator.routing: max_retries and hedge_after_s must be ≥ 0")
     for address in (settings.orchestrator.listen, settings.edge.listen, settings.edge.orchestrator):
         split_hostport(address)
+    if orchestrator.metrics_listen:
+        split_hostport(orchestrator.metrics_listen)
     for section, cert, key in (
         ("orchestrator", orchestrator.tls_cert, orchestrator.tls_key),
         ("edge", settings.edge.orchestrator_tls_cert, settings.edge.orchestrator_tls_key),

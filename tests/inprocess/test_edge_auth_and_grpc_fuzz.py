@@ -38,7 +38,7 @@ async def source() -> FakeSource:
 @pytest.fixture
 async def orchestrator(source: FakeSource) -> AsyncIterator[Orchestrator]:
     settings = Settings(
-        orchestrator=OrchestratorSettings(triton=(source.name,)),
+        orchestrator=OrchestratorSettings(triton=(source.name,), metrics_listen="127.0.0.1:0"),
         secrets=Secrets(internal=Secret(SECRET)),
     )
     orchestrator = Orchestrator(settings, sources={source.name: source})

@@ -27,7 +27,9 @@ async def source() -> FakeSource:
 
 @pytest.fixture
 async def orchestrator(source: FakeSource) -> AsyncIterator[Orchestrator]:
-    settings = Settings(orchestrator=OrchestratorSettings(triton=(source.name,)))
+    settings = Settings(
+        orchestrator=OrchestratorSettings(triton=(source.name,), metrics_listen="127.0.0.1:0")
+    )
     orchestrator = Orchestrator(settings, sources={source.name: source})
     await orchestrator.start("127.0.0.1:0")
     yield orchestrator
@@ -122,7 +124,8 @@ async def test_error_after_first_token_is_an_sse_error_event(source: FakeSource,
     assert "event: error" in text and "[DONE]" not in text
     error = json.loads(text.split("event: error\ndata: ")[1].split("\n")[0])
     assert_openai("ErrorResponse", error)
-    assert error["error"]["message"] == "Internal error." and "boom" not in text
+    assert error["error"]["message"] == "The model failed while generating."
+    assert "boom" not in text
 
 
 async def test_every_log_line_of_a_refused_request_carries_its_id(

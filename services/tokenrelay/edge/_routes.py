@@ -24,9 +24,10 @@ from tokenrelay.config import EdgeSettings
 from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._errors import error_body
 from tokenrelay.edge._sse import SSEWriter
-from tokenrelay.edge._state import REQUEST_ID, SETTINGS, STATE, UPSTREAM
+from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STATE, UPSTREAM
 from tokenrelay.errors import GenerationFailed, ModelNotFound, RelayError, UpstreamUnavailable
 from tokenrelay.logs import bind
+from tokenrelay.metrics import CONTENT_TYPE
 from tokenrelay.v1 import generation_pb2 as pb
 
 __all__ = ["routes"]
@@ -150,6 +151,8 @@ async def _stream(
 ) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     sse = await SSEWriter.open(request, headers)
+    streams = request.app[METRICS].streams
+    streams.inc()
     try:
         for chunk in shape.opening():
             await sse.data(chunk)
@@ -178,6 +181,8 @@ async def _stream(
         await sse.error(error_body(exc))
         await sse.response.write_eof()
         return sse.response
+    finally:
+        streams.dec()
     await sse.done()
     return sse.response
 
@@ -257,6 +262,13 @@ _OPENAPI = json.loads(resources.files("tokenrelay.edge").joinpath("openapi.json"
 async def openapi(request: web.Request) -> web.Response:
     """The description of this API (kept in the repository: tokenrelay/edge/openapi.json)."""
     return web.json_response(_OPENAPI)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition (no API key: block it at the ingress if the port is public)."""
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 @routes.get("/healthz")

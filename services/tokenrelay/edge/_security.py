@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from tokenrelay.config import EdgeSettings
-from tokenrelay.edge._state import AUTH, REQUEST_ID, SETTINGS
+from tokenrelay.edge._state import AUTH, METRICS, REQUEST_ID, SETTINGS
 from tokenrelay.errors import Overloaded, Unauthenticated
 from tokenrelay.logs import bind
 
@@ -26,6 +27,7 @@ __all__ = [
     "GuardedSite",
     "auth_middleware",
     "context_middleware",
+    "metrics_middleware",
     "on_response_prepare",
 ]
 
@@ -46,6 +48,27 @@ _CORS_HEADERS = "Authorization, Content-Type, X-Request-Id"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Requests by route (the route's pattern, so labels stay bounded) and status, and their
+    duration (a stream's whole length)."""
+    metrics = request.app[METRICS]
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    began = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.duration.labels(route).observe(time.monotonic() - began)
 
 
 @web.middleware

@@ -9,9 +9,10 @@ from aiohttp import web
 
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._upstream import OrchestratorClient
+from tokenrelay.metrics import EdgeMetrics
 from tokenrelay.security import KeyStore, RateLimiter
 
-__all__ = ["AUTH", "REQUEST_ID", "SETTINGS", "STATE", "UPSTREAM", "Auth", "EdgeState"]
+__all__ = ["AUTH", "METRICS", "REQUEST_ID", "SETTINGS", "STATE", "UPSTREAM", "Auth", "EdgeState"]
 
 
 @dataclass
@@ -32,4 +33,5 @@ SETTINGS = web.AppKey("settings", EdgeSettings)
 UPSTREAM = web.AppKey("upstream", OrchestratorClient)
 STATE = web.AppKey("state", EdgeState)
 AUTH = web.AppKey("auth", Auth)
+METRICS = web.AppKey("metrics", EdgeMetrics)
 REQUEST_ID = web.RequestKey("request_id", str)  # the request's id, set by a middleware

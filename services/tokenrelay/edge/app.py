@@ -17,10 +17,12 @@ from tokenrelay.edge._security import (
     GuardedSite,
     auth_middleware,
     context_middleware,
+    metrics_middleware,
     on_response_prepare,
 )
-from tokenrelay.edge._state import AUTH, SETTINGS, STATE, UPSTREAM, Auth, EdgeState
+from tokenrelay.edge._state import AUTH, METRICS, SETTINGS, STATE, UPSTREAM, Auth, EdgeState
 from tokenrelay.edge._upstream import OrchestratorClient
+from tokenrelay.metrics import EdgeMetrics
 from tokenrelay.security import KeyStore, is_loopback
 
 __all__ = ["create_app", "run", "serve"]
@@ -49,11 +51,12 @@ def create_app(settings: EdgeSettings, secrets: Secrets | None = None) -> web.Ap
     gives any; without them every caller is let in (``run`` allows that on loopback only)."""
     secrets = secrets or Secrets()
     app = web.Application(
-        middlewares=[context_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, context_middleware, error_middleware, auth_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[STATE] = EdgeState()
+    app[METRICS] = EdgeMetrics()
     keys_file = Path(settings.api_keys_file) if settings.api_keys_file else None
     app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key))
     app.cleanup_ctx.append(_upstream_ctx(secrets))
@@ -81,7 +84,9 @@ async def serve(settings: EdgeSettings, secrets: Secrets | None = None) -> None:
     )
     await runner.setup()
     host, port = split_hostport(settings.listen)
-    await GuardedSite(runner, host, port, settings).start()
+    site = GuardedSite(runner, host, port, settings)
+    await site.start()
+    app[METRICS].connections.set_function(lambda: site.open)
     log.info("edge listening", extra={"fields": {"address": settings.listen}})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -450,6 +450,10 @@ class Relay:
                 except RelayError as exc:
                     outcome, node_down = _judge(exc)
                     raise
+                except Exception:  # a token source's bug: logged, and the answer ends as failed
+                    log.exception("token source failed mid-stream")
+                    outcome = Outcome.FAILURE
+                    raise GenerationFailed("The model failed while generating.") from None
                 now = loop.time()
                 gaps.observe(now - last)
                 last = now

@@ -14,11 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tokenrelay.config import Settings
+from tokenrelay.config import Settings, split_hostport
 from tokenrelay.generation import TokenSource
+from tokenrelay.metrics import CONTENT_TYPE
 from tokenrelay.orchestrator._auth import InternalSecretInterceptor
 from tokenrelay.orchestrator._pool import NodePool, Placement
 from tokenrelay.orchestrator._relay import Relay
@@ -80,6 +82,12 @@ class Orchestrator:
             affinity_slack=orchestrator.routing.affinity_slack,
         )
         self._relay = Relay(settings, self._pool)
+        admission_control = self._relay.admission
+        self._relay.metrics.watch(
+            lambda: admission_control.running, lambda: admission_control.queued, self._pool.status
+        )
+        self._metrics_runner: web.AppRunner | None = None
+        self.metrics_port = 0
         # Admission control bounds the generations; this bounds the calls themselves, so that a
         # flood past the queue is refused by gRPC (RESOURCE_EXHAUSTED) before it costs memory.
         # The headroom keeps health checks, ListModels and Status answering under the flood.
@@ -131,10 +139,28 @@ class Orchestrator:
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {address}")
         await self._server.start()
+        if self._settings.orchestrator.metrics_listen:
+            await self._serve_metrics(self._settings.orchestrator.metrics_listen)
         log.info(
             "orchestrator listening", extra={"fields": {"address": address, "port": self.port}}
         )
         return self.port
+
+    async def _serve_metrics(self, address: str) -> None:
+        """Prometheus exposition on its own HTTP port (scrapers cannot speak gRPC)."""
+
+        async def metrics(request: web.Request) -> web.Response:
+            body = self._relay.metrics.exposition()
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        host, port = split_hostport(address)
+        site = web.TCPSite(self._metrics_runner, host, port)
+        await site.start()
+        self.metrics_port = int(self._metrics_runner.addresses[0][1])
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -153,6 +179,9 @@ class Orchestrator:
             self._probe = None
         for source in self._sources.values():
             await source.close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
 
 
 async def serve(settings: Settings) -> None:

@@ -50,10 +50,12 @@ class StackPorts:
     edge: int = 8080
     orchestrator: int = 50051
     triton: TritonPorts = field(default_factory=TritonPorts)
+    orchestrator_metrics: int = 9464
 
     @classmethod
     def free(cls) -> StackPorts:
-        return cls(free_port(), free_port(), TritonPorts(free_port(), free_port(), free_port()))
+        triton = TritonPorts(free_port(), free_port(), free_port())
+        return cls(free_port(), free_port(), triton, free_port())
 
 
 def _get(url: str, timeout: float = 1.0) -> int:
@@ -233,6 +235,10 @@ class Stack:
         return f"{HOST}:{self.ports.orchestrator}"
 
     @property
+    def orchestrator_metrics_url(self) -> str:
+        return f"http://{HOST}:{self.ports.orchestrator_metrics}/metrics"
+
+    @property
     def triton_grpc(self) -> str:
         return self.nodes[0].grpc
 
@@ -248,6 +254,7 @@ class Stack:
         env.update(
             {
                 "TOKENRELAY_ORCHESTRATOR_LISTEN": self.orchestrator_address,
+                "TOKENRELAY_ORCHESTRATOR_METRICS": f"{HOST}:{self.ports.orchestrator_metrics}",
                 "TOKENRELAY_TRITON": ",".join(self.triton_addresses),
                 "TOKENRELAY_EDGE_LISTEN": f"{HOST}:{self.ports.edge}",
                 "TOKENRELAY_EDGE_ORCHESTRATOR": self.orchestrator_address,
