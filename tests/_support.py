@@ -82,6 +82,7 @@ class FakeSource:
         self.fail_with = fail_with
         self.prompts: list[str] = []
         self.samplings: list[Sampling] = []
+        self.headers: list[dict[str, str]] = []
         self.cancelled = 0
         self.finished = 0
         self.closed = False
@@ -92,8 +93,14 @@ class FakeSource:
         return self._name
 
     async def generate(
-        self, model: str, prompt: str, sampling: Sampling, request_id: str
+        self,
+        model: str,
+        prompt: str,
+        sampling: Sampling,
+        request_id: str,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[Delta, None]:
+        self.headers.append(dict(headers))
         self.prompts.append(prompt)
         self.samplings.append(sampling)
         done = False

@@ -17,6 +17,8 @@ TOKENRELAY_TRITON                 comma-separated Triton gRPC endpoints for ever
 TOKENRELAY_EDGE_LISTEN            edge listen address, host:port
 TOKENRELAY_EDGE_ORCHESTRATOR      the orchestrator the edge calls, host:port
 TOKENRELAY_LOG_LEVEL              DEBUG, INFO, WARNING or ERROR
+TOKENRELAY_TRACING                none, console or otlp
+TOKENRELAY_TRACING_ENDPOINT       the OTLP/HTTP traces endpoint
 TOKENRELAY_API_KEY                one API key the edge accepts (besides edge.api_keys_file)
 TOKENRELAY_INTERNAL_SECRET        the shared secret of the edge → orchestrator hop
 TOKENRELAY_INTERNAL_SECRET_FILE   ... or a file holding it (e.g. a mounted Kubernetes secret)
@@ -51,6 +53,7 @@ __all__ = [
     "Secrets",
     "Settings",
     "Timeouts",
+    "Tracing",
     "check_exposure",
     "load_settings",
     "split_hostport",
@@ -204,6 +207,14 @@ _DEFAULT_MODELS = (
 
 
 @dataclass(frozen=True, slots=True)
+class Tracing:
+    """``[tracing]``: where each service sends its spans (see tokenrelay.tracing)."""
+
+    exporter: str = "none"  # none, console or otlp (OTLP over HTTP, protobuf)
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+
+
+@dataclass(frozen=True, slots=True)
 class Secrets:
     """From the environment only (see the module docstring)."""
 
@@ -217,6 +228,7 @@ class Settings:
     edge: EdgeSettings = field(default_factory=EdgeSettings)
     models: tuple[ModelSpec, ...] = _DEFAULT_MODELS
     log_level: str = "INFO"
+    tracing: Tracing = field(default_factory=Tracing)
     secrets: Secrets = field(default_factory=Secrets)
 
     def nodes_for(self, model: ModelSpec) -> tuple[str, ...]:
@@ -272,11 +284,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if path:
         with Path(path).open("rb") as handle:
             raw = tomllib.load(handle)
-    unknown = sorted(set(raw) - {"orchestrator", "edge", "models", "log_level"})
+    unknown = sorted(set(raw) - {"orchestrator", "edge", "models", "log_level", "tracing"})
     if unknown:
         raise ValueError(f"config: unknown section(s) {', '.join(unknown)}")
     orchestrator = dict(raw.get("orchestrator", {}))
     edge = dict(raw.get("edge", {}))
+    tracing = dict(raw.get("tracing", {}))
+    if "TOKENRELAY_TRACING" in env:
+        tracing["exporter"] = env["TOKENRELAY_TRACING"]
+    if "TOKENRELAY_TRACING_ENDPOINT" in env:
+        tracing["endpoint"] = env["TOKENRELAY_TRACING_ENDPOINT"]
     if "TOKENRELAY_ORCHESTRATOR_LISTEN" in env:
         orchestrator["listen"] = env["TOKENRELAY_ORCHESTRATOR_LISTEN"]
     if "TOKENRELAY_ORCHESTRATOR_METRICS" in env:
@@ -296,6 +313,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             else _DEFAULT_MODELS
         ),
         log_level=str(env.get("TOKENRELAY_LOG_LEVEL", raw.get("log_level", "INFO"))).upper(),
+        tracing=_build(Tracing, tracing, "tracing"),
         secrets=_secrets(env),
     )
     _check(settings)
@@ -340,6 +358,10 @@ def _check(settings: Settings) -> None:
     ids = [m.id for m in settings.models]
     if len(set(ids)) != len(ids):
         raise ValueError("models: duplicate model id")
+    if settings.tracing.exporter not in {"none", "console", "otlp"}:
+        raise ValueError(
+            f"tracing.exporter: none, console or otlp, not {settings.tracing.exporter!r}"
+        )
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ValueError(f"log_level: unknown level {settings.log_level!r}")
     for model in settings.models:

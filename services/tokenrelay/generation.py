@@ -7,7 +7,7 @@ gRPC border (``orchestrator/_convert.py``).
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -118,8 +118,15 @@ class TokenSource(Protocol):
     def name(self) -> str: ...
 
     def generate(
-        self, model: str, prompt: str, sampling: Sampling, request_id: str
-    ) -> AsyncGenerator[Delta, None]: ...
+        self,
+        model: str,
+        prompt: str,
+        sampling: Sampling,
+        request_id: str,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> AsyncGenerator[Delta, None]:
+        """``headers``: metadata to send with the request (the trace context)."""
+        ...
 
     async def ready(self, model: str) -> bool:
         """Whether the source can serve ``model`` now. Never raises; safe to call repeatedly."""

@@ -97,8 +97,8 @@ async def test_interrupted_stream_reports_its_usage_before_the_error_event(
     source: FakeSource, orchestrator: Orchestrator
 ) -> None:
     class FailingLater(FakeSource):
-        async def generate(self, model, prompt, sampling, request_id):  # type: ignore[no-untyped-def]
-            async for delta in super().generate(model, prompt, sampling, request_id):
+        async def generate(self, model, prompt, sampling, request_id, headers=()):  # type: ignore[no-untyped-def]
+            async for delta in super().generate(model, prompt, sampling, request_id, headers):
                 yield delta
                 if delta.text == " world":
                     raise RuntimeError("the node died")

@@ -107,8 +107,8 @@ async def test_edge_keeps_idle_streams_alive_and_ends_with_done(
 async def test_error_after_first_token_is_an_sse_error_event(source: FakeSource, edge: str) -> None:
     # The stall watchdog cannot fire here (30 s); a source failing mid-stream stands in for it.
     class FailingLater(FakeSource):
-        async def generate(self, model, prompt, sampling, request_id):  # type: ignore[no-untyped-def]
-            async for delta in super().generate(model, prompt, sampling, request_id):
+        async def generate(self, model, prompt, sampling, request_id, headers=()):  # type: ignore[no-untyped-def]
+            async for delta in super().generate(model, prompt, sampling, request_id, headers):
                 yield delta
                 raise RuntimeError("boom")
 

@@ -7,6 +7,7 @@ import sys
 from tokenrelay.config import check_exposure, load_settings
 from tokenrelay.edge.app import run
 from tokenrelay.logs import configure_logging
+from tokenrelay.tracing import configure_tracing, shutdown_tracing
 
 
 def main() -> None:
@@ -16,7 +17,11 @@ def main() -> None:
     except (OSError, ValueError) as exc:
         sys.exit(f"tokenrelay-edge: bad configuration: {exc}")
     configure_logging("edge", settings.log_level)
-    run(settings.edge, settings.secrets)
+    configure_tracing("edge", settings.tracing)
+    try:
+        run(settings.edge, settings.secrets)
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 from aiohttp import web
+from opentelemetry import trace
 
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge import _openai as oa
@@ -28,6 +29,7 @@ from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STATE, UPSTREA
 from tokenrelay.errors import GenerationFailed, ModelNotFound, RelayError, UpstreamUnavailable
 from tokenrelay.logs import bind
 from tokenrelay.metrics import CONTENT_TYPE
+from tokenrelay.tracing import inject
 from tokenrelay.v1 import generation_pb2 as pb
 
 __all__ = ["routes"]
@@ -38,6 +40,9 @@ routes = web.RouteTableDef()
 
 class _Shape(Protocol):
     """How one endpoint spells its answer."""
+
+    @property
+    def model(self) -> str: ...
 
     def opening(self) -> list[dict[str, Any]]: ...
     def text(self, text: str) -> dict[str, Any]: ...
@@ -108,6 +113,29 @@ def _budget(request: web.Request, settings: EdgeSettings) -> float:
     return stated if 0 < stated < settings.request_timeout_s else settings.request_timeout_s
 
 
+def _genai_request(parsed: oa.ParsedRequest, chat: bool) -> dict[str, Any]:
+    """OpenTelemetry GenAI attributes of a request."""
+    sampling = parsed.request.sampling
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "chat" if chat else "text_completion",
+        "gen_ai.request.model": parsed.request.model,
+    }
+    if sampling.HasField("max_tokens"):
+        attributes["gen_ai.request.max_tokens"] = sampling.max_tokens
+    if sampling.HasField("temperature"):
+        attributes["gen_ai.request.temperature"] = sampling.temperature
+    return attributes
+
+
+def _genai_response(model: str, end: pb.StreamEnd) -> dict[str, Any]:
+    return {
+        "gen_ai.response.model": model,
+        "gen_ai.response.finish_reasons": [oa.finish_reason(end) or "cancelled"],
+        "gen_ai.usage.input_tokens": end.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": end.usage.completion_tokens,
+    }
+
+
 def _finish(end: pb.StreamEnd) -> str:
     finish = oa.finish_reason(end)
     if finish is None:
@@ -161,6 +189,7 @@ async def _stream(
             if message.text:
                 await sse.data(shape.text(message.text))
             if message.HasField("end"):
+                trace.get_current_span().set_attributes(_genai_response(shape.model, message.end))
                 await sse.data(shape.end(_finish(message.end)))
                 if include_usage:
                     await sse.data(shape.usage(message.end.usage))
@@ -197,9 +226,13 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         raise web.HTTPRequestTimeout() from None
     body = oa.loads(raw)
     parsed = (oa.parse_chat if chat else oa.parse_completion)(body, request_id)
+    span = trace.get_current_span()
+    span.set_attributes(_genai_request(parsed, chat))
     with bind(request_id=request_id, model=parsed.request.model):
         messages = request.app[UPSTREAM].stream(
-            parsed.request, _budget(request, settings), metadata=[("x-request-id", request_id)]
+            parsed.request,
+            _budget(request, settings),
+            metadata=[("x-request-id", request_id), *inject()],
         )
         try:
             first = await _next(messages)
@@ -220,6 +253,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
                     break
                 message = await _next(messages)
             answer = shape.whole("".join(texts), _finish(message.end), message.end.usage)
+            span.set_attributes(_genai_response(model, message.end))
             return web.json_response(answer, headers=headers)
         finally:
             await messages.aclose()

@@ -22,6 +22,7 @@ from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._state import AUTH, METRICS, REQUEST_ID, SETTINGS
 from tokenrelay.errors import Overloaded, Unauthenticated
 from tokenrelay.logs import bind
+from tokenrelay.tracing import current_trace_id, mark_cancelled, mark_error, server_span
 
 __all__ = [
     "GuardedSite",
@@ -76,10 +77,33 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     given = request.headers.get("X-Request-Id", "")
     request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
-    with bind(request_id=request_id):
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            return _preflight(request)
-        return await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    attributes = {
+        "http.request.method": request.method,
+        "http.route": route,
+        "url.path": request.path,
+        "tokenrelay.request_id": request_id,
+    }
+    # The caller's traceparent, if any, is continued (see tokenrelay.tracing).
+    name = f"{request.method} {route}"
+    with (
+        server_span(name, request.headers.items(), attributes) as span,
+        bind(request_id=request_id, trace_id=current_trace_id()),
+    ):
+        response: web.StreamResponse
+        try:
+            if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+                response = _preflight(request)
+            else:
+                response = await handler(request)
+        except asyncio.CancelledError:  # the client went away (handler cancellation)
+            mark_cancelled(span)
+            raise
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            mark_error(span, "error", f"HTTP {response.status}")
+        return response
 
 
 def _allowed_origin(request: web.Request) -> str | None:

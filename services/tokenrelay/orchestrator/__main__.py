@@ -8,6 +8,7 @@ import sys
 from tokenrelay.config import check_exposure, load_settings
 from tokenrelay.logs import configure_logging
 from tokenrelay.orchestrator.server import serve
+from tokenrelay.tracing import configure_tracing, shutdown_tracing
 
 
 def main() -> None:
@@ -17,7 +18,11 @@ def main() -> None:
     except (OSError, ValueError) as exc:
         sys.exit(f"tokenrelay-orchestrator: bad configuration: {exc}")
     configure_logging("orchestrator", settings.log_level)
-    asyncio.run(serve(settings))
+    configure_tracing("orchestrator", settings.tracing)
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

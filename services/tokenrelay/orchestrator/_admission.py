@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from tokenrelay.config import Admission
 from tokenrelay.errors import Overloaded
+from tokenrelay.tracing import tracer
 
 __all__ = ["AdmissionControl"]
 
@@ -41,7 +42,9 @@ class AdmissionControl:
     async def slot(self, budget_s: float | None = None) -> AsyncIterator[None]:
         """Hold one generation slot for the block; raises ``Overloaded`` when none comes in
         time (the queue timeout, or ``budget_s`` if shorter)."""
-        await self._acquire(budget_s)
+        with tracer().start_as_current_span("tokenrelay.admission") as span:
+            span.set_attribute("tokenrelay.queued_before", self.queued)
+            await self._acquire(budget_s)
         try:
             yield
         finally:

@@ -26,6 +26,9 @@ from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
 from tokenrelay.config import ModelSpec, Settings
 from tokenrelay.errors import (
     GenerationFailed,
@@ -43,6 +46,7 @@ from tokenrelay.orchestrator._breaker import Outcome
 from tokenrelay.orchestrator._pool import Lease, NodePool
 from tokenrelay.orchestrator._validate import validate
 from tokenrelay.templates import ChatTemplate
+from tokenrelay.tracing import inject, tracer
 
 __all__ = ["Chunk", "ModelStatus", "Relay", "StreamEnd", "StreamStart"]
 
@@ -93,14 +97,31 @@ class _Attempt:
     """One try of a request on one leased node. ``first`` reads up to the first delta that
     carries text or ends the answer; the rest is read by whoever won."""
 
-    def __init__(self, plan: _Plan, lease: Lease, started: float) -> None:
+    def __init__(self, plan: _Plan, lease: Lease, started: float, why: str) -> None:
         self.plan = plan
         self.lease = lease
         self.started = started
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        # One CLIENT span per attempt; its traceparent goes to Triton with the request, so
+        # Triton's own spans join the trace under it.
+        self.span = tracer().start_span(
+            "triton.generate",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "server.address": lease.node,
+                "tokenrelay.triton_model": lease.triton_model,
+                "tokenrelay.route": why,
+                "tokenrelay.fallback": plan.fallback,
+                "gen_ai.request.model": plan.spec.id,
+            },
+        )
         self.deltas = lease.source.generate(
-            lease.triton_model, plan.prompt, plan.request.sampling, plan.request.request_id
+            lease.triton_model,
+            plan.prompt,
+            plan.request.sampling,
+            plan.request.request_id,
+            inject(self.span),
         )
         self.first: asyncio.Task[Delta] = asyncio.create_task(self._first_content())
 
@@ -131,6 +152,11 @@ class _Attempt:
             await asyncio.gather(self.first, return_exceptions=True)
         await self.deltas.aclose()
         self.lease.release(outcome, node_down)
+        self.span.set_attribute("gen_ai.usage.output_tokens", self.completion_tokens)
+        self.span.set_attribute("tokenrelay.breaker_outcome", outcome.value)
+        if outcome is Outcome.FAILURE:
+            self.span.set_status(Status(StatusCode.ERROR, "the node failed"))
+        self.span.end()
 
 
 @dataclass(slots=True)
@@ -153,6 +179,19 @@ class _Record:
     def completion_tokens(self) -> int:
         """Every token generated for the request, by losing and failed attempts too."""
         return sum(a.completion_tokens for a in self.attempts)
+
+
+def _annotate(span: Span, record: _Record) -> None:
+    """GenAI attributes of the call's span, once the request ended."""
+    winner = record.winner
+    span.set_attribute("tokenrelay.outcome", record.outcome)
+    span.set_attribute("tokenrelay.attempts", len(record.attempts))
+    if winner is not None:
+        span.set_attribute("gen_ai.response.model", winner.plan.spec.id)
+        span.set_attribute("gen_ai.usage.input_tokens", record.prompt_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", record.completion_tokens)
+        span.set_attribute("gen_ai.response.finish_reasons", [record.outcome])
+        span.set_attribute("tokenrelay.node", winner.node)
 
 
 def _judge(exc: BaseException) -> tuple[Outcome, bool]:
@@ -241,7 +280,8 @@ class Relay:
         began = loop.time()
         record = _Record(self._metrics.model(request.model))
         try:
-            plans = self._plans(request)
+            with tracer().start_as_current_span("tokenrelay.validate"):
+                plans = self._plans(request)
             primary = plans[0]
             with bind(request_id=primary.request.request_id, model=primary.spec.id):
                 total = self._settings.orchestrator.timeouts.total_s
@@ -268,6 +308,7 @@ class Relay:
             raise
         finally:
             self._observe(record, loop.time() - began)
+            _annotate(trace.get_current_span(), record)
 
     def _observe(self, record: _Record, duration_s: float) -> None:
         metrics, label = self._metrics, record.label
@@ -318,18 +359,20 @@ class Relay:
         attempts: list[_Attempt] = []
         tried: set[str] = set()
 
-        def launch() -> _Attempt | None:
+        def launch(why: str) -> _Attempt | None:
             for plan in plans:
                 lease = self._pool.pick(plan.spec.id, exclude=tried, affinity=affinity)
                 if lease is not None:
                     tried.add(lease.node)
-                    attempt = _Attempt(plan, lease, loop.time())
+                    reason = f"{why}, fallback" if plan.fallback else why
+                    attempt = _Attempt(plan, lease, loop.time(), reason)
                     attempts.append(attempt)
                     record.attempts.append(attempt)
                     return attempt
             return None
 
-        if launch() is None:
+        first_why = "prefix affinity" if affinity is not None else "least in flight"
+        if launch(first_why) is None:
             raise UpstreamUnavailable(f"No inference node is ready to serve '{plans[0].spec.id}'.")
         hedge_at = (
             attempts[0].started + routing.hedge_after_s if routing.hedge_after_s else math.inf
@@ -385,12 +428,12 @@ class Relay:
                     )
                 if now >= hedge_at:
                     hedge_at = math.inf
-                    hedge = launch()
+                    hedge = launch("hedge")
                     if hedge is not None:
                         record.hedges += 1
                         log.info("hedging", extra={"fields": {"node": hedge.node}})
                 if not attempts:
-                    retry = launch() if retries < routing.max_retries else None
+                    retry = launch("retry") if retries < routing.max_retries else None
                     if retry is None:
                         raise last_error or UpstreamUnavailable(
                             f"No inference node is ready to serve '{plans[0].spec.id}'."

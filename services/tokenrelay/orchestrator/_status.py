@@ -9,15 +9,17 @@ traceback reaches a caller (grpc.aio would otherwise send it as UNKNOWN).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any, TypeVar
 
 import grpc
+from opentelemetry.trace import Span
 
 from tokenrelay.errors import (
     GenerationFailed,
@@ -30,6 +32,9 @@ from tokenrelay.errors import (
     UpstreamUnavailable,
 )
 from tokenrelay.logs import bind
+from tokenrelay.metrics import outcome_of
+from tokenrelay.tracing import current_trace_id, mark_cancelled, mark_error, server_span
+from tokenrelay.v1 import generation_pb2
 
 __all__ = ["STATUS", "grpc_errors", "trailing_metadata"]
 
@@ -47,6 +52,7 @@ STATUS: tuple[tuple[type[RelayError], grpc.StatusCode], ...] = (
 )
 
 M = TypeVar("M", bound=Callable[..., Any])
+_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
 def status_of(exc: RelayError) -> grpc.StatusCode:
@@ -89,32 +95,67 @@ def _request_fields(request: Any) -> dict[str, str]:
     return {"request_id": str(request.request_id)[:128]}
 
 
+@contextmanager
+def _border(method: str, request: Any, context: Any) -> Iterator[Span]:
+    """The call's server span (continuing the caller's traceparent) and log fields."""
+    fields = _request_fields(request)
+    attributes = {"rpc.system": "grpc", "rpc.service": _SERVICE, "rpc.method": method}
+    if fields:
+        attributes["tokenrelay.request_id"] = fields["request_id"]
+    with (
+        server_span(
+            f"{_SERVICE}/{method}", context.invocation_metadata() or (), attributes
+        ) as span,
+        bind(**fields, trace_id=current_trace_id()),
+    ):
+        yield span
+
+
+def _mark(span: Span, exc: BaseException) -> None:
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        mark_cancelled(span)
+    elif isinstance(exc, RelayError):
+        mark_error(span, outcome_of(exc), exc.message)
+    elif not isinstance(exc, grpc.aio.AbortError):
+        mark_error(span, "failed", "internal error")
+
+
 def grpc_errors(method: M) -> M:
-    """Map exceptions raised by a servicer method to gRPC status (see module docstring)."""
+    """Map exceptions raised by a servicer method to gRPC status (see module docstring), inside
+    the call's server span."""
+    name = method.__name__
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-            with bind(**_request_fields(request)):
+            with _border(name, request, context) as span:
                 try:
                     async with aclosing(method(self, request, context)) as messages:
                         async for message in messages:
                             yield message
                 except grpc.aio.AbortError:
                     raise
+                except (asyncio.CancelledError, GeneratorExit) as exc:
+                    _mark(span, exc)
+                    raise
                 except Exception as exc:
+                    _mark(span, exc)
                     await _abort(context, exc)
 
         return stream  # type: ignore[return-value]
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: Any) -> Any:
-        with bind(**_request_fields(request)):
+        with _border(name, request, context) as span:
             try:
                 return await method(self, request, context)
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError as exc:
+                _mark(span, exc)
+                raise
             except Exception as exc:
+                _mark(span, exc)
                 await _abort(context, exc)
 
     return unary  # type: ignore[return-value]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -196,7 +196,12 @@ class TritonNode:
         }
 
     async def generate(
-        self, model: str, prompt: str, sampling: Sampling, request_id: str
+        self,
+        model: str,
+        prompt: str,
+        sampling: Sampling,
+        request_id: str,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[Delta, None]:
         request = self._request(model, prompt, sampling, request_id)
 
@@ -205,7 +210,7 @@ class TritonNode:
             yield request
 
         with _translate(self._address):
-            stream = self._client.stream_infer(requests())
+            stream = self._client.stream_infer(requests(), headers=dict(headers) or None)
         try:
             while True:
                 with _translate(self._address):
