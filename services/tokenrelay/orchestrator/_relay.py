@@ -114,6 +114,10 @@ class _Attempt:
                 "tokenrelay.route": why,
                 "tokenrelay.fallback": plan.fallback,
                 "gen_ai.request.model": plan.spec.id,
+                # Triton's own spans carry the same attribute: with Triton 2.51 the streaming
+                # endpoint starts a trace of its own instead of continuing traceparent, and
+                # this is how the two are found together.
+                "triton.request_id": plan.request.request_id,
             },
         )
         self.deltas = lease.source.generate(
