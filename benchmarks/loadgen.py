@@ -1,0 +1,505 @@
+"""Load generator: what the relay costs next to direct Triton, side by side in one run.
+
+    .venv/bin/python benchmarks/loadgen.py --out results/ [--model synthetic|smollm2]
+        [--targets triton-grpc,triton-http,orchestrator,edge] [--concurrency 1,4,16]
+        [--requests 64] [--rate 0] [--max-tokens 64] [--rounds 2] [--smoke]
+
+It starts its own stack (tritonserver, orchestrator, edge on free loopback ports) and drives
+every target against the same tritonserver and model:
+
+- ``triton-grpc``: Triton's ``ModelStreamInfer`` directly (the floor);
+- ``triton-http``: Triton's HTTP ``generate_stream`` (SSE);
+- ``orchestrator``: tokenrelay's gRPC ``GenerateStream``;
+- ``edge``: ``POST /v1/chat/completions`` with ``stream: true`` (SSE), as OpenAI clients do.
+
+Closed loop (``--concurrency``: that many clients, each sending its next request when the last
+ends) or open loop (``--rate`` R: Poisson arrivals at R requests/s). Targets alternate
+(A B C D A B C D …, ``--rounds`` times) so that a comparison holds on a noisy machine. Per run
+it reports what vLLM's and Triton's benchmark tools report — time to first token, inter-token
+latency, end-to-end latency (p50/p90/p99), output tokens/s, requests/s, errors — plus the CPU
+time and RSS of the edge and orchestrator processes and the latency of the edge's ``/healthz``
+while the load runs. Output: ``results.json`` (raw figures), ``results.md`` (a table) and PNG
+plots, in ``--out``. Figures only: nothing here asserts a target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "services"))
+
+from tokenrelay.config import Timeouts  # noqa: E402
+from tokenrelay.generation import Sampling  # noqa: E402
+from tokenrelay.orchestrator._triton import TritonNode  # noqa: E402
+from tokenrelay.stack import Stack, StackPorts  # noqa: E402
+from tokenrelay.v1 import generation_pb2 as pb  # noqa: E402
+from tokenrelay.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+
+TARGETS = ("triton-grpc", "triton-http", "orchestrator", "edge")
+CATALOG = {"synthetic": "synthetic", "smollm2": "smollm2-135m-instruct"}
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+@dataclass
+class Sample:
+    """One request as the client saw it."""
+
+    ttft_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
+    e2e_s: float = 0.0
+    tokens: int = 0
+    error: str | None = None
+
+
+Stream = Callable[[], AsyncIterator[int]]  # yields the number of tokens of each piece received
+
+
+def _triton_grpc(
+    stack: Stack, model: str, max_tokens: int
+) -> tuple[Stream, Callable[[], Awaitable[None]]]:
+    node = TritonNode(stack.triton_grpc, Timeouts())
+
+    async def stream() -> AsyncIterator[int]:
+        sampling = Sampling(max_tokens=max_tokens, temperature=0)
+        async for delta in node.generate(model, PROMPT, sampling, "bench"):
+            yield delta.output_tokens
+
+    return stream, node.close
+
+
+def _sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def lines() -> AsyncIterator[bytes]:
+        async for raw in response.content:
+            line = raw.strip()
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                yield line[6:]
+
+    return lines()
+
+
+def _triton_http(
+    stack: Stack, model: str, max_tokens: int, session: aiohttp.ClientSession
+) -> Stream:
+    url = f"http://127.0.0.1:{stack.ports.triton.http}/v2/models/{model}/generate_stream"
+    body = {
+        "text_input": PROMPT,
+        "stream": True,
+        "exclude_input_in_output": True,
+        "return_num_output_tokens": True,
+        "sampling_parameters": json.dumps({"max_tokens": max_tokens, "temperature": 0}),
+    }
+
+    async def stream() -> AsyncIterator[int]:
+        async with session.post(url, json=body) as response:
+            response.raise_for_status()
+            async for data in _sse_lines(response):
+                event = json.loads(data)
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                yield int(event.get("num_output_tokens", 1))
+
+    return stream
+
+
+def _orchestrator(stack: Stack, model: str, max_tokens: int, channel: grpc.aio.Channel) -> Stream:
+    stub = pb_grpc.GenerationServiceStub(channel)
+    request = pb.GenerateStreamRequest(
+        model=CATALOG[model],
+        prompt=PROMPT,
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0),
+    )
+
+    async def stream() -> AsyncIterator[int]:
+        async for message in stub.GenerateStream(request, timeout=600):
+            if message.text:
+                yield 1  # the orchestrator relays one message per model step
+            if message.HasField("end"):
+                return
+
+    return stream
+
+
+def _edge(stack: Stack, model: str, max_tokens: int, session: aiohttp.ClientSession) -> Stream:
+    body = {
+        "model": CATALOG[model],
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+
+    async def stream() -> AsyncIterator[int]:
+        async with session.post(f"{stack.edge_url}/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for data in _sse_lines(response):
+                chunk = json.loads(data)
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    yield 1
+
+    return stream
+
+
+async def _one(stream: Stream) -> Sample:
+    sample = Sample()
+    began = last = time.perf_counter()
+    try:
+        async for tokens in stream():
+            now = time.perf_counter()
+            if sample.ttft_s is None:
+                sample.ttft_s = now - began
+            else:
+                sample.gaps_s.append(now - last)
+            last = now
+            sample.tokens += tokens
+    except Exception as exc:  # counted as an error of the run, with its kind
+        sample.error = type(exc).__name__
+    sample.e2e_s = time.perf_counter() - began
+    return sample
+
+
+async def _closed_loop(stream: Stream, concurrency: int, requests: int) -> list[Sample]:
+    samples: list[Sample] = []
+    remaining = requests
+
+    async def client() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            samples.append(await _one(stream))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return samples
+
+
+async def _open_loop(stream: Stream, rate: float, requests: int, seed: int) -> list[Sample]:
+    rng = random.Random(seed)
+    tasks = []
+    for _ in range(requests):
+        tasks.append(asyncio.create_task(_one(stream)))
+        await asyncio.sleep(rng.expovariate(rate))
+    return list(await asyncio.gather(*tasks))
+
+
+class _TraceSink:
+    """An OTLP/HTTP endpoint that accepts and discards spans (a thread of its own, so it does
+    not compete with the load generator's event loop)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        sink = self
+        self.batches = self.bytes = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                size = int(self.headers.get("Content-Length", "0"))
+                self.rfile.read(size)
+                sink.batches += 1
+                sink.bytes += size
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+def _cpu_rss(pid: int) -> tuple[float, int]:
+    """(CPU seconds used so far, RSS bytes) of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def _probe_health(
+    url: str, session: aiohttp.ClientSession, stop: asyncio.Event
+) -> list[float]:
+    latencies = []
+    while not stop.is_set():
+        began = time.perf_counter()
+        async with session.get(url) as response:
+            await response.read()
+        latencies.append(time.perf_counter() - began)
+        await asyncio.sleep(0.05)
+    return latencies
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _summary(samples: list[Sample], wall_s: float) -> dict[str, Any]:
+    ok = [s for s in samples if s.error is None]
+    ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
+    gaps = [g for s in ok for g in s.gaps_s]
+    e2e = [s.e2e_s for s in ok]
+    tokens = sum(s.tokens for s in ok)
+    out: dict[str, Any] = {
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "output_tokens_per_s": tokens / wall_s if wall_s else 0.0,
+        "requests_per_s": len(ok) / wall_s if wall_s else 0.0,
+    }
+    for name, values in (("ttft_s", ttft), ("itl_s", gaps), ("e2e_s", e2e)):
+        for q in (0.5, 0.9, 0.99):
+            out[f"{name}_p{int(q * 100)}"] = _pct(values, q)
+    return out
+
+
+async def _run(args: argparse.Namespace, stack: Stack) -> list[dict[str, Any]]:
+    model = "synthetic" if args.model == "synthetic" else "smollm2"
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None)
+    runs: list[dict[str, Any]] = []
+    assert stack.edge is not None and stack.orchestrator is not None
+    pids = {"edge": stack.edge.pid, "orchestrator": stack.orchestrator.pid}
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+        aiohttp.ClientSession() as health_session,
+        grpc.aio.insecure_channel(stack.orchestrator_address) as channel,
+    ):
+        triton_grpc, close = _triton_grpc(stack, model, args.max_tokens)
+        streams: dict[str, Stream] = {
+            "triton-grpc": triton_grpc,
+            "triton-http": _triton_http(stack, model, args.max_tokens, session),
+            "orchestrator": _orchestrator(stack, model, args.max_tokens, channel),
+            "edge": _edge(stack, model, args.max_tokens, session),
+        }
+        levels = (
+            [("rate", args.rate)] if args.rate else [("concurrency", c) for c in args.concurrency]
+        )
+        try:
+            for kind, level in levels:
+                for round_ in range(args.rounds):
+                    for target in args.targets:
+                        await _one(streams[target])  # warm the connection
+                        before = {name: _cpu_rss(pid) for name, pid in pids.items()}
+                        stop = asyncio.Event()
+                        probe = asyncio.create_task(
+                            _probe_health(f"{stack.edge_url}/healthz", health_session, stop)
+                        )
+                        began = time.perf_counter()
+                        if kind == "rate":
+                            samples = await _open_loop(
+                                streams[target], float(level), args.requests, round_
+                            )
+                        else:
+                            samples = await _closed_loop(streams[target], int(level), args.requests)
+                        wall = time.perf_counter() - began
+                        stop.set()
+                        health = await probe
+                        after = {name: _cpu_rss(pid) for name, pid in pids.items()}
+                        summary = _summary(samples, wall)
+                        tokens = sum(s.tokens for s in samples if s.error is None)
+                        relay_cpu = sum(after[n][0] - before[n][0] for n in pids)
+                        summary.update(
+                            {
+                                "target": target,
+                                kind: level,
+                                "round": round_,
+                                "wall_s": wall,
+                                "relay_cpu_s": relay_cpu,
+                                "relay_cpu_us_per_token": 1e6 * relay_cpu / tokens
+                                if tokens
+                                else None,
+                                "edge_rss_mib": after["edge"][1] / 2**20,
+                                "orchestrator_rss_mib": after["orchestrator"][1] / 2**20,
+                                "healthz_p50_s": _pct(health, 0.5),
+                                "healthz_p99_s": _pct(health, 0.99),
+                                "healthz_max_s": max(health) if health else None,
+                                "samples": [asdict(s) for s in samples],
+                            }
+                        )
+                        runs.append(summary)
+                        print(
+                            f"{target:13} {kind}={level} round {round_}: "
+                            f"ttft p50 {1000 * (summary['ttft_s_p50'] or 0):.1f} ms, "
+                            f"{summary['output_tokens_per_s']:.0f} tok/s, "
+                            f"errors {summary['errors']}",
+                            flush=True,
+                        )
+        finally:
+            await close()
+    return runs
+
+
+def _markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    key = "rate" if args.rate else "concurrency"
+    head = (
+        f"| target | {key} | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | e2e p50 (s) | tok/s |"
+        " req/s | errors | relay CPU µs/token | /healthz p99 (ms) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["target"], run[key]), []).append(run)
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{1000 * v:.1f}"
+
+    def median(group: list[dict[str, Any]], name: str) -> float | None:
+        values = [g[name] for g in group if g[name] is not None]
+        return statistics.median(values) if values else None
+
+    for (target, level), group in groups.items():
+        cpu = median(group, "relay_cpu_us_per_token")
+        e2e = median(group, "e2e_s_p50")
+        rows.append(
+            f"| {target} | {level} | {ms(median(group, 'ttft_s_p50'))} /"
+            f" {ms(median(group, 'ttft_s_p99'))} | {ms(median(group, 'itl_s_p50'))} /"
+            f" {ms(median(group, 'itl_s_p99'))} | {'-' if e2e is None else f'{e2e:.2f}'} |"
+            f" {median(group, 'output_tokens_per_s') or 0:.0f} |"
+            f" {median(group, 'requests_per_s') or 0:.1f} | {sum(g['errors'] for g in group)} |"
+            f" {'-' if cpu is None else f'{cpu:.0f}'} | {ms(median(group, 'healthz_p99_s'))} |"
+        )
+    note = (
+        f"\nModel `{args.model}`, max_tokens {args.max_tokens}, {args.requests} requests per run,"
+        f" {args.rounds} alternating rounds (medians shown). Relay CPU: edge + orchestrator CPU"
+        " time during the run over the tokens delivered (it includes their idle work).\n"
+    )
+    return head + "\n".join(rows) + "\n" + note
+
+
+def _plots(runs: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "rate" if args.rate else "concurrency"
+    written = []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for target in args.targets:
+        ttft = [
+            1000 * s["ttft_s"]
+            for r in runs
+            if r["target"] == target
+            for s in r["samples"]
+            if s["ttft_s"] is not None
+        ]
+        if ttft:
+            ax.hist(ttft, bins=40, histtype="step", label=target)
+    ax.set_xlabel("time to first token (ms)")
+    ax.set_ylabel("requests")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "ttft_distribution.png")
+    fig.savefig(written[-1])
+    plt.close(fig)
+    for metric, label in (("ttft_s_p50", "TTFT p50 (ms)"), ("output_tokens_per_s", "output tok/s")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for target in args.targets:
+            points: dict[Any, list[float]] = {}
+            for r in runs:
+                if r["target"] == target and r[metric] is not None:
+                    points.setdefault(r[key], []).append(r[metric])
+            xs = sorted(points)
+            ys = [
+                statistics.median(points[x]) * (1000 if metric.endswith("_s_p50") else 1)
+                for x in xs
+            ]
+            ax.plot(xs, ys, marker="o", label=target)
+        ax.set_xlabel(key)
+        ax.set_ylabel(label)
+        ax.legend()
+        fig.tight_layout()
+        written.append(out / f"{metric.split('_')[0]}_vs_{key}.png")
+        fig.savefig(written[-1])
+        plt.close(fig)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", choices=("synthetic", "smollm2"), default="synthetic")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop: requests/s")
+    parser.add_argument("--requests", type=int, default=64, help="per run")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, to check it runs")
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="edge and orchestrator export every span over OTLP (to a sink in this process)",
+    )
+    args = parser.parse_args(argv)
+    args.targets = [t for t in args.targets.split(",") if t]
+    unknown = set(args.targets) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.smoke:
+        args.concurrency, args.requests, args.rounds, args.max_tokens = [2], 4, 1, 8
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        config = Path(workdir) / "tokenrelay.toml"
+        config.write_text("[orchestrator.admission]\nmax_concurrent = 1024\nmax_queue = 1024\n")
+        models = ("synthetic",) if args.model == "synthetic" else ("smollm2",)
+        sink = _TraceSink() if args.tracing else None
+        env = {}
+        if sink is not None:
+            env = {
+                "TOKENRELAY_TRACING": "otlp",
+                "TOKENRELAY_TRACING_ENDPOINT": sink.url,
+                "OTEL_BSP_SCHEDULE_DELAY": "500",
+            }
+        stack = Stack(
+            REPO / "triton_models", StackPorts.free(), models=models, config=config, env=env
+        )
+        stack.start()
+        try:
+            runs = asyncio.run(_run(args, stack))
+        finally:
+            stack.stop()
+            if sink is not None:
+                print(f"trace sink received {sink.batches} batches, {sink.bytes} bytes")
+                sink.close()
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"arguments": {k: v for k, v in vars(args).items() if k != "out"}, "runs": runs},
+            indent=1,
+        )
+    )
+    table = _markdown(runs, args)
+    (args.out / "results.md").write_text(table)
+    plots = _plots(runs, args, args.out)
+    print("\n" + table)
+    print(
+        "wrote",
+        ", ".join(str(p) for p in [args.out / "results.json", args.out / "results.md", *plots]),
+    )
+
+
+if __name__ == "__main__":
+    main()
