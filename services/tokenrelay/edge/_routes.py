@@ -152,21 +152,47 @@ async def _next(
         raise GenerationFailed("The answer ended unexpectedly.") from None
 
 
-async def _next_or_ping(
-    messages: AsyncGenerator[pb.GenerateStreamResponse, None], sse: SSEWriter, interval_s: float
-) -> pb.GenerateStreamResponse:
-    """The next message; writes ``: ping`` comments while waiting for it."""
-    task = asyncio.ensure_future(_next(messages))
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=interval_s)
-            if done:
-                return task.result()
-            await sse.ping()
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+class _Reader:
+    """Reads a stream's messages in a task of its own into a small queue, so that waiting for
+    the next message with a keep-alive ping costs no task per message (as asyncio.wait did).
+    The queue is bounded: a slow client still slows the reading, as it should."""
+
+    _END = object()
+
+    def __init__(self, messages: AsyncGenerator[pb.GenerateStreamResponse, None]) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=32)
+        self._task = asyncio.create_task(self._pump(messages))
+
+    async def _pump(self, messages: AsyncGenerator[pb.GenerateStreamResponse, None]) -> None:
+        try:
+            async for message in messages:
+                await self._queue.put(message)
+            await self._queue.put(self._END)
+        except Exception as exc:  # handed to the reader, who raises it
+            await self._queue.put(exc)
+
+    async def next(self, sse: SSEWriter, interval_s: float) -> pb.GenerateStreamResponse:
+        """The next message; writes ``: ping`` comments while waiting for it."""
+        while self._queue.empty():
+            try:
+                async with asyncio.timeout(interval_s):
+                    item = await self._queue.get()
+                break
+            except TimeoutError:
+                await sse.ping()
+        else:
+            item = self._queue.get_nowait()
+        if item is self._END:
+            raise GenerationFailed("The answer ended unexpectedly.")
+        if isinstance(item, Exception):
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        """Stop reading (before the stream itself is closed)."""
+        if not self._task.done():
+            self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
 async def _stream(
@@ -181,6 +207,7 @@ async def _stream(
     sse = await SSEWriter.open(request, headers)
     streams = request.app[METRICS].streams
     streams.inc()
+    reader = _Reader(messages)
     try:
         for chunk in shape.opening():
             await sse.data(chunk)
@@ -194,7 +221,7 @@ async def _stream(
                 if include_usage:
                     await sse.data(shape.usage(message.end.usage))
                 break
-            message = await _next_or_ping(messages, sse, settings.keepalive_interval_s)
+            message = await reader.next(sse, settings.keepalive_interval_s)
     except RelayError as exc:
         if include_usage and exc.usage is not None:  # what was generated before the error
             used = exc.usage
@@ -211,6 +238,7 @@ async def _stream(
         await sse.response.write_eof()
         return sse.response
     finally:
+        await reader.close()
         streams.dec()
     await sse.done()
     return sse.response
