@@ -449,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="a few seconds, to check it runs")
     parser.add_argument(
+        "--event-loop", default="auto", help="the services' loop: auto, uvloop or asyncio"
+    )
+    parser.add_argument(
         "--tracing",
         action="store_true",
         help="edge and orchestrator export every span over OTLP (to a sink in this process)",
@@ -467,9 +470,9 @@ def main(argv: list[str] | None = None) -> None:
         config.write_text("[orchestrator.admission]\nmax_concurrent = 1024\nmax_queue = 1024\n")
         models = ("synthetic",) if args.model == "synthetic" else ("smollm2",)
         sink = _TraceSink() if args.tracing else None
-        env = {}
+        env = {"TOKENRELAY_EVENT_LOOP": args.event_loop}
         if sink is not None:
-            env = {
+            env |= {
                 "TOKENRELAY_TRACING": "otlp",
                 "TOKENRELAY_TRACING_ENDPOINT": sink.url,
                 "OTEL_BSP_SCHEDULE_DELAY": "500",

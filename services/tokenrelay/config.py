@@ -17,6 +17,7 @@ TOKENRELAY_TRITON                 comma-separated Triton gRPC endpoints for ever
 TOKENRELAY_EDGE_LISTEN            edge listen address, host:port
 TOKENRELAY_EDGE_ORCHESTRATOR      the orchestrator the edge calls, host:port
 TOKENRELAY_LOG_LEVEL              DEBUG, INFO, WARNING or ERROR
+TOKENRELAY_EVENT_LOOP             auto (uvloop when installed), uvloop or asyncio
 TOKENRELAY_TRACING                none, console or otlp
 TOKENRELAY_TRACING_ENDPOINT       the OTLP/HTTP traces endpoint
 TOKENRELAY_API_KEY                one API key the edge accepts (besides edge.api_keys_file)
@@ -228,6 +229,7 @@ class Settings:
     edge: EdgeSettings = field(default_factory=EdgeSettings)
     models: tuple[ModelSpec, ...] = _DEFAULT_MODELS
     log_level: str = "INFO"
+    event_loop: str = "auto"  # auto (uvloop when installed), uvloop or asyncio
     tracing: Tracing = field(default_factory=Tracing)
     secrets: Secrets = field(default_factory=Secrets)
 
@@ -284,7 +286,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if path:
         with Path(path).open("rb") as handle:
             raw = tomllib.load(handle)
-    unknown = sorted(set(raw) - {"orchestrator", "edge", "models", "log_level", "tracing"})
+    known = {"orchestrator", "edge", "models", "log_level", "event_loop", "tracing"}
+    unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"config: unknown section(s) {', '.join(unknown)}")
     orchestrator = dict(raw.get("orchestrator", {}))
@@ -313,6 +316,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             else _DEFAULT_MODELS
         ),
         log_level=str(env.get("TOKENRELAY_LOG_LEVEL", raw.get("log_level", "INFO"))).upper(),
+        event_loop=str(env.get("TOKENRELAY_EVENT_LOOP", raw.get("event_loop", "auto"))),
         tracing=_build(Tracing, tracing, "tracing"),
         secrets=_secrets(env),
     )
@@ -358,6 +362,8 @@ def _check(settings: Settings) -> None:
     ids = [m.id for m in settings.models]
     if len(set(ids)) != len(ids):
         raise ValueError("models: duplicate model id")
+    if settings.event_loop not in {"auto", "uvloop", "asyncio"}:
+        raise ValueError(f"event_loop: auto, uvloop or asyncio, not {settings.event_loop!r}")
     if settings.tracing.exporter not in {"none", "console", "otlp"}:
         raise ValueError(
             f"tracing.exporter: none, console or otlp, not {settings.tracing.exporter!r}"

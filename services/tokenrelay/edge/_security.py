@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -217,15 +217,15 @@ class _Guarded(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self._transport = cast(asyncio.Transport, transport)
         self._site.open += 1
         if self._site.open > self._site.max_connections:
             log.warning(
                 "connection refused: too many open", extra={"fields": {"open": self._site.open}}
             )
-            transport.write(_REFUSAL)
-            transport.close()
+            self._transport.write(_REFUSAL)
+            self._transport.close()
             self._inner = None
             return
         loop = asyncio.get_running_loop()

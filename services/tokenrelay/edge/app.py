@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from tokenrelay import _loop
 from tokenrelay.config import EdgeSettings, Secrets, split_hostport
 from tokenrelay.edge._errors import error_middleware
 from tokenrelay.edge._routes import routes
@@ -96,5 +97,5 @@ async def serve(settings: EdgeSettings, secrets: Secrets | None = None) -> None:
     await runner.cleanup()  # closes the listener, then waits for handlers up to the grace
 
 
-def run(settings: EdgeSettings, secrets: Secrets | None = None) -> None:
-    asyncio.run(serve(settings, secrets))
+def run(settings: EdgeSettings, secrets: Secrets | None = None, loop: str = "auto") -> None:
+    _loop.run(serve(settings, secrets), loop)

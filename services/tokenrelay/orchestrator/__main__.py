@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
+from tokenrelay import _loop
 from tokenrelay.config import check_exposure, load_settings
 from tokenrelay.logs import configure_logging
 from tokenrelay.orchestrator.server import serve
@@ -20,7 +20,7 @@ def main() -> None:
     configure_logging("orchestrator", settings.log_level)
     configure_tracing("orchestrator", settings.tracing)
     try:
-        asyncio.run(serve(settings))
+        _loop.run(serve(settings), settings.event_loop)
     finally:
         shutdown_tracing()
 
