@@ -44,16 +44,25 @@ import grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "services"))
 
-from tokenrelay.config import Timeouts  # noqa: E402
-from tokenrelay.generation import Sampling  # noqa: E402
+from tokenrelay.config import Settings, Timeouts  # noqa: E402
+from tokenrelay.generation import ChatMessage, Sampling  # noqa: E402
 from tokenrelay.orchestrator._triton import TritonNode  # noqa: E402
 from tokenrelay.stack import Stack, StackPorts  # noqa: E402
+from tokenrelay.templates import ChatTemplate  # noqa: E402
 from tokenrelay.v1 import generation_pb2 as pb  # noqa: E402
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
 TARGETS = ("triton-grpc", "triton-http", "orchestrator", "edge")
 CATALOG = {"synthetic": "synthetic", "smollm2": "smollm2-135m-instruct"}
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def _templated(model: str) -> str:
+    """The prompt as the orchestrator renders it for the chat request the edge target sends,
+    so that direct Triton targets generate the same answer."""
+    spec = next(m for m in Settings().models if m.id == CATALOG[model])
+    template = ChatTemplate(spec.chat_template, spec.default_system_prompt)
+    return template.render((ChatMessage("user", PROMPT),))
 
 
 @dataclass
@@ -74,10 +83,11 @@ def _triton_grpc(
     stack: Stack, model: str, max_tokens: int
 ) -> tuple[Stream, Callable[[], Awaitable[None]]]:
     node = TritonNode(stack.triton_grpc, Timeouts())
+    prompt = _templated(model)
 
     async def stream() -> AsyncIterator[int]:
         sampling = Sampling(max_tokens=max_tokens, temperature=0)
-        async for delta in node.generate(model, PROMPT, sampling, "bench"):
+        async for delta in node.generate(model, prompt, sampling, "bench"):
             yield delta.output_tokens
 
     return stream, node.close
@@ -98,7 +108,7 @@ def _triton_http(
 ) -> Stream:
     url = f"http://127.0.0.1:{stack.ports.triton.http}/v2/models/{model}/generate_stream"
     body = {
-        "text_input": PROMPT,
+        "text_input": _templated(model),
         "stream": True,
         "exclude_input_in_output": True,
         "return_num_output_tokens": True,
@@ -121,7 +131,7 @@ def _orchestrator(stack: Stack, model: str, max_tokens: int, channel: grpc.aio.C
     stub = pb_grpc.GenerationServiceStub(channel)
     request = pb.GenerateStreamRequest(
         model=CATALOG[model],
-        prompt=PROMPT,
+        prompt=_templated(model),
         sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0),
     )
 
