@@ -188,6 +188,17 @@ class _Reader:
             raise item
         return item  # type: ignore[no-any-return]
 
+    def ready(self) -> pb.GenerateStreamResponse | None:
+        """The next message if it has already arrived, else None (never waits)."""
+        if self._queue.empty():
+            return None
+        item = self._queue.get_nowait()
+        if item is self._END:
+            raise GenerationFailed("The answer ended unexpectedly.")
+        if isinstance(item, Exception):
+            raise item
+        return item  # type: ignore[no-any-return]
+
     async def close(self) -> None:
         """Stop reading (before the stream itself is closed)."""
         if not self._task.done():
@@ -208,32 +219,43 @@ async def _stream(
     streams = request.app[METRICS].streams
     streams.inc()
     reader = _Reader(messages)
+    # Events of messages that arrived together go out in one write; nothing waits for company,
+    # so the first token is never delayed (when the client or the loop is slower than the
+    # model, several deltas pile up and cost one write instead of one each).
+    frames = [sse.frame(chunk) for chunk in shape.opening()]
     try:
-        for chunk in shape.opening():
-            await sse.data(chunk)
         message = first
         while True:
             if message.text:
-                await sse.data(shape.text(message.text))
+                frames.append(sse.frame(shape.text(message.text)))
             if message.HasField("end"):
                 trace.get_current_span().set_attributes(_genai_response(shape.model, message.end))
-                await sse.data(shape.end(_finish(message.end)))
+                frames.append(sse.frame(shape.end(_finish(message.end))))
                 if include_usage:
-                    await sse.data(shape.usage(message.end.usage))
+                    frames.append(sse.frame(shape.usage(message.end.usage)))
+                await sse.write(frames)
                 break
-            message = await reader.next(sse, settings.keepalive_interval_s)
+            following = reader.ready()
+            if following is None:
+                await sse.write(frames)
+                frames = []
+                following = await reader.next(sse, settings.keepalive_interval_s)
+            message = following
     except RelayError as exc:
         if include_usage and exc.usage is not None:  # what was generated before the error
             used = exc.usage
-            await sse.data(
-                shape.usage(
-                    pb.Usage(
-                        prompt_tokens=used.prompt_tokens,
-                        completion_tokens=used.completion_tokens,
-                        total_tokens=used.total_tokens,
+            frames.append(
+                sse.frame(
+                    shape.usage(
+                        pb.Usage(
+                            prompt_tokens=used.prompt_tokens,
+                            completion_tokens=used.completion_tokens,
+                            total_tokens=used.total_tokens,
+                        )
                     )
                 )
             )
+        await sse.write(frames)
         await sse.error(error_body(exc))
         await sse.response.write_eof()
         return sse.response

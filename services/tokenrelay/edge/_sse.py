@@ -39,8 +39,18 @@ class SSEWriter:
     def response(self) -> web.StreamResponse:
         return self._response
 
+    @staticmethod
+    def frame(payload: dict[str, Any]) -> bytes:
+        """One ``data:`` event, for ``write``."""
+        return b"data: " + _encode(payload) + b"\n\n"
+
+    async def write(self, frames: list[bytes]) -> None:
+        """Several events in one write (one chunk, one syscall) instead of one write each."""
+        if frames:
+            await self._response.write(b"".join(frames))
+
     async def data(self, payload: dict[str, Any]) -> None:
-        await self._response.write(b"data: " + _encode(payload) + b"\n\n")
+        await self._response.write(self.frame(payload))
 
     async def error(self, body: dict[str, Any]) -> None:
         await self._response.write(b"event: error\ndata: " + _encode(body) + b"\n\n")
