@@ -182,17 +182,13 @@ class _Reader:
                 await sse.ping()
         else:
             item = self._queue.get_nowait()
-        if item is self._END:
-            raise GenerationFailed("The answer ended unexpectedly.")
-        if isinstance(item, Exception):
-            raise item
-        return item  # type: ignore[no-any-return]
+        return self._unwrap(item)
 
     def ready(self) -> pb.GenerateStreamResponse | None:
         """The next message if it has already arrived, else None (never waits)."""
-        if self._queue.empty():
-            return None
-        item = self._queue.get_nowait()
+        return None if self._queue.empty() else self._unwrap(self._queue.get_nowait())
+
+    def _unwrap(self, item: Any) -> pb.GenerateStreamResponse:
         if item is self._END:
             raise GenerationFailed("The answer ended unexpectedly.")
         if isinstance(item, Exception):
