@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 
 import pytest
 
@@ -267,3 +268,17 @@ async def test_a_request_the_model_refuses_is_a_400_and_never_blames_the_node() 
             await _collect(relay, _request())
     assert len(source.prompts) == 5  # no retry elsewhere: the request is at fault
     assert pool.breaker("a:1").state is BreakerState.CLOSED
+
+
+async def test_the_log_line_of_a_closed_stream_says_cancelled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source = FakeSource(interval_s=0.05, words=tuple(f" w{i}" for i in range(50)))
+    relay, pool = _relay(source)
+    await pool.probe_once()
+    with caplog.at_level(logging.INFO, logger="tokenrelay.orchestrator._relay"):
+        stream = relay.stream(_request())
+        await anext(stream)
+        await stream.aclose()
+    ended = [r for r in caplog.records if r.getMessage() == "generation ended"]
+    assert [r.fields["outcome"] for r in ended] == ["cancelled"]  # type: ignore[attr-defined]

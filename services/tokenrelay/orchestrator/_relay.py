@@ -175,6 +175,11 @@ class _Record:
     retries: int = 0
     hedges: int = 0
 
+    def fail(self, exc: BaseException) -> None:
+        """Record how the request ended when it did not finish."""
+        cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+        self.outcome = "cancelled" if cancelled else outcome_of(exc)
+
     @property
     def prompt_tokens(self) -> int:
         return self.winner.prompt_tokens if self.winner else 0
@@ -301,14 +306,14 @@ class Relay:
                         async with aclosing(rest) as chunks:
                             async for chunk in chunks:
                                 yield chunk
-                finally:
+                except BaseException as exc:
+                    record.fail(exc)
+                    raise
+                finally:  # the outcome is known here, and the request's log fields still bound
                     if record.attempts:
                         self._log(record, loop.time() - began)
-        except (asyncio.CancelledError, GeneratorExit):
-            record.outcome = "cancelled"
-            raise
-        except BaseException as exc:
-            record.outcome = outcome_of(exc)
+        except BaseException as exc:  # refused before the request was bound (invalid, unknown)
+            record.fail(exc)
             raise
         finally:
             self._observe(record, loop.time() - began)
