@@ -114,7 +114,12 @@ async def test_stop_sequences_and_max_tokens_are_honoured(stack: Stack) -> None:
         cut_text = "".join(d.text for d in cut)
         assert cut_text == text[: text.index("5")]
         assert cut[-1].finish_reason is not None and cut[-1].finish_reason.value == "stop"
-        short = [d async for d in node.generate("smollm2", prompt, Sampling(max_tokens=4), "s")]
+        short = [
+            d
+            async for d in node.generate(
+                "smollm2", prompt, Sampling(max_tokens=4, temperature=0), "s"
+            )
+        ]
         assert sum(d.output_tokens for d in short) == 4
         assert short[-1].finish_reason is not None and short[-1].finish_reason.value == "length"
         assert json.dumps(Sampling(max_tokens=4).to_engine_json()) == '{"max_tokens": 4}'

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 import sysconfig
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TritonPorts", "prepare_backends", "pytriton_root", "triton_command", "triton_env"]
+__all__ = [
+    "TritonPorts",
+    "cpu_models",
+    "prepare_backends",
+    "pytriton_root",
+    "triton_command",
+    "triton_env",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +77,10 @@ def triton_command(
 ) -> list[str]:
     """The command line of a CPU-only tritonserver on ``host``.
 
-    With ``models`` given, only those models are loaded (explicit model control); otherwise all.
+    With ``models`` given, only those models are loaded; otherwise every model of the repository
+    that runs on a CPU (Python backend), never the GPU ones (the vLLM backend is not here).
     """
+    models = models or cpu_models(model_repository)
     command = [
         str(pytriton_root() / "bin" / "tritonserver"),
         f"--model-repository={model_repository}",
@@ -88,10 +98,18 @@ def triton_command(
         "--exit-timeout-secs=10",
         "--log-info=false",
     ]
-    if models:
-        command.append("--model-control-mode=explicit")
-        command.extend(f"--load-model={m}" for m in models)
+    command.append("--model-control-mode=explicit")
+    command.extend(f"--load-model={m}" for m in models)
     return command
+
+
+def cpu_models(model_repository: Path) -> tuple[str, ...]:
+    """The models of ``model_repository`` whose backend is Python (ours), by name."""
+    found = []
+    for config in sorted(model_repository.glob("*/config.pbtxt")):
+        if re.search(r'^\s*backend:\s*"python"', config.read_text(), re.MULTILINE):
+            found.append(config.parent.name)
+    return tuple(found)
 
 
 def triton_env(base: dict[str, str] | None = None) -> dict[str, str]:
