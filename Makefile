@@ -27,7 +27,13 @@ $(VENV)/.dev-deps: pyproject.toml $(VENV)/.run-deps
 run: $(VENV)/.run-deps
 	$(BIN)/tokenrelay-stack --config tokenrelay.toml
 
-test: $(VENV)/.dev-deps
+# The browser test drives Debian's Chromium with Playwright (no `playwright install` download).
+CHROMIUM := /usr/lib/chromium/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium
+
+test: $(VENV)/.dev-deps $(CHROMIUM)
 	$(MAKE) check
 	$(BIN)/pytest
 

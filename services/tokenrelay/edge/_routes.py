@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -336,6 +337,26 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 _OPENAPI = json.loads(resources.files("tokenrelay.edge").joinpath("openapi.json").read_text())
+
+
+_STATIC = Path(str(resources.files("tokenrelay.edge").joinpath("static")))
+_PAGE = (_STATIC / "index.html").read_text()
+# The page's own policy: its script, style and API calls come from this origin, nothing else.
+_PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self';"
+    " img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+@routes.get("/")
+async def chat_page(request: web.Request) -> web.Response:
+    """The browser chat page (static files, no build step)."""
+    return web.Response(
+        text=_PAGE, content_type="text/html", headers={"Content-Security-Policy": _PAGE_CSP}
+    )
+
+
+routes.static("/static", _STATIC)
 
 
 @routes.get("/openapi.json")
