@@ -38,8 +38,11 @@ __all__ = [
 class RelayError(Exception):
     """Base of every error tokenrelay reports to a caller.
 
+    ``outcome`` names the kind in metrics and logs (``tokenrelay_requests_total{outcome}``).
     ``usage`` is set on an error that ended a generation after tokens went out: what the
     caller is billed for so far."""
+
+    outcome = "failed"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -54,6 +57,8 @@ class InvalidRequest(RelayError):
     one (e.g. ``context_length_exceeded``).
     """
 
+    outcome = "invalid"
+
     def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
@@ -62,6 +67,8 @@ class InvalidRequest(RelayError):
 
 class ModelNotFound(InvalidRequest):
     """The requested model is not in the catalog."""
+
+    outcome = "not_found"
 
     def __init__(self, model: str, message: str | None = None) -> None:
         super().__init__(
@@ -72,6 +79,8 @@ class ModelNotFound(InvalidRequest):
 class Unauthenticated(RelayError):
     """Credentials are missing or wrong; ``code`` as OpenAI spells it (``invalid_api_key``)."""
 
+    outcome = "unauthenticated"
+
     def __init__(self, message: str, code: str | None = "invalid_api_key") -> None:
         super().__init__(message)
         self.code = code
@@ -79,6 +88,8 @@ class Unauthenticated(RelayError):
 
 class Overloaded(RelayError):
     """The service is at capacity; ``retry_after`` is a hint in seconds."""
+
+    outcome = "overloaded"
 
     def __init__(self, message: str, retry_after: float = 1.0, code: str | None = None) -> None:
         super().__init__(message)
@@ -89,9 +100,13 @@ class Overloaded(RelayError):
 class UpstreamUnavailable(RelayError):
     """No inference node can serve the request now."""
 
+    outcome = "unavailable"
+
 
 class UpstreamTimeout(RelayError):
     """A deadline or watchdog expired before the answer was complete."""
+
+    outcome = "timeout"
 
 
 class GenerationFailed(RelayError):

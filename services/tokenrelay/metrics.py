@@ -14,16 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tokenrelay.errors import (
-    GenerationFailed,
-    InvalidRequest,
-    ModelNotFound,
-    Overloaded,
-    RelayError,
-    Unauthenticated,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from tokenrelay.errors import RelayError
 
 if TYPE_CHECKING:
     from tokenrelay.orchestrator._pool import NodeStatus
@@ -36,35 +27,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _GAPS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
-# How a request ended: a finish reason, or why it did not finish.
-OUTCOMES = (
-    "stop",
-    "length",
-    "cancelled",
-    "invalid",
-    "not_found",
-    "unauthenticated",
-    "overloaded",
-    "unavailable",
-    "timeout",
-    "failed",
-)
-
 
 def outcome_of(exc: BaseException) -> str:
-    for kind, name in (
-        (ModelNotFound, "not_found"),
-        (InvalidRequest, "invalid"),
-        (Unauthenticated, "unauthenticated"),
-        (Overloaded, "overloaded"),
-        (UpstreamUnavailable, "unavailable"),
-        (UpstreamTimeout, "timeout"),
-        (GenerationFailed, "failed"),
-        (RelayError, "failed"),
-    ):
-        if isinstance(exc, kind):
-            return name
-    return "failed"
+    """How a request that raised ``exc`` ended (``RelayError.outcome``; anything else failed)."""
+    return exc.outcome if isinstance(exc, RelayError) else "failed"
 
 
 class _Live(Collector):
