@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -14,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from _support import FakeSource
-from tokenrelay.config import EdgeSettings, OrchestratorSettings, Settings
+from tokenrelay.config import EdgeSettings
 from tokenrelay.edge import create_app
 from tokenrelay.orchestrator import Orchestrator
 from tokenrelay.v1 import generation_pb2 as pb
@@ -24,17 +23,6 @@ from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 @pytest.fixture
 async def source() -> FakeSource:
     return FakeSource()
-
-
-@pytest.fixture
-async def orchestrator(source: FakeSource) -> AsyncIterator[Orchestrator]:
-    settings = Settings(
-        orchestrator=OrchestratorSettings(triton=(source.name,), metrics_listen="127.0.0.1:0")
-    )
-    orchestrator = Orchestrator(settings, sources={source.name: source})
-    await orchestrator.start("127.0.0.1:0")
-    yield orchestrator
-    await orchestrator.stop(grace_s=0)
 
 
 async def _samples(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -13,7 +13,7 @@ from aiohttp import ClientSession, ClientTimeout
 from aiohttp.test_utils import TestServer
 
 from _support import FakeSource, assert_openai
-from tokenrelay.config import EdgeSettings, OrchestratorSettings, Settings
+from tokenrelay.config import EdgeSettings
 from tokenrelay.edge import create_app
 from tokenrelay.orchestrator import Orchestrator
 from tokenrelay.v1 import generation_pb2 as pb
@@ -23,17 +23,6 @@ from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 @pytest.fixture
 async def source() -> FakeSource:
     return FakeSource(words=tuple(f" w{i}" for i in range(40)), interval_s=0.02)
-
-
-@pytest.fixture
-async def orchestrator(source: FakeSource) -> AsyncIterator[Orchestrator]:
-    settings = Settings(
-        orchestrator=OrchestratorSettings(triton=(source.name,), metrics_listen="127.0.0.1:0")
-    )
-    orchestrator = Orchestrator(settings, sources={source.name: source})
-    await orchestrator.start("127.0.0.1:0")
-    yield orchestrator
-    await orchestrator.stop(grace_s=0)
 
 
 @pytest.fixture
