@@ -52,15 +52,14 @@ class Lease:
     """One request on one node: counted in flight until ``release``, which also tells the
     node's breaker how it ended. Releasing twice does nothing."""
 
-    __slots__ = ("_permit", "_pool", "_released", "model", "source", "triton_model")
+    __slots__ = ("_permit", "_pool", "_released", "source", "triton_model")
 
     def __init__(
-        self, pool: NodePool, source: TokenSource, triton_model: str, model: str, permit: Permit
+        self, pool: NodePool, source: TokenSource, triton_model: str, permit: Permit
     ) -> None:
         self._pool = pool
         self.source = source
         self.triton_model = triton_model
-        self.model = model
         self._permit = permit
         self._released = False
 
@@ -199,7 +198,7 @@ class NodePool:
         if permit is None:  # cannot happen: availability was just checked, nothing awaited since
             return None
         self._in_flight[node] += 1
-        return Lease(self, self._sources[node], where.triton_model, model, permit)
+        return Lease(self, self._sources[node], where.triton_model, permit)
 
     def _choose(self, eligible: list[str], affinity: str | None) -> str:
         if affinity is not None and len(eligible) > 1:
