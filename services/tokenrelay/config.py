@@ -23,6 +23,11 @@ TOKENRELAY_TRACING_ENDPOINT       the OTLP/HTTP traces endpoint
 TOKENRELAY_API_KEY                one API key the edge accepts (besides edge.api_keys_file)
 TOKENRELAY_INTERNAL_SECRET        the shared secret of the edge → orchestrator hop
 TOKENRELAY_INTERNAL_SECRET_FILE   ... or a file holding it (e.g. a mounted Kubernetes secret)
+TOKENRELAY_VECTOR_STORE           qdrant, pgvector or none (retrieval.store)
+TOKENRELAY_QDRANT_PATH            Qdrant's local on-disk directory (retrieval.qdrant_path)
+TOKENRELAY_QDRANT_URL             a Qdrant server or cluster (retrieval.qdrant_url)
+TOKENRELAY_POSTGRES_DSN           PostgreSQL connection string for pgvector (may hold a
+                                  password, hence environment only)
 ================================  =====================================================
 
 Secrets come only from the environment (or a file it names), never from the TOML file, and they
@@ -47,9 +52,11 @@ __all__ = [
     "Admission",
     "Breaker",
     "EdgeSettings",
+    "Embeddings",
     "Limits",
     "ModelSpec",
     "OrchestratorSettings",
+    "Retrieval",
     "Routing",
     "Secrets",
     "Settings",
@@ -208,6 +215,40 @@ _DEFAULT_MODELS = (
 
 
 @dataclass(frozen=True, slots=True)
+class Embeddings:
+    """``[embeddings]``: the embedding model (in Triton) behind retrieval and /v1/embeddings."""
+
+    id: str = "all-minilm-l6-v2"  # the public model id
+    triton_model: str = "minilm"
+    nodes: tuple[str, ...] = ()  # empty: the orchestrator's default Triton endpoints
+    dimensions: int = 384
+    max_inputs: int = 256  # texts in one Embed call or /v1/embeddings request
+    max_input_chars: int = 20_000  # per text (the model reads its first 256 tokens)
+    batch_size: int = 32  # texts per Triton request
+    timeout_s: float = 30.0  # one Triton request
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieval:
+    """``[retrieval]``: the vector store and the retrieval stage of generation."""
+
+    store: str = "qdrant"  # qdrant, pgvector or none
+    # Qdrant: a local on-disk directory (embedded, one process per directory), or a server or
+    # cluster by URL (wins over the path). pgvector: TOKENRELAY_POSTGRES_DSN.
+    qdrant_path: str = ".run/qdrant"
+    qdrant_url: str = ""
+    timeout_s: float = 2.0  # the whole stage (embed the question, search) of one request
+    on_failure: str = "answer"  # answer (without context, and say so) or fail
+    default_top_k: int = 4
+    max_top_k: int = 32
+    # At most this share of the model's context window goes to retrieved chunks; the prompt,
+    # max_tokens and a margin are always left room.
+    context_share: float = 0.5
+    chunk_chars: int = 1000  # ingestion: chunk length
+    chunk_overlap: int = 200  # ... and how much consecutive chunks share
+
+
+@dataclass(frozen=True, slots=True)
 class Tracing:
     """``[tracing]``: where each service sends its spans (see tokenrelay.tracing)."""
 
@@ -221,6 +262,7 @@ class Secrets:
 
     internal: Secret | None = None
     api_key: Secret | None = None
+    postgres_dsn: Secret | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,9 +273,11 @@ class Settings:
     log_level: str = "INFO"
     event_loop: str = "auto"  # auto (uvloop when installed), uvloop or asyncio
     tracing: Tracing = field(default_factory=Tracing)
+    embeddings: Embeddings = field(default_factory=Embeddings)
+    retrieval: Retrieval = field(default_factory=Retrieval)
     secrets: Secrets = field(default_factory=Secrets)
 
-    def nodes_for(self, model: ModelSpec) -> tuple[str, ...]:
+    def nodes_for(self, model: ModelSpec | Embeddings) -> tuple[str, ...]:
         return model.nodes or self.orchestrator.triton
 
 
@@ -286,7 +330,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if path:
         with Path(path).open("rb") as handle:
             raw = tomllib.load(handle)
-    known = {"orchestrator", "edge", "models", "log_level", "event_loop", "tracing"}
+    known = {
+        "orchestrator",
+        "edge",
+        "models",
+        "log_level",
+        "event_loop",
+        "tracing",
+        "embeddings",
+        "retrieval",
+    }
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"config: unknown section(s) {', '.join(unknown)}")
@@ -303,6 +356,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         orchestrator["metrics_listen"] = env["TOKENRELAY_ORCHESTRATOR_METRICS"]
     if "TOKENRELAY_TRITON" in env:
         orchestrator["triton"] = [a.strip() for a in env["TOKENRELAY_TRITON"].split(",") if a]
+    retrieval = dict(raw.get("retrieval", {}))
+    for variable, key in (
+        ("TOKENRELAY_VECTOR_STORE", "store"),
+        ("TOKENRELAY_QDRANT_PATH", "qdrant_path"),
+        ("TOKENRELAY_QDRANT_URL", "qdrant_url"),
+    ):
+        if variable in env:
+            retrieval[key] = env[variable]
     if "TOKENRELAY_EDGE_LISTEN" in env:
         edge["listen"] = env["TOKENRELAY_EDGE_LISTEN"]
     if "TOKENRELAY_EDGE_ORCHESTRATOR" in env:
@@ -318,6 +379,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_level=str(env.get("TOKENRELAY_LOG_LEVEL", raw.get("log_level", "INFO"))).upper(),
         event_loop=str(env.get("TOKENRELAY_EVENT_LOOP", raw.get("event_loop", "auto"))),
         tracing=_build(Tracing, tracing, "tracing"),
+        embeddings=_build(Embeddings, raw.get("embeddings", {}), "embeddings"),
+        retrieval=_build(Retrieval, retrieval, "retrieval"),
         secrets=_secrets(env),
     )
     _check(settings)
@@ -329,9 +392,11 @@ def _secrets(env: Mapping[str, str]) -> Secrets:
     if not internal and env.get("TOKENRELAY_INTERNAL_SECRET_FILE"):
         internal = Path(env["TOKENRELAY_INTERNAL_SECRET_FILE"]).read_text().strip()
     api_key = env.get("TOKENRELAY_API_KEY", "")
+    dsn = env.get("TOKENRELAY_POSTGRES_DSN", "")
     return Secrets(
         internal=Secret(internal) if internal else None,
         api_key=Secret(api_key) if api_key else None,
+        postgres_dsn=Secret(dsn) if dsn else None,
     )
 
 
@@ -377,6 +442,21 @@ def _check(settings: Settings) -> None:
             raise ValueError(f"models.{model.id}: no Triton nodes")
         if model.fallback and (model.fallback == model.id or model.fallback not in ids):
             raise ValueError(f"models.{model.id}: fallback must name another catalog model")
+    retrieval, embeddings = settings.retrieval, settings.embeddings
+    if retrieval.store not in {"qdrant", "pgvector", "none"}:
+        raise ValueError(f"retrieval.store: qdrant, pgvector or none, not {retrieval.store!r}")
+    if retrieval.store == "pgvector" and settings.secrets.postgres_dsn is None:
+        raise ValueError("retrieval.store = pgvector needs TOKENRELAY_POSTGRES_DSN")
+    if retrieval.on_failure not in {"answer", "fail"}:
+        raise ValueError(f"retrieval.on_failure: answer or fail, not {retrieval.on_failure!r}")
+    if not 1 <= retrieval.default_top_k <= retrieval.max_top_k:
+        raise ValueError("retrieval: 1 ≤ default_top_k ≤ max_top_k")
+    if not 0 < retrieval.context_share <= 1 or retrieval.timeout_s <= 0:
+        raise ValueError("retrieval: context_share in (0, 1] and timeout_s > 0")
+    if not 0 <= retrieval.chunk_overlap < retrieval.chunk_chars:
+        raise ValueError("retrieval: 0 ≤ chunk_overlap < chunk_chars")
+    if embeddings.dimensions < 1 or embeddings.batch_size < 1 or embeddings.max_inputs < 1:
+        raise ValueError("embeddings: dimensions, batch_size and max_inputs must be at least 1")
     orchestrator = settings.orchestrator
     breaker, admission = orchestrator.breaker, orchestrator.admission
     if breaker.failure_threshold < 1 or breaker.half_open_probes < 1 or breaker.min_requests < 1:

@@ -5,7 +5,10 @@ Domain code raises these; each transport maps them to its wire status in one pla
 
     RelayError                      base; never raised itself
     ├── InvalidRequest              malformed or out of bounds (400 / INVALID_ARGUMENT)
-    │   └── ModelNotFound           the model is not in the catalog (404 / NOT_FOUND)
+    │   ├── NotFound                a named thing does not exist (404 / NOT_FOUND)
+    │   │   ├── ModelNotFound       the model is not in the catalog
+    │   │   └── CollectionNotFound  no such retrieval collection
+    │   └── AlreadyExists           the name is taken (409 / ALREADY_EXISTS)
     ├── Unauthenticated             missing or wrong credentials (401 / UNAUTHENTICATED)
     ├── Overloaded                  at capacity; retry later (429 / RESOURCE_EXHAUSTED)
     ├── UpstreamUnavailable         no inference node can serve now (503 / UNAVAILABLE)
@@ -24,9 +27,12 @@ if TYPE_CHECKING:
     from tokenrelay.generation import Usage
 
 __all__ = [
+    "AlreadyExists",
+    "CollectionNotFound",
     "GenerationFailed",
     "InvalidRequest",
     "ModelNotFound",
+    "NotFound",
     "Overloaded",
     "RelayError",
     "Unauthenticated",
@@ -65,15 +71,34 @@ class InvalidRequest(RelayError):
         self.code = code
 
 
-class ModelNotFound(InvalidRequest):
-    """The requested model is not in the catalog."""
+class NotFound(InvalidRequest):
+    """A named thing (model, collection) does not exist."""
 
     outcome = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """The requested model is not in the catalog."""
 
     def __init__(self, model: str, message: str | None = None) -> None:
         super().__init__(
             message or f"The model '{model}' does not exist.", param="model", code="model_not_found"
         )
+
+
+class CollectionNotFound(NotFound):
+    """The retrieval collection does not exist."""
+
+    def __init__(self, name: str, param: str = "collection") -> None:
+        super().__init__(
+            f"The collection '{name}' does not exist.", param=param, code="collection_not_found"
+        )
+
+
+class AlreadyExists(InvalidRequest):
+    """The name is already taken."""
+
+    outcome = "invalid"
 
 
 class Unauthenticated(RelayError):

@@ -13,9 +13,12 @@ from typing import Protocol
 
 __all__ = [
     "ChatMessage",
+    "Citation",
     "Delta",
     "FinishReason",
     "GenerationRequest",
+    "RetrievalOptions",
+    "RetrievalReport",
     "Sampling",
     "TokenSource",
     "Usage",
@@ -68,6 +71,39 @@ class Sampling:
 
 
 @dataclass(frozen=True, slots=True)
+class RetrievalOptions:
+    """A request's ask for retrieval-augmented generation. ``top_k`` 0: the configured default;
+    ``on_failure``: "answer", "fail" or "" (the configured default)."""
+
+    collection: str
+    top_k: int = 0
+    min_score: float | None = None
+    on_failure: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """A retrieved chunk placed in the prompt as ``[number]``."""
+
+    number: int
+    chunk_id: str
+    document_id: str
+    source: str
+    index: int
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalReport:
+    """What the retrieval stage did: ``status`` is "used", "empty" or "failed" (answered
+    without context, by policy; ``message`` says why)."""
+
+    status: str
+    citations: tuple[Citation, ...] = ()
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One request, as the caller stated it (before the chat template is applied)."""
 
@@ -77,6 +113,7 @@ class GenerationRequest:
     sampling: Sampling = field(default_factory=Sampling)
     request_id: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    retrieval: RetrievalOptions | None = None
 
 
 @dataclass(frozen=True, slots=True)

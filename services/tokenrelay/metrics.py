@@ -122,6 +122,38 @@ class RelayMetrics:
         self.fallbacks = Counter(
             "tokenrelay_fallbacks", "Requests answered by a fallback model", ["model"], registry=r
         )
+        # Retrieval and embeddings. outcome: used, empty, failed, timeout, invalid, not_found.
+        self.retrievals = Counter(
+            "tokenrelay_retrievals",
+            "Retrieval stages of generations by how they ended",
+            ["store", "outcome"],
+            registry=r,
+        )
+        self.retrieval_duration = Histogram(
+            "tokenrelay_retrieval_duration_seconds",
+            "Retrieval stage: embed the question, search the store",
+            ["store"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.retrieved_chunks = Counter(
+            "tokenrelay_retrieval_chunks",
+            "Retrieved chunks placed in prompts",
+            ["store"],
+            registry=r,
+        )
+        self.embedded_texts = Counter(
+            "tokenrelay_embedded_texts",
+            "Texts embedded, by purpose (query, ingest, api)",
+            ["purpose"],
+            registry=r,
+        )
+        self.embedding_duration = Histogram(
+            "tokenrelay_embedding_request_duration_seconds",
+            "One batch of texts through the embedding model",
+            buckets=_LATENCY,
+            registry=r,
+        )
 
     def model(self, name: str) -> str:
         return name if name in self._models else "unknown"

@@ -15,9 +15,10 @@ from typing import Any
 from aiohttp import web
 
 from tokenrelay.errors import (
+    AlreadyExists,
     GenerationFailed,
     InvalidRequest,
-    ModelNotFound,
+    NotFound,
     Overloaded,
     RelayError,
     Unauthenticated,
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 # Most specific first: the first matching class wins. (status, OpenAI error type)
 _TABLE: tuple[tuple[type[RelayError], int, str], ...] = (
-    (ModelNotFound, 404, "invalid_request_error"),
+    (NotFound, 404, "invalid_request_error"),
+    (AlreadyExists, 409, "invalid_request_error"),
     (InvalidRequest, 400, "invalid_request_error"),
     (Unauthenticated, 401, "authentication_error"),
     (Overloaded, 429, "rate_limit_error"),

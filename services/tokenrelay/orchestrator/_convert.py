@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from tokenrelay.errors import InvalidRequest
-from tokenrelay.generation import ChatMessage, FinishReason, GenerationRequest, Sampling, Usage
+from tokenrelay.generation import (
+    ChatMessage,
+    FinishReason,
+    GenerationRequest,
+    RetrievalOptions,
+    RetrievalReport,
+    Sampling,
+    Usage,
+)
 from tokenrelay.orchestrator._breaker import BreakerState
 from tokenrelay.orchestrator._pool import NodeStatus
 from tokenrelay.orchestrator._relay import Chunk, ModelStatus, StreamStart
 from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.v1 import retrieval_pb2 as rpb
 
 __all__ = ["chunk_to_pb", "model_to_pb", "request_from_pb", "start_to_pb", "usage_to_pb"]
 
@@ -17,6 +26,50 @@ _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
+
+
+_POLICY = {
+    rpb.RETRIEVAL_FAILURE_POLICY_UNSPECIFIED: "",
+    rpb.RETRIEVAL_FAILURE_POLICY_ANSWER_WITHOUT_CONTEXT: "answer",
+    rpb.RETRIEVAL_FAILURE_POLICY_FAIL: "fail",
+}
+_RETRIEVAL_STATUS = {
+    "used": rpb.RETRIEVAL_STATUS_USED,
+    "empty": rpb.RETRIEVAL_STATUS_EMPTY,
+    "failed": rpb.RETRIEVAL_STATUS_FAILED,
+}
+
+
+def retrieval_from_pb(options: rpb.RetrievalOptions) -> RetrievalOptions:
+    policy = _POLICY.get(options.on_failure)
+    if policy is None:
+        raise InvalidRequest(
+            "retrieval.on_failure is not a defined policy.", "retrieval.on_failure"
+        )
+    return RetrievalOptions(
+        collection=options.collection,
+        top_k=options.top_k,
+        min_score=options.min_score if options.HasField("min_score") else None,
+        on_failure=policy,
+    )
+
+
+def report_to_pb(report: RetrievalReport) -> rpb.RetrievalReport:
+    return rpb.RetrievalReport(
+        status=_RETRIEVAL_STATUS[report.status],
+        message=report.message,
+        citations=[
+            rpb.Citation(
+                number=c.number,
+                chunk_id=c.chunk_id,
+                document_id=c.document_id,
+                source=c.source,
+                index=c.index,
+                score=c.score,
+            )
+            for c in report.citations
+        ],
+    )
 
 
 def _opt(message: pb.SamplingParams, name: str) -> float | int | None:
@@ -61,6 +114,7 @@ def request_from_pb(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> G
         sampling=sampling,
         request_id=request.request_id,
         labels=dict(request.labels),
+        retrieval=retrieval_from_pb(request.retrieval) if request.HasField("retrieval") else None,
     )
 
 
@@ -69,7 +123,10 @@ def served_by_to_pb(start: StreamStart) -> pb.ServedBy:
 
 
 def start_to_pb(start: StreamStart) -> pb.StreamStart:
-    return pb.StreamStart(request_id=start.request_id, served_by=served_by_to_pb(start))
+    message = pb.StreamStart(request_id=start.request_id, served_by=served_by_to_pb(start))
+    if start.retrieval is not None:
+        message.retrieval.CopyFrom(report_to_pb(start.retrieval))
+    return message
 
 
 def usage_to_pb(usage: Usage) -> pb.Usage:

@@ -38,13 +38,14 @@ from tokenrelay.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from tokenrelay.generation import Delta, FinishReason, GenerationRequest, Usage
+from tokenrelay.generation import Delta, FinishReason, GenerationRequest, RetrievalReport, Usage
 from tokenrelay.logs import bind
 from tokenrelay.metrics import RelayMetrics, outcome_of
 from tokenrelay.orchestrator._admission import AdmissionControl
 from tokenrelay.orchestrator._breaker import Outcome
 from tokenrelay.orchestrator._pool import Lease, NodePool
 from tokenrelay.orchestrator._validate import validate
+from tokenrelay.retrieval._stage import Retriever
 from tokenrelay.templates import ChatTemplate
 from tokenrelay.tracing import inject, tracer
 
@@ -59,6 +60,7 @@ class StreamStart:
     model: str
     node: str
     fallback: bool = False
+    retrieval: RetrievalReport | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,7 @@ class _Plan:
     prompt: str
     request: GenerationRequest
     fallback: bool = False
+    retrieval: RetrievalReport | None = None
 
 
 class _Attempt:
@@ -219,8 +222,10 @@ class Relay:
         pool: NodePool,
         admission: AdmissionControl | None = None,
         metrics: RelayMetrics | None = None,
+        retriever: Retriever | None = None,
     ) -> None:
         self._settings = settings
+        self.retriever = retriever
         self._pool = pool
         self._admission = admission or AdmissionControl(settings.orchestrator.admission)
         self._metrics = metrics or RelayMetrics(m.id for m in settings.models)
@@ -255,7 +260,9 @@ class Relay:
             sampling = dataclasses.replace(sampling, max_tokens=spec.default_max_tokens)
         return _Plan(spec, prompt, dataclasses.replace(request, sampling=sampling), fallback)
 
-    def _plans(self, request: GenerationRequest) -> list[_Plan]:
+    def _plans(
+        self, request: GenerationRequest, retrieval: RetrievalReport | None = None
+    ) -> list[_Plan]:
         """The primary plan, then the fallback's (if any, and if the request fits it)."""
         spec = self._specs.get(request.model)
         if spec is None:
@@ -263,10 +270,11 @@ class Relay:
                 raise InvalidRequest("'model' is required.", "model")
             raise ModelNotFound(request.model)
         request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
-        plans = [self._plan(spec, request, fallback=False)]
+        plans = [dataclasses.replace(self._plan(spec, request, False), retrieval=retrieval)]
         if spec.fallback:
             try:
-                plans.append(self._plan(self._specs[spec.fallback], request, fallback=True))
+                fallback = self._plan(self._specs[spec.fallback], request, fallback=True)
+                plans.append(dataclasses.replace(fallback, retrieval=retrieval))
             except InvalidRequest as exc:
                 log.info(
                     "request does not fit the fallback model",
@@ -291,12 +299,19 @@ class Relay:
         try:
             with tracer().start_as_current_span("tokenrelay.validate"):
                 plans = self._plans(request)
+                if request.retrieval is not None and self.retriever is None:
+                    raise InvalidRequest(
+                        "Retrieval is not enabled on this server (retrieval.store = none).",
+                        "retrieval",
+                    )
             primary = plans[0]
             with bind(request_id=primary.request.request_id, model=primary.spec.id):
                 total = self._settings.orchestrator.timeouts.total_s
                 budget = total if time_budget_s is None else min(total, time_budget_s)
                 deadline = began + budget
                 try:
+                    if request.retrieval is not None and self.retriever is not None:
+                        plans = await self._retrieve(primary, deadline - loop.time())
                     async with self._admission.slot(budget):
                         attempt, first = await self._first_token(plans, deadline, record)
                         record.ttft_s = loop.time() - began
@@ -318,6 +333,22 @@ class Relay:
         finally:
             self._observe(record, loop.time() - began)
             _annotate(trace.get_current_span(), record)
+
+    async def _retrieve(self, primary: _Plan, budget_s: float) -> list[_Plan]:
+        """The retrieval stage, then the plans again with the context in the prompt."""
+        assert self.retriever is not None
+        request = primary.request
+        original = dataclasses.replace(
+            request,
+            sampling=dataclasses.replace(request.sampling, max_tokens=None)
+            if primary.spec.default_max_tokens == request.sampling.max_tokens
+            else request.sampling,
+        )
+        with tracer().start_as_current_span("tokenrelay.retrieval"):
+            augmented, report = await self.retriever.augment(
+                original, primary.spec, request.sampling.max_tokens or 0, budget_s
+            )
+        return self._plans(augmented, report)
 
     def _observe(self, record: _Record, duration_s: float) -> None:
         metrics, label = self._metrics, record.label
@@ -464,7 +495,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         plan = attempt.plan
         pending_start: StreamStart | None = StreamStart(
-            plan.request.request_id, plan.spec.id, attempt.node, plan.fallback
+            plan.request.request_id, plan.spec.id, attempt.node, plan.fallback, plan.retrieval
         )
         outcome, node_down = Outcome.NEUTRAL, False
         delta = first

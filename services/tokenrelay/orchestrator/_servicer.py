@@ -15,6 +15,7 @@ from tokenrelay.orchestrator._convert import (
     finish_to_pb,
     model_to_pb,
     node_to_pb,
+    report_to_pb,
     request_from_pb,
     served_by_to_pb,
     usage_to_pb,
@@ -71,6 +72,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     await _announce(context, chunk.start)
                     response.request_id = chunk.start.request_id
                     response.served_by.CopyFrom(served_by_to_pb(chunk.start))
+                    if chunk.start.retrieval is not None:
+                        response.retrieval.CopyFrom(report_to_pb(chunk.start.retrieval))
                 if chunk.end is not None:
                     response.finish_reason = finish_to_pb(chunk.end.finish_reason)
                     response.usage.CopyFrom(usage_to_pb(chunk.end.usage))

@@ -22,9 +22,10 @@ import grpc
 from opentelemetry.trace import Span
 
 from tokenrelay.errors import (
+    AlreadyExists,
     GenerationFailed,
     InvalidRequest,
-    ModelNotFound,
+    NotFound,
     Overloaded,
     RelayError,
     Unauthenticated,
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 
 # Most specific first: the first matching class wins.
 STATUS: tuple[tuple[type[RelayError], grpc.StatusCode], ...] = (
-    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -96,16 +98,14 @@ def _request_fields(request: Any) -> dict[str, str]:
 
 
 @contextmanager
-def _border(method: str, request: Any, context: Any) -> Iterator[Span]:
+def _border(service: str, method: str, request: Any, context: Any) -> Iterator[Span]:
     """The call's server span (continuing the caller's traceparent) and log fields."""
     fields = _request_fields(request)
-    attributes = {"rpc.system": "grpc", "rpc.service": _SERVICE, "rpc.method": method}
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
     if fields:
         attributes["tokenrelay.request_id"] = fields["request_id"]
     with (
-        server_span(
-            f"{_SERVICE}/{method}", context.invocation_metadata() or (), attributes
-        ) as span,
+        server_span(f"{service}/{method}", context.invocation_metadata() or (), attributes) as span,
         bind(**fields, trace_id=current_trace_id()),
     ):
         yield span
@@ -120,6 +120,11 @@ def _mark(span: Span, exc: BaseException) -> None:
         mark_error(span, "failed", "internal error")
 
 
+def _service(servicer: Any) -> str:
+    """The full gRPC service name of a servicer (``service_name``, else GenerationService)."""
+    return str(getattr(servicer, "service_name", _SERVICE))
+
+
 def grpc_errors(method: M) -> M:
     """Map exceptions raised by a servicer method to gRPC status (see module docstring), inside
     the call's server span."""
@@ -128,7 +133,7 @@ def grpc_errors(method: M) -> M:
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-            with _border(name, request, context) as span:
+            with _border(_service(self), name, request, context) as span:
                 try:
                     async with aclosing(method(self, request, context)) as messages:
                         async for message in messages:
@@ -146,7 +151,7 @@ def grpc_errors(method: M) -> M:
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: Any) -> Any:
-        with _border(name, request, context) as span:
+        with _border(_service(self), name, request, context) as span:
             try:
                 return await method(self, request, context)
             except grpc.aio.AbortError:

@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
@@ -172,6 +173,10 @@ class TritonNode:
             ],
         )
         self._outputs = [InferRequestedOutput(name) for name in _OUTPUTS]
+        self._embed_outputs = [
+            InferRequestedOutput("embedding"),
+            InferRequestedOutput("num_tokens"),
+        ]
 
     @property
     def name(self) -> str:
@@ -238,6 +243,26 @@ class TritonNode:
             # Cancels the Triton request when we stop early (caller gone, watchdog, error);
             # a no-op once the stream has ended.
             stream.cancel()
+
+    async def embed(
+        self, model: str, texts: Sequence[str], request_id: str, timeout_s: float
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """One request to an embedding model (``triton_models/minilm``'s contract): input
+        ``text`` [n] → ``embedding`` [n, d], ``num_tokens`` [n]."""
+        tensor = InferInput("text", [len(texts)], "BYTES")
+        tensor.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=object))
+        try:
+            with _translate(self._address):
+                result = await self._client.infer(
+                    model,
+                    [tensor],
+                    outputs=self._embed_outputs,
+                    request_id=request_id,
+                    client_timeout=timeout_s,
+                )
+        except GenerationFailed as exc:
+            raise GenerationFailed("The embedding model failed.") from exc
+        return result.as_numpy("embedding"), result.as_numpy("num_tokens")
 
     async def close(self) -> None:
         await self._client.close()

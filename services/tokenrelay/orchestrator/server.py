@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Mapping
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -24,15 +25,35 @@ from tokenrelay.metrics import CONTENT_TYPE
 from tokenrelay.orchestrator._auth import InternalSecretInterceptor
 from tokenrelay.orchestrator._pool import NodePool, Placement
 from tokenrelay.orchestrator._relay import Relay
+from tokenrelay.orchestrator._retrieval import EmbeddingServicer, RetrievalServicer
 from tokenrelay.orchestrator._servicer import GenerationServicer
 from tokenrelay.orchestrator._triton import TritonNode, TritonTLS
-from tokenrelay.v1 import generation_pb2, generation_pb2_grpc
+from tokenrelay.retrieval._embedder import Embedder, EmbeddingSource
+from tokenrelay.retrieval._stage import Retriever
+from tokenrelay.retrieval._types import VectorStore
+from tokenrelay.v1 import generation_pb2, generation_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "Orchestrator", "serve"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+_RETRIEVAL_SERVICES = tuple(s.full_name for s in retrieval_pb2.DESCRIPTOR.services_by_name.values())
+
+
+def make_store(settings: Settings) -> VectorStore | None:
+    """The configured vector store (None when retrieval is off). Opens on first use."""
+    retrieval = settings.retrieval
+    if retrieval.store == "qdrant":
+        from tokenrelay.retrieval._qdrant import QdrantStore
+
+        return QdrantStore(path=retrieval.qdrant_path, url=retrieval.qdrant_url)
+    if retrieval.store == "pgvector":
+        from tokenrelay.retrieval._pgvector import PgVectorStore
+
+        assert settings.secrets.postgres_dsn is not None  # checked when the settings load
+        return PgVectorStore(settings.secrets.postgres_dsn.value)
+    return None
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
@@ -48,17 +69,25 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
 
 class Orchestrator:
     def __init__(
-        self, settings: Settings, sources: Mapping[str, TokenSource] | None = None
+        self,
+        settings: Settings,
+        sources: Mapping[str, TokenSource] | None = None,
+        embedding_sources: Sequence[EmbeddingSource] | None = None,
+        store: VectorStore | None = None,
     ) -> None:
         """``sources`` maps node names to token sources; by default a ``TritonNode`` for each
-        configured endpoint (tests pass fakes)."""
+        configured endpoint (tests pass fakes). ``embedding_sources``: the nodes of the
+        embedding model (default: ``TritonNode``s of ``embeddings.nodes``); ``store``: the
+        vector store (default: as configured)."""
         self._settings = settings
         orchestrator = settings.orchestrator
         placement = {
             m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in settings.models
         }
+        embedding_nodes = settings.nodes_for(settings.embeddings)
         if sources is None:
             addresses = {a for where in placement.values() for a in where.nodes}
+            addresses.update(embedding_nodes)
             sources = {
                 a: TritonNode(
                     a,
@@ -73,6 +102,13 @@ class Orchestrator:
                 for a in sorted(addresses)
             }
         self._sources = dict(sources)
+        if embedding_sources is None:
+            embedding_sources = [
+                typing.cast(EmbeddingSource, self._sources[a])
+                for a in embedding_nodes
+                if isinstance(self._sources.get(a), TritonNode)
+            ]
+        self._store = store if store is not None else make_store(settings)
         self._health = health.aio.HealthServicer()
         self._pool = NodePool(
             self._sources,
@@ -82,6 +118,15 @@ class Orchestrator:
             affinity_slack=orchestrator.routing.affinity_slack,
         )
         self._relay = Relay(settings, self._pool)
+        self._embedder = (
+            Embedder(settings.embeddings, embedding_sources, self._relay.metrics)
+            if embedding_sources
+            else None
+        )
+        if self._store is not None and self._embedder is not None:
+            self._relay.retriever = Retriever(
+                settings, self._embedder, self._store, self._relay.metrics
+            )
         admission_control = self._relay.admission
         self._relay.metrics.watch(
             lambda: admission_control.running, lambda: admission_control.queued, self._pool.status
@@ -122,9 +167,17 @@ class Orchestrator:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(self._relay, self._pool), self._server
         )
+        if self._embedder is not None:
+            retrieval_pb2_grpc.add_EmbeddingServiceServicer_to_server(
+                EmbeddingServicer(self._embedder), self._server
+            )
+        retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(
+            RetrievalServicer(self._relay.retriever), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (SERVICE_NAME, *_RETRIEVAL_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._server,
         )
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -179,6 +232,8 @@ class Orchestrator:
             self._probe = None
         for source in self._sources.values():
             await source.close()
+        if self._store is not None:
+            await self._store.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None

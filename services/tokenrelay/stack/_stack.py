@@ -262,6 +262,8 @@ class Stack:
         )
         if self.config is not None:
             env["TOKENRELAY_CONFIG"] = str(self.config)
+        # Qdrant's embedded data lives with the stack (one process per directory).
+        env.setdefault("TOKENRELAY_QDRANT_PATH", str(self.workdir / "qdrant"))
         env.update(self.extra_env)
         return env
 
