@@ -24,6 +24,7 @@ WANTED = (
     "ListModelsResponse",
     "Model",
     "ErrorResponse",
+    "CreateEmbeddingResponse",
 )
 PREFIX = "#/components/schemas/"
 

@@ -3,9 +3,12 @@
     tokenrelay chat "What is Triton?"                     # through the edge (OpenAI API, SSE)
     tokenrelay chat --grpc 127.0.0.1:50051 "Hello"        # straight from the orchestrator
     tokenrelay chat                                        # a conversation, one line per turn
+    tokenrelay chat --collection handbook "How do I ...?"  # answer from ingested documents
+    tokenrelay ingest docs/ --collection handbook          # see tokenrelay.ingest
 
 The answer streams to stdout; a summary (model and node that served, time to first token,
-tokens, tokens/s) goes to stderr. ``TOKENRELAY_API_KEY`` (edge) and ``TOKENRELAY_INTERNAL_SECRET``
+tokens, tokens/s) goes to stderr, and with ``--collection`` the retrieved passages the answer was
+given ([n], source, score). ``TOKENRELAY_API_KEY`` (edge) and ``TOKENRELAY_INTERNAL_SECRET``
 (orchestrator) are sent when set. Exit status: 0 answered, 1 refused or failed (the error's
 message on stderr), 2 bad usage.
 """
@@ -19,11 +22,12 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import grpc
 
+from tokenrelay import ingest
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 
@@ -42,6 +46,8 @@ class Served:
     node: str = ""
     fallback: bool = False
     completion_tokens: int = 0
+    citations: list[str] = field(default_factory=list)
+    retrieval: str = ""
 
 
 async def _http(
@@ -58,6 +64,8 @@ async def _http(
     }
     if args.max_tokens is not None:
         body["max_tokens"] = args.max_tokens
+    if args.collection:
+        body["retrieval"] = {"collection": args.collection}
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
@@ -80,6 +88,13 @@ async def _http(
                 if event == "error":
                     raise ChatError(data["error"]["message"])
                 served.model = data.get("model", served.model)
+                if "retrieval" in data:
+                    report = data["retrieval"]
+                    served.retrieval = report.get("message") or report["status"]
+                    served.citations = [
+                        f"[{c['number']}] {c['source']} (score {c['score']:.2f})"
+                        for c in report["citations"]
+                    ]
                 if data.get("usage"):
                     served.completion_tokens = data["usage"]["completion_tokens"]
                 for choice in data.get("choices", []):
@@ -102,6 +117,8 @@ async def _grpc(
     )
     if args.max_tokens is not None:
         request.sampling.max_tokens = args.max_tokens
+    if args.collection:
+        request.retrieval.collection = args.collection
     async with grpc.aio.insecure_channel(args.grpc) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         try:
@@ -111,6 +128,13 @@ async def _grpc(
                 if message.HasField("start"):
                     by = message.start.served_by
                     served.model, served.node, served.fallback = by.model, by.node, by.fallback
+                    if message.start.HasField("retrieval"):
+                        report = message.start.retrieval
+                        served.retrieval = report.message or str(report.status)
+                        served.citations = [
+                            f"[{c.number}] {c.source} (score {c.score:.2f})"
+                            for c in report.citations
+                        ]
                 if message.HasField("end"):
                     served.completion_tokens = message.end.usage.completion_tokens
                 if message.text:
@@ -141,6 +165,11 @@ async def _turn(args: argparse.Namespace, messages: list[dict[str, str]]) -> str
         f" {rate:.0f} tokens/s]",
         file=sys.stderr,
     )
+    if args.collection:
+        print(
+            "sources: " + ("; ".join(served.citations) or f"none ({served.retrieval})"),
+            file=sys.stderr,
+        )
     return "".join(pieces)
 
 
@@ -181,7 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--timeout", type=float, default=600.0)
+    chat.add_argument("--collection", help="answer from this retrieval collection")
+    ingest.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "ingest":
+        sys.exit(ingest.run(args))
     args.url = args.url.rstrip("/")
     try:
         sys.exit(asyncio.run(_chat(args)))

@@ -241,6 +241,9 @@ class Retrieval:
     on_failure: str = "answer"  # answer (without context, and say so) or fail
     default_top_k: int = 4
     max_top_k: int = 32
+    # Chunks less similar to the question than this are left out when a request names no
+    # min_score (all-MiniLM-L6-v2: unrelated text scores about 0-0.2, related 0.4 and up).
+    min_score: float = 0.2
     # At most this share of the model's context window goes to retrieved chunks; the prompt,
     # max_tokens and a margin are always left room.
     context_share: float = 0.5
@@ -449,6 +452,8 @@ def _check(settings: Settings) -> None:
         raise ValueError("retrieval.store = pgvector needs TOKENRELAY_POSTGRES_DSN")
     if retrieval.on_failure not in {"answer", "fail"}:
         raise ValueError(f"retrieval.on_failure: answer or fail, not {retrieval.on_failure!r}")
+    if not -1 <= retrieval.min_score <= 1:
+        raise ValueError("retrieval.min_score: must be in [-1, 1]")
     if not 1 <= retrieval.default_top_k <= retrieval.max_top_k:
         raise ValueError("retrieval: 1 ≤ default_top_k ≤ max_top_k")
     if not 0 < retrieval.context_share <= 1 or retrieval.timeout_s <= 0:

@@ -7,28 +7,40 @@ orchestrator's to check, so gRPC and HTTP callers meet the same rules and messag
 Unknown-field policy: fields this edge does not know are ignored, as OpenAI-compatible servers do
 (clients such as LiteLLM and ADK add their own). Known fields that ask for something tokenrelay
 does not do (``n`` > 1, ``logprobs``, a non-text ``response_format``) are refused with a 400.
+
+Extension: ``retrieval`` (an object: ``collection``, ``top_k``, ``min_score``, ``on_failure``)
+asks for retrieval-augmented generation; the answer then carries a ``retrieval`` object (status
+and citations) in the response, or in the first chunk of a stream. With the OpenAI SDK it goes in
+``extra_body`` and comes back in ``model_extra``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.v1 import retrieval_pb2 as rpb
 
 __all__ = [
+    "EmbeddingsRequest",
     "ParsedRequest",
     "chat_chunk",
     "chat_completion",
     "completion",
     "completion_chunk",
+    "embeddings_response",
     "finish_reason",
     "loads",
     "parse_chat",
     "parse_completion",
+    "parse_embeddings",
+    "retrieval_json",
     "usage",
 ]
 
@@ -140,6 +152,113 @@ def _sampling(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> pb.Sam
     return sampling
 
 
+_POLICIES = {
+    "answer": rpb.RETRIEVAL_FAILURE_POLICY_ANSWER_WITHOUT_CONTEXT,
+    "fail": rpb.RETRIEVAL_FAILURE_POLICY_FAIL,
+}
+_STATUSES = {
+    rpb.RETRIEVAL_STATUS_USED: "used",
+    rpb.RETRIEVAL_STATUS_EMPTY: "empty",
+    rpb.RETRIEVAL_STATUS_FAILED: "failed",
+}
+
+
+def _retrieval(body: dict[str, Any]) -> rpb.RetrievalOptions | None:
+    value = body.get("retrieval")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _type_error("retrieval", "an object")
+    collection = value.get("collection")
+    if not isinstance(collection, str):
+        raise _type_error("retrieval.collection", "a string")
+    options = rpb.RetrievalOptions(collection=collection)
+    top_k = _integer(value, "top_k", _INT32)
+    if top_k is not None:
+        if top_k < 1:
+            raise InvalidRequest("'retrieval.top_k' must be at least 1.", "retrieval.top_k")
+        options.top_k = top_k
+    min_score = _number(value, "min_score")
+    if min_score is not None:
+        options.min_score = min_score
+    policy = value.get("on_failure")
+    if policy is not None:
+        if policy not in _POLICIES:
+            raise InvalidRequest(
+                "'retrieval.on_failure' must be 'answer' or 'fail'.", "retrieval.on_failure"
+            )
+        options.on_failure = _POLICIES[policy]
+    return options
+
+
+def retrieval_json(report: rpb.RetrievalReport) -> dict[str, Any]:
+    """The ``retrieval`` object of an answer: status, citations (and why it failed)."""
+    body: dict[str, Any] = {
+        "status": _STATUSES.get(report.status, "failed"),
+        "citations": [
+            {
+                "number": c.number,
+                "chunk_id": c.chunk_id,
+                "document_id": c.document_id,
+                "source": c.source,
+                "index": c.index,
+                "score": round(c.score, 6),
+            }
+            for c in report.citations
+        ],
+    }
+    if report.message:
+        body["message"] = report.message
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingsRequest:
+    model: str
+    inputs: list[str]
+    base64: bool
+    dimensions: int | None  # when given, it must be the model's
+
+
+def parse_embeddings(body: dict[str, Any]) -> EmbeddingsRequest:
+    """A ``/v1/embeddings`` body; raises ``InvalidRequest`` naming the field."""
+    model = _model(body)
+    value = body.get("input")
+    if isinstance(value, str):
+        inputs = [value]
+    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        inputs = list(value)
+    elif isinstance(value, list) and value:
+        raise InvalidRequest(
+            "'input' must be a string or an array of strings (token arrays are not supported).",
+            "input",
+        )
+    else:
+        raise _type_error("input", "a string or a non-empty array of strings")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
+    dimensions = _integer(body, "dimensions", _INT32)
+    return EmbeddingsRequest(model, inputs, encoding == "base64", dimensions)
+
+
+def embeddings_response(model: str, response: rpb.EmbedResponse, as_base64: bool) -> dict[str, Any]:
+    data = []
+    for i, embedding in enumerate(response.embeddings):
+        values: Any = list(embedding.values)
+        if as_base64:  # little-endian float32, as OpenAI encodes it
+            packed = struct.pack(f"<{len(values)}f", *values)
+            values = base64.b64encode(packed).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": values})
+    tokens = response.prompt_tokens
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     n = _integer(body, "n", _INT32)
     if n is not None and n != 1:
@@ -224,6 +343,7 @@ def parse_chat(body: dict[str, Any], request_id: str) -> ParsedRequest:
         chat=pb.Chat(messages=messages),
         sampling=_sampling(body, ("max_completion_tokens", "max_tokens")),
         request_id=request_id,
+        retrieval=_retrieval(body),
     )
     return ParsedRequest(request, stream, include_usage)
 
@@ -241,7 +361,11 @@ def parse_completion(body: dict[str, Any], request_id: str) -> ParsedRequest:
         raise InvalidRequest("suffix is not supported.", "suffix")
     stream, include_usage = _stream_flags(body)
     request = pb.GenerateStreamRequest(
-        model=model, prompt=prompt, sampling=_sampling(body, ("max_tokens",)), request_id=request_id
+        model=model,
+        prompt=prompt,
+        sampling=_sampling(body, ("max_tokens",)),
+        request_id=request_id,
+        retrieval=_retrieval(body),
     )
     return ParsedRequest(request, stream, include_usage)
 

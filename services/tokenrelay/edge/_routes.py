@@ -27,11 +27,18 @@ from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._errors import error_body
 from tokenrelay.edge._sse import SSEWriter
 from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STATE, UPSTREAM
-from tokenrelay.errors import GenerationFailed, ModelNotFound, RelayError, UpstreamUnavailable
+from tokenrelay.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    ModelNotFound,
+    RelayError,
+    UpstreamUnavailable,
+)
 from tokenrelay.logs import bind
 from tokenrelay.metrics import CONTENT_TYPE
 from tokenrelay.tracing import inject
 from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.v1 import retrieval_pb2 as rpb
 
 __all__ = ["routes"]
 
@@ -45,7 +52,7 @@ class _Shape(Protocol):
     @property
     def model(self) -> str: ...
 
-    def opening(self) -> list[dict[str, Any]]: ...
+    def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]: ...
     def text(self, text: str) -> dict[str, Any]: ...
     def end(self, finish: str) -> dict[str, Any]: ...
     def usage(self, usage: pb.Usage) -> dict[str, Any]: ...
@@ -59,9 +66,12 @@ class _Chat:
     model: str
     with_usage: bool
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
         delta = {"role": "assistant", "content": ""}
-        return [oa.chat_chunk(self.id, self.created, self.model, delta, None, self.with_usage)]
+        chunk = oa.chat_chunk(self.id, self.created, self.model, delta, None, self.with_usage)
+        if retrieval is not None:
+            chunk["retrieval"] = retrieval
+        return [chunk]
 
     def text(self, text: str) -> dict[str, Any]:
         return oa.chat_chunk(
@@ -88,8 +98,12 @@ class _Completion:
     model: str
     with_usage: bool
 
-    def opening(self) -> list[dict[str, Any]]:
-        return []
+    def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
+        if retrieval is None:
+            return []
+        chunk = oa.completion_chunk(self.id, self.created, self.model, "", None)
+        chunk["retrieval"] = retrieval
+        return [chunk]
 
     def text(self, text: str) -> dict[str, Any]:
         return oa.completion_chunk(self.id, self.created, self.model, text, None)
@@ -210,6 +224,7 @@ async def _stream(
     first: pb.GenerateStreamResponse,
     headers: dict[str, str],
     include_usage: bool,
+    retrieval: dict[str, Any] | None,
 ) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     sse = await SSEWriter.open(request, headers)
@@ -219,7 +234,7 @@ async def _stream(
     # Events of messages that arrived together go out in one write; nothing waits for company,
     # so the first token is never delayed (when the client or the loop is slower than the
     # model, several deltas pile up and cost one write instead of one each).
-    frames = [sse.frame(chunk) for chunk in shape.opening()]
+    frames = [sse.frame(chunk) for chunk in shape.opening(retrieval)]
     try:
         message = first
         while True:
@@ -290,8 +305,14 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
             headers = {}
             if first.start.served_by.fallback:
                 headers["x-tokenrelay-fallback"] = model
+            retrieval = None
+            if first.start.HasField("retrieval"):
+                retrieval = oa.retrieval_json(first.start.retrieval)
+                headers["x-tokenrelay-retrieval"] = retrieval["status"]
             if parsed.stream:
-                return await _stream(request, messages, shape, first, headers, parsed.include_usage)
+                return await _stream(
+                    request, messages, shape, first, headers, parsed.include_usage, retrieval
+                )
             texts = []
             message = first
             while True:
@@ -300,6 +321,8 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
                     break
                 message = await _next(messages)
             answer = shape.whole("".join(texts), _finish(message.end), message.end.usage)
+            if retrieval is not None:
+                answer["retrieval"] = retrieval
             span.set_attributes(_genai_response(model, message.end))
             return web.json_response(answer, headers=headers)
         finally:
@@ -314,6 +337,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, chat=False)
+
+
+@routes.post("/v1/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    """Vectors from the embedding model in Triton (OpenAI ``createEmbedding``)."""
+    settings = request.app[SETTINGS]
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout() from None
+    parsed = oa.parse_embeddings(oa.loads(raw))
+    with bind(request_id=request[REQUEST_ID], model=parsed.model):
+        response = await request.app[UPSTREAM].embed(
+            rpb.EmbedRequest(model=parsed.model, input=parsed.inputs),
+            _budget(request, settings),
+            metadata=[("x-request-id", request[REQUEST_ID]), *inject()],
+        )
+    size = len(response.embeddings[0].values) if response.embeddings else 0
+    if parsed.dimensions is not None and parsed.dimensions != size:
+        raise InvalidRequest(
+            f"'{response.model}' makes embeddings of {size} dimensions only.", "dimensions"
+        )
+    return web.json_response(oa.embeddings_response(response.model, response, parsed.base64))
 
 
 def _model_json(model: pb.Model) -> dict[str, Any]:

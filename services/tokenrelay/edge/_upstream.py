@@ -20,7 +20,7 @@ from tokenrelay.config import EdgeSettings
 from tokenrelay.errors import (
     GenerationFailed,
     InvalidRequest,
-    ModelNotFound,
+    NotFound,
     Overloaded,
     RelayError,
     UpstreamTimeout,
@@ -30,12 +30,16 @@ from tokenrelay.generation import Usage
 from tokenrelay.security import Secret
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+from tokenrelay.v1 import retrieval_pb2 as rpb
+from tokenrelay.v1 import retrieval_pb2_grpc as rpb_grpc
 
 __all__ = ["OrchestratorClient"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+# Words of the orchestrator's own UNAVAILABLE messages (meant for clients).
+_OWN_UNAVAILABLE = ("inference", "retrieval", "vector store", "embedding")
 
 
 def _translate(exc: grpc.aio.AioRpcError) -> RelayError:
@@ -49,7 +53,9 @@ def _translate(exc: grpc.aio.AioRpcError) -> RelayError:
             details, param=str(param) if param else None, code=error_code and str(error_code)
         )
     if code == grpc.StatusCode.NOT_FOUND:
-        return ModelNotFound("", details)
+        return NotFound(
+            details, param=str(param) if param else None, code=error_code and str(error_code)
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         retry = trailing.get("retry-after", "1")
         return Overloaded(details or "The service is at capacity.", float(str(retry)))
@@ -62,7 +68,9 @@ def _translate(exc: grpc.aio.AioRpcError) -> RelayError:
         # The orchestrator's own UNAVAILABLE messages speak of inference nodes and are meant for
         # clients; gRPC's transport messages ("failed to connect to all addresses; ...") name
         # internal addresses and are replaced.
-        if code == grpc.StatusCode.UNAVAILABLE and "inference" in details.lower():
+        if code == grpc.StatusCode.UNAVAILABLE and any(
+            word in details.lower() for word in _OWN_UNAVAILABLE
+        ):
             return UpstreamUnavailable(details)
         return UpstreamUnavailable("The service is temporarily unavailable.")
     log.error("orchestrator error", extra={"fields": {"grpc_code": code.name, "details": details}})
@@ -117,6 +125,7 @@ class OrchestratorClient:
             (("authorization", f"Bearer {secret.value}"),) if secret else ()
         )
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._embeddings = rpb_grpc.EmbeddingServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def stream(
@@ -135,6 +144,15 @@ class OrchestratorClient:
                     yield message
         finally:
             call.cancel()
+
+    async def embed(
+        self, request: rpb.EmbedRequest, timeout_s: float, metadata: Sequence[tuple[str, str]] = ()
+    ) -> rpb.EmbedResponse:
+        with _translated():
+            response: rpb.EmbedResponse = await self._embeddings.Embed(
+                request, timeout=timeout_s, metadata=(*metadata, *self._auth)
+            )
+        return response
 
     async def list_models(self, timeout_s: float) -> list[pb.Model]:
         with _translated():

@@ -141,6 +141,9 @@ class Orchestrator:
         self._server = grpc.aio.server(
             interceptors=[InternalSecretInterceptor(secret)] if secret else [],
             maximum_concurrent_rpcs=admission.max_concurrent + admission.max_queue + 64,
+            # gRPC sets SO_REUSEPORT by default: a second orchestrator on a taken port would
+            # start and silently share its connections. Refuse the port instead.
+            options=[("grpc.so_reuseport", 0)],
         )
         self._probe: asyncio.Task[None] | None = None
         self._draining = False

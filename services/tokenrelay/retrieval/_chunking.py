@@ -4,7 +4,8 @@ Text is cut at the strongest boundary that makes pieces short enough — Markdow
 blank lines, lines, sentences, words, and characters as a last resort — and the pieces are packed
 into chunks of at most ``size`` characters. Each chunk after the first begins with the last
 pieces of the one before, up to ``overlap`` characters, so a fact that straddles a cut is whole in
-at least one chunk.
+at least one chunk. A Markdown heading always starts a new chunk, without overlap: a section's
+chunks never begin with the end of another section.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 
 __all__ = ["split_text"]
 
+_HEADING = re.compile(r"^#{1,6} ")
 _SEPARATORS = (
     re.compile(r"(?m)(?=^#{1,6} )"),  # before a Markdown heading
     re.compile(r"(?<=\n\n)"),  # after a blank line
@@ -43,6 +45,9 @@ def split_text(text: str, size: int = 1000, overlap: int = 200) -> list[str]:
     window: list[str] = []
     length = 0
     for piece in _pieces(text, size):
+        if window and _HEADING.match(piece):
+            chunks.append("".join(window).strip())
+            window, length = [], 0
         if window and length + len(piece) > size:
             chunks.append("".join(window).strip())
             # Keep the tail of the window as the next chunk's overlap.

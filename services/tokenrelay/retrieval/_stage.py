@@ -226,7 +226,7 @@ class Retriever:
                 options.collection,
                 embedded.vectors[0],
                 self._top_k(options.top_k),
-                options.min_score,
+                self._settings.min_score if options.min_score is None else options.min_score,
             )
 
     def _place(
