@@ -12,6 +12,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -131,6 +133,30 @@ class FakeSource:
 
     async def close(self) -> None:
         self.closed = True
+
+
+WORDS = ("zorblatt", "quenvik", "veltrax", "toaster", "marmot", "banana")
+
+
+class FakeEmbedder:
+    """Bag-of-known-words vectors: texts sharing words are similar, others orthogonal."""
+
+    name = "fake-embedder"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    async def embed(
+        self, model: str, texts: Sequence[str], request_id: str, timeout_s: float
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        self.calls.append(len(texts))
+        vectors = np.zeros((len(texts), 8), np.float32)
+        for i, text in enumerate(texts):
+            for j, word in enumerate(WORDS):
+                vectors[i, j] = text.lower().count(word)
+            vectors[i, 7] = 0.01
+            vectors[i] /= np.linalg.norm(vectors[i])
+        return vectors, np.array([len(t.split()) for t in texts], np.uint32)
 
 
 def unavailable() -> UpstreamUnavailable:

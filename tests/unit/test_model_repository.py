@@ -103,7 +103,7 @@ def test_gpu_model_is_a_vllm_backend_model_the_cpu_stack_never_loads() -> None:
         "tensor_parallel_size",
         "disable_log_stats",
     }
-    assert cpu_models(MODELS) == ("smollm2", "synthetic")
+    assert cpu_models(MODELS) == ("minilm", "smollm2", "synthetic")
 
 
 def test_gpu_catalog_matches_the_vllm_model() -> None:

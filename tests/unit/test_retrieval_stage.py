@@ -9,11 +9,10 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 import pytest
 
-from _support import FakeSource
+from _support import FakeEmbedder, FakeSource
 from tokenrelay.config import ModelSpec, OrchestratorSettings, Retrieval, Settings
 from tokenrelay.errors import (
     CollectionNotFound,
@@ -33,29 +32,6 @@ from tokenrelay.retrieval._types import (
     StoredChunk,
     StoreUnavailable,
 )
-
-WORDS = ("zorblatt", "quenvik", "veltrax", "toaster", "marmot", "banana")
-
-
-class WordEmbedder:
-    """Bag-of-known-words vectors: texts sharing words are similar, others orthogonal."""
-
-    name = "fake-embedder"
-
-    def __init__(self) -> None:
-        self.calls: list[int] = []
-
-    async def embed(
-        self, model: str, texts: Sequence[str], request_id: str, timeout_s: float
-    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        self.calls.append(len(texts))
-        vectors = np.zeros((len(texts), 8), np.float32)
-        for i, text in enumerate(texts):
-            for j, word in enumerate(WORDS):
-                vectors[i, j] = text.lower().count(word)
-            vectors[i, 7] = 0.01
-            vectors[i] /= np.linalg.norm(vectors[i])
-        return vectors, np.array([len(t.split()) for t in texts], np.uint32)
 
 
 class MemoryStore:
@@ -131,7 +107,7 @@ async def _stack(
     )
     metrics = RelayMetrics(["m"])
     embedder = Embedder(
-        dataclasses.replace(settings.embeddings, dimensions=8), [WordEmbedder()], metrics
+        dataclasses.replace(settings.embeddings, dimensions=8), [FakeEmbedder()], metrics
     )
     retriever = Retriever(settings, embedder, store, metrics)
     pool = NodePool({source.name: source}, {"m": Placement("m", (source.name,))})

@@ -82,7 +82,8 @@ class QdrantStore:
                     size=dimensions, distance=models.Distance.COSINE
                 ),
             )
-            client.create_payload_index(name, "document_id", models.PayloadSchemaType.KEYWORD)
+            if self._url:  # a server filters by document through the index; local mode scans
+                client.create_payload_index(name, "document_id", models.PayloadSchemaType.KEYWORD)
             return True
 
         return await self._run(create)
