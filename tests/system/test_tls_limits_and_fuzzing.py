@@ -41,10 +41,11 @@ CHAT = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "
 
 
 def _fast_repository(tmp: Path) -> Path:
-    """The synthetic model without its pause between tokens: fuzzed requests may ask for
-    thousands of tokens."""
+    """The synthetic model without its pause between tokens (fuzzed requests may ask for
+    thousands of tokens), and the embedding model."""
     repository = tmp / "fast_models"
     shutil.copytree(REPO / "triton_models" / "synthetic", repository / "synthetic")
+    shutil.copytree(REPO / "triton_models" / "minilm", repository / "minilm")
     config = repository / "synthetic" / "config.pbtxt"
     config.write_text(
         config.read_text().replace(
@@ -195,7 +196,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with Stack(
         _fast_repository(folder),
         StackPorts.free(),
-        models=("synthetic",),
+        models=("synthetic", "minilm"),
         config=config,
         env={"TOKENRELAY_API_KEY": API_KEY},
     ) as stack:
@@ -320,7 +321,7 @@ def test_schemathesis_finds_no_5xx_and_only_openai_shaped_errors(guarded: Stack)
                 run()
             operations.add(operation.label)
     print(f"schemathesis: {sum(statuses.values())} requests, statuses {sorted(statuses.items())}")
-    assert len(operations) == 8
+    assert len(operations) == 9
     assert statuses[200] >= 20 and statuses[400] >= 10, statuses  # both paths were reached
     assert not [s for s in statuses if s >= 500], statuses
     assert _chat(guarded) == 200  # and a well-formed request still succeeds

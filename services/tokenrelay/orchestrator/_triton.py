@@ -62,6 +62,8 @@ _CONTEXT_PHRASES = ("context window", "maximum context length")
 # SamplingParams checks). The orchestrator validates first, so these mean the two layers
 # disagree; the request still gets a 400, and the node is not blamed for it (a client must not
 # be able to open a node's breaker by sending requests the model refuses).
+# Triton's words for a model it does not serve (not in the repository, not loaded, not ready).
+_NOT_LOADED = ("unknown model", "no available versions", "not ready", "not found")
 _REFUSAL_PHRASES = (
     "sampling parameter",
     "sampling_parameters",
@@ -97,7 +99,7 @@ def _stream_error(message: str, address: str) -> RelayError:
     if any(phrase in lowered for phrase in _REFUSAL_PHRASES):
         log.warning("model refused the request", extra={"fields": {"upstream_error": message}})
         return InvalidRequest("The model refused the request's parameters.")
-    if "unknown model" in lowered or "no available versions" in lowered or "not ready" in lowered:
+    if any(phrase in lowered for phrase in _NOT_LOADED):
         log.warning("node cannot serve the model", extra={"fields": {"node": address}})
         return UpstreamUnavailable("The model is not loaded on the inference node.")
     log.error("model error", extra={"fields": {"node": address, "upstream_error": message}})
@@ -261,6 +263,11 @@ class TritonNode:
                     client_timeout=timeout_s,
                 )
         except GenerationFailed as exc:
+            upstream = str(exc.__cause__).lower()
+            if any(phrase in upstream for phrase in _NOT_LOADED):
+                raise UpstreamUnavailable(
+                    "The embedding model is not loaded on the inference node."
+                ) from exc
             raise GenerationFailed("The embedding model failed.") from exc
         return result.as_numpy("embedding"), result.as_numpy("num_tokens")
 
