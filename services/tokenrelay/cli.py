@@ -30,10 +30,16 @@ import grpc
 from tokenrelay import ingest
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+from tokenrelay.v1 import retrieval_pb2 as rpb
 
 __all__ = ["main"]
 
 _ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+_STATUS = {
+    rpb.RETRIEVAL_STATUS_USED: "used",
+    rpb.RETRIEVAL_STATUS_EMPTY: "nothing relevant found",
+    rpb.RETRIEVAL_STATUS_FAILED: "failed",
+}
 
 
 class ChatError(Exception):
@@ -91,6 +97,8 @@ async def _http(
                 if "retrieval" in data:
                     report = data["retrieval"]
                     served.retrieval = report.get("message") or report["status"]
+                    if served.retrieval == "empty":
+                        served.retrieval = "nothing relevant found"
                     served.citations = [
                         f"[{c['number']}] {c['source']} (score {c['score']:.2f})"
                         for c in report["citations"]
@@ -130,7 +138,7 @@ async def _grpc(
                     served.model, served.node, served.fallback = by.model, by.node, by.fallback
                     if message.start.HasField("retrieval"):
                         report = message.start.retrieval
-                        served.retrieval = report.message or str(report.status)
+                        served.retrieval = report.message or _STATUS.get(report.status, "")
                         served.citations = [
                             f"[{c.number}] {c.source} (score {c.score:.2f})"
                             for c in report.citations

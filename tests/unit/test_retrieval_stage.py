@@ -167,6 +167,11 @@ async def test_the_best_chunks_go_into_the_question_with_numbered_citations() ->
         "Question: What is the capital of Zorblatt?"
     )
     assert "banana" not in prompt  # below the default min_score
+    metrics = relay.metrics
+    assert metrics.retrievals.labels("memory", "used")._value.get() == 1
+    assert metrics.retrieved_chunks.labels("memory")._value.get() == 1
+    assert metrics.embedded_texts.labels("query")._value.get() == 1
+    assert metrics.embedded_texts.labels("ingest")._value.get() == len(FACTS)
 
 
 async def test_the_context_budget_leaves_room_for_the_answer() -> None:
@@ -211,6 +216,7 @@ async def test_a_failing_store_follows_the_policy(policy: str) -> None:
     assert report is not None and report.status == "failed" and report.citations == ()
     assert "vector store is unavailable" in report.message
     assert "Question:" not in source.prompts[0]  # answered without context
+    assert relay.metrics.retrievals.labels("memory", "failed")._value.get() == 1
 
 
 async def test_a_slow_store_times_out_and_the_request_policy_wins() -> None:
@@ -226,6 +232,7 @@ async def test_a_slow_store_times_out_and_the_request_policy_wins() -> None:
     chunks = await _run(relay, _ask("capital of Zorblatt?"))
     assert chunks[0].start.retrieval.status == "failed"  # type: ignore[union-attr]
     assert len(source.prompts) == 1
+    assert relay.metrics.retrievals.labels("memory", "timeout")._value.get() == 2
 
 
 async def test_callers_mistakes_are_errors_under_either_policy() -> None:
