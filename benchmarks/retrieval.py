@@ -149,7 +149,6 @@ def main() -> None:
                 env=env,
                 workdir=workdir,
             ) as stack:
-                stack.start()
                 results.append(_measure(store, stack, args.chunks, args.queries))
         finally:
             if postgres is not None:
