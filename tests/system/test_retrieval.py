@@ -183,7 +183,9 @@ def test_answers_come_from_the_ingested_facts_and_cite_them_over_grpc(
     assert fact in "".join(m.text for m in messages)
 
 
-def test_reingesting_a_changed_file_replaces_its_chunks(rag: Stack, tmp_path: Path) -> None:
+def test_reingesting_a_changed_file_replaces_its_chunks_and_deleting_removes_them(
+    rag: Stack, tmp_path: Path
+) -> None:
     retrieval, _ = _stubs(rag)
     corpus = _write(tmp_path / "corpus", CORPUS)
     assert _ingest(rag, "changing", corpus).returncode == 0
@@ -203,6 +205,15 @@ def test_reingesting_a_changed_file_replaces_its_chunks(rag: Stack, tmp_path: Pa
     texts = [h.text for h in hits if h.document_id == "corpus/zorblatt.md"]
     assert len(texts) == 1 and "Mirellen" in texts[0]
     assert not any("Quenvik" in h.text for h in hits)
+    # Deleting a document removes its chunks and nothing else.
+    deleted = retrieval.DeleteDocuments(
+        rpb.DeleteDocumentsRequest(collection="changing", ids=["corpus/zorblatt.md"])
+    )
+    assert deleted.chunks == 1
+    hits = retrieval.Search(
+        rpb.SearchRequest(collection="changing", query="What is the capital of Zorblatt?", top_k=4)
+    ).hits
+    assert len(hits) == 3 and all(h.document_id != "corpus/zorblatt.md" for h in hits)
 
 
 def test_deleting_a_collection_removes_everything(

@@ -7,11 +7,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 from _support import REPO, SpanSink
 from tokenrelay.stack import Stack, StackPorts
+from tokenrelay.v1 import retrieval_pb2 as rpb
+from tokenrelay.v1 import retrieval_pb2_grpc as rpb_grpc
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -37,7 +40,7 @@ def traced() -> Iterator[tuple[Stack, SpanSink]]:
         with Stack(
             REPO / "triton_models",
             StackPorts.free(),
-            models=("synthetic",),
+            models=("synthetic", "minilm"),
             env=env,
             triton_args=triton,
         ) as stack:
@@ -144,3 +147,41 @@ def test_a_cancelled_request_ends_its_spans_marked_cancelled(
     for span in (edge, server):
         assert span["attributes"]["tokenrelay.outcome"] == "cancelled"
         assert span["status"] == 2  # STATUS_CODE_ERROR
+
+
+def test_the_retrieval_stage_is_a_span_with_its_embed_and_search(
+    traced: tuple[Stack, SpanSink],
+) -> None:
+    stack, sink = traced
+    channel = grpc.insecure_channel(stack.orchestrator_address)
+    rpb_grpc.RetrievalServiceStub(channel).UpsertDocuments(
+        rpb.UpsertDocumentsRequest(
+            collection="traced",
+            create_collection=True,
+            documents=[rpb.Document(id="z.md", text="The capital of Zorblatt is Quenvik.")],
+        )
+    )
+    trace_id = "5cf92f3577b34da6a3ce929d0e0e4799"
+    response = httpx.post(
+        f"{stack.edge_url}/v1/chat/completions",
+        json={
+            "model": "synthetic",
+            "messages": [{"role": "user", "content": "What is the capital of Zorblatt?"}],
+            "max_tokens": 3,
+            "retrieval": {"collection": "traced"},
+        },
+        headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"},
+        timeout=10,
+    )
+    assert response.status_code == 200 and response.json()["retrieval"]["status"] == "used"
+    names = {"tokenrelay.retrieval", "tokenrelay.embed", "tokenrelay.search", "triton.generate"}
+    spans = _wait_for(sink, trace_id, names)
+    stage = _one(spans, "tokenrelay.retrieval")
+    assert stage["attributes"]["tokenrelay.retrieval.outcome"] == "used"
+    assert stage["attributes"]["tokenrelay.retrieval.collection"] == "traced"
+    assert stage["attributes"]["tokenrelay.retrieval.store"] == "qdrant"
+    assert stage["attributes"]["tokenrelay.retrieval.used"] == 1
+    for child in ("tokenrelay.embed", "tokenrelay.search"):
+        assert _one(spans, child)["parent"] == stage["span_id"], child
+    server = _one(spans, "tokenrelay.v1.GenerationService/GenerateStream")
+    assert stage["parent"] == server["span_id"]
