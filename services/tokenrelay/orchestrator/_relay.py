@@ -1,8 +1,9 @@
 """The orchestrator's logic: from a caller's request to a stream of chunks from a Triton node.
 
 Resolve the model in the catalog, validate, apply the chat template, wait for an admission slot,
-lease a node, stream the answer under three watchdogs (first token, silence between tokens,
-total deadline), count usage. Transport-free: the gRPC servicer converts to and from protobuf.
+when asked run the retrieval stage (context into the prompt), lease a node, stream the answer under
+three watchdogs (first token, silence between tokens, total deadline), count usage.
+Transport-free: the gRPC servicer converts to and from protobuf.
 
 Until the first token reaches the caller nothing is lost by starting over, so that phase
 (``_first_token``) may run several attempts: when a node fails, cannot be reached or stays
@@ -310,9 +311,11 @@ class Relay:
                 budget = total if time_budget_s is None else min(total, time_budget_s)
                 deadline = began + budget
                 try:
-                    if request.retrieval is not None and self.retriever is not None:
-                        plans = await self._retrieve(primary, deadline - loop.time())
                     async with self._admission.slot(budget):
+                        # Inside the slot: a request refused for load costs no embedding or
+                        # search either.
+                        if request.retrieval is not None and self.retriever is not None:
+                            plans = await self._retrieve(primary, deadline - loop.time())
                         attempt, first = await self._first_token(plans, deadline, record)
                         record.ttft_s = loop.time() - began
                         # aclosing: closing this stream must close the inner one too, which
