@@ -30,6 +30,7 @@ __all__ = ["add_parser", "run"]
 
 _SUFFIXES = {".md", ".markdown", ".txt"}
 _BATCH_CHARS = 64_000  # text per UpsertDocuments call: a few dozen chunks, so progress moves
+_MAX_FILE_BYTES = 8 * 1024 * 1024  # one call's limit is 16 MiB and 10000 chunks
 
 
 def _files(paths: list[str]) -> Iterator[tuple[str, Path]]:
@@ -64,6 +65,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not files:
         print("tokenrelay ingest: no .md, .markdown or .txt files found", file=sys.stderr)
+        return 2
+    too_big = [str(path) for _, path in files if path.stat().st_size > _MAX_FILE_BYTES]
+    if too_big:
+        print(
+            f"tokenrelay ingest: larger than {_MAX_FILE_BYTES // 2**20} MiB, split them first: "
+            + ", ".join(too_big),
+            file=sys.stderr,
+        )
         return 2
     secret = os.environ.get("TOKENRELAY_INTERNAL_SECRET")
     metadata = (("authorization", f"Bearer {secret}"),) if secret else ()

@@ -143,7 +143,11 @@ class Orchestrator:
             maximum_concurrent_rpcs=admission.max_concurrent + admission.max_queue + 64,
             # gRPC sets SO_REUSEPORT by default: a second orchestrator on a taken port would
             # start and silently share its connections. Refuse the port instead.
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                # UpsertDocuments carries whole documents (gRPC's default cap is 4 MiB).
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ],
         )
         self._probe: asyncio.Task[None] | None = None
         self._draining = False
