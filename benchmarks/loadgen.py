@@ -237,6 +237,27 @@ class _TraceSink:
         self._server.shutdown()
 
 
+async def _lag_buckets(session: aiohttp.ClientSession, url: str) -> dict[float, float]:
+    """The cumulative buckets of a service's ``tokenrelay_event_loop_lag_seconds``."""
+    async with session.get(url) as response:
+        text = await response.text()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("tokenrelay_event_loop_lag_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            found[float(le)] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def _lag_p99(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The smallest bucket bound under which 99% of the run's lag samples fell."""
+    delta = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = delta.get(float("inf"), 0.0)
+    if not total:
+        return None
+    return next(le for le, count in delta.items() if count >= 0.99 * total)
+
+
 def _cpu_rss(pid: int) -> tuple[float, int]:
     """(CPU seconds used so far, RSS bytes) of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -311,6 +332,13 @@ async def _run(args: argparse.Namespace, stack: Stack) -> list[dict[str, Any]]:
                     for target in args.targets:
                         await _one(streams[target])  # warm the connection
                         before = {name: _cpu_rss(pid) for name, pid in pids.items()}
+                        lag_urls = {
+                            "edge": f"{stack.edge_url}/metrics",
+                            "orchestrator": stack.orchestrator_metrics_url,
+                        }
+                        lag_before = {
+                            n: await _lag_buckets(health_session, u) for n, u in lag_urls.items()
+                        }
                         stop = asyncio.Event()
                         probe = asyncio.create_task(
                             _probe_health(f"{stack.edge_url}/healthz", health_session, stop)
@@ -326,6 +354,10 @@ async def _run(args: argparse.Namespace, stack: Stack) -> list[dict[str, Any]]:
                         stop.set()
                         health = await probe
                         after = {name: _cpu_rss(pid) for name, pid in pids.items()}
+                        lag = {
+                            n: _lag_p99(lag_before[n], await _lag_buckets(health_session, u))
+                            for n, u in lag_urls.items()
+                        }
                         summary = _summary(samples, wall)
                         tokens = sum(s.tokens for s in samples if s.error is None)
                         relay_cpu = sum(after[n][0] - before[n][0] for n in pids)
@@ -344,6 +376,8 @@ async def _run(args: argparse.Namespace, stack: Stack) -> list[dict[str, Any]]:
                                 "healthz_p50_s": _pct(health, 0.5),
                                 "healthz_p99_s": _pct(health, 0.99),
                                 "healthz_max_s": max(health) if health else None,
+                                "edge_loop_lag_p99_s": lag["edge"],
+                                "orchestrator_loop_lag_p99_s": lag["orchestrator"],
                                 "samples": [asdict(s) for s in samples],
                             }
                         )
@@ -364,8 +398,9 @@ def _markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     key = "rate" if args.rate else "concurrency"
     head = (
         f"| target | {key} | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | e2e p50 (s) | tok/s |"
-        " req/s | errors | relay CPU µs/token | /healthz p99 (ms) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        " req/s | errors | relay CPU µs/token | /healthz p99 (ms) |"
+        " loop lag p99, edge / orch. (ms) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
@@ -389,11 +424,15 @@ def _markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f" {median(group, 'output_tokens_per_s') or 0:.0f} |"
             f" {median(group, 'requests_per_s') or 0:.1f} | {sum(g['errors'] for g in group)} |"
             f" {'-' if cpu is None else f'{cpu:.0f}'} | {ms(median(group, 'healthz_p99_s'))} |"
+            f" ≤ {ms(median(group, 'edge_loop_lag_p99_s'))} /"
+            f" ≤ {ms(median(group, 'orchestrator_loop_lag_p99_s'))} |"
         )
     note = (
         f"\nModel `{args.model}`, max_tokens {args.max_tokens}, {args.requests} requests per run,"
         f" {args.rounds} alternating rounds (medians shown). Relay CPU: edge + orchestrator CPU"
-        " time during the run over the tokens delivered (it includes their idle work).\n"
+        " time during the run over the tokens delivered (it includes their idle work). Loop lag:"
+        " the bucket bound of tokenrelay_event_loop_lag_seconds under which 99% of the run's"
+        " samples fell.\n"
     )
     return head + "\n".join(rows) + "\n" + note
 

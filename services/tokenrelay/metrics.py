@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tokenrelay._looplag import LAG_BUCKETS
 from tokenrelay.errors import RelayError
 
 if TYPE_CHECKING:
@@ -73,6 +74,15 @@ class _Live(Collector):
         return []
 
 
+def _loop_lag(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "tokenrelay_event_loop_lag_seconds",
+        "How late the event loop ran a timer (sampled every 50 ms): blocking or CPU starvation",
+        buckets=LAG_BUCKETS,
+        registry=registry,
+    )
+
+
 class RelayMetrics:
     """The orchestrator's metrics."""
 
@@ -122,6 +132,7 @@ class RelayMetrics:
         self.fallbacks = Counter(
             "tokenrelay_fallbacks", "Requests answered by a fallback model", ["model"], registry=r
         )
+        self.loop_lag = _loop_lag(r)
         # Retrieval and embeddings. outcome: used, empty, failed, timeout, invalid, not_found.
         self.retrievals = Counter(
             "tokenrelay_retrievals",
@@ -195,6 +206,7 @@ class EdgeMetrics:
         self.connections = Gauge(
             "tokenrelay_edge_connections_open", "Client connections open now", registry=r
         )
+        self.loop_lag = _loop_lag(r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,7 @@ from pathlib import Path
 from aiohttp import web
 
 from tokenrelay import _loop
+from tokenrelay._looplag import watch_loop_lag
 from tokenrelay.config import EdgeSettings, Secrets, split_hostport
 from tokenrelay.edge._errors import error_middleware
 from tokenrelay.edge._routes import routes
@@ -42,6 +43,13 @@ def _upstream_ctx(secrets: Secrets) -> Callable[[web.Application], AsyncIterator
     return context
 
 
+async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(watch_loop_lag(app[METRICS].loop_lag), name="loop-lag")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def _on_shutdown(app: web.Application) -> None:
     app[STATE].draining = True
     log.info("edge draining")
@@ -61,6 +69,7 @@ def create_app(settings: EdgeSettings, secrets: Secrets | None = None) -> web.Ap
     keys_file = Path(settings.api_keys_file) if settings.api_keys_file else None
     app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key))
     app.cleanup_ctx.append(_upstream_ctx(secrets))
+    app.cleanup_ctx.append(_loop_lag)
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(on_response_prepare)
     app.add_routes(routes)

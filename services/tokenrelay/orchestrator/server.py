@@ -19,6 +19,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tokenrelay._looplag import watch_loop_lag
 from tokenrelay.config import Settings, split_hostport
 from tokenrelay.generation import TokenSource
 from tokenrelay.metrics import CONTENT_TYPE
@@ -150,6 +151,7 @@ class Orchestrator:
             ],
         )
         self._probe: asyncio.Task[None] | None = None
+        self._lag: asyncio.Task[None] | None = None
         self._draining = False
         self.port = 0
 
@@ -192,6 +194,9 @@ class Orchestrator:
         self._probe = asyncio.create_task(
             self._pool.run(self._settings.orchestrator.probe_interval_s), name="node-probe"
         )
+        self._lag = asyncio.create_task(
+            watch_loop_lag(self._relay.metrics.loop_lag), name="loop-lag"
+        )
         if self._settings.orchestrator.tls_cert:
             self.port = self._server.add_secure_port(address, _server_credentials(self._settings))
         else:
@@ -233,10 +238,11 @@ class Orchestrator:
             log.info("draining", extra={"fields": {"grace_s": grace}})
             await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
-        if self._probe is not None:
-            self._probe.cancel()
-            await asyncio.gather(self._probe, return_exceptions=True)
-            self._probe = None
+        for task in (self._probe, self._lag):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._probe = self._lag = None
         for source in self._sources.values():
             await source.close()
         if self._store is not None:
