@@ -31,6 +31,16 @@ def _table(collection: str) -> str:
     return f'"tokenrelay_c_{collection}"'
 
 
+async def _delete(connection: Any, table: str, document_ids: Sequence[str]) -> int:
+    """Remove the documents' chunks; returns how many there were."""
+    removed = await connection.fetchval(
+        f"WITH gone AS (DELETE FROM {table} WHERE document_id = ANY($1::text[])"
+        " RETURNING 1) SELECT count(*) FROM gone",
+        list(document_ids),
+    )
+    return int(removed)
+
+
 def _vector(values: npt.NDArray[Any]) -> str:
     return "[" + ",".join(f"{v:.7g}" for v in values.tolist()) + "]"
 
@@ -141,11 +151,7 @@ class PgVectorStore:
         async def replace(connection: Any) -> int:
             await self._require(connection, collection)
             async with connection.transaction():
-                removed = await connection.fetchval(
-                    f"WITH gone AS (DELETE FROM {table} WHERE document_id = ANY($1::text[])"
-                    " RETURNING 1) SELECT count(*) FROM gone",
-                    list(document_ids),
-                )
+                removed = await _delete(connection, table, document_ids)
                 await connection.executemany(
                     f"INSERT INTO {table} (id, document_id, source, idx, text, embedding)"
                     " VALUES ($1::uuid, $2, $3, $4, $5, $6::vector)",
@@ -154,7 +160,7 @@ class PgVectorStore:
                         for c in chunks
                     ],
                 )
-                return int(removed)
+                return removed
 
         return await self._run(replace)
 
@@ -163,12 +169,7 @@ class PgVectorStore:
 
         async def delete(connection: Any) -> int:
             await self._require(connection, collection)
-            removed = await connection.fetchval(
-                f"WITH gone AS (DELETE FROM {table} WHERE document_id = ANY($1::text[])"
-                " RETURNING 1) SELECT count(*) FROM gone",
-                list(document_ids),
-            )
-            return int(removed)
+            return await _delete(connection, table, document_ids)
 
         return await self._run(delete)
 
