@@ -250,7 +250,13 @@ class Relay:
             for spec in self._specs.values()
         ]
 
-    def _plan(self, spec: ModelSpec, request: GenerationRequest, fallback: bool) -> _Plan:
+    def _plan(
+        self,
+        spec: ModelSpec,
+        request: GenerationRequest,
+        fallback: bool,
+        retrieval: RetrievalReport | None = None,
+    ) -> _Plan:
         validate(request, spec, self._settings.orchestrator.limits)
         if request.messages is not None:
             prompt = self._templates[spec.id].render(request.messages)
@@ -259,7 +265,9 @@ class Relay:
         sampling = request.sampling
         if sampling.max_tokens is None:
             sampling = dataclasses.replace(sampling, max_tokens=spec.default_max_tokens)
-        return _Plan(spec, prompt, dataclasses.replace(request, sampling=sampling), fallback)
+        return _Plan(
+            spec, prompt, dataclasses.replace(request, sampling=sampling), fallback, retrieval
+        )
 
     def _plans(
         self, request: GenerationRequest, retrieval: RetrievalReport | None = None
@@ -271,11 +279,10 @@ class Relay:
                 raise InvalidRequest("'model' is required.", "model")
             raise ModelNotFound(request.model)
         request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
-        plans = [dataclasses.replace(self._plan(spec, request, False), retrieval=retrieval)]
+        plans = [self._plan(spec, request, False, retrieval)]
         if spec.fallback:
             try:
-                fallback = self._plan(self._specs[spec.fallback], request, fallback=True)
-                plans.append(dataclasses.replace(fallback, retrieval=retrieval))
+                plans.append(self._plan(self._specs[spec.fallback], request, True, retrieval))
             except InvalidRequest as exc:
                 log.info(
                     "request does not fit the fallback model",
@@ -315,7 +322,7 @@ class Relay:
                         # Inside the slot: a request refused for load costs no embedding or
                         # search either.
                         if request.retrieval is not None and self.retriever is not None:
-                            plans = await self._retrieve(primary, deadline - loop.time())
+                            plans = await self._retrieve(request, primary, deadline - loop.time())
                         attempt, first = await self._first_token(plans, deadline, record)
                         record.ttft_s = loop.time() - began
                         # aclosing: closing this stream must close the inner one too, which
@@ -337,19 +344,17 @@ class Relay:
             self._observe(record, loop.time() - began)
             _annotate(trace.get_current_span(), record)
 
-    async def _retrieve(self, primary: _Plan, budget_s: float) -> list[_Plan]:
-        """The retrieval stage, then the plans again with the context in the prompt."""
+    async def _retrieve(
+        self, request: GenerationRequest, primary: _Plan, budget_s: float
+    ) -> list[_Plan]:
+        """The retrieval stage, then the plans again with the context in the caller's request
+        (its request id kept; its max_tokens, or the model's default, sizing the budget)."""
         assert self.retriever is not None
-        request = primary.request
-        original = dataclasses.replace(
-            request,
-            sampling=dataclasses.replace(request.sampling, max_tokens=None)
-            if primary.spec.default_max_tokens == request.sampling.max_tokens
-            else request.sampling,
-        )
+        request = dataclasses.replace(request, request_id=primary.request.request_id)
+        max_tokens = primary.request.sampling.max_tokens or primary.spec.default_max_tokens
         with tracer().start_as_current_span("tokenrelay.retrieval"):
             augmented, report = await self.retriever.augment(
-                original, primary.spec, request.sampling.max_tokens or 0, budget_s
+                request, primary.spec, max_tokens, budget_s
             )
         return self._plans(augmented, report)
 
