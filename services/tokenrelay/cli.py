@@ -5,6 +5,7 @@
     tokenrelay chat                                        # a conversation, one line per turn
     tokenrelay chat --collection handbook "How do I ...?"  # answer from ingested documents
     tokenrelay ingest docs/ --collection handbook          # see tokenrelay.ingest
+    tokenrelay collections [--delete handbook]
 
 The answer streams to stdout; a summary (model and node that served, time to first token,
 tokens, tokens/s) goes to stderr, and with ``--collection`` the retrieved passages the answer was
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "ingest":
         sys.exit(ingest.run(args))
+    if args.command == "collections":
+        sys.exit(ingest.collections(args))
     args.url = args.url.rstrip("/")
     try:
         sys.exit(asyncio.run(_chat(args)))

@@ -1,7 +1,10 @@
-"""``tokenrelay ingest``: put text and Markdown files into a retrieval collection.
+"""``tokenrelay ingest``: put text and Markdown files into a retrieval collection;
+``tokenrelay collections``: list them, or delete one.
 
     tokenrelay ingest docs/ notes.md --collection handbook
     tokenrelay ingest docs/ --collection handbook --grpc 10.0.0.7:50051
+    tokenrelay collections                      # name, chunks, dimensions
+    tokenrelay collections --delete handbook
 
 Files (directories are walked for ``*.md``, ``*.markdown`` and ``*.txt``) are sent to the
 orchestrator's ``RetrievalService.UpsertDocuments`` a few at a time; the orchestrator splits them
@@ -26,7 +29,7 @@ import grpc
 from tokenrelay.v1 import retrieval_pb2 as pb
 from tokenrelay.v1 import retrieval_pb2_grpc as pb_grpc
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "collections", "run"]
 
 _SUFFIXES = {".md", ".markdown", ".txt"}
 _BATCH_CHARS = 64_000  # text per UpsertDocuments call: a few dozen chunks, so progress moves
@@ -74,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    secret = os.environ.get("TOKENRELAY_INTERNAL_SECRET")
-    metadata = (("authorization", f"Bearer {secret}"),) if secret else ()
+    metadata = _metadata()
     tty = sys.stderr.isatty()
     began = time.perf_counter()
     done = chunks = replaced = 0
@@ -128,6 +130,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metadata() -> tuple[tuple[str, str], ...]:
+    secret = os.environ.get("TOKENRELAY_INTERNAL_SECRET")
+    return (("authorization", f"Bearer {secret}"),) if secret else ()
+
+
+def collections(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.grpc) as channel:
+        stub = pb_grpc.RetrievalServiceStub(channel)
+        try:
+            if args.delete:
+                deleted = stub.DeleteCollection(
+                    pb.DeleteCollectionRequest(name=args.delete), metadata=_metadata(), timeout=60
+                ).deleted
+                print(f"deleted '{args.delete}'" if deleted else f"no collection '{args.delete}'")
+                return 0 if deleted else 1
+            found = stub.ListCollections(
+                pb.ListCollectionsRequest(), metadata=_metadata(), timeout=60
+            ).collections
+        except grpc.RpcError as exc:
+            print(f"tokenrelay collections: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    for collection in found:
+        print(f"{collection.name}\t{collection.chunks} chunks\t{collection.dimensions} dimensions")
+    return 0
+
+
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ingest = commands.add_parser(
         "ingest", help="split, embed and store text and Markdown files in a collection"
@@ -138,3 +166,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--grpc", default="127.0.0.1:50051", metavar="HOST:PORT", help="the orchestrator"
     )
     ingest.add_argument("--timeout", type=float, default=600.0, help="per batch, in seconds")
+    listing = commands.add_parser("collections", help="list retrieval collections, or delete one")
+    listing.add_argument("--delete", metavar="NAME", help="delete this collection and its chunks")
+    listing.add_argument(
+        "--grpc", default="127.0.0.1:50051", metavar="HOST:PORT", help="the orchestrator"
+    )

@@ -257,6 +257,33 @@ def test_deleting_a_collection_removes_everything(
         assert "tokenrelay_c_facts" in asyncio.run(tables())
 
 
+def test_the_collections_command_lists_and_deletes(rag: Stack, tmp_path: Path) -> None:
+    def collections(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tokenrelay.cli",
+                "collections",
+                *args,
+                "--grpc",
+                rag.orchestrator_address,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert _ingest(rag, "listed", _write(tmp_path / "corpus", CORPUS)).returncode == 0
+    listed = collections()
+    assert listed.returncode == 0, listed.stderr
+    assert "listed\t4 chunks\t384 dimensions" in listed.stdout.splitlines()
+    assert collections("--delete", "listed").stdout.strip() == "deleted 'listed'"
+    assert "listed\t" not in collections().stdout
+    again = collections("--delete", "listed")
+    assert again.returncode == 1 and "no collection 'listed'" in again.stdout
+
+
 def test_embeddings_match_the_openai_schema_and_the_model_run_directly(stack: Stack) -> None:
     texts = ["The capital of Zorblatt is Quenvik.", "Bananas are yellow.", "é ü 中文 🙂"]
     raw = httpx.post(
