@@ -119,6 +119,8 @@ def _rpc_error(exc: grpc.RpcError | InferenceServerException, address: str) -> R
         return UpstreamTimeout("The inference node did not answer in time.")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, None):
         return UpstreamUnavailable("The inference node is unavailable.")
+    if any(phrase in str(exc).lower() for phrase in _NOT_LOADED):
+        return UpstreamUnavailable("The model is not loaded on the inference node.")
     return GenerationFailed("The inference node failed the request.")
 
 
@@ -263,11 +265,6 @@ class TritonNode:
                     client_timeout=timeout_s,
                 )
         except GenerationFailed as exc:
-            upstream = str(exc.__cause__).lower()
-            if any(phrase in upstream for phrase in _NOT_LOADED):
-                raise UpstreamUnavailable(
-                    "The embedding model is not loaded on the inference node."
-                ) from exc
             raise GenerationFailed("The embedding model failed.") from exc
         return result.as_numpy("embedding"), result.as_numpy("num_tokens")
 
