@@ -278,15 +278,20 @@ async def _stream(
     return sse.response
 
 
-async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
-    request_id = request[REQUEST_ID]
+async def _body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object; 408 when it does not arrive within ``body_timeout_s``."""
     try:
-        async with asyncio.timeout(settings.body_timeout_s):
+        async with asyncio.timeout(request.app[SETTINGS].body_timeout_s):
             raw = await request.read()
     except TimeoutError:
         raise web.HTTPRequestTimeout() from None
-    body = oa.loads(raw)
+    return oa.loads(raw)
+
+
+async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    request_id = request[REQUEST_ID]
+    body = await _body(request)
     parsed = (oa.parse_chat if chat else oa.parse_completion)(body, request_id)
     span = trace.get_current_span()
     span.set_attributes(_genai_request(parsed, chat))
@@ -343,12 +348,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def embeddings(request: web.Request) -> web.Response:
     """Vectors from the embedding model in Triton (OpenAI ``createEmbedding``)."""
     settings = request.app[SETTINGS]
-    try:
-        async with asyncio.timeout(settings.body_timeout_s):
-            raw = await request.read()
-    except TimeoutError:
-        raise web.HTTPRequestTimeout() from None
-    parsed = oa.parse_embeddings(oa.loads(raw))
+    parsed = oa.parse_embeddings(await _body(request))
     with bind(request_id=request[REQUEST_ID], model=parsed.model):
         response = await request.app[UPSTREAM].embed(
             rpb.EmbedRequest(model=parsed.model, input=parsed.inputs),
