@@ -10,18 +10,16 @@ Citus cluster speaks the same SQL.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy.typing as npt
 
-from tokenrelay.errors import CollectionNotFound, RelayError
-from tokenrelay.retrieval._types import CollectionInfo, Hit, StoredChunk, StoreUnavailable
+from tokenrelay.errors import CollectionNotFound
+from tokenrelay.retrieval._types import CollectionInfo, Hit, StoredChunk, store_errors
 
 __all__ = ["PgVectorStore"]
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 _REGISTRY = "tokenrelay_collections"
 
@@ -77,18 +75,10 @@ class PgVectorStore:
         return self._pool
 
     async def _run(self, call: Callable[[Any], Awaitable[T]]) -> T:
-        try:
+        with store_errors(self.name):
             pool = await self._open()
             async with pool.acquire() as connection:
                 return await call(connection)
-        except RelayError:
-            raise
-        except Exception as exc:
-            log.warning(
-                "vector store call failed",
-                extra={"fields": {"store": "pgvector", "error": repr(exc)}},
-            )
-            raise StoreUnavailable() from exc
 
     @staticmethod
     async def _require(connection: Any, collection: str) -> None:

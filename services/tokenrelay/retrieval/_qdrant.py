@@ -9,7 +9,6 @@ on first use: an orchestrator that never retrieves never takes the directory's l
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,12 +16,11 @@ from typing import Any, TypeVar
 
 import numpy.typing as npt
 
-from tokenrelay.errors import CollectionNotFound, RelayError
-from tokenrelay.retrieval._types import CollectionInfo, Hit, StoredChunk, StoreUnavailable
+from tokenrelay.errors import CollectionNotFound
+from tokenrelay.retrieval._types import CollectionInfo, Hit, StoredChunk, store_errors
 
 __all__ = ["QdrantStore"]
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 _BATCH = 256
 
@@ -54,16 +52,8 @@ class QdrantStore:
         def work() -> T:
             return call(self._open())
 
-        try:
+        with store_errors(self.name):
             return await asyncio.get_running_loop().run_in_executor(self._executor, work)
-        except RelayError:
-            raise
-        except Exception as exc:
-            log.warning(
-                "vector store call failed",
-                extra={"fields": {"store": "qdrant", "error": repr(exc)}},
-            )
-            raise StoreUnavailable() from exc
 
     @staticmethod
     def _require(client: Any, collection: str) -> None:

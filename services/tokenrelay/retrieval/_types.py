@@ -3,15 +3,17 @@ both stores (Qdrant, pgvector) implement."""
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy.typing as npt
 
-from tokenrelay.errors import InvalidRequest, UpstreamUnavailable
+from tokenrelay.errors import InvalidRequest, RelayError, UpstreamUnavailable
 
 __all__ = [
     "CollectionInfo",
@@ -21,7 +23,10 @@ __all__ = [
     "VectorStore",
     "check_collection_name",
     "chunk_id",
+    "store_errors",
 ]
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NAMESPACE = uuid.UUID("6f1c2d9e-3b7a-4c55-9a0e-2f8d41b7c0aa")
@@ -34,6 +39,21 @@ class StoreUnavailable(UpstreamUnavailable):
 
     def __init__(self, message: str = "The vector store is unavailable.") -> None:
         super().__init__(message)
+
+
+@contextmanager
+def store_errors(store: str) -> Iterator[None]:
+    """Our own errors pass; anything a store's client raises is logged and becomes
+    ``StoreUnavailable`` (its text is for the log, never the caller)."""
+    try:
+        yield
+    except RelayError:
+        raise
+    except Exception as exc:
+        log.warning(
+            "vector store call failed", extra={"fields": {"store": store, "error": repr(exc)}}
+        )
+        raise StoreUnavailable() from exc
 
 
 def check_collection_name(name: str, param: str = "collection") -> str:
