@@ -11,7 +11,7 @@ from tokenrelay.errors import AlreadyExists, CollectionNotFound, InvalidRequest,
 from tokenrelay.orchestrator._status import grpc_errors
 from tokenrelay.retrieval._embedder import Embedder
 from tokenrelay.retrieval._stage import Document, Retriever
-from tokenrelay.retrieval._types import check_collection_name
+from tokenrelay.retrieval._types import CollectionInfo, check_collection_name
 from tokenrelay.v1 import retrieval_pb2 as pb
 from tokenrelay.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -24,6 +24,10 @@ def _retriever(retriever: Retriever | None) -> Retriever:
     if retriever is None:
         raise InvalidRequest("Retrieval is not enabled on this server (retrieval.store = none).")
     return retriever
+
+
+def _collection_pb(info: CollectionInfo) -> pb.Collection:
+    return pb.Collection(name=info.name, dimensions=info.dimensions, chunks=info.chunks)
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
@@ -62,12 +66,15 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         self, request: pb.CreateCollectionRequest, context: Context
     ) -> pb.Collection:
         retriever = _retriever(self._retriever)
-        created = await retriever.create_collection(request.name)
-        if not created and not request.exist_ok:
+        if await retriever.create_collection(request.name):
+            return _collection_pb(
+                CollectionInfo(request.name, retriever.embedder.spec.dimensions, 0)
+            )
+        if not request.exist_ok:
             raise AlreadyExists(f"The collection '{request.name}' already exists.", "name")
         for info in await retriever.store.list_collections():
             if info.name == request.name:
-                return pb.Collection(name=info.name, dimensions=info.dimensions, chunks=info.chunks)
+                return _collection_pb(info)
         raise CollectionNotFound(request.name, "name")  # deleted meanwhile
 
     @grpc_errors
@@ -75,11 +82,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         self, request: pb.ListCollectionsRequest, context: Context
     ) -> pb.ListCollectionsResponse:
         infos = await _retriever(self._retriever).store.list_collections()
-        return pb.ListCollectionsResponse(
-            collections=[
-                pb.Collection(name=i.name, dimensions=i.dimensions, chunks=i.chunks) for i in infos
-            ]
-        )
+        return pb.ListCollectionsResponse(collections=[_collection_pb(i) for i in infos])
 
     @grpc_errors
     async def DeleteCollection(
