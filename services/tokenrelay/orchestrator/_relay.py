@@ -321,7 +321,7 @@ class Relay:
                     async with self._admission.slot(budget):
                         # Inside the slot: a request refused for load costs no embedding or
                         # search either.
-                        if request.retrieval is not None and self.retriever is not None:
+                        if request.retrieval is not None:  # a retriever exists (checked above)
                             plans = await self._retrieve(request, primary, deadline - loop.time())
                         attempt, first = await self._first_token(plans, deadline, record)
                         record.ttft_s = loop.time() - began
