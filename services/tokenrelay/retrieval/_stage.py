@@ -131,8 +131,16 @@ class Retriever:
         top_k = self._top_k(top_k)
         self._check_score(min_score)
         self.embedder.check([query], "query")
-        embedded = await self.embedder.embed([query], "query")
-        return await self.store.search(collection, embedded.vectors[0], top_k, min_score)
+        return await self._lookup(collection, query, top_k, min_score)
+
+    async def _lookup(
+        self, collection: str, query: str, top_k: int, min_score: float | None, request_id: str = ""
+    ) -> list[Hit]:
+        """Embed ``query`` and search ``collection`` (arguments already checked)."""
+        with tracer().start_as_current_span("tokenrelay.embed"):
+            embedded = await self.embedder.embed([query], "query", request_id)
+        with tracer().start_as_current_span("tokenrelay.search"):
+            return await self.store.search(collection, embedded.vectors[0], top_k, min_score)
 
     def _top_k(self, top_k: int, param: str = "top_k") -> int:
         if top_k == 0:
@@ -216,18 +224,13 @@ class Retriever:
         return RetrievalReport("failed", (), message)
 
     async def _find(self, request: GenerationRequest, options: RetrievalOptions) -> list[Hit]:
-        question = _question(request)
-        with tracer().start_as_current_span("tokenrelay.embed"):
-            embedded = await self.embedder.embed(
-                [question[-self.embedder.spec.max_input_chars :]], "query", request.request_id
-            )
-        with tracer().start_as_current_span("tokenrelay.search"):
-            return await self.store.search(
-                options.collection,
-                embedded.vectors[0],
-                self._top_k(options.top_k),
-                self._settings.min_score if options.min_score is None else options.min_score,
-            )
+        return await self._lookup(
+            options.collection,
+            _question(request)[-self.embedder.spec.max_input_chars :],
+            self._top_k(options.top_k),
+            self._settings.min_score if options.min_score is None else options.min_score,
+            request.request_id,
+        )
 
     def _place(
         self, request: GenerationRequest, spec: ModelSpec, max_tokens: int, hits: list[Hit]
