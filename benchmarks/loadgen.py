@@ -73,10 +73,15 @@ class Sample:
     gaps_s: list[float] = field(default_factory=list)
     e2e_s: float = 0.0
     tokens: int = 0
+    pieces: int = 0
     error: str | None = None
 
 
-Stream = Callable[[], AsyncIterator[int]]  # yields the number of tokens of each piece received
+# A stream yields (text arrived, tokens): a piece of text — what TTFT and ITL time — and/or a
+# count of output tokens. Triton reports the tokens of each response; tokenrelay may merge
+# several deltas into one message when its reader lags (coalescing), so its targets count
+# tokens from the usage at the end instead of one per message.
+Stream = Callable[[], AsyncIterator[tuple[bool, int]]]
 
 
 def _triton_grpc(
@@ -85,10 +90,10 @@ def _triton_grpc(
     node = TritonNode(stack.triton_grpc, Timeouts())
     prompt = _templated(model)
 
-    async def stream() -> AsyncIterator[int]:
+    async def stream() -> AsyncIterator[tuple[bool, int]]:
         sampling = Sampling(max_tokens=max_tokens, temperature=0)
         async for delta in node.generate(model, prompt, sampling, "bench"):
-            yield delta.output_tokens
+            yield bool(delta.text), delta.output_tokens
 
     return stream, node.close
 
@@ -115,14 +120,14 @@ def _triton_http(
         "sampling_parameters": json.dumps({"max_tokens": max_tokens, "temperature": 0}),
     }
 
-    async def stream() -> AsyncIterator[int]:
+    async def stream() -> AsyncIterator[tuple[bool, int]]:
         async with session.post(url, json=body) as response:
             response.raise_for_status()
             async for data in _sse_lines(response):
                 event = json.loads(data)
                 if "error" in event:
                     raise RuntimeError(event["error"])
-                yield int(event.get("num_output_tokens", 1))
+                yield bool(event.get("text_output")), int(event.get("num_output_tokens", 1))
 
     return stream
 
@@ -135,11 +140,12 @@ def _orchestrator(stack: Stack, model: str, max_tokens: int, channel: grpc.aio.C
         sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0),
     )
 
-    async def stream() -> AsyncIterator[int]:
+    async def stream() -> AsyncIterator[tuple[bool, int]]:
         async for message in stub.GenerateStream(request, timeout=600):
             if message.text:
-                yield 1  # the orchestrator relays one message per model step
+                yield True, 0
             if message.HasField("end"):
+                yield False, message.end.usage.completion_tokens
                 return
 
     return stream
@@ -152,15 +158,18 @@ def _edge(stack: Stack, model: str, max_tokens: int, session: aiohttp.ClientSess
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
 
-    async def stream() -> AsyncIterator[int]:
+    async def stream() -> AsyncIterator[tuple[bool, int]]:
         async with session.post(f"{stack.edge_url}/v1/chat/completions", json=body) as response:
             response.raise_for_status()
             async for data in _sse_lines(response):
                 chunk = json.loads(data)
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    yield 1
+                    yield True, 0
+                if chunk.get("usage"):
+                    yield False, chunk["usage"]["completion_tokens"]
 
     return stream
 
@@ -169,14 +178,17 @@ async def _one(stream: Stream) -> Sample:
     sample = Sample()
     began = last = time.perf_counter()
     try:
-        async for tokens in stream():
+        async for text, tokens in stream():
+            sample.tokens += tokens
+            if not text:
+                continue
             now = time.perf_counter()
             if sample.ttft_s is None:
                 sample.ttft_s = now - began
             else:
                 sample.gaps_s.append(now - last)
             last = now
-            sample.tokens += tokens
+            sample.pieces += 1
     except Exception as exc:  # counted as an error of the run, with its kind
         sample.error = type(exc).__name__
     sample.e2e_s = time.perf_counter() - began
@@ -291,14 +303,21 @@ def _summary(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
     gaps = [g for s in ok for g in s.gaps_s]
     e2e = [s.e2e_s for s in ok]
+    # Time per output token after the first (vLLM's TPOT): unlike ITL, which times the pieces
+    # as they arrive, it does not change when several tokens arrive as one piece.
+    tpot = [
+        (s.e2e_s - s.ttft_s) / (s.tokens - 1) for s in ok if s.ttft_s is not None and s.tokens > 1
+    ]
     tokens = sum(s.tokens for s in ok)
+    pieces = sum(s.pieces for s in ok)
     out: dict[str, Any] = {
         "requests": len(samples),
         "errors": len(samples) - len(ok),
         "output_tokens_per_s": tokens / wall_s if wall_s else 0.0,
         "requests_per_s": len(ok) / wall_s if wall_s else 0.0,
+        "tokens_per_piece": tokens / pieces if pieces else None,
     }
-    for name, values in (("ttft_s", ttft), ("itl_s", gaps), ("e2e_s", e2e)):
+    for name, values in (("ttft_s", ttft), ("itl_s", gaps), ("tpot_s", tpot), ("e2e_s", e2e)):
         for q in (0.5, 0.9, 0.99):
             out[f"{name}_p{int(q * 100)}"] = _pct(values, q)
     return out
@@ -397,10 +416,10 @@ async def _run(args: argparse.Namespace, stack: Stack) -> list[dict[str, Any]]:
 def _markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     key = "rate" if args.rate else "concurrency"
     head = (
-        f"| target | {key} | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | e2e p50 (s) | tok/s |"
-        " req/s | errors | relay CPU µs/token | /healthz p99 (ms) |"
-        " loop lag p99, edge / orch. (ms) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        f"| target | {key} | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TPOT p50 (ms) |"
+        " tokens/piece | e2e p50 (s) | tok/s | req/s | errors | relay CPU µs/token |"
+        " /healthz p99 (ms) | loop lag p99, edge / orch. (ms) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
@@ -417,10 +436,13 @@ def _markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for (target, level), group in groups.items():
         cpu = median(group, "relay_cpu_us_per_token")
         e2e = median(group, "e2e_s_p50")
+        per_piece = median(group, "tokens_per_piece")
         rows.append(
             f"| {target} | {level} | {ms(median(group, 'ttft_s_p50'))} /"
             f" {ms(median(group, 'ttft_s_p99'))} | {ms(median(group, 'itl_s_p50'))} /"
-            f" {ms(median(group, 'itl_s_p99'))} | {'-' if e2e is None else f'{e2e:.2f}'} |"
+            f" {ms(median(group, 'itl_s_p99'))} | {ms(median(group, 'tpot_s_p50'))} |"
+            f" {'-' if per_piece is None else f'{per_piece:.2f}'} |"
+            f" {'-' if e2e is None else f'{e2e:.2f}'} |"
             f" {median(group, 'output_tokens_per_s') or 0:.0f} |"
             f" {median(group, 'requests_per_s') or 0:.1f} | {sum(g['errors'] for g in group)} |"
             f" {'-' if cpu is None else f'{cpu:.0f}'} | {ms(median(group, 'healthz_p99_s'))} |"
@@ -432,7 +454,8 @@ def _markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f" {args.rounds} alternating rounds (medians shown). Relay CPU: edge + orchestrator CPU"
         " time during the run over the tokens delivered (it includes their idle work). Loop lag:"
         " the bucket bound of tokenrelay_event_loop_lag_seconds under which 99% of the run's"
-        " samples fell.\n"
+        " samples fell. ITL times the pieces of text as they arrive; TPOT is (e2e - TTFT) /"
+        " (tokens - 1); tokens/piece above 1 means deltas were merged (coalesced) on the way.\n"
     )
     return head + "\n".join(rows) + "\n" + note
 

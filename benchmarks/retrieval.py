@@ -156,8 +156,10 @@ def main() -> None:
         finally:
             if postgres is not None:
                 postgres.stop()
-    print("| store | chunks | ingest chunks/s | embed query p50 / p99 | search (embed + store)"
-          " p50 / p99 | TTFT without / with retrieval, p50 | added TTFT p50 |")
+    print(
+        "| store | chunks | ingest chunks/s | embed query p50 / p99 | search (embed + store)"
+        " p50 / p99 | TTFT without / with retrieval, p50 | added TTFT p50 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         added = r["ttft_retrieval"]["p50_ms"] - r["ttft_plain"]["p50_ms"]
