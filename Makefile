@@ -46,12 +46,12 @@ test-fast: $(VENV)/.dev-deps
 check: lint typecheck protos-check
 
 lint: $(VENV)/.dev-deps
-	$(BIN)/ruff check services tests scripts
-	$(BIN)/ruff format --check services tests scripts
+	$(BIN)/ruff check services tests scripts benchmarks
+	$(BIN)/ruff format --check services tests scripts benchmarks
 
 format: $(VENV)/.dev-deps
-	$(BIN)/ruff check --fix services tests scripts
-	$(BIN)/ruff format services tests scripts
+	$(BIN)/ruff check --fix services tests scripts benchmarks
+	$(BIN)/ruff format services tests scripts benchmarks
 
 typecheck: $(VENV)/.dev-deps
 	$(BIN)/mypy services
