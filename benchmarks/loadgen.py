@@ -29,6 +29,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -450,7 +452,9 @@ def _markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f" ≤ {ms(median(group, 'orchestrator_loop_lag_p99_s'))} |"
         )
     note = (
-        f"\nModel `{args.model}`, max_tokens {args.max_tokens}, {args.requests} requests per run,"
+        f"\nModel `{args.model}`"
+        + ("" if args.token_interval_ms is None else f" at {args.token_interval_ms:g} ms a token")
+        + f", max_tokens {args.max_tokens}, {args.requests} requests per run,"
         f" {args.rounds} alternating rounds (medians shown). Relay CPU: edge + orchestrator CPU"
         " time during the run over the tokens delivered (it includes their idle work). Loop lag:"
         " the bucket bound of tokenrelay_event_loop_lag_seconds under which 99% of the run's"
@@ -509,6 +513,23 @@ def _plots(runs: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> l
     return written
 
 
+def _paced_repository(workdir: Path, interval_ms: float) -> Path:
+    """A model repository holding a copy of the synthetic model at another pace."""
+    repository = workdir / "triton_models"
+    shutil.copytree(REPO / "triton_models" / "synthetic", repository / "synthetic")
+    config = repository / "synthetic" / "config.pbtxt"
+    text = config.read_text()
+    paced = re.sub(
+        r'(key: "token_interval_ms", value: \{ string_value: )"[^"]*"',
+        rf'\1"{interval_ms:g}"',
+        text,
+    )
+    if paced == text:
+        raise SystemExit("the synthetic model's config has no token_interval_ms to change")
+    config.write_text(paced)
+    return repository
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -518,6 +539,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: requests/s")
     parser.add_argument("--requests", type=int, default=64, help="per run")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--token-interval-ms",
+        type=float,
+        default=None,
+        help="the synthetic model's pace (its config says 20 ms, 50 tokens/s per stream)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="a few seconds, to check it runs")
     parser.add_argument(
@@ -549,9 +576,12 @@ def main(argv: list[str] | None = None) -> None:
                 "TOKENRELAY_TRACING_ENDPOINT": sink.url,
                 "OTEL_BSP_SCHEDULE_DELAY": "500",
             }
-        stack = Stack(
-            REPO / "triton_models", StackPorts.free(), models=models, config=config, env=env
-        )
+        repository = REPO / "triton_models"
+        if args.token_interval_ms is not None:
+            if args.model != "synthetic":
+                parser.error("--token-interval-ms paces the synthetic model only")
+            repository = _paced_repository(Path(workdir), args.token_interval_ms)
+        stack = Stack(repository, StackPorts.free(), models=models, config=config, env=env)
         stack.start()
         try:
             runs = asyncio.run(_run(args, stack))
