@@ -141,6 +141,51 @@ async def test_closing_the_stream_cancels_the_source() -> None:
     assert source.cancelled == 1 and source.finished == 0
 
 
+async def test_a_caller_that_keeps_up_gets_each_delta_as_it_comes() -> None:
+    words = tuple(f" w{i}" for i in range(6))
+    relay, pool = _relay(FakeSource(words=words, interval_s=0.02))
+    await pool.probe_once()
+    chunks = await _collect(relay, _request())
+    assert [c.text for c in chunks] == list(words)
+
+
+async def test_deltas_that_arrive_while_the_caller_is_busy_go_out_as_one_chunk() -> None:
+    words = tuple(f" w{i}" for i in range(10))
+    relay, pool = _relay(FakeSource(words=words))
+    await pool.probe_once()
+    stream = relay.stream(_request())
+    first = await anext(stream)
+    assert first.text == " w0" and first.start is not None  # never held back for company
+    await asyncio.sleep(0.05)  # the caller is busy; the rest of the answer arrives meanwhile
+    rest = [chunk async for chunk in stream]
+    assert [c.text for c in rest] == ["".join(words[1:])]
+    end = rest[0].end
+    assert end is not None and end.finish_reason is FinishReason.STOP
+    assert end.usage.completion_tokens == 10
+
+
+async def test_a_failure_reaches_a_lagging_caller_after_the_text_before_it() -> None:
+    class FailingLater(FakeSource):
+        async def generate(self, model, prompt, sampling, request_id, headers=()):  # type: ignore[no-untyped-def]
+            async for delta in super().generate(model, prompt, sampling, request_id, headers):
+                yield delta
+                if delta.text == " w3":
+                    raise unavailable()
+
+    words = tuple(f" w{i}" for i in range(10))
+    relay, pool = _relay(FailingLater(words=words))
+    await pool.probe_once()
+    stream = relay.stream(_request())
+    await anext(stream)
+    await asyncio.sleep(0.05)
+    received = []
+    with pytest.raises(UpstreamUnavailable) as failure:
+        async for chunk in stream:
+            received.append(chunk.text)
+    assert received == [" w1 w2 w3"]
+    assert failure.value.usage is not None and failure.value.usage.completion_tokens == 4
+
+
 async def test_a_node_failing_before_the_first_token_is_retried_on_another() -> None:
     down, up = FakeSource("a:1", fail_with=unavailable()), FakeSource("b:1")
     relay, pool = _relay(down, up)

@@ -13,6 +13,12 @@ within the caller's deadline); with hedging on, a second node is asked as well o
 cancelled. When no node of the model can serve, its fallback model (if the catalog names one)
 answers, and the stream's start says so. Once a token has gone out, a failure ends the stream
 with an error: the caller already holds part of one answer, and a second would not continue it.
+
+After the first token the winner's stream is read ahead by a task of its own (``_Reader``), and
+deltas that arrive while the caller is still busy with the previous chunk go out merged, as one
+chunk (coalescing): nothing ever waits for company, so a caller that keeps up gets every delta
+as it comes, and one that lags (a busy loop, a slow client) gets fewer, larger chunks instead of
+a backlog of one message per token.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -97,9 +103,73 @@ class _Plan:
     retrieval: RetrievalReport | None = None
 
 
+def _merge(deltas: list[Delta]) -> Delta:
+    """Consecutive deltas of one answer as one."""
+    if len(deltas) == 1:
+        return deltas[0]
+    prompt_tokens = [d.prompt_tokens for d in deltas if d.prompt_tokens is not None]
+    return Delta(
+        "".join(d.text for d in deltas),
+        sum(d.output_tokens for d in deltas),
+        prompt_tokens[-1] if prompt_tokens else None,
+        deltas[-1].finish_reason,
+    )
+
+
+class _Reader:
+    """Reads a stream of deltas in a task of its own; ``take`` returns all that arrived since
+    the last call, merged, or waits for the next one. ``arrived`` sees each delta as it comes
+    (counting, inter-token gaps). Holds at most the rest of one answer."""
+
+    def __init__(self, deltas: AsyncIterator[Delta], arrived: Callable[[Delta], None]) -> None:
+        self._pending: list[Delta] = []
+        self._ended: BaseException | None = None  # why reading stopped: StopAsyncIteration
+        self._waiter: asyncio.Future[None] | None = None  # or the source's error
+        self._task = asyncio.create_task(self._read(deltas, arrived))
+
+    async def _read(self, deltas: AsyncIterator[Delta], arrived: Callable[[Delta], None]) -> None:
+        try:
+            async for delta in deltas:
+                arrived(delta)
+                self._pending.append(delta)
+                if self._waiter is not None and not self._waiter.done():
+                    self._waiter.set_result(None)
+                if delta.finish_reason is not None:
+                    break
+            self._ended = StopAsyncIteration()
+        except Exception as exc:  # handed to the consumer, who raises it after what came before
+            self._ended = exc
+        finally:
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+
+    async def take(self) -> Delta | None:
+        """What arrived since the last call as one delta; None once the stream ended without
+        another (the source's error, if any, is raised instead)."""
+        if not self._pending and self._ended is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._pending:
+            merged = _merge(self._pending)
+            self._pending = []
+            return merged
+        if self._ended is None or isinstance(self._ended, StopAsyncIteration):
+            return None
+        raise self._ended
+
+    async def close(self) -> None:
+        """Stop reading (before the stream itself is closed)."""
+        if not self._task.done():
+            self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
 class _Attempt:
     """One try of a request on one leased node. ``first`` reads up to the first delta that
-    carries text or ends the answer; the rest is read by whoever won."""
+    carries text or ends the answer; the rest is read by whoever won (``follow``)."""
 
     def __init__(self, plan: _Plan, lease: Lease, started: float, why: str) -> None:
         self.plan = plan
@@ -132,6 +202,7 @@ class _Attempt:
             inject(self.span),
         )
         self.first: asyncio.Task[Delta] = asyncio.create_task(self._first_content())
+        self.reader: _Reader | None = None
 
     @property
     def node(self) -> str:
@@ -152,12 +223,19 @@ class _Attempt:
             if delta.text or delta.finish_reason is not None:
                 return delta
 
+    def follow(self, arrived: Callable[[Delta], None]) -> _Reader:
+        """Read the rest of the stream ahead, after ``first`` has returned."""
+        self.reader = _Reader(self.deltas, arrived)
+        return self.reader
+
     async def stop(self, outcome: Outcome, node_down: bool = False) -> None:
         """Cancel the generation if it still runs (which cancels the Triton request), then give
         the node back, telling its breaker ``outcome``."""
         if not self.first.done():
             self.first.cancel()
             await asyncio.gather(self.first, return_exceptions=True)
+        if self.reader is not None:
+            await self.reader.close()
         await self.deltas.aclose()
         self.lease.release(outcome, node_down)
         self.span.set_attribute("gen_ai.usage.output_tokens", self.completion_tokens)
@@ -506,8 +584,17 @@ class Relay:
             plan.request.request_id, plan.spec.id, attempt.node, plan.fallback, plan.retrieval
         )
         outcome, node_down = Outcome.NEUTRAL, False
-        delta = first
         last = loop.time()
+
+        def arrived(delta: Delta) -> None:
+            nonlocal last
+            now = loop.time()
+            gaps.observe(now - last)
+            last = now
+            attempt.count(delta)
+
+        reader = attempt.follow(arrived)
+        delta = first
         try:
             while True:
                 end = None
@@ -523,7 +610,7 @@ class Relay:
                 wait = min(between_s, deadline - loop.time())
                 try:
                     async with asyncio.timeout(max(wait, 0.0)):
-                        delta = await anext(attempt.deltas)
+                        taken = await reader.take()
                 except TimeoutError:
                     if wait < between_s:
                         raise UpstreamTimeout(
@@ -533,11 +620,6 @@ class Relay:
                     raise UpstreamTimeout(
                         f"The model produced no token for {between_s:g} s."
                     ) from None
-                except StopAsyncIteration:
-                    outcome = Outcome.FAILURE
-                    raise GenerationFailed(
-                        "The model ended without finishing its answer."
-                    ) from None
                 except RelayError as exc:
                     outcome, node_down = _judge(exc)
                     raise
@@ -545,10 +627,10 @@ class Relay:
                     log.exception("token source failed mid-stream")
                     outcome = Outcome.FAILURE
                     raise GenerationFailed("The model failed while generating.") from None
-                now = loop.time()
-                gaps.observe(now - last)
-                last = now
-                attempt.count(delta)
+                if taken is None:
+                    outcome = Outcome.FAILURE
+                    raise GenerationFailed("The model ended without finishing its answer.")
+                delta = taken
         except RelayError as exc:
             exc.usage = Usage(attempt.prompt_tokens, attempt.completion_tokens)
             raise
