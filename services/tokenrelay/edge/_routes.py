@@ -231,16 +231,24 @@ async def _stream(
     streams = request.app[METRICS].streams
     streams.inc()
     reader = _Reader(messages)
-    # Events of messages that arrived together go out in one write; nothing waits for company,
-    # so the first token is never delayed (when the client or the loop is slower than the
-    # model, several deltas pile up and cost one write instead of one each).
+    # Messages that arrived together go out as one event, in one write; nothing waits for
+    # company, so the first token is never delayed (when the client or the loop is slower than
+    # the model, several deltas pile up and cost one event instead of one each).
     frames = [sse.frame(chunk) for chunk in shape.opening(retrieval)]
+    texts: list[str] = []
+
+    def flush() -> None:
+        if texts:
+            frames.append(sse.frame(shape.text("".join(texts))))
+            texts.clear()
+
     try:
         message = first
         while True:
             if message.text:
-                frames.append(sse.frame(shape.text(message.text)))
+                texts.append(message.text)
             if message.HasField("end"):
+                flush()
                 trace.get_current_span().set_attributes(_genai_response(shape.model, message.end))
                 frames.append(sse.frame(shape.end(_finish(message.end))))
                 if include_usage:
@@ -249,11 +257,13 @@ async def _stream(
                 break
             following = reader.ready()
             if following is None:
+                flush()
                 await sse.write(frames)
                 frames = []
                 following = await reader.next(sse, settings.keepalive_interval_s)
             message = following
     except RelayError as exc:
+        flush()
         if include_usage and exc.usage is not None:  # what was generated before the error
             used = exc.usage
             frames.append(
