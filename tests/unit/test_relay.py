@@ -154,11 +154,14 @@ async def test_deltas_that_arrive_while_the_caller_is_busy_go_out_as_one_chunk()
     relay, pool = _relay(FakeSource(words=words))
     await pool.probe_once()
     stream = relay.stream(_request())
-    first = await anext(stream)
+    first, second = await anext(stream), await anext(stream)
     assert first.text == " w0" and first.start is not None  # never held back for company
-    await asyncio.sleep(0.05)  # the caller is busy; the rest of the answer arrives meanwhile
+    assert second.text == " w1"
+    await asyncio.sleep(0.05)  # slower over a chunk than the model over a token: falls behind
+    assert (await anext(stream)).text == " w2"  # still nothing waits for company
+    await asyncio.sleep(0.05)  # the rest of the answer arrives meanwhile
     rest = [chunk async for chunk in stream]
-    assert [c.text for c in rest] == ["".join(words[1:])]
+    assert [c.text for c in rest] == ["".join(words[3:])]
     end = rest[0].end
     assert end is not None and end.finish_reason is FinishReason.STOP
     assert end.usage.completion_tokens == 10
@@ -169,21 +172,23 @@ async def test_a_failure_reaches_a_lagging_caller_after_the_text_before_it() -> 
         async def generate(self, model, prompt, sampling, request_id, headers=()):  # type: ignore[no-untyped-def]
             async for delta in super().generate(model, prompt, sampling, request_id, headers):
                 yield delta
-                if delta.text == " w3":
+                if delta.text == " w5":
                     raise unavailable()
 
     words = tuple(f" w{i}" for i in range(10))
     relay, pool = _relay(FailingLater(words=words))
     await pool.probe_once()
     stream = relay.stream(_request())
+    await anext(stream), await anext(stream)
+    await asyncio.sleep(0.05)  # falls behind: the relay reads ahead from here on
     await anext(stream)
     await asyncio.sleep(0.05)
     received = []
     with pytest.raises(UpstreamUnavailable) as failure:
         async for chunk in stream:
             received.append(chunk.text)
-    assert received == [" w1 w2 w3"]
-    assert failure.value.usage is not None and failure.value.usage.completion_tokens == 4
+    assert received == [" w3 w4 w5"]
+    assert failure.value.usage is not None and failure.value.usage.completion_tokens == 6
 
 
 async def test_a_node_failing_before_the_first_token_is_retried_on_another() -> None:

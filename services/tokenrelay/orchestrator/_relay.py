@@ -14,11 +14,11 @@ cancelled. When no node of the model can serve, its fallback model (if the catal
 answers, and the stream's start says so. Once a token has gone out, a failure ends the stream
 with an error: the caller already holds part of one answer, and a second would not continue it.
 
-After the first token the winner's stream is read ahead by a task of its own (``_Reader``), and
-deltas that arrive while the caller is still busy with the previous chunk go out merged, as one
-chunk (coalescing): nothing ever waits for company, so a caller that keeps up gets every delta
-as it comes, and one that lags (a busy loop, a slow client) gets fewer, larger chunks instead of
-a backlog of one message per token.
+A caller that keeps up gets every delta as it comes, read straight from the node. Once a caller
+takes longer over a chunk than the model over a token (a busy loop, a slow client), the rest of
+the stream is read ahead by a task of its own (``_Reader``), and the deltas that arrive while the
+caller is busy go out merged, as one chunk (coalescing): fewer, larger chunks instead of a
+backlog of one message per token. Nothing ever waits for company; the first token never does.
 """
 
 from __future__ import annotations
@@ -117,20 +117,33 @@ def _merge(deltas: list[Delta]) -> Delta:
 
 
 class _Reader:
-    """Reads a stream of deltas in a task of its own; ``take`` returns all that arrived since
-    the last call, merged, or waits for the next one. ``arrived`` sees each delta as it comes
-    (counting, inter-token gaps). Holds at most the rest of one answer."""
+    """Reads a stream of deltas for ``take``: straight from the source while the caller keeps
+    up; once the caller is seen to lag (``read_ahead``), in a task of its own, so that ``take``
+    returns everything that arrived since the last call as one delta. ``arrived`` sees each
+    delta as it comes (counting, inter-token gaps). Holds at most the rest of one answer."""
 
     def __init__(self, deltas: AsyncIterator[Delta], arrived: Callable[[Delta], None]) -> None:
+        self._deltas = deltas
+        self._arrived = arrived
         self._pending: list[Delta] = []
         self._ended: BaseException | None = None  # why reading stopped: StopAsyncIteration
         self._waiter: asyncio.Future[None] | None = None  # or the source's error
-        self._task = asyncio.create_task(self._read(deltas, arrived))
+        self._task: asyncio.Task[None] | None = None
 
-    async def _read(self, deltas: AsyncIterator[Delta], arrived: Callable[[Delta], None]) -> None:
+    @property
+    def ahead(self) -> bool:
+        return self._task is not None
+
+    def read_ahead(self) -> None:
+        """From now on read in a task (call between ``take``s). Reading ahead costs a task
+        switch per delta, so it starts only when the caller has fallen behind."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
         try:
-            async for delta in deltas:
-                arrived(delta)
+            async for delta in self._deltas:
+                self._arrived(delta)
                 self._pending.append(delta)
                 if self._waiter is not None and not self._waiter.done():
                     self._waiter.set_result(None)
@@ -144,8 +157,15 @@ class _Reader:
                 self._waiter.set_result(None)
 
     async def take(self) -> Delta | None:
-        """What arrived since the last call as one delta; None once the stream ended without
-        another (the source's error, if any, is raised instead)."""
+        """The next delta — or, reading ahead, all that arrived since the last call as one;
+        None once the stream ended without another (a source's error is raised instead)."""
+        if self._task is None:
+            try:
+                delta = await anext(self._deltas)
+            except StopAsyncIteration:
+                return None
+            self._arrived(delta)
+            return delta
         if not self._pending and self._ended is None:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -161,10 +181,11 @@ class _Reader:
         raise self._ended
 
     async def close(self) -> None:
-        """Stop reading (before the stream itself is closed)."""
-        if not self._task.done():
+        """Stop reading ahead (before the stream itself is closed)."""
+        if self._task is not None and not self._task.done():
             self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 class _Attempt:
@@ -224,7 +245,7 @@ class _Attempt:
                 return delta
 
     def follow(self, arrived: Callable[[Delta], None]) -> _Reader:
-        """Read the rest of the stream ahead, after ``first`` has returned."""
+        """The reader of the rest of the stream, once ``first`` has returned."""
         self.reader = _Reader(self.deltas, arrived)
         return self.reader
 
@@ -585,11 +606,13 @@ class Relay:
         )
         outcome, node_down = Outcome.NEUTRAL, False
         last = loop.time()
+        gap = math.inf  # between the last two deltas
 
         def arrived(delta: Delta) -> None:
-            nonlocal last
+            nonlocal last, gap
             now = loop.time()
-            gaps.observe(now - last)
+            gap = now - last
+            gaps.observe(gap)
             last = now
             attempt.count(delta)
 
@@ -602,8 +625,13 @@ class Relay:
                     usage = Usage(attempt.prompt_tokens, attempt.completion_tokens)
                     end = StreamEnd(delta.finish_reason, usage)
                 if delta.text or end is not None:
+                    handed = loop.time()
                     yield Chunk(delta.text, pending_start, end)
                     pending_start = None
+                    if not reader.ahead and loop.time() - handed > gap:
+                        # The caller took longer over a chunk than the model over a token: it
+                        # falls behind, so read ahead and merge what piles up meanwhile.
+                        reader.read_ahead()
                 if end is not None:
                     outcome, record.outcome = Outcome.SUCCESS, end.finish_reason.value
                     return
