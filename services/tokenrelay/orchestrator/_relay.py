@@ -130,13 +130,9 @@ class _Reader:
         self._waiter: asyncio.Future[None] | None = None  # or the source's error
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def ahead(self) -> bool:
-        return self._task is not None
-
     def read_ahead(self) -> None:
-        """From now on read in a task (call between ``take``s). Reading ahead costs a task
-        switch per delta, so it starts only when the caller has fallen behind."""
+        """From now on read in a task (call between ``take``s; again is a no-op). Reading
+        ahead costs a task switch per delta, so it starts only when the caller falls behind."""
         if self._task is None:
             self._task = asyncio.create_task(self._read())
 
@@ -182,9 +178,8 @@ class _Reader:
 
     async def close(self) -> None:
         """Stop reading ahead (before the stream itself is closed)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
         if self._task is not None:
+            self._task.cancel()  # a no-op once it has ended
             await asyncio.gather(self._task, return_exceptions=True)
 
 
@@ -628,7 +623,7 @@ class Relay:
                     handed = loop.time()
                     yield Chunk(delta.text, pending_start, end)
                     pending_start = None
-                    if not reader.ahead and loop.time() - handed > gap:
+                    if loop.time() - handed > gap:
                         # The caller took longer over a chunk than the model over a token: it
                         # falls behind, so read ahead and merge what piles up meanwhile.
                         reader.read_ahead()
