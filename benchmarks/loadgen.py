@@ -561,6 +561,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.token_interval_ms is not None and args.model != "synthetic":
+        parser.error("--token-interval-ms paces the synthetic model only")
     if args.smoke:
         args.concurrency, args.requests, args.rounds, args.max_tokens = [2], 4, 1, 8
     args.out.mkdir(parents=True, exist_ok=True)
@@ -578,8 +580,6 @@ def main(argv: list[str] | None = None) -> None:
             }
         repository = REPO / "triton_models"
         if args.token_interval_ms is not None:
-            if args.model != "synthetic":
-                parser.error("--token-interval-ms paces the synthetic model only")
             repository = _paced_repository(Path(workdir), args.token_interval_ms)
         stack = Stack(repository, StackPorts.free(), models=models, config=config, env=env)
         stack.start()
