@@ -18,8 +18,15 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from tokenrelay.config import Settings
 from tokenrelay.errors import UpstreamUnavailable
 from tokenrelay.generation import Delta, FinishReason, Sampling
+from tokenrelay.orchestrator._admission import AdmissionControl
+from tokenrelay.orchestrator._metrics import RelayMetrics
+from tokenrelay.orchestrator._plan import Planner
+from tokenrelay.orchestrator._pool import NodePool
+from tokenrelay.orchestrator._relay import Relay
+from tokenrelay.retrieval import Retriever
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMAS = Path(__file__).resolve().parent / "schemas" / "openai-schemas.json"
@@ -42,6 +49,23 @@ def assert_openai(schema: str, instance: Any) -> None:
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
     assert not errors, f"{schema}: " + "; ".join(
         f"{list(e.path)}: {e.message[:200]}" for e in errors[:5]
+    )
+
+
+def relay_for(
+    settings: Settings,
+    pool: NodePool,
+    retriever: Retriever | None = None,
+    metrics: RelayMetrics | None = None,
+) -> Relay:
+    """A relay composed as the orchestrator composes it (``server.Orchestrator``)."""
+    return Relay(
+        settings,
+        Planner(settings.models, settings.orchestrator.limits),
+        pool,
+        AdmissionControl(settings.orchestrator.admission),
+        metrics or RelayMetrics(m.id for m in settings.models),
+        retriever,
     )
 
 

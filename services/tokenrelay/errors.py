@@ -1,9 +1,12 @@
 """The one exception hierarchy of tokenrelay.
 
-Domain code raises these; each transport maps them to its wire status in one place
-(``orchestrator/_status.py`` for gRPC, ``edge/_errors.py`` for HTTP)::
+Domain code raises these. Each class carries what every border needs — its gRPC status code, its
+HTTP status, its OpenAI error type, the ``outcome`` label of metrics and logs, and a stable
+``reason`` that names it on the wire — so the border tables (``orchestrator/_border.py`` for gRPC,
+``edge/_errors.py`` for HTTP, and the edge's way back from a gRPC status in
+``edge/_upstream.py``) are derived from the classes, never written out by hand::
 
-    RelayError                      base; never raised itself
+    RelayError                      base (500 / INTERNAL)
     ├── InvalidRequest              malformed or out of bounds (400 / INVALID_ARGUMENT)
     │   ├── NotFound                a named thing does not exist (404 / NOT_FOUND)
     │   │   ├── ModelNotFound       the model is not in the catalog
@@ -15,13 +18,18 @@ Domain code raises these; each transport maps them to its wire status in one pla
     ├── UpstreamTimeout             a deadline or watchdog expired (504 / DEADLINE_EXCEEDED)
     └── GenerationFailed            the model failed while generating (500 / INTERNAL)
 
+Extras travel with the error: ``param`` (the offending field), ``code`` (a machine-readable
+reason where OpenAI defines one, e.g. ``context_length_exceeded``), ``retry_after`` (seconds) and
+``usage`` (what a stream that failed after tokens went out generated so far). Over gRPC they are
+rich status details (``tokenrelay.wire``), never ad-hoc strings.
+
 Messages are written for the caller: they never carry addresses, stack traces or a
 dependency's raw error text.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from tokenrelay.generation import Usage
@@ -42,43 +50,77 @@ __all__ = [
 
 
 class RelayError(Exception):
-    """Base of every error tokenrelay reports to a caller.
+    """Base of every error tokenrelay reports to a caller; raised itself only for an internal
+    error whose details stay in the log."""
 
-    ``outcome`` names the kind in metrics and logs (``tokenrelay_requests_total{outcome}``).
-    ``usage`` is set on an error that ended a generation after tokens went out: what the
-    caller is billed for so far."""
+    grpc_code: ClassVar[str] = "INTERNAL"  # a grpc.StatusCode name
+    http_status: ClassVar[int] = 500
+    openai_type: ClassVar[str] = "server_error"
+    outcome: ClassVar[str] = "failed"  # tokenrelay_requests_total{outcome}
+    reason: ClassVar[str] = "INTERNAL"  # names the class on the wire (google.rpc.ErrorInfo)
+    _by_reason: ClassVar[dict[str, type[RelayError]]] = {}
 
-    outcome = "failed"
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "reason" in cls.__dict__:
+            RelayError._by_reason[cls.reason] = cls
 
-    def __init__(self, message: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
         self.usage: Usage | None = None
+
+    @staticmethod
+    def restore(
+        reason: str,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> RelayError:
+        """The error a peer reported by ``reason`` (its class's name on the wire), rebuilt with
+        its extras; a reason this build does not know gives a plain ``RelayError``."""
+        cls = RelayError._by_reason.get(reason, RelayError)
+        error = cls.__new__(cls)
+        RelayError.__init__(error, message, param, code, retry_after)
+        return error
+
+
+RelayError._by_reason[RelayError.reason] = RelayError
 
 
 class InvalidRequest(RelayError):
-    """The request is malformed or out of bounds.
+    """The request is malformed or out of bounds; nothing was sent to a model."""
 
-    ``param`` names the offending field; ``code`` is a machine-readable reason where OpenAI defines
-    one (e.g. ``context_length_exceeded``).
-    """
-
+    grpc_code = "INVALID_ARGUMENT"
+    http_status = 400
+    openai_type = "invalid_request_error"
     outcome = "invalid"
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
+    reason = "INVALID_REQUEST"
 
 
 class NotFound(InvalidRequest):
     """A named thing (model, collection) does not exist."""
 
+    grpc_code = "NOT_FOUND"
+    http_status = 404
     outcome = "not_found"
+    reason = "NOT_FOUND"
 
 
 class ModelNotFound(NotFound):
     """The requested model is not in the catalog."""
+
+    reason = "MODEL_NOT_FOUND"
 
     def __init__(self, model: str, message: str | None = None) -> None:
         super().__init__(
@@ -89,6 +131,8 @@ class ModelNotFound(NotFound):
 class CollectionNotFound(NotFound):
     """The retrieval collection does not exist."""
 
+    reason = "COLLECTION_NOT_FOUND"
+
     def __init__(self, name: str, param: str = "collection") -> None:
         super().__init__(
             f"The collection '{name}' does not exist.", param=param, code="collection_not_found"
@@ -98,41 +142,58 @@ class CollectionNotFound(NotFound):
 class AlreadyExists(InvalidRequest):
     """The name is already taken."""
 
-    outcome = "invalid"
+    grpc_code = "ALREADY_EXISTS"
+    http_status = 409
+    reason = "ALREADY_EXISTS"
 
 
 class Unauthenticated(RelayError):
     """Credentials are missing or wrong; ``code`` as OpenAI spells it (``invalid_api_key``)."""
 
+    grpc_code = "UNAUTHENTICATED"
+    http_status = 401
+    openai_type = "authentication_error"
     outcome = "unauthenticated"
+    reason = "UNAUTHENTICATED"
 
     def __init__(self, message: str, code: str | None = "invalid_api_key") -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
 
 
 class Overloaded(RelayError):
     """The service is at capacity; ``retry_after`` is a hint in seconds."""
 
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 429
+    openai_type = "rate_limit_error"
     outcome = "overloaded"
+    reason = "OVERLOADED"
 
     def __init__(self, message: str, retry_after: float = 1.0, code: str | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.code = code
+        super().__init__(message, code=code, retry_after=retry_after)
 
 
 class UpstreamUnavailable(RelayError):
     """No inference node can serve the request now."""
 
+    grpc_code = "UNAVAILABLE"
+    http_status = 503
+    openai_type = "service_unavailable"
     outcome = "unavailable"
+    reason = "UPSTREAM_UNAVAILABLE"
 
 
 class UpstreamTimeout(RelayError):
     """A deadline or watchdog expired before the answer was complete."""
 
+    grpc_code = "DEADLINE_EXCEEDED"
+    http_status = 504
+    openai_type = "timeout"
     outcome = "timeout"
+    reason = "UPSTREAM_TIMEOUT"
 
 
 class GenerationFailed(RelayError):
     """The model reported a failure while generating."""
+
+    reason = "GENERATION_FAILED"

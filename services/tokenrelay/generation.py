@@ -13,15 +13,22 @@ from typing import Protocol
 
 __all__ = [
     "ChatMessage",
+    "Chunk",
     "Citation",
     "Delta",
     "FinishReason",
     "GenerationRequest",
+    "OnFailure",
     "RetrievalOptions",
     "RetrievalReport",
+    "RetrievalStatus",
+    "Role",
     "Sampling",
+    "StreamEnd",
+    "StreamStart",
     "TokenSource",
     "Usage",
+    "merge_deltas",
 ]
 
 
@@ -31,9 +38,30 @@ class FinishReason(enum.Enum):
     CANCELLED = "cancelled"
 
 
+class Role(enum.StrEnum):
+    """Who wrote a chat message (the values are the chat templates' role names)."""
+
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class OnFailure(enum.StrEnum):
+    """What a request wants when its retrieval stage fails: answer without context, or fail."""
+
+    ANSWER = "answer"
+    FAIL = "fail"
+
+
+class RetrievalStatus(enum.StrEnum):
+    USED = "used"  # chunks were placed in the prompt
+    EMPTY = "empty"  # nothing relevant enough was found
+    FAILED = "failed"  # the stage failed; answered without context, by policy
+
+
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    role: str  # "system" | "user" | "assistant"
+    role: Role
     content: str
 
 
@@ -72,13 +100,12 @@ class Sampling:
 
 @dataclass(frozen=True, slots=True)
 class RetrievalOptions:
-    """A request's ask for retrieval-augmented generation. ``top_k`` 0: the configured default;
-    ``on_failure``: "answer", "fail" or "" (the configured default)."""
+    """A request's ask for retrieval-augmented generation; ``None``: the configured default."""
 
     collection: str
-    top_k: int = 0
+    top_k: int | None = None
     min_score: float | None = None
-    on_failure: str = ""
+    on_failure: OnFailure | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +122,9 @@ class Citation:
 
 @dataclass(frozen=True, slots=True)
 class RetrievalReport:
-    """What the retrieval stage did: ``status`` is "used", "empty" or "failed" (answered
-    without context, by policy; ``message`` says why)."""
+    """What the retrieval stage did (``message`` says why it failed)."""
 
-    status: str
+    status: RetrievalStatus
     citations: tuple[Citation, ...] = ()
     message: str = ""
 
@@ -139,6 +165,48 @@ class Delta:
     output_tokens: int = 0
     prompt_tokens: int | None = None
     finish_reason: FinishReason | None = None
+
+
+def merge_deltas(deltas: Sequence[Delta]) -> Delta:
+    """Consecutive deltas of one answer as one (text joined, tokens summed, the last one's
+    finish reason)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    prompt_tokens = [d.prompt_tokens for d in deltas if d.prompt_tokens is not None]
+    return Delta(
+        "".join(d.text for d in deltas),
+        sum(d.output_tokens for d in deltas),
+        prompt_tokens[-1] if prompt_tokens else None,
+        deltas[-1].finish_reason,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """Who answers: the request's id, the catalog model and node that serve it, whether a
+    fallback answers, and what the retrieval stage did."""
+
+    request_id: str
+    model: str
+    node: str
+    fallback: bool = False
+    retrieval: RetrievalReport | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    finish_reason: FinishReason
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One message of a stream: the text since the previous one; ``start`` on the first only,
+    ``end`` on the last only."""
+
+    text: str
+    start: StreamStart | None = None
+    end: StreamEnd | None = None
 
 
 class TokenSource(Protocol):

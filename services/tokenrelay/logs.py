@@ -6,6 +6,7 @@ task (and tasks it starts) carries, so a request's lines can be found with one g
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -25,12 +26,17 @@ _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
 
 @contextmanager
 def bind(**fields: Any) -> Iterator[None]:
-    """Add ``fields`` to every log line written inside the block (in this task)."""
+    """Add ``fields`` to every log line written inside the block (in this task).
+
+    Safe where the block ends in another Context than it began (an async generator closed by
+    another task): the fields are then simply dropped with that Context."""
     token = _context.set({**_context.get(), **fields})
     try:
         yield
     finally:
-        _context.reset(token)
+        # ValueError: the token was created in a different Context; nothing of ours to restore
+        with contextlib.suppress(ValueError):
+            _context.reset(token)
 
 
 class _JsonFormatter(logging.Formatter):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from grpc_status import rpc_status
 
 from tokenrelay.stack import Stack
 from tokenrelay.v1 import generation_pb2 as pb
@@ -68,7 +70,11 @@ def test_streaming_generate(stack: Stack, channel: grpc.Channel) -> None:
 
 def test_list_models_health_and_reflection(channel: grpc.Channel) -> None:
     listing = pb_grpc.GenerationServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
-    assert {m.id: m.ready for m in listing.models} == {SMOL: True, "synthetic": True}
+    assert {m.id: (m.ready, m.kind) for m in listing.models} == {
+        SMOL: (True, pb.MODEL_KIND_CHAT),
+        "synthetic": (True, pb.MODEL_KIND_CHAT),
+        "all-minilm-l6-v2": (True, pb.MODEL_KIND_EMBEDDING),
+    }
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "tokenrelay.v1.GenerationService"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -129,7 +135,17 @@ def test_bad_requests_get_clear_status(
     error = caught.value
     assert error.code() == code  # type: ignore[attr-defined]
     assert error.details() and "Traceback" not in error.details()  # type: ignore[attr-defined]
-    assert dict(error.trailing_metadata())["tokenrelay-error-param"] == param  # type: ignore[attr-defined]
+    # The details, as any gRPC client reads them (google.rpc.Status in the standard trailer).
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None and status.code == code.value[0]
+    details = {d.type_url.rsplit("/", 1)[-1]: d for d in status.details}
+    info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    details["google.rpc.ErrorInfo"].Unpack(info)
+    details["google.rpc.BadRequest"].Unpack(bad)
+    assert info.domain == "tokenrelay"
+    not_found = code == grpc.StatusCode.NOT_FOUND
+    assert info.reason == ("MODEL_NOT_FOUND" if not_found else "INVALID_REQUEST")
+    assert [v.field for v in bad.field_violations] == [param]
     # The orchestrator keeps serving.
     ok = stub.Generate(
         pb.GenerateRequest(model="synthetic", prompt="x", sampling=pb.SamplingParams(max_tokens=2)),

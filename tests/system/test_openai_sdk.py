@@ -114,9 +114,15 @@ def test_completions_streaming_and_not(stack: Stack, client: openai.OpenAI) -> N
 
 def test_model_list(stack: Stack, client: openai.OpenAI) -> None:
     ids = {model.id for model in client.models.list()}
-    assert ids == {SMOL, "synthetic"}
+    assert ids == {SMOL, "synthetic", "all-minilm-l6-v2"}  # every callable model
     listing = httpx.get(f"{stack.edge_url}/v1/models", timeout=10).json()
     assert_openai("ListModelsResponse", listing)
+    kinds = {m["id"]: (m["kind"], m.get("context_window")) for m in listing["data"]}
+    assert kinds == {
+        SMOL: ("chat", 2048),
+        "synthetic": ("chat", 4096),
+        "all-minilm-l6-v2": ("embedding", None),
+    }
     assert client.models.retrieve(SMOL).id == SMOL
     assert_openai("Model", httpx.get(f"{stack.edge_url}/v1/models/{SMOL}", timeout=10).json())
 

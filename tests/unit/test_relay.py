@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from _support import FakeSource, Ordered, unavailable
+from _support import FakeSource, Ordered, relay_for, unavailable
 from tokenrelay.config import (
     Admission,
     ModelSpec,
@@ -24,10 +24,17 @@ from tokenrelay.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from tokenrelay.generation import ChatMessage, FinishReason, GenerationRequest, Sampling
+from tokenrelay.generation import (
+    ChatMessage,
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    Role,
+    Sampling,
+)
 from tokenrelay.orchestrator._breaker import BreakerState
 from tokenrelay.orchestrator._pool import NodePool, Placement
-from tokenrelay.orchestrator._relay import Chunk, Relay
+from tokenrelay.orchestrator._relay import Relay
 
 
 def _relay(
@@ -43,13 +50,13 @@ def _relay(
     )
     placement = {m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in settings.models}
     pool = NodePool({s.name: s for s in sources}, placement, rng=Ordered())
-    return Relay(settings, pool), pool
+    return relay_for(settings, pool), pool
 
 
 def _request(**sampling: object) -> GenerationRequest:
     return GenerationRequest(
         model="synthetic",
-        messages=(ChatMessage("user", "say hello"),),
+        messages=(ChatMessage(Role.USER, "say hello"),),
         sampling=Sampling(**sampling),  # type: ignore[arg-type]
     )
 
@@ -244,7 +251,7 @@ async def test_fallback_model_answers_when_no_node_of_the_primary_can() -> None:
     settings = Settings(orchestrator=OrchestratorSettings(triton=("a:1",)), models=models)
     placement = {m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in models}
     pool = NodePool({"a:1": primary, "b:1": backup}, placement)
-    relay = Relay(settings, pool)
+    relay = relay_for(settings, pool)
     await pool.probe_once()
     chunks = await _collect(relay, dataclasses.replace(_request(), model="big"))
     start = chunks[0].start
@@ -306,9 +313,10 @@ async def test_admission_wait_is_bounded_and_a_gone_waiter_frees_its_place() -> 
 
 
 async def test_a_request_the_model_refuses_is_a_400_and_never_blames_the_node() -> None:
-    from tokenrelay.orchestrator._triton import _stream_error
+    from tokenrelay.orchestrator._triton import _classify
 
-    refusal = _stream_error("sampling parameter 'top_p' is out of range: 0.0", "a:1")
+    # As Triton's vLLM backend reports it: an error with no status code.
+    refusal = _classify(None, "sampling parameter 'top_p' is out of range: 0.0", "a:1")
     assert isinstance(refusal, InvalidRequest) and "top_p" not in refusal.message
     source = FakeSource("a:1", fail_with=refusal)
     relay, pool = _relay(source, FakeSource("b:1"))
@@ -326,7 +334,7 @@ async def test_the_log_line_of_a_closed_stream_says_cancelled(
     source = FakeSource(interval_s=0.05, words=tuple(f" w{i}" for i in range(50)))
     relay, pool = _relay(source)
     await pool.probe_once()
-    with caplog.at_level(logging.INFO, logger="tokenrelay.orchestrator._relay"):
+    with caplog.at_level(logging.INFO, logger="tokenrelay.orchestrator._record"):
         stream = relay.stream(_request())
         await anext(stream)
         await stream.aclose()

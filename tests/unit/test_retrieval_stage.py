@@ -11,26 +11,28 @@ from typing import Any
 
 import numpy.typing as npt
 import pytest
+from prometheus_client import CollectorRegistry
 
-from _support import FakeEmbedder, FakeSource
+from _support import FakeEmbedder, FakeSource, relay_for
 from tokenrelay.config import ModelSpec, OrchestratorSettings, Retrieval, Settings
 from tokenrelay.errors import (
     CollectionNotFound,
     InvalidRequest,
     UpstreamTimeout,
 )
-from tokenrelay.generation import ChatMessage, GenerationRequest, RetrievalOptions, Sampling
-from tokenrelay.metrics import RelayMetrics
+from tokenrelay.generation import ChatMessage, Chunk, GenerationRequest, RetrievalOptions, Sampling
 from tokenrelay.orchestrator._pool import NodePool, Placement
-from tokenrelay.orchestrator._relay import Chunk, Relay
-from tokenrelay.retrieval._chunking import split_text
-from tokenrelay.retrieval._embedder import Embedder
-from tokenrelay.retrieval._stage import Document, Retriever
-from tokenrelay.retrieval._types import (
+from tokenrelay.orchestrator._relay import Relay
+from tokenrelay.retrieval import (
     CollectionInfo,
+    Document,
+    Embedder,
     Hit,
+    RetrievalMetrics,
+    Retriever,
     StoredChunk,
     StoreUnavailable,
+    split_text,
 )
 
 
@@ -105,13 +107,13 @@ async def _stack(
         models=(spec,),
         retrieval=Retrieval(**retrieval),
     )
-    metrics = RelayMetrics(["m"])
+    metrics = RetrievalMetrics(CollectorRegistry())
     embedder = Embedder(
         dataclasses.replace(settings.embeddings, dimensions=8), [FakeEmbedder()], metrics
     )
     retriever = Retriever(settings, embedder, store, metrics)
     pool = NodePool({source.name: source}, {"m": Placement("m", (source.name,))})
-    relay = Relay(settings, pool, metrics=metrics, retriever=retriever)
+    relay = relay_for(settings, pool, retriever)
     await pool.probe_once()
     return relay, retriever, source
 
@@ -167,7 +169,7 @@ async def test_the_best_chunks_go_into_the_question_with_numbered_citations() ->
         "Question: What is the capital of Zorblatt?"
     )
     assert "banana" not in prompt  # below the default min_score
-    metrics = relay.metrics
+    metrics = retriever.metrics
     assert metrics.retrievals.labels("memory", "used")._value.get() == 1
     assert metrics.retrieved_chunks.labels("memory")._value.get() == 1
     assert metrics.embedded_texts.labels("query")._value.get() == 1
@@ -216,7 +218,7 @@ async def test_a_failing_store_follows_the_policy(policy: str) -> None:
     assert report is not None and report.status == "failed" and report.citations == ()
     assert "vector store is unavailable" in report.message
     assert "Question:" not in source.prompts[0]  # answered without context
-    assert relay.metrics.retrievals.labels("memory", "failed")._value.get() == 1
+    assert retriever.metrics.retrievals.labels("memory", "failed")._value.get() == 1
 
 
 async def test_a_slow_store_times_out_and_the_request_policy_wins() -> None:
@@ -232,7 +234,7 @@ async def test_a_slow_store_times_out_and_the_request_policy_wins() -> None:
     chunks = await _run(relay, _ask("capital of Zorblatt?"))
     assert chunks[0].start.retrieval.status == "failed"  # type: ignore[union-attr]
     assert len(source.prompts) == 1
-    assert relay.metrics.retrievals.labels("memory", "timeout")._value.get() == 2
+    assert retriever.metrics.retrievals.labels("memory", "timeout")._value.get() == 2
 
 
 async def test_callers_mistakes_are_errors_under_either_policy() -> None:

@@ -1,9 +1,9 @@
 """The one mapping from errors to HTTP status and OpenAI-shaped error bodies at the edge.
 
 Every error response has the body ``{"error": {"message", "type", "param", "code"}}``: tokenrelay
-errors by the table below, aiohttp's own HTTP errors (unknown route, wrong method, body too
-large) by their status, anything else as a 500 with a fixed message (the exception is logged,
-never sent).
+errors by what their class carries (``http_status``, ``openai_type``; see ``tokenrelay.errors``),
+aiohttp's own HTTP errors (unknown route, wrong method, body too large) by their status, anything
+else as a 500 with a fixed message (the exception is logged, never sent).
 """
 
 from __future__ import annotations
@@ -14,34 +14,11 @@ from typing import Any
 
 from aiohttp import web
 
-from tokenrelay.errors import (
-    AlreadyExists,
-    GenerationFailed,
-    InvalidRequest,
-    NotFound,
-    Overloaded,
-    RelayError,
-    Unauthenticated,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from tokenrelay.errors import Overloaded, RelayError
 
-__all__ = ["error_body", "error_middleware", "error_response", "status_of"]
+__all__ = ["error_body", "error_middleware", "error_response"]
 
 log = logging.getLogger(__name__)
-
-# Most specific first: the first matching class wins. (status, OpenAI error type)
-_TABLE: tuple[tuple[type[RelayError], int, str], ...] = (
-    (NotFound, 404, "invalid_request_error"),
-    (AlreadyExists, 409, "invalid_request_error"),
-    (InvalidRequest, 400, "invalid_request_error"),
-    (Unauthenticated, 401, "authentication_error"),
-    (Overloaded, 429, "rate_limit_error"),
-    (UpstreamUnavailable, 503, "service_unavailable"),
-    (UpstreamTimeout, 504, "timeout"),
-    (GenerationFailed, 500, "server_error"),
-    (RelayError, 500, "server_error"),
-)
 
 _HTTP_MESSAGES = {
     404: ("Not found.", "invalid_request_error", None),
@@ -51,23 +28,22 @@ _HTTP_MESSAGES = {
 }
 
 
-def status_of(exc: RelayError) -> tuple[int, str]:
-    return next((status, kind) for cls, status, kind in _TABLE if isinstance(exc, cls))
-
-
 def error_body(exc: RelayError) -> dict[str, Any]:
-    _, kind = status_of(exc)
-    param = exc.param if isinstance(exc, InvalidRequest) else None
-    code = exc.code if isinstance(exc, InvalidRequest | Unauthenticated | Overloaded) else None
-    return {"error": {"message": exc.message, "type": kind, "param": param, "code": code}}
+    return {
+        "error": {
+            "message": exc.message,
+            "type": exc.openai_type,
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
 
 
 def error_response(exc: RelayError) -> web.Response:
-    status, _ = status_of(exc)
     headers = {}
-    if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    return web.json_response(error_body(exc), status=status, headers=headers)
+    if isinstance(exc, Overloaded) or exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after or 1)))
+    return web.json_response(error_body(exc), status=exc.http_status, headers=headers)
 
 
 def _http_error(exc: web.HTTPException) -> web.Response:
@@ -91,8 +67,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except RelayError as exc:
-        status, _ = status_of(exc)
-        log.info("request refused", extra={"fields": {"status": status, "error": exc.message}})
+        log.info(
+            "request refused", extra={"fields": {"status": exc.http_status, "error": exc.message}}
+        )
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -174,9 +174,9 @@ def _retrieval(body: dict[str, Any]) -> rpb.RetrievalOptions | None:
         raise _type_error("retrieval.collection", "a string")
     options = rpb.RetrievalOptions(collection=collection)
     top_k = _integer(value, "top_k", _INT32)
-    if top_k is not None:
-        if top_k < 1:
-            raise InvalidRequest("'retrieval.top_k' must be at least 1.", "retrieval.top_k")
+    if top_k is not None:  # its bounds are the orchestrator's to check, as over gRPC
+        if top_k < 0:
+            raise _type_error("retrieval.top_k", "a non-negative integer")
         options.top_k = top_k
     min_score = _number(value, "min_score")
     if min_score is not None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from tokenrelay.config import EdgeSettings
+from tokenrelay.edge._metrics import EdgeMetrics
 from tokenrelay.edge._upstream import OrchestratorClient
-from tokenrelay.metrics import EdgeMetrics
 from tokenrelay.security import KeyStore, RateLimiter
 
 __all__ = ["AUTH", "METRICS", "REQUEST_ID", "SETTINGS", "STATE", "UPSTREAM", "Auth", "EdgeState"]

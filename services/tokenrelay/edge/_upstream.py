@@ -1,9 +1,9 @@
 """The edge's client of the orchestrator: one gRPC channel, errors translated to ``RelayError``.
 
-A gRPC status becomes the matching tokenrelay error (the inverse of the orchestrator's table),
-keeping the orchestrator's message and its ``tokenrelay-error-param``/``-code`` and
-``retry-after`` trailing metadata. UNAUTHENTICATED from the orchestrator means the edge itself is
-misconfigured, so it becomes a plain server error, never a 401 to the client.
+A failed call becomes the very error the orchestrator raised, rebuilt from its status details
+(``tokenrelay.wire``: class, message, param, code, retry hint, usage so far). A status without
+them comes from gRPC itself and is mapped by its code; UNAUTHENTICATED from the orchestrator means
+the edge itself is misconfigured, so it becomes a plain server error, never a 401 to the client.
 """
 
 from __future__ import annotations
@@ -17,85 +17,32 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenrelay.config import EdgeSettings
-from tokenrelay.errors import (
-    GenerationFailed,
-    InvalidRequest,
-    NotFound,
-    Overloaded,
-    RelayError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
-from tokenrelay.generation import Usage
 from tokenrelay.security import Secret
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 from tokenrelay.v1 import retrieval_pb2 as rpb
 from tokenrelay.v1 import retrieval_pb2_grpc as rpb_grpc
+from tokenrelay.wire import from_rpc_error
 
 __all__ = ["OrchestratorClient"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-# Words of the orchestrator's own UNAVAILABLE messages (meant for clients).
-_OWN_UNAVAILABLE = ("inference", "retrieval", "vector store", "embedding")
-
-
-def _translate(exc: grpc.aio.AioRpcError) -> RelayError:
-    code = exc.code()
-    details = exc.details() or ""
-    trailing = dict(exc.trailing_metadata() or ())
-    param = trailing.get("tokenrelay-error-param")
-    error_code = trailing.get("tokenrelay-error-code")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidRequest(
-            details, param=str(param) if param else None, code=error_code and str(error_code)
-        )
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(
-            details, param=str(param) if param else None, code=error_code and str(error_code)
-        )
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        retry = trailing.get("retry-after", "1")
-        return Overloaded(details or "The service is at capacity.", float(str(retry)))
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return UpstreamTimeout(details or "The request did not complete in time.")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        log.warning(
-            "upstream unavailable", extra={"fields": {"grpc_code": code.name, "details": details}}
-        )
-        # The orchestrator's own UNAVAILABLE messages speak of inference nodes and are meant for
-        # clients; gRPC's transport messages ("failed to connect to all addresses; ...") name
-        # internal addresses and are replaced.
-        if code == grpc.StatusCode.UNAVAILABLE and any(
-            word in details.lower() for word in _OWN_UNAVAILABLE
-        ):
-            return UpstreamUnavailable(details)
-        return UpstreamUnavailable("The service is temporarily unavailable.")
-    log.error("orchestrator error", extra={"fields": {"grpc_code": code.name, "details": details}})
-    if code == grpc.StatusCode.INTERNAL:
-        return GenerationFailed(details or "The model failed while generating.")
-    return RelayError("Internal error.")
-
-
-def _usage(exc: grpc.aio.AioRpcError) -> Usage | None:
-    """``tokenrelay-usage: prompt,completion`` of an error after the stream started."""
-    value = dict(exc.trailing_metadata() or ()).get("tokenrelay-usage")
-    try:
-        prompt, completion = (int(n) for n in str(value).split(","))
-    except ValueError:
-        return None
-    return Usage(prompt, completion)
 
 
 @contextmanager
 def _translated() -> Iterator[None]:
+    """A failed call as the ``RelayError`` it reports (``tokenrelay.wire``)."""
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        error = _translate(exc)
-        error.usage = _usage(exc)
+        error = from_rpc_error(exc)
+        if error.http_status >= 500:
+            log.warning(
+                "orchestrator call failed",
+                extra={"fields": {"grpc_code": exc.code().name, "reason": error.reason}},
+            )
         raise error from exc
 
 

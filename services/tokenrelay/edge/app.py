@@ -14,6 +14,8 @@ from tokenrelay import _loop
 from tokenrelay._looplag import watch_loop_lag
 from tokenrelay.config import EdgeSettings, Secrets, split_hostport
 from tokenrelay.edge._errors import error_middleware
+from tokenrelay.edge._generate import routes as generation_routes
+from tokenrelay.edge._metrics import EdgeMetrics
 from tokenrelay.edge._routes import routes
 from tokenrelay.edge._security import (
     GuardedSite,
@@ -24,7 +26,6 @@ from tokenrelay.edge._security import (
 )
 from tokenrelay.edge._state import AUTH, METRICS, SETTINGS, STATE, UPSTREAM, Auth, EdgeState
 from tokenrelay.edge._upstream import OrchestratorClient
-from tokenrelay.metrics import EdgeMetrics
 from tokenrelay.security import KeyStore, is_loopback
 
 __all__ = ["create_app", "run", "serve"]
@@ -72,6 +73,7 @@ def create_app(settings: EdgeSettings, secrets: Secrets | None = None) -> web.Ap
     app.cleanup_ctx.append(_loop_lag)
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(on_response_prepare)
+    app.add_routes(generation_routes)
     app.add_routes(routes)
     return app
 

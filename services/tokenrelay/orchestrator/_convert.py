@@ -5,22 +5,37 @@ from __future__ import annotations
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.generation import (
     ChatMessage,
+    Chunk,
     FinishReason,
     GenerationRequest,
+    OnFailure,
     RetrievalOptions,
     RetrievalReport,
+    RetrievalStatus,
+    Role,
     Sampling,
+    StreamStart,
     Usage,
 )
 from tokenrelay.orchestrator._breaker import BreakerState
 from tokenrelay.orchestrator._pool import NodeStatus
-from tokenrelay.orchestrator._relay import Chunk, ModelStatus, StreamStart
+from tokenrelay.orchestrator._relay import ModelStatus
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import retrieval_pb2 as rpb
 
-__all__ = ["chunk_to_pb", "model_to_pb", "request_from_pb", "start_to_pb", "usage_to_pb"]
+__all__ = [
+    "chunk_to_pb",
+    "finish_to_pb",
+    "model_to_pb",
+    "node_to_pb",
+    "report_to_pb",
+    "request_from_pb",
+    "served_by_to_pb",
+    "start_to_pb",
+    "usage_to_pb",
+]
 
-_ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+_ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}
 _FINISH = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -29,28 +44,27 @@ _FINISH = {
 
 
 _POLICY = {
-    rpb.RETRIEVAL_FAILURE_POLICY_UNSPECIFIED: "",
-    rpb.RETRIEVAL_FAILURE_POLICY_ANSWER_WITHOUT_CONTEXT: "answer",
-    rpb.RETRIEVAL_FAILURE_POLICY_FAIL: "fail",
+    rpb.RETRIEVAL_FAILURE_POLICY_UNSPECIFIED: None,
+    rpb.RETRIEVAL_FAILURE_POLICY_ANSWER_WITHOUT_CONTEXT: OnFailure.ANSWER,
+    rpb.RETRIEVAL_FAILURE_POLICY_FAIL: OnFailure.FAIL,
 }
 _RETRIEVAL_STATUS = {
-    "used": rpb.RETRIEVAL_STATUS_USED,
-    "empty": rpb.RETRIEVAL_STATUS_EMPTY,
-    "failed": rpb.RETRIEVAL_STATUS_FAILED,
+    RetrievalStatus.USED: rpb.RETRIEVAL_STATUS_USED,
+    RetrievalStatus.EMPTY: rpb.RETRIEVAL_STATUS_EMPTY,
+    RetrievalStatus.FAILED: rpb.RETRIEVAL_STATUS_FAILED,
 }
 
 
 def retrieval_from_pb(options: rpb.RetrievalOptions) -> RetrievalOptions:
-    policy = _POLICY.get(options.on_failure)
-    if policy is None:
+    if options.on_failure not in _POLICY:
         raise InvalidRequest(
             "retrieval.on_failure is not a defined policy.", "retrieval.on_failure"
         )
     return RetrievalOptions(
         collection=options.collection,
-        top_k=options.top_k,
+        top_k=options.top_k if options.HasField("top_k") else None,
         min_score=options.min_score if options.HasField("min_score") else None,
-        on_failure=policy,
+        on_failure=_POLICY[options.on_failure],
     )
 
 
@@ -158,6 +172,7 @@ def model_to_pb(status: ModelStatus) -> pb.Model:
         context_window=status.spec.context_window,
         ready=status.ready,
         created=status.created,
+        kind=pb.MODEL_KIND_CHAT,
     )
 
 

@@ -93,14 +93,18 @@ class NodePool:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         affinity_slack: int = 4,
+        auxiliary: Mapping[str, Placement] | None = None,
     ) -> None:
-        """``placement`` maps each catalog model id to where it runs.
+        """``placement`` maps each catalog model id to where it runs. ``auxiliary`` models (the
+        embedding model) are probed and reported by ``ready`` too, but are neither leased nor
+        counted for ``serving``.
 
         ``on_change(serving)`` is called (after a probe) whenever "at least one model can be
         served" flips.
         """
         self._sources = dict(sources)
         self._placement = dict(placement)
+        self._auxiliary = dict(auxiliary or {})
         self._ready: dict[tuple[str, str], bool] = {}
         self._in_flight: Counter[str] = Counter()
         self._breakers = {
@@ -119,8 +123,8 @@ class NodePool:
         return bool(self._ready.get((node, triton_model))) and self._breakers[node].available()
 
     def ready(self, model: str) -> bool:
-        """Whether some node can take a request for catalog ``model`` now."""
-        where = self._placement.get(model)
+        """Whether some node can take a request for ``model`` now."""
+        where = self._placement.get(model) or self._auxiliary.get(model)
         return where is not None and any(self._eligible(n, where.triton_model) for n in where.nodes)
 
     def in_flight(self, node: str) -> int:
@@ -154,7 +158,7 @@ class NodePool:
         pairs = sorted(
             {
                 (node, where.triton_model)
-                for where in self._placement.values()
+                for where in (*self._placement.values(), *self._auxiliary.values())
                 for node in where.nodes
             }
         )

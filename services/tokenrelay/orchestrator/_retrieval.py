@@ -1,5 +1,5 @@
 """``tokenrelay.v1.EmbeddingService`` and ``RetrievalService``: decode, call the retriever,
-encode."""
+encode. (The gRPC border — spans, log fields, errors — is ``_border.BorderInterceptor``'s.)"""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from typing import Any, TypeAlias
 import grpc
 
 from tokenrelay.errors import AlreadyExists, CollectionNotFound, InvalidRequest, ModelNotFound
-from tokenrelay.orchestrator._status import grpc_errors
-from tokenrelay.retrieval._embedder import Embedder
-from tokenrelay.retrieval._stage import Document, Retriever
-from tokenrelay.retrieval._types import CollectionInfo, check_collection_name
+from tokenrelay.retrieval import (
+    CollectionInfo,
+    Document,
+    Embedder,
+    Retriever,
+    check_collection_name,
+)
 from tokenrelay.v1 import retrieval_pb2 as pb
 from tokenrelay.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -36,7 +39,6 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, embedder: Embedder) -> None:
         self._embedder = embedder
 
-    @grpc_errors
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         spec = self._embedder.spec
         if request.model and request.model != spec.id:
@@ -61,7 +63,6 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     def __init__(self, retriever: Retriever | None) -> None:
         self._retriever = retriever
 
-    @grpc_errors
     async def CreateCollection(
         self, request: pb.CreateCollectionRequest, context: Context
     ) -> pb.Collection:
@@ -77,14 +78,12 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 return _collection_pb(info)
         raise CollectionNotFound(request.name, "name")  # deleted meanwhile
 
-    @grpc_errors
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: Context
     ) -> pb.ListCollectionsResponse:
         infos = await _retriever(self._retriever).store.list_collections()
         return pb.ListCollectionsResponse(collections=[_collection_pb(i) for i in infos])
 
-    @grpc_errors
     async def DeleteCollection(
         self, request: pb.DeleteCollectionRequest, context: Context
     ) -> pb.DeleteCollectionResponse:
@@ -94,7 +93,6 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             deleted=await retriever.store.delete_collection(request.name)
         )
 
-    @grpc_errors
     async def UpsertDocuments(
         self, request: pb.UpsertDocumentsRequest, context: Context
     ) -> pb.UpsertDocumentsResponse:
@@ -104,7 +102,6 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         )
         return pb.UpsertDocumentsResponse(chunks=chunks, replaced=replaced, tokens=tokens)
 
-    @grpc_errors
     async def DeleteDocuments(
         self, request: pb.DeleteDocumentsRequest, context: Context
     ) -> pb.DeleteDocumentsResponse:
@@ -113,12 +110,11 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         removed = await retriever.store.delete_documents(request.collection, list(request.ids))
         return pb.DeleteDocumentsResponse(chunks=removed)
 
-    @grpc_errors
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
         hits = await _retriever(self._retriever).search(
             request.collection,
             request.query,
-            request.top_k,
+            request.top_k if request.HasField("top_k") else None,
             request.min_score if request.HasField("min_score") else None,
         )
         return pb.SearchResponse(

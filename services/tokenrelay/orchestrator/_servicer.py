@@ -1,15 +1,19 @@
-"""``tokenrelay.v1.GenerationService``: decode the protobuf, call the relay, encode each chunk."""
+"""``tokenrelay.v1.GenerationService``: decode the protobuf, call the relay, encode each chunk.
+
+The gRPC border (span, log fields, error mapping) is ``_border.BorderInterceptor``'s."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, TypeAlias
 
 import grpc
 
+from tokenrelay.config import Embeddings
 from tokenrelay.errors import GenerationFailed
+from tokenrelay.generation import StreamStart
+from tokenrelay.orchestrator._admission import AdmissionControl
 from tokenrelay.orchestrator._convert import (
     chunk_to_pb,
     finish_to_pb,
@@ -21,14 +25,11 @@ from tokenrelay.orchestrator._convert import (
     usage_to_pb,
 )
 from tokenrelay.orchestrator._pool import NodePool
-from tokenrelay.orchestrator._relay import Relay, StreamStart
-from tokenrelay.orchestrator._status import grpc_errors
+from tokenrelay.orchestrator._relay import Relay
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 
 __all__ = ["GenerationServicer"]
-
-log = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -45,11 +46,19 @@ async def _announce(context: Context, start: StreamStart) -> None:
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, relay: Relay, pool: NodePool) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        pool: NodePool,
+        admission: AdmissionControl,
+        embeddings: Embeddings | None = None,
+    ) -> None:
+        """``embeddings``: the embedding model, listed beside the catalog's when it serves."""
         self._relay = relay
         self._pool = pool
+        self._admission = admission
+        self._embeddings = embeddings
 
-    @grpc_errors
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -60,7 +69,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     await _announce(context, chunk.start)
                 yield chunk_to_pb(chunk)
 
-    @grpc_errors
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         response = pb.GenerateResponse()
         texts = []
@@ -82,19 +90,32 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         response.text = "".join(texts)
         return response
 
-    @grpc_errors
+    def _models(self) -> list[pb.Model]:
+        models = [model_to_pb(m) for m in self._relay.models()]
+        if self._embeddings is not None:
+            spec = self._embeddings
+            models.append(
+                pb.Model(
+                    id=spec.id,
+                    owned_by="tokenrelay",
+                    ready=self._pool.ready(spec.id),
+                    created=self._relay.created,
+                    kind=pb.MODEL_KIND_EMBEDDING,
+                )
+            )
+        return models
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_to_pb(m) for m in self._relay.models()])
+        return pb.ListModelsResponse(models=self._models())
 
-    @grpc_errors
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:
-        models = self._relay.models()
+        models = self._models()
         return pb.StatusResponse(
-            serving=any(m.ready for m in models),
+            serving=any(m.ready for m in models if m.kind == pb.MODEL_KIND_CHAT),
             nodes=[node_to_pb(n) for n in self._pool.status()],
-            running=self._relay.admission.running,
-            queued=self._relay.admission.queued,
-            models=[model_to_pb(m) for m in models],
+            running=self._admission.running,
+            queued=self._admission.queued,
+            models=models,
         )

@@ -56,14 +56,13 @@ _NUMBERS = {
     "UINT64": struct.Struct("<Q"),
     "INT64": struct.Struct("<q"),
 }
-# Phrases of a prompt that does not fit: ours (tokenrelay.triton_python.llama) and vLLM's.
+# Last-resort phrases, for a backend that sends no status code with its error (Triton's vLLM
+# backend reports every failure as INTERNAL): a prompt that does not fit (ours and vLLM's words),
+# and a request the model refused as malformed (vLLM's SamplingParams checks). The orchestrator
+# validates first, so these mean the two layers disagree; the request still gets a 400 and the
+# node is not blamed (a client must not be able to open a node's breaker with requests the
+# model refuses). Phrases never take a node out of rotation: only status codes do.
 _CONTEXT_PHRASES = ("context window", "maximum context length")
-# Phrases of a request the model refused as malformed (ours: triton_python._contract; vLLM's
-# SamplingParams checks). The orchestrator validates first, so these mean the two layers
-# disagree; the request still gets a 400, and the node is not blamed for it (a client must not
-# be able to open a node's breaker by sending requests the model refuses).
-# Triton's words for a model it does not serve (not in the repository, not loaded, not ready).
-_NOT_LOADED = ("unknown model", "no available versions", "not ready", "not found")
 _REFUSAL_PHRASES = (
     "sampling parameter",
     "sampling_parameters",
@@ -73,6 +72,9 @@ _REFUSAL_PHRASES = (
     "is required",
     "not valid",
 )
+# Asks Triton (24.08+) to end a stream whose request failed with the failure's gRPC status code,
+# instead of an error message with no code inside the stream.
+_STREAM_ERRORS = ("triton_grpc_error", "true")
 
 
 def _bool_input(name: str, value: bool) -> InferInput:
@@ -87,41 +89,41 @@ def _bytes_input(name: str, value: str) -> InferInput:
     return tensor
 
 
-def _stream_error(message: str, address: str) -> RelayError:
-    """An error response inside the stream (the model or Triton refused or failed)."""
+def _classify(code: grpc.StatusCode | None, message: str, address: str) -> RelayError:
+    """A failure Triton reported, by its status code first (``None``: it sent none)."""
+    log.warning(
+        "triton call failed",
+        extra={"fields": {"node": address, "grpc_code": str(code), "upstream_error": message}},
+    )
     lowered = message.lower()
-    if any(phrase in lowered for phrase in _CONTEXT_PHRASES):
-        return InvalidRequest(
-            "The prompt and max_tokens do not fit in the model's context window.",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    if any(phrase in lowered for phrase in _REFUSAL_PHRASES):
-        log.warning("model refused the request", extra={"fields": {"upstream_error": message}})
-        return InvalidRequest("The model refused the request's parameters.")
-    if any(phrase in lowered for phrase in _NOT_LOADED):
-        log.warning("node cannot serve the model", extra={"fields": {"node": address}})
-        return UpstreamUnavailable("The model is not loaded on the inference node.")
-    log.error("model error", extra={"fields": {"node": address, "upstream_error": message}})
-    return GenerationFailed("The model failed while generating.")
+    if code in (None, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL):
+        if any(phrase in lowered for phrase in _CONTEXT_PHRASES):
+            return InvalidRequest(
+                "The prompt and max_tokens do not fit in the model's context window.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if code is grpc.StatusCode.INVALID_ARGUMENT or any(
+            phrase in lowered for phrase in _REFUSAL_PHRASES
+        ):
+            return InvalidRequest("The model refused the request's parameters.")
+        return GenerationFailed("The model failed while generating.")
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return UpstreamTimeout("The inference node did not answer in time.")
+    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+        # The model is not in the repository or not ready, or the node cannot be reached.
+        return UpstreamUnavailable("The model is not available on the inference node.")
+    if code is grpc.StatusCode.CANCELLED:
+        return UpstreamUnavailable("The inference node cancelled the request.")
+    return GenerationFailed("The inference node failed the request.")
 
 
 def _rpc_error(exc: grpc.RpcError | InferenceServerException, address: str) -> RelayError:
-    code = exc.code() if isinstance(exc, grpc.RpcError) else None
-    if isinstance(exc, InferenceServerException):
-        status = exc.status() or ""
-        code = next((c for c in grpc.StatusCode if str(c) == status), None)
-    log.warning(
-        "triton call failed",
-        extra={"fields": {"node": address, "grpc_code": str(code), "upstream_error": str(exc)}},
-    )
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return UpstreamTimeout("The inference node did not answer in time.")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, None):
-        return UpstreamUnavailable("The inference node is unavailable.")
-    if any(phrase in str(exc).lower() for phrase in _NOT_LOADED):
-        return UpstreamUnavailable("The model is not loaded on the inference node.")
-    return GenerationFailed("The inference node failed the request.")
+    if isinstance(exc, grpc.RpcError):
+        return _classify(exc.code(), str(exc.details() or ""), address)
+    status = exc.status() or ""
+    code = next((c for c in grpc.StatusCode if str(c) == status), None)
+    return _classify(code, str(exc.message() or ""), address)
 
 
 @contextmanager
@@ -227,7 +229,7 @@ class TritonNode:
             yield request
 
         with _translate(self._address):
-            stream = self._client.stream_infer(requests(), headers=dict(headers) or None)
+            stream = self._client.stream_infer(requests(), headers=dict((*headers, _STREAM_ERRORS)))
         try:
             while True:
                 with _translate(self._address):
@@ -237,8 +239,8 @@ class TritonNode:
                         raise UpstreamUnavailable(
                             "The inference node closed the stream early."
                         ) from None
-                if error is not None:
-                    raise _stream_error(str(error.message()), self._address)
+                if error is not None:  # a backend that ignores triton_grpc_error
+                    raise _rpc_error(error, self._address)
                 delta, final = _decode(result)
                 yield delta
                 if final:

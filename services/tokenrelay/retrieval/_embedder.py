@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from tokenrelay.config import Embeddings
 from tokenrelay.errors import GenerationFailed, InvalidRequest, UpstreamTimeout, UpstreamUnavailable
-from tokenrelay.metrics import RelayMetrics
+from tokenrelay.retrieval._metrics import RetrievalMetrics
 
 __all__ = ["Embedded", "Embedder", "EmbeddingSource"]
 
@@ -43,7 +43,7 @@ class Embedded:
 
 class Embedder:
     def __init__(
-        self, spec: Embeddings, sources: Sequence[EmbeddingSource], metrics: RelayMetrics
+        self, spec: Embeddings, sources: Sequence[EmbeddingSource], metrics: RetrievalMetrics
     ) -> None:
         if not sources:
             raise ValueError("the embedding model has no nodes")

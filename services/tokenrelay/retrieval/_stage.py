@@ -29,12 +29,16 @@ from tokenrelay.generation import (
     ChatMessage,
     Citation,
     GenerationRequest,
+    OnFailure,
     RetrievalOptions,
     RetrievalReport,
+    RetrievalStatus,
+    Role,
 )
-from tokenrelay.metrics import RelayMetrics, outcome_of
+from tokenrelay.metrics import outcome_of
 from tokenrelay.retrieval._chunking import split_text
 from tokenrelay.retrieval._embedder import Embedder
+from tokenrelay.retrieval._metrics import RetrievalMetrics
 from tokenrelay.retrieval._types import (
     Hit,
     StoredChunk,
@@ -70,12 +74,12 @@ class Document:
 
 class Retriever:
     def __init__(
-        self, settings: Settings, embedder: Embedder, store: VectorStore, metrics: RelayMetrics
+        self, settings: Settings, embedder: Embedder, store: VectorStore, metrics: RetrievalMetrics
     ) -> None:
         self._settings = settings.retrieval
         self.embedder = embedder
         self.store = store
-        self._metrics = metrics
+        self.metrics = metrics
 
     # ---- collections and documents -----------------------------------------------------------
 
@@ -125,8 +129,10 @@ class Retriever:
         return len(stored), replaced, embedded.tokens if embedded else 0
 
     async def search(
-        self, collection: str, query: str, top_k: int, min_score: float | None
+        self, collection: str, query: str, top_k: int | None, min_score: float | None
     ) -> list[Hit]:
+        """The chunks of ``collection`` most similar to ``query`` (``top_k`` None: the
+        configured default). Raises ``InvalidRequest`` for arguments out of bounds."""
         check_collection_name(collection)
         top_k = self._top_k(top_k)
         self._check_score(min_score)
@@ -142,8 +148,8 @@ class Retriever:
         with tracer().start_as_current_span("tokenrelay.search"):
             return await self.store.search(collection, embedded.vectors[0], top_k, min_score)
 
-    def _top_k(self, top_k: int, param: str = "top_k") -> int:
-        if top_k == 0:
+    def _top_k(self, top_k: int | None, param: str = "top_k") -> int:
+        if top_k is None:
             return self._settings.default_top_k
         if not 1 <= top_k <= self._settings.max_top_k:
             raise InvalidRequest(
@@ -163,10 +169,6 @@ class Retriever:
         check_collection_name(options.collection, "retrieval.collection")
         self._top_k(options.top_k, "retrieval.top_k")
         self._check_score(options.min_score, "retrieval.min_score")
-        if options.on_failure not in ("", "answer", "fail"):
-            raise InvalidRequest(
-                "'retrieval.on_failure' must be 'answer' or 'fail'.", "retrieval.on_failure"
-            )
 
     async def augment(
         self,
@@ -179,7 +181,7 @@ class Retriever:
         options = request.retrieval
         assert options is not None
         self.check(options)
-        policy = options.on_failure or self._settings.on_failure
+        policy = options.on_failure or OnFailure(self._settings.on_failure)
         timeout = min(self._settings.timeout_s, time_budget_s)
         store = self.store.name
         started = time.perf_counter()
@@ -194,34 +196,34 @@ class Retriever:
             except TimeoutError:
                 outcome = "timeout"
                 message = f"The retrieval stage did not finish within {timeout:g} s."
-                if policy == "fail":
+                if policy == OnFailure.FAIL:
                     raise UpstreamTimeout(message) from None
                 return request, self._degraded(message)
             except (StoreUnavailable, GenerationFailed) as exc:
                 message = f"The retrieval stage failed: {exc.message[0].lower()}{exc.message[1:]}"
-                if policy == "fail":
+                if policy == OnFailure.FAIL:
                     raise type(exc)(message) from exc
                 return request, self._degraded(message)
             except RelayError as exc:
                 outcome = outcome_of(exc)
-                if isinstance(exc, InvalidRequest) or policy == "fail":
+                if isinstance(exc, InvalidRequest) or policy == OnFailure.FAIL:
                     raise
                 return request, self._degraded(f"The retrieval stage failed: {exc.message}")
             augmented, citations = self._place(request, spec, max_tokens, hits)
             outcome = "used" if citations else "empty"
             span.set_attribute("tokenrelay.retrieval.hits", len(hits))
             span.set_attribute("tokenrelay.retrieval.used", len(citations))
-            self._metrics.retrieved_chunks.labels(store).inc(len(citations))
-            return augmented, RetrievalReport(outcome, tuple(citations))
+            self.metrics.retrieved_chunks.labels(store).inc(len(citations))
+            return augmented, RetrievalReport(RetrievalStatus(outcome), tuple(citations))
         finally:
             span.set_attribute("tokenrelay.retrieval.outcome", outcome)
-            self._metrics.retrievals.labels(store, outcome).inc()
-            self._metrics.retrieval_duration.labels(store).observe(time.perf_counter() - started)
+            self.metrics.retrievals.labels(store, outcome).inc()
+            self.metrics.retrieval_duration.labels(store).observe(time.perf_counter() - started)
 
     @staticmethod
     def _degraded(message: str) -> RetrievalReport:
         log.warning("answering without retrieved context", extra={"fields": {"reason": message}})
-        return RetrievalReport("failed", (), message)
+        return RetrievalReport(RetrievalStatus.FAILED, (), message)
 
     async def _find(self, request: GenerationRequest, options: RetrievalOptions) -> list[Hit]:
         return await self._lookup(
@@ -269,7 +271,7 @@ class Retriever:
 def _question(request: GenerationRequest) -> str:
     if request.messages is not None:
         for message in reversed(request.messages):
-            if message.role == "user" and message.content.strip():
+            if message.role == Role.USER and message.content.strip():
                 return message.content
         raise InvalidRequest("Retrieval needs a user message to search with.", "messages")
     return request.prompt or ""
@@ -281,7 +283,7 @@ def _with_context(request: GenerationRequest, context: str) -> GenerationRequest
     if request.messages is None:
         return dataclasses.replace(request, prompt=f"{context}\n\n{request.prompt}")
     messages = list(request.messages)
-    last = max(i for i, m in enumerate(messages) if m.role == "user" and m.content.strip())
+    last = max(i for i, m in enumerate(messages) if m.role == Role.USER and m.content.strip())
     question = messages[last].content
-    messages[last] = ChatMessage("user", f"{context}\n\nQuestion: {question}")
+    messages[last] = ChatMessage(Role.USER, f"{context}\n\nQuestion: {question}")
     return dataclasses.replace(request, messages=tuple(messages))

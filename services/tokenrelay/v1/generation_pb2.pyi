@@ -5,14 +5,19 @@ tokenrelay public gRPC API: text generation.
 
 Internal services call this API directly; the HTTP edge turns OpenAI-style REST and Server-Sent
 Events into these calls. Errors use standard gRPC status codes:
-  INVALID_ARGUMENT   the request is malformed or out of bounds (nothing was sent to a model);
-                     trailing metadata `tokenrelay-error-param` names the offending field
+  INVALID_ARGUMENT   the request is malformed or out of bounds (nothing was sent to a model),
+                     or its message does not decode
   NOT_FOUND          the model is not in the catalog
   UNAUTHENTICATED    the internal secret is missing or wrong
   RESOURCE_EXHAUSTED the orchestrator is at capacity; retry later
   UNAVAILABLE        no inference node can serve the model right now
   DEADLINE_EXCEEDED  the call's deadline, or a generation watchdog, expired
   INTERNAL           the model failed while generating
+tokenrelay's own errors carry rich details in the `grpc-status-details-bin` trailer (a
+google.rpc.Status; read it with grpc_status.rpc_status.from_call): google.rpc.ErrorInfo
+(domain "tokenrelay", `reason` naming the error, metadata["code"] the OpenAI error code where
+there is one), google.rpc.BadRequest (the offending field), google.rpc.RetryInfo (when to
+retry) and PartialUsage (what a generation that failed mid-stream had produced).
 """
 
 from collections import abc as _abc
@@ -77,6 +82,28 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 """The inference server cancelled the generation."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
+
+class _ModelKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_KIND_UNSPECIFIED: _ModelKind.ValueType  # 0
+    MODEL_KIND_CHAT: _ModelKind.ValueType  # 1
+    """Generates text: GenerationService, /v1/chat/completions and /v1/completions."""
+    MODEL_KIND_EMBEDDING: _ModelKind.ValueType  # 2
+    """Embeds texts: EmbeddingService, /v1/embeddings."""
+
+class ModelKind(_ModelKind, metaclass=_ModelKindEnumTypeWrapper):
+    """What a model does."""
+
+MODEL_KIND_UNSPECIFIED: ModelKind.ValueType  # 0
+MODEL_KIND_CHAT: ModelKind.ValueType  # 1
+"""Generates text: GenerationService, /v1/chat/completions and /v1/completions."""
+MODEL_KIND_EMBEDDING: ModelKind.ValueType  # 2
+"""Embeds texts: EmbeddingService, /v1/embeddings."""
+Global___ModelKind: _TypeAlias = ModelKind  # noqa: Y015
 
 class _BreakerState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -405,6 +432,30 @@ class Usage(_message.Message):
 Global___Usage: _TypeAlias = Usage  # noqa: Y015
 
 @_typing.final
+class PartialUsage(_message.Message):
+    """PartialUsage is an error detail (in the call's google.rpc.Status): what a generation that
+    failed after its stream had started had produced until then, for billing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def usage(self) -> Global___Usage: ...
+    def __init__(
+        self,
+        *,
+        usage: Global___Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartialUsage: _TypeAlias = PartialUsage  # noqa: Y015
+
+@_typing.final
 class ServedBy(_message.Message):
     """ServedBy says who answers a request. When a fallback answers, the call's initial metadata also
     carries `tokenrelay-fallback: <model>`.
@@ -584,7 +635,7 @@ Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):
-    """Model describes one catalog entry."""
+    """Model describes one callable model: a catalog entry, or the embedding model."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -593,6 +644,7 @@ class Model(_message.Message):
     CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     owned_by: _builtins.str
     """Owner shown to OpenAI clients."""
@@ -602,6 +654,7 @@ class Model(_message.Message):
     """True when at least one inference node serving it is ready."""
     created: _builtins.int
     """Unix time (seconds) the catalog entry was loaded."""
+    kind: Global___ModelKind.ValueType
     def __init__(
         self,
         *,
@@ -610,10 +663,11 @@ class Model(_message.Message):
         context_window: _builtins.int = ...,
         ready: _builtins.bool = ...,
         created: _builtins.int = ...,
+        kind: Global___ModelKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window", b"context_window", "created", b"created", "id", b"id", "owned_by", b"owned_by", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window", b"context_window", "created", b"created", "id", b"id", "kind", b"kind", "owned_by", b"owned_by", "ready", b"ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -87,7 +87,8 @@ class GenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """ListModels lists the models of the catalog and whether each can serve now.
+        """ListModels lists the callable models (the catalog's, and the embedding model) and whether
+        each can serve now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,14 +5,19 @@ tokenrelay public gRPC API: text generation.
 
 Internal services call this API directly; the HTTP edge turns OpenAI-style REST and Server-Sent
 Events into these calls. Errors use standard gRPC status codes:
-  INVALID_ARGUMENT   the request is malformed or out of bounds (nothing was sent to a model);
-                     trailing metadata `tokenrelay-error-param` names the offending field
+  INVALID_ARGUMENT   the request is malformed or out of bounds (nothing was sent to a model),
+                     or its message does not decode
   NOT_FOUND          the model is not in the catalog
   UNAUTHENTICATED    the internal secret is missing or wrong
   RESOURCE_EXHAUSTED the orchestrator is at capacity; retry later
   UNAVAILABLE        no inference node can serve the model right now
   DEADLINE_EXCEEDED  the call's deadline, or a generation watchdog, expired
   INTERNAL           the model failed while generating
+tokenrelay's own errors carry rich details in the `grpc-status-details-bin` trailer (a
+google.rpc.Status; read it with grpc_status.rpc_status.from_call): google.rpc.ErrorInfo
+(domain "tokenrelay", `reason` naming the error, metadata["code"] the OpenAI error code where
+there is one), google.rpc.BadRequest (the offending field), google.rpc.RetryInfo (when to
+retry) and PartialUsage (what a generation that failed mid-stream had produced).
 """
 
 from collections import abc as _abc
@@ -62,7 +67,9 @@ class GenerationServiceStub:
     carry text together with `start` or `end`.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]
-    """ListModels lists the models of the catalog and whether each can serve now."""
+    """ListModels lists the callable models (the catalog's, and the embedding model) and whether
+    each can serve now.
+    """
     Status: _grpc.UnaryUnaryMultiCallable[_generation_pb2.StatusRequest, _generation_pb2.StatusResponse]
     """Status reports what the orchestrator knows of its inference nodes and its own load: each
     node's circuit breaker, requests in flight and ready models; generations running and queued.
@@ -91,7 +98,9 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     carry text together with `start` or `end`.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """ListModels lists the models of the catalog and whether each can serve now."""
+    """ListModels lists the callable models (the catalog's, and the embedding model) and whether
+    each can serve now.
+    """
     Status: _aio.UnaryUnaryMultiCallable[_generation_pb2.StatusRequest, _generation_pb2.StatusResponse]  # type: ignore[assignment]
     """Status reports what the orchestrator knows of its inference nodes and its own load: each
     node's circuit breaker, requests in flight and ready models; generations running and queued.
@@ -135,7 +144,9 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.ListModelsResponse, _abc.Awaitable[_generation_pb2.ListModelsResponse]]:
-        """ListModels lists the models of the catalog and whether each can serve now."""
+        """ListModels lists the callable models (the catalog's, and the embedding model) and whether
+        each can serve now.
+        """
 
     @_abc_1.abstractmethod
     def Status(

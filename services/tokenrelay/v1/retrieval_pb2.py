@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtokenrelay/v1/retrieval.proto\x12\rtokenrelay.v1\",\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x03(\t\"\x1f\n\tEmbedding\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"c\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\nembeddings\x18\x02 \x03(\x0b\x32\x18.tokenrelay.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\">\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x04\"9\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65xist_ok\x18\x02 \x01(\x08\"\x18\n\x16ListCollectionsRequest\"I\n\x17ListCollectionsResponse\x12.\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x19.tokenrelay.v1.Collection\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"+\n\x18\x44\x65leteCollectionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"4\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"s\n\x16UpsertDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12*\n\tdocuments\x18\x02 \x03(\x0b\x32\x17.tokenrelay.v1.Document\x12\x19\n\x11\x63reate_collection\x18\x03 \x01(\x08\"K\n\x17UpsertDocumentsResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\r\x12\x10\n\x08replaced\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\r\"9\n\x16\x44\x65leteDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\")\n\x17\x44\x65leteDocumentsResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\r\"g\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"m\n\x08\x43hunkHit\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x02\"7\n\x0eSearchResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.tokenrelay.v1.ChunkHit\"\x96\x01\n\x10RetrievalOptions\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x39\n\non_failure\x18\x04 \x01(\x0e\x32%.tokenrelay.v1.RetrievalFailurePolicyB\x0c\n\n_min_score\"o\n\x08\x43itation\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x10\n\x08\x63hunk_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\r\n\x05index\x18\x05 \x01(\r\x12\r\n\x05score\x18\x06 \x01(\x02\"~\n\x0fRetrievalReport\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.tokenrelay.v1.RetrievalStatus\x12*\n\tcitations\x18\x02 \x03(\x0b\x32\x17.tokenrelay.v1.Citation\x12\x0f\n\x07message\x18\x03 \x01(\t*\x9a\x01\n\x16RetrievalFailurePolicy\x12(\n$RETRIEVAL_FAILURE_POLICY_UNSPECIFIED\x10\x00\x12\x33\n/RETRIEVAL_FAILURE_POLICY_ANSWER_WITHOUT_CONTEXT\x10\x01\x12!\n\x1dRETRIEVAL_FAILURE_POLICY_FAIL\x10\x02*\x87\x01\n\x0fRetrievalStatus\x12 \n\x1cRETRIEVAL_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15RETRIEVAL_STATUS_USED\x10\x01\x12\x1a\n\x16RETRIEVAL_STATUS_EMPTY\x10\x02\x12\x1b\n\x17RETRIEVAL_STATUS_FAILED\x10\x03\x32V\n\x10\x45mbeddingService\x12\x42\n\x05\x45mbed\x12\x1b.tokenrelay.v1.EmbedRequest\x1a\x1c.tokenrelay.v1.EmbedResponse2\xbb\x04\n\x10RetrievalService\x12U\n\x10\x43reateCollection\x12&.tokenrelay.v1.CreateCollectionRequest\x1a\x19.tokenrelay.v1.Collection\x12`\n\x0fListCollections\x12%.tokenrelay.v1.ListCollectionsRequest\x1a&.tokenrelay.v1.ListCollectionsResponse\x12\x63\n\x10\x44\x65leteCollection\x12&.tokenrelay.v1.DeleteCollectionRequest\x1a\'.tokenrelay.v1.DeleteCollectionResponse\x12`\n\x0fUpsertDocuments\x12%.tokenrelay.v1.UpsertDocumentsRequest\x1a&.tokenrelay.v1.UpsertDocumentsResponse\x12`\n\x0f\x44\x65leteDocuments\x12%.tokenrelay.v1.DeleteDocumentsRequest\x1a&.tokenrelay.v1.DeleteDocumentsResponse\x12\x45\n\x06Search\x12\x1c.tokenrelay.v1.SearchRequest\x1a\x1d.tokenrelay.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtokenrelay/v1/retrieval.proto\x12\rtokenrelay.v1\",\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x03(\t\"\x1f\n\tEmbedding\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"c\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\nembeddings\x18\x02 \x03(\x0b\x32\x18.tokenrelay.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\">\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x04\"9\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65xist_ok\x18\x02 \x01(\x08\"\x18\n\x16ListCollectionsRequest\"I\n\x17ListCollectionsResponse\x12.\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x19.tokenrelay.v1.Collection\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"+\n\x18\x44\x65leteCollectionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"4\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"s\n\x16UpsertDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12*\n\tdocuments\x18\x02 \x03(\x0b\x32\x17.tokenrelay.v1.Document\x12\x19\n\x11\x63reate_collection\x18\x03 \x01(\x08\"K\n\x17UpsertDocumentsResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\r\x12\x10\n\x08replaced\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\r\"9\n\x16\x44\x65leteDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\")\n\x17\x44\x65leteDocumentsResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\r\"v\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x08\n\x06_top_kB\x0c\n\n_min_score\"m\n\x08\x43hunkHit\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x02\"7\n\x0eSearchResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.tokenrelay.v1.ChunkHit\"\xa5\x01\n\x10RetrievalOptions\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x39\n\non_failure\x18\x04 \x01(\x0e\x32%.tokenrelay.v1.RetrievalFailurePolicyB\x08\n\x06_top_kB\x0c\n\n_min_score\"o\n\x08\x43itation\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x10\n\x08\x63hunk_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\r\n\x05index\x18\x05 \x01(\r\x12\r\n\x05score\x18\x06 \x01(\x02\"~\n\x0fRetrievalReport\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.tokenrelay.v1.RetrievalStatus\x12*\n\tcitations\x18\x02 \x03(\x0b\x32\x17.tokenrelay.v1.Citation\x12\x0f\n\x07message\x18\x03 \x01(\t*\x9a\x01\n\x16RetrievalFailurePolicy\x12(\n$RETRIEVAL_FAILURE_POLICY_UNSPECIFIED\x10\x00\x12\x33\n/RETRIEVAL_FAILURE_POLICY_ANSWER_WITHOUT_CONTEXT\x10\x01\x12!\n\x1dRETRIEVAL_FAILURE_POLICY_FAIL\x10\x02*\x87\x01\n\x0fRetrievalStatus\x12 \n\x1cRETRIEVAL_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15RETRIEVAL_STATUS_USED\x10\x01\x12\x1a\n\x16RETRIEVAL_STATUS_EMPTY\x10\x02\x12\x1b\n\x17RETRIEVAL_STATUS_FAILED\x10\x03\x32V\n\x10\x45mbeddingService\x12\x42\n\x05\x45mbed\x12\x1b.tokenrelay.v1.EmbedRequest\x1a\x1c.tokenrelay.v1.EmbedResponse2\xbb\x04\n\x10RetrievalService\x12U\n\x10\x43reateCollection\x12&.tokenrelay.v1.CreateCollectionRequest\x1a\x19.tokenrelay.v1.Collection\x12`\n\x0fListCollections\x12%.tokenrelay.v1.ListCollectionsRequest\x1a&.tokenrelay.v1.ListCollectionsResponse\x12\x63\n\x10\x44\x65leteCollection\x12&.tokenrelay.v1.DeleteCollectionRequest\x1a\'.tokenrelay.v1.DeleteCollectionResponse\x12`\n\x0fUpsertDocuments\x12%.tokenrelay.v1.UpsertDocumentsRequest\x1a&.tokenrelay.v1.UpsertDocumentsResponse\x12`\n\x0f\x44\x65leteDocuments\x12%.tokenrelay.v1.DeleteDocumentsRequest\x1a&.tokenrelay.v1.DeleteDocumentsResponse\x12\x45\n\x06Search\x12\x1c.tokenrelay.v1.SearchRequest\x1a\x1d.tokenrelay.v1.SearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EMBEDDING'].fields_by_name['values']._loaded_options = None
   _globals['_EMBEDDING'].fields_by_name['values']._serialized_options = b'\020\001'
-  _globals['_RETRIEVALFAILUREPOLICY']._serialized_start=1556
-  _globals['_RETRIEVALFAILUREPOLICY']._serialized_end=1710
-  _globals['_RETRIEVALSTATUS']._serialized_start=1713
-  _globals['_RETRIEVALSTATUS']._serialized_end=1848
+  _globals['_RETRIEVALFAILUREPOLICY']._serialized_start=1586
+  _globals['_RETRIEVALFAILUREPOLICY']._serialized_end=1740
+  _globals['_RETRIEVALSTATUS']._serialized_start=1743
+  _globals['_RETRIEVALSTATUS']._serialized_end=1878
   _globals['_EMBEDREQUEST']._serialized_start=48
   _globals['_EMBEDREQUEST']._serialized_end=92
   _globals['_EMBEDDING']._serialized_start=94
@@ -66,19 +66,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=845
   _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=886
   _globals['_SEARCHREQUEST']._serialized_start=888
-  _globals['_SEARCHREQUEST']._serialized_end=991
-  _globals['_CHUNKHIT']._serialized_start=993
-  _globals['_CHUNKHIT']._serialized_end=1102
-  _globals['_SEARCHRESPONSE']._serialized_start=1104
-  _globals['_SEARCHRESPONSE']._serialized_end=1159
-  _globals['_RETRIEVALOPTIONS']._serialized_start=1162
-  _globals['_RETRIEVALOPTIONS']._serialized_end=1312
-  _globals['_CITATION']._serialized_start=1314
-  _globals['_CITATION']._serialized_end=1425
-  _globals['_RETRIEVALREPORT']._serialized_start=1427
-  _globals['_RETRIEVALREPORT']._serialized_end=1553
-  _globals['_EMBEDDINGSERVICE']._serialized_start=1850
-  _globals['_EMBEDDINGSERVICE']._serialized_end=1936
-  _globals['_RETRIEVALSERVICE']._serialized_start=1939
-  _globals['_RETRIEVALSERVICE']._serialized_end=2510
+  _globals['_SEARCHREQUEST']._serialized_end=1006
+  _globals['_CHUNKHIT']._serialized_start=1008
+  _globals['_CHUNKHIT']._serialized_end=1117
+  _globals['_SEARCHRESPONSE']._serialized_start=1119
+  _globals['_SEARCHRESPONSE']._serialized_end=1174
+  _globals['_RETRIEVALOPTIONS']._serialized_start=1177
+  _globals['_RETRIEVALOPTIONS']._serialized_end=1342
+  _globals['_CITATION']._serialized_start=1344
+  _globals['_CITATION']._serialized_end=1455
+  _globals['_RETRIEVALREPORT']._serialized_start=1457
+  _globals['_RETRIEVALREPORT']._serialized_end=1583
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1880
+  _globals['_EMBEDDINGSERVICE']._serialized_end=1966
+  _globals['_RETRIEVALSERVICE']._serialized_start=1969
+  _globals['_RETRIEVALSERVICE']._serialized_end=2540
 # @@protoc_insertion_point(module_scope)

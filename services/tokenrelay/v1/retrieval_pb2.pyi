@@ -409,7 +409,7 @@ class SearchRequest(_message.Message):
     collection: _builtins.str
     query: _builtins.str
     top_k: _builtins.int
-    """1 to retrieval.max_top_k; 0 means retrieval.default_top_k."""
+    """1 to retrieval.max_top_k; unset means retrieval.default_top_k."""
     min_score: _builtins.float
     """Cosine similarity in [-1, 1]; chunks scoring less are left out."""
     def __init__(
@@ -417,16 +417,21 @@ class SearchRequest(_message.Message):
         *,
         collection: _builtins.str = ...,
         query: _builtins.str = ...,
-        top_k: _builtins.int = ...,
+        top_k: _builtins.int | None = ...,
         min_score: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "min_score", b"min_score"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "_top_k", b"_top_k", "min_score", b"min_score", "top_k", b"top_k"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "collection", b"collection", "min_score", b"min_score", "query", b"query", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "_top_k", b"_top_k", "collection", b"collection", "min_score", b"min_score", "query", b"query", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
     _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
+    _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
+    _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_k) -> _WhichOneofReturnType__top_k | None: ...
 
 Global___SearchRequest: _TypeAlias = SearchRequest  # noqa: Y015
 
@@ -500,7 +505,7 @@ class RetrievalOptions(_message.Message):
     ON_FAILURE_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     top_k: _builtins.int
-    """Chunks to retrieve: 1 to retrieval.max_top_k; 0 means retrieval.default_top_k."""
+    """Chunks to retrieve: 1 to retrieval.max_top_k; unset means retrieval.default_top_k."""
     min_score: _builtins.float
     """Leave out chunks whose cosine similarity to the question is below this."""
     on_failure: Global___RetrievalFailurePolicy.ValueType
@@ -508,17 +513,22 @@ class RetrievalOptions(_message.Message):
         self,
         *,
         collection: _builtins.str = ...,
-        top_k: _builtins.int = ...,
+        top_k: _builtins.int | None = ...,
         min_score: _builtins.float | None = ...,
         on_failure: Global___RetrievalFailurePolicy.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "min_score", b"min_score"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "_top_k", b"_top_k", "min_score", b"min_score", "top_k", b"top_k"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "collection", b"collection", "min_score", b"min_score", "on_failure", b"on_failure", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "_top_k", b"_top_k", "collection", b"collection", "min_score", b"min_score", "on_failure", b"on_failure", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
     _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
+    _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
+    _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_k) -> _WhichOneofReturnType__top_k | None: ...
 
 Global___RetrievalOptions: _TypeAlias = RetrievalOptions  # noqa: Y015
 

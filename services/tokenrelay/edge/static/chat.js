@@ -43,7 +43,8 @@ async function loadModels() {
     const response = await fetch("/v1/models", { headers: headers() });
     const body = await response.json();
     if (!response.ok) return showError(explain(response.status, body));
-    $("model").replaceChildren(...body.data.map((m) => new Option(m.id, m.id)));
+    const chat = body.data.filter((m) => (m.kind ?? "chat") === "chat");
+    $("model").replaceChildren(...chat.map((m) => new Option(m.id, m.id)));
     showError("");
   } catch (err) {
     showError(`Cannot reach the service: ${err}`);

@@ -1,0 +1,122 @@
+"""Reading a stream ahead of its consumer, so that what piles up can go out together.
+
+Both hops relay a stream whose consumer may fall behind its source: the orchestrator's caller
+(a busy loop, a slow edge) behind Triton, the edge's client behind the orchestrator. A
+``ReadAhead`` reads the source straight through while the consumer keeps up; once it reads in a
+task of its own (from the start, or from the moment ``start`` is called), ``take`` returns
+everything that arrived since the last call, so the consumer can send one larger message instead
+of a backlog of one per item. Nothing ever waits for company: ``take`` returns as soon as one item
+is there.
+
+A source's error reaches the consumer after the items that came before it. ``limit`` bounds what
+is held (the reading task then waits, and the source's back-pressure applies); without it the
+reader holds at most the rest of one answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Generic, TypeVar
+
+__all__ = ["ReadAhead"]
+
+T = TypeVar("T")
+
+
+class ReadAhead(Generic[T]):
+    """Reads ``source`` for ``take``. ``arrived`` sees each item as it comes (in the reading
+    task when there is one). Not safe for several consumers."""
+
+    def __init__(
+        self,
+        source: AsyncIterator[T],
+        arrived: Callable[[T], None] | None = None,
+        limit: int | None = None,
+        last: Callable[[T], bool] | None = None,
+    ) -> None:
+        """``last(item)`` says that no item follows (reading stops there, without waiting for
+        the source to end)."""
+        self._source = source
+        self._arrived = arrived
+        self._limit = limit
+        self._last = last
+        self._pending: list[T] = []
+        self._ended: BaseException | None = None  # StopAsyncIteration, or the source's error
+        self._waiter: asyncio.Future[None] | None = None  # the consumer waits for an item
+        self._room: asyncio.Future[None] | None = None  # the reader waits for room
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def reading_ahead(self) -> bool:
+        return self._task is not None
+
+    def start(self) -> None:
+        """From now on read in a task (call between ``take``s; again is a no-op). It costs a
+        task switch per item, so a consumer that keeps up may never call it."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for item in self._source:
+                if self._arrived is not None:
+                    self._arrived(item)
+                self._pending.append(item)
+                _wake(self._waiter)
+                if self._last is not None and self._last(item):
+                    break
+                while self._limit is not None and len(self._pending) >= self._limit:
+                    self._room = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._room
+                    finally:
+                        self._room = None
+            self._ended = StopAsyncIteration()
+        except Exception as exc:  # handed to the consumer, who raises it after what came before
+            self._ended = exc
+        finally:
+            _wake(self._waiter)
+
+    def ready(self) -> list[T]:
+        """What has arrived and not been taken (never waits; empty when nothing has)."""
+        taken, self._pending = self._pending, []
+        if taken:
+            _wake(self._room)
+        return taken
+
+    async def take(self) -> list[T]:
+        """The next item, or — reading ahead — every item that arrived since the last call (at
+        least one). Empty once the source has ended; the source's error is raised instead, after
+        the items that came before it. Cancelling a wait leaves the reader running (reading
+        ahead) or cancels the source's pending step (reading straight)."""
+        if self._task is None:
+            try:
+                item = await anext(self._source)
+            except StopAsyncIteration:
+                return []
+            if self._arrived is not None:
+                self._arrived(item)
+            return [item]
+        if not self._pending and self._ended is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._pending:
+            return self.ready()
+        if self._ended is None or isinstance(self._ended, StopAsyncIteration):
+            return []
+        raise self._ended
+
+    async def close(self) -> None:
+        """Stop reading ahead (before the source itself is closed). Safe to call again."""
+        if self._task is not None:
+            self._task.cancel()  # a no-op once it has ended
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _wake(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)

@@ -1,0 +1,116 @@
+"""From a caller's request to what is sent to a model: a ``Plan`` per catalog model that may answer.
+
+``Planner.plans`` resolves the model in the catalog, validates the request against it, renders
+the chat template and fills the model's defaults, once; the fallback model (if the catalog names
+one) gets a plan of its own when the request fits it. Retrieval adds context to those plans
+(``Planner.with_context``) instead of planning again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tokenrelay.config import Limits, ModelSpec
+from tokenrelay.errors import InvalidRequest, ModelNotFound
+from tokenrelay.generation import GenerationRequest, RetrievalReport
+from tokenrelay.orchestrator._validate import validate
+from tokenrelay.templates import ChatTemplate
+
+__all__ = ["Plan", "Planner"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A request made ready for one catalog model: validated, templated, defaults filled."""
+
+    spec: ModelSpec
+    prompt: str
+    request: GenerationRequest
+    fallback: bool = False
+    retrieval: RetrievalReport | None = None
+
+
+class Planner:
+    """The catalog's models, their templates and the request limits. Safe for concurrent use."""
+
+    def __init__(self, models: Iterable[ModelSpec], limits: Limits) -> None:
+        self._specs = {m.id: m for m in models}
+        self._templates = {
+            m.id: ChatTemplate(m.chat_template, m.default_system_prompt)
+            for m in self._specs.values()
+        }
+        self._limits = limits
+
+    @property
+    def specs(self) -> Iterable[ModelSpec]:
+        return self._specs.values()
+
+    def spec(self, model: str) -> ModelSpec:
+        """The catalog entry of ``model``; raises ``InvalidRequest`` / ``ModelNotFound``."""
+        spec = self._specs.get(model)
+        if spec is None:
+            if not model:
+                raise InvalidRequest("'model' is required.", "model")
+            raise ModelNotFound(model)
+        return spec
+
+    def plans(self, request: GenerationRequest) -> list[Plan]:
+        """The primary plan, then the fallback's (if any, and if the request fits it). Gives the
+        request an id when it has none. Raises ``InvalidRequest`` (or a subclass) when the
+        request may not be sent to its model."""
+        spec = self.spec(request.model)
+        request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
+        plans = [self._plan(spec, request, False)]
+        if spec.fallback:
+            try:
+                plans.append(self._plan(self._specs[spec.fallback], request, True))
+            except InvalidRequest as exc:
+                log.info(
+                    "request does not fit the fallback model",
+                    extra={"fields": {"fallback": spec.fallback, "error": exc.message}},
+                )
+        return plans
+
+    def with_context(
+        self, plans: list[Plan], augmented: GenerationRequest, report: RetrievalReport
+    ) -> list[Plan]:
+        """``plans`` with the retrieval stage's context in their prompts (``augmented`` is the
+        caller's request with the context added to its messages or prompt) and its report.
+        A fallback that no longer fits is dropped; the primary must fit (the stage sized the
+        context for it) and raises ``InvalidRequest`` otherwise."""
+        out = []
+        for plan in plans:
+            request = dataclasses.replace(
+                plan.request, messages=augmented.messages, prompt=augmented.prompt
+            )
+            try:
+                validate(request, plan.spec, self._limits)
+            except InvalidRequest:
+                if not plan.fallback:
+                    raise
+                continue
+            out.append(
+                dataclasses.replace(
+                    plan, prompt=self._render(plan.spec, request), request=request, retrieval=report
+                )
+            )
+        return out
+
+    def _render(self, spec: ModelSpec, request: GenerationRequest) -> str:
+        if request.messages is not None:
+            return self._templates[spec.id].render(request.messages)
+        return request.prompt or ""
+
+    def _plan(self, spec: ModelSpec, request: GenerationRequest, fallback: bool) -> Plan:
+        validate(request, spec, self._limits)
+        sampling = request.sampling
+        if sampling.max_tokens is None:
+            sampling = dataclasses.replace(sampling, max_tokens=spec.default_max_tokens)
+        request = dataclasses.replace(request, sampling=sampling)
+        return Plan(spec, self._render(spec, request), request, fallback)

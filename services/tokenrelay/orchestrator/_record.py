@@ -1,0 +1,99 @@
+"""What one request did — attempts, winner, first-token time, outcome — for its log line, its
+metrics and the GenAI attributes of its span (filled as the request goes)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from tokenrelay.metrics import outcome_of
+from tokenrelay.orchestrator._attempt import Attempt
+from tokenrelay.orchestrator._metrics import RelayMetrics
+
+__all__ = ["Record"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Record:
+    metrics: RelayMetrics
+    model: str  # as the caller named it
+    began: float  # on the loop's clock
+    outcome: str = "failed"
+    attempts: list[Attempt] = field(default_factory=list)
+    winner: Attempt | None = None
+    ttft_s: float | None = None
+    retries: int = 0
+    hedges: int = 0
+    # The call's span, taken now: the request may end where it is no longer current (a stream
+    # closed from another task).
+    span: Span = field(default_factory=trace.get_current_span)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.metrics.model(self.model)
+
+    def fail(self, exc: BaseException) -> None:
+        """Record how the request ended when it did not finish."""
+        cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+        self.outcome = "cancelled" if cancelled else outcome_of(exc)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.winner.prompt_tokens if self.winner else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        """Every token generated for the request, by losing and failed attempts too."""
+        return sum(a.completion_tokens for a in self.attempts)
+
+    def observe(self, now: float) -> None:
+        """The request's metrics and span attributes, once it has ended."""
+        metrics, label = self.metrics, self.label
+        metrics.requests.labels(label, self.outcome).inc()
+        metrics.duration.labels(label).observe(now - self.began)
+        if self.ttft_s is not None:
+            metrics.ttft.labels(label).observe(self.ttft_s)
+        if self.attempts:
+            metrics.prompt_tokens.labels(label).inc(self.prompt_tokens)
+            metrics.completion_tokens.labels(label).inc(self.completion_tokens)
+        if self.retries:
+            metrics.retries.labels(label).inc(self.retries)
+        if self.hedges:
+            metrics.hedges.labels(label).inc(self.hedges)
+        winner = self.winner
+        if winner is not None and winner.plan.fallback:
+            metrics.fallbacks.labels(label).inc()
+        span = self.span
+        span.set_attribute("tokenrelay.outcome", self.outcome)
+        span.set_attribute("tokenrelay.attempts", len(self.attempts))
+        if winner is not None:
+            span.set_attribute("gen_ai.response.model", winner.plan.spec.id)
+            span.set_attribute("gen_ai.usage.input_tokens", self.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", self.completion_tokens)
+            span.set_attribute("gen_ai.response.finish_reasons", [self.outcome])
+            span.set_attribute("tokenrelay.node", winner.node)
+
+    def log(self, now: float) -> None:
+        winner = self.winner
+        log.info(
+            "generation ended",
+            extra={
+                "fields": {
+                    "outcome": self.outcome,
+                    "node": winner.node if winner else None,
+                    "served_model": winner.plan.spec.id if winner else None,
+                    "fallback": bool(winner and winner.plan.fallback),
+                    "attempts": len(self.attempts),
+                    "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": self.completion_tokens,
+                    "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 4),
+                    "duration_s": round(now - self.began, 4),
+                }
+            },
+        )
