@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -52,8 +53,14 @@ def main() -> None:
     ports = StackPorts(args.edge_port, args.orchestrator_port, TritonPorts(*args.triton_ports))
     stack = Stack(args.model_repository, ports, config=args.config, workdir=args.workdir)
     stopped = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        if stopped.is_set():  # a second Ctrl-C: at once (the components die with the launcher)
+            os._exit(130)
+        stopped.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
+        signal.signal(sig, on_signal)
     print("starting tritonserver, orchestrator and edge …", flush=True)
     try:
         stack.start()
