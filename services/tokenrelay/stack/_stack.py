@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -226,13 +226,15 @@ class Stack:
         nodes: int = 1,
         node_repositories: Sequence[Path] = (),
         triton_args: Sequence[str] = (),
+        node_factory: Callable[..., TritonProcess] | None = None,
     ) -> None:
         """``models``: Triton models to load (default: all in the repository). ``config``: the
         TOML file for orchestrator and edge. ``env``: extra environment for both. ``nodes``:
         how many Triton servers; node i serves ``node_repositories[i]`` if given, else
-        ``model_repository``. ``triton_args``: extra tritonserver options (e.g. TLS). Ports are
-        known from here on, so a test can write ``config`` (naming ``triton_addresses``) before
-        ``start()``."""
+        ``model_repository``. ``triton_args``: extra tritonserver options (e.g. TLS).
+        ``node_factory``: what makes each node, ``TritonProcess``'s arguments in (the GPU path
+        passes ``GpuTritonProcess``). Ports are known from here on, so a test can write
+        ``config`` (naming ``triton_addresses``) before ``start()``."""
         self.ports = ports or StackPorts()
         self.model_repository = model_repository.resolve()
         self.models = models
@@ -242,8 +244,9 @@ class Stack:
         self.workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-")) if workdir is None else workdir
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        factory = node_factory or TritonProcess
         self.nodes = [
-            TritonProcess(
+            factory(
                 "triton" if i == 0 else f"triton-{i}",
                 node_repositories[i] if i < len(node_repositories) else model_repository,
                 self.ports.triton if i == 0 else TritonPorts(free_port(), free_port(), free_port()),
