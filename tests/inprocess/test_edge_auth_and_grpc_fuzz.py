@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from _support import FakeSource, assert_openai
+from _support import FakeSource, assert_openai, eventually
 from tokenrelay.config import EdgeSettings, OrchestratorSettings, Secrets, Settings
 from tokenrelay.edge import create_app
 from tokenrelay.orchestrator import Orchestrator
@@ -116,7 +116,7 @@ async def test_rate_and_concurrency_limits_per_key(edge: str, source: FakeSource
         assert_openai("ErrorResponse", body)
         source.interval_s = 0.1  # bob's first request is still running when the second comes
         first = asyncio.create_task(_post(session, edge, BOB))
-        await asyncio.sleep(0.05)
+        assert await eventually(lambda: len(source.prompts) == 4)  # bob's first is running
         status, body, headers = await _post(session, edge, BOB)
         assert status == 429 and "at most 1" in body["error"]["message"]
         assert (await first)[0] == 200
