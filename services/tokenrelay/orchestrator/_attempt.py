@@ -1,10 +1,18 @@
-"""One try of a request on one leased node, from sending it to giving the node back."""
+"""One try of a request on one leased node, from sending it to giving the node back.
+
+Every wait on the node — for the first delta, and for each later one — runs under the attempt's
+watch: when the pool finds the node hung or unable to serve (its probe failed, ``Lease.lost``)
+the wait ends at once with ``UpstreamUnavailable``, so the race retries elsewhere and a stream
+is continued elsewhere, instead of waiting for a watchdog.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Callable
+from types import TracebackType
+from typing import Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -66,6 +74,8 @@ class Attempt:
         self.first.add_done_callback(lambda task: task.cancelled() or task.exception())
         self.reader: ReadAhead[Delta] | None = None
         self._stopped = False
+        self._watching: asyncio.Timeout | None = None
+        lease.on_lost = self._lost
 
     @property
     def node(self) -> str:
@@ -76,21 +86,38 @@ class Attempt:
             self.prompt_tokens = delta.prompt_tokens
         self.completion_tokens += delta.output_tokens
 
+    @property
+    def lost(self) -> bool:
+        """Whether the pool found the node unable to serve while this attempt ran on it."""
+        return self.lease.lost
+
+    def _lost(self) -> None:
+        watching = self._watching
+        if watching is not None and not watching.expired():
+            watching.reschedule(asyncio.get_running_loop().time())
+
+    def watch(self) -> _Watch:
+        """An async context for one wait on the node: it ends the wait with
+        ``UpstreamUnavailable`` as soon as the node is lost (at once if it already is)."""
+        return _Watch(self)
+
     async def _first_content(self) -> Delta:
-        while True:
-            try:
-                delta = await anext(self.deltas)
-            except StopAsyncIteration:
-                raise GenerationFailed("The model ended without finishing its answer.") from None
-            self.count(delta)
-            if delta.text or delta.finish_reason is not None:
-                return delta
+        async with self.watch():
+            while True:
+                try:
+                    delta = await anext(self.deltas)
+                except StopAsyncIteration:
+                    raise GenerationFailed(
+                        "The model ended without finishing its answer."
+                    ) from None
+                self.count(delta)
+                if delta.text or delta.finish_reason is not None:
+                    return delta
 
     def follow(self, arrived: Callable[[Delta], None]) -> ReadAhead[Delta]:
-        """The reader of the rest of the stream, once ``first`` has returned."""
-        self.reader = ReadAhead(
-            self.deltas, arrived=arrived, last=lambda d: d.finish_reason is not None
-        )
+        """The reader of the rest of the stream, once ``first`` has returned; each ``take``
+        is watched (``watch``)."""
+        self.reader = _Watched(self, arrived)
         return self.reader
 
     async def stop(self, outcome: Outcome, node_down: bool = False) -> None:
@@ -117,3 +144,47 @@ class Attempt:
         finally:
             with contextlib.suppress(Exception):  # already failed: nothing more to learn
                 await self.deltas.aclose()
+
+
+class _Watch:
+    """``Attempt.watch``: a timeout with no deadline that the lost node makes expire now."""
+
+    __slots__ = ("_attempt", "_timeout")
+
+    def __init__(self, attempt: Attempt) -> None:
+        self._attempt = attempt
+        self._timeout = asyncio.timeout(0.0 if attempt.lost else None)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+        self._attempt._watching = self._timeout
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._attempt._watching = None
+        try:
+            await self._timeout.__aexit__(exc_type, exc, tb)
+        except TimeoutError:
+            raise UpstreamUnavailable(
+                "The inference node stopped answering its readiness probe."
+            ) from None
+
+
+class _Watched(ReadAhead[Delta]):
+    """The attempt's deltas after the first, each ``take`` under the attempt's watch."""
+
+    def __init__(self, attempt: Attempt, arrived: Callable[[Delta], None]) -> None:
+        super().__init__(attempt.deltas, arrived=arrived, last=_last)
+        self._attempt = attempt
+
+    async def take(self, *args: Any, **kwargs: Any) -> list[Delta]:
+        async with self._attempt.watch():
+            return await super().take(*args, **kwargs)
+
+
+def _last(delta: Delta) -> bool:
+    return delta.finish_reason is not None

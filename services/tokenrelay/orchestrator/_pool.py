@@ -5,6 +5,11 @@ circuit breaker lets requests through. A probe loop asks every node about every 
 should hold; a node that answers for none of them has its breaker tripped, and a request that
 finds a node unreachable takes it out of rotation at once instead of waiting for the next probe.
 
+A probe that fails (no answer within the connect timeout: a hung node; or the model not ready)
+also tells every request leased on that node and model (``Lease.lost``): a request still waiting
+for its first token is retried elsewhere at once, a streaming one continued elsewhere, instead
+of each waiting for its own watchdog (the first-token one is a minute by default).
+
 Routing is by least outstanding work with the power of two choices: two eligible nodes drawn at
 random, the one with fewer requests in flight wins (among two or fewer, the least busy). Triton
 exports no queue depth for LLM models, so the orchestrator's own counts are the load signal.
@@ -52,7 +57,7 @@ class Lease:
     """One request on one node: counted in flight until ``release``, which also tells the
     node's breaker how it ended. Releasing twice does nothing."""
 
-    __slots__ = ("_permit", "_pool", "_released", "source", "triton_model")
+    __slots__ = ("_permit", "_pool", "_released", "lost", "on_lost", "source", "triton_model")
 
     def __init__(
         self, pool: NodePool, source: TokenSource, triton_model: str, permit: Permit
@@ -62,10 +67,23 @@ class Lease:
         self.triton_model = triton_model
         self._permit = permit
         self._released = False
+        self.lost = False
+        """Set when a probe found the node unable to serve the model while this lease held it."""
+        self.on_lost: Callable[[], None] | None = None
+        """Called once, when ``lost`` is set (by the request on the node, to stop waiting)."""
+        pool._leases.setdefault((self.node, triton_model), set()).add(self)
 
     @property
     def node(self) -> str:
         return self.source.name
+
+    def lose(self) -> None:
+        """The node failed its probe: mark the lease lost and tell its holder (once)."""
+        if self.lost or self._released:
+            return
+        self.lost = True
+        if self.on_lost is not None:
+            self.on_lost()
 
     def release(self, outcome: Outcome, node_down: bool = False) -> None:
         """End the lease. ``node_down``: the node could not be reached (or lost the model), so it
@@ -73,6 +91,7 @@ class Lease:
         if self._released:
             return
         self._released = True
+        self._pool._leases[(self.node, self.triton_model)].discard(self)
         self._pool._in_flight[self.node] -= 1
         self._pool._breakers[self.node].record(self._permit, outcome)
         if node_down:
@@ -107,6 +126,7 @@ class NodePool:
         self._auxiliary = dict(auxiliary or {})
         self._ready: dict[tuple[str, str], bool] = {}
         self._in_flight: Counter[str] = Counter()
+        self._leases: dict[tuple[str, str], set[Lease]] = {}  # (node, triton model) → held
         self._breakers = {
             name: CircuitBreaker(name, breaker or Breaker(), clock) for name in self._sources
         }
@@ -170,6 +190,13 @@ class NodePool:
         for node, any_ready in answered.items():
             if not any_ready:
                 self._breakers[node].trip()
+        for (node, triton_model), ready in zip(pairs, results, strict=True):
+            held = self._leases.get((node, triton_model))
+            if not ready and held:
+                fields = {"node": node, "triton_model": triton_model, "requests": len(held)}
+                log.warning("node failed its probe: moving its requests", extra={"fields": fields})
+                for lease in tuple(held):
+                    lease.lose()
         serving = any(self.ready(model) for model in self._placement)
         if serving != self._serving:
             self._serving = serving
