@@ -15,6 +15,7 @@ __all__ = [
     "ChatMessage",
     "Chunk",
     "Citation",
+    "Continued",
     "Delta",
     "FinishReason",
     "GenerationRequest",
@@ -194,9 +195,23 @@ class StreamStart:
 
 
 @dataclass(frozen=True, slots=True)
+class Continued:
+    """How an answer outlived its node: ``count`` continuations on other nodes, and the tokens
+    they took (``usage``: each one's prompt — the request's prompt plus the text so far — and
+    its completion), which the stream's usage includes."""
+
+    count: int
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEnd:
+    """How the answer ended; ``usage`` counts every attempt that produced it (``continued``
+    says how much of it went to continuations, when there were any)."""
+
     finish_reason: FinishReason
     usage: Usage
+    continued: Continued | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """Helpers of the test tiers, by concern:
 
 - ``schemas``: ``assert_openai`` (the official OpenAI schemas), ``REPO``;
-- ``fakes``: ``FakeSource``, ``FakeEmbedder``, ``Clock``, ``Ordered``, ``unavailable`` (unit and
-  in-process tests of one module);
+- ``fakes``: ``FakeSource``, ``ContinuingSource``, ``FakeEmbedder``, ``Clock``, ``Ordered``,
+  ``unavailable`` (unit and in-process tests of one module);
 - ``composition``: ``relay_for`` (the relay composed as the orchestrator composes it);
 - ``triton``: ``triton_metric`` (a real tritonserver's metrics);
 - ``tls``: ``make_certificates``; ``spans``: ``SpanSink``; ``waiting``: ``wait_until``,
@@ -12,7 +12,15 @@ Tests import from the package itself, which re-exports every helper.
 """
 
 from _support.composition import relay_for
-from _support.fakes import WORDS, Clock, FakeEmbedder, FakeSource, Ordered, unavailable
+from _support.fakes import (
+    WORDS,
+    Clock,
+    ContinuingSource,
+    FakeEmbedder,
+    FakeSource,
+    Ordered,
+    unavailable,
+)
 from _support.schemas import REPO, SCHEMAS, assert_openai
 from _support.spans import SpanSink
 from _support.tls import make_certificates
@@ -24,6 +32,7 @@ __all__ = [
     "SCHEMAS",
     "WORDS",
     "Clock",
+    "ContinuingSource",
     "FakeEmbedder",
     "FakeSource",
     "Ordered",

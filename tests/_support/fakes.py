@@ -91,6 +91,71 @@ class FakeSource:
         self.closed = True
 
 
+class ContinuingSource(FakeSource):
+    """A ``FakeSource`` that continues its own answer as greedy decoding would: a prompt that
+    ends with the first k of ``words`` gets the words after them (at most ``max_tokens``).
+    ``fail_after`` / ``hang_after``: after that many words of one generation, raise
+    ``unavailable()`` / go silent (until cancelled); either applies to the next generation
+    only (a node that broke once)."""
+
+    def __init__(
+        self,
+        name: str,
+        words: tuple[str, ...] = tuple(f" w{i}" for i in range(12)),
+        fail_after: int | None = None,
+        hang_after: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, words, **kwargs)
+        self.fail_after = fail_after
+        self.hang_after = hang_after
+
+    def _given(self, prompt: str) -> int:
+        for k in range(len(self.words), 0, -1):
+            if prompt.endswith("".join(self.words[:k])):
+                return k
+        return 0
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str,
+        sampling: Sampling,
+        request_id: str,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> AsyncGenerator[Delta, None]:
+        self.headers.append(dict(headers))
+        self.prompts.append(prompt)
+        self.samplings.append(sampling)
+        fail_after, self.fail_after = self.fail_after, None
+        hang_after, self.hang_after = self.hang_after, None
+        given = self._given(prompt)
+        rest = self.words[given:]
+        limit = sampling.max_tokens or len(rest)
+        words = rest[:limit]
+        done = False
+        try:
+            await asyncio.sleep(self.first_delay_s)
+            for i, word in enumerate(words):
+                if i == fail_after:
+                    raise unavailable()
+                if i == hang_after:
+                    await asyncio.Event().wait()
+                if i:
+                    await asyncio.sleep(self.interval_s)
+                reason = None
+                if i == len(words) - 1:
+                    reason = FinishReason.LENGTH if limit < len(rest) else FinishReason.STOP
+                yield Delta(word, 1, len(prompt.split()), reason)
+            done = True
+        finally:
+            if done:
+                self.finished += 1
+            else:
+                self.cancelled += 1
+            self.ended.set()
+
+
 WORDS = ("zorblatt", "quenvik", "veltrax", "toaster", "marmot", "banana")
 
 
@@ -116,6 +181,7 @@ class FakeEmbedder:
 
 
 def unavailable() -> UpstreamUnavailable:
+    """The error a node that cannot be reached raises."""
     return UpstreamUnavailable("The inference node is unavailable.")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tokenrelay.triton_python._contract import BadRequest, StopMatcher, parse_sampling
-from tokenrelay.triton_python.synthetic import SyntheticEngine
+from tokenrelay.triton_python.synthetic import SyntheticEngine, partial_answer
 
 
 def test_sampling_accepts_vllm_spellings() -> None:
@@ -72,3 +72,22 @@ def test_synthetic_engine_counts_and_cancels() -> None:
     calls = iter([False, False, True])
     cancelled = list(engine.stream("a", parse_sampling(""), lambda: next(calls, True)))
     assert all(s.finish_reason is None for s in cancelled) and len(cancelled) < 5
+
+
+def test_synthetic_engine_continues_a_partial_answer_as_greedy_decoding_would() -> None:
+    engine = SyntheticEngine(token_interval_s=0.0)
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    never = lambda: False  # noqa: E731
+    sampling = parse_sampling('{"max_tokens": 12, "seed": 4}')
+    whole = "".join(s.text for s in engine.stream(prompt, sampling, never))
+    pieces = whole.split(" ")
+    given = " ".join(pieces[:5])
+    assert partial_answer(prompt + given) == given and partial_answer(prompt) == ""
+    shorter = parse_sampling('{"max_tokens": 7, "seed": 4}')
+    rest = list(engine.stream(prompt + given, shorter, never))
+    assert given + "".join(s.text for s in rest) == whole
+    assert rest[-1].finish_reason == "length" and len(rest) == 7
+    # Text that is not its own start: a new answer follows it, after a space.
+    other = "".join(s.text for s in engine.stream(prompt + "Hi", parse_sampling("{}"), never))
+    assert other.startswith(" ")
+    assert partial_answer(prompt + "done<|im_end|>\n") == ""

@@ -6,7 +6,7 @@ as vLLM's ``vllm/config/*``) whose fields carry their type (``Literal`` where th
 values), bounds and checks, and a docstring under each field:
 
 - ``orchestrator``: ``[orchestrator]`` with ``.timeouts``, ``.limits``, ``.breaker``,
-  ``.routing`` and ``.admission``;
+  ``.routing``, ``.admission`` and ``.continuation``;
 - ``models``: ``[[models]]``, the catalog (``ModelSpec``);
 - ``edge``, ``embeddings``, ``retrieval``, ``tracing``: their sections;
 - ``secrets``: from the environment only, never from the file, never in a repr;
@@ -36,6 +36,7 @@ from tokenrelay.config.models import ModelSpec
 from tokenrelay.config.orchestrator import (
     Admission,
     Breaker,
+    Continuation,
     Limits,
     OrchestratorSettings,
     Routing,
@@ -51,6 +52,7 @@ __all__ = [
     "Admission",
     "Breaker",
     "ConfigError",
+    "Continuation",
     "EdgeSettings",
     "Embeddings",
     "EnvVar",

@@ -30,6 +30,10 @@ class ModelSpec:
     """``owned_by`` in ``GET /v1/models``."""
     fallback: str = ""
     """A catalog model that answers when no node of this one can; "" for none."""
+    fallback_continues: bool = False
+    """Whether the fallback may also continue a stream of this model whose node failed after
+    tokens went out, when no node of this model can (the text so far rendered in the
+    fallback's own template). Off: only this model's nodes continue its streams."""
 
     def __post_init__(self) -> None:
         if self.default_max_tokens > self.context_window:
@@ -39,6 +43,8 @@ class ModelSpec:
             )
         if self.fallback == self.id:
             raise ValueError(f"model {self.id!r}: fallback must name another catalog model")
+        if self.fallback_continues and not self.fallback:
+            raise ValueError(f"model {self.id!r}: fallback_continues needs a fallback")
 
 
 DEFAULT_MODELS = (

@@ -1,4 +1,5 @@
-"""``[orchestrator]`` and its tables: timeouts, limits, breaker, routing, admission, TLS."""
+"""``[orchestrator]`` and its tables: timeouts, limits, breaker, routing, admission,
+continuation, TLS."""
 
 from __future__ import annotations
 
@@ -114,6 +115,19 @@ class Admission:
 
 
 @dataclass(frozen=True, slots=True, config=SECTION)
+class Continuation:
+    """``[orchestrator.continuation]``: what happens when a stream's node fails, is found hung
+    or stalls after tokens went out. With it on, another node continues the answer (the same
+    rendered prompt plus the text streamed so far, as the assistant's partial turn) and the
+    caller's stream goes on with no gap and no error; off, the stream ends with an error."""
+
+    enabled: bool = True
+    """Continue interrupted streams on another node; false: end them with an error."""
+    max_continuations: AtLeastOne = 2
+    """Continuations one answer may take; the next failure ends the stream with an error."""
+
+
+@dataclass(frozen=True, slots=True, config=SECTION)
 class OrchestratorSettings:
     """``[orchestrator]``: the gRPC service, its Triton nodes and the tables above."""
 
@@ -124,7 +138,9 @@ class OrchestratorSettings:
     triton: tuple[str, ...] = ("127.0.0.1:8001",)
     """Triton gRPC endpoints of every model that names no ``nodes`` of its own."""
     probe_interval_s: Seconds = 1.0
-    """The readiness probe of each node."""
+    """The readiness probe of each node. A probe that fails (no answer within
+    ``timeouts.connect_s``, or not ready) moves the node's requests elsewhere at once: those
+    waiting for a first token are retried, streaming ones continued (``continuation``)."""
     drain_grace_s: SecondsOrOff = 30.0
     """On SIGTERM: how long in-flight streams get to finish."""
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -132,6 +148,7 @@ class OrchestratorSettings:
     breaker: Breaker = field(default_factory=Breaker)
     routing: Routing = field(default_factory=Routing)
     admission: Admission = field(default_factory=Admission)
+    continuation: Continuation = field(default_factory=Continuation)
     tls_cert: str = ""
     """TLS of the gRPC API (PEM path): with ``tls_key`` it turns TLS on; empty: plaintext."""
     tls_key: str = ""

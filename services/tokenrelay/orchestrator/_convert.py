@@ -6,6 +6,7 @@ from tokenrelay.errors import InvalidRequest
 from tokenrelay.generation import (
     ChatMessage,
     Chunk,
+    Continued,
     FinishReason,
     GenerationRequest,
     OnFailure,
@@ -25,6 +26,7 @@ from tokenrelay.v1 import retrieval_pb2 as rpb
 
 __all__ = [
     "chunk_to_pb",
+    "continued_to_pb",
     "finish_to_pb",
     "model_to_pb",
     "node_to_pb",
@@ -151,6 +153,10 @@ def usage_to_pb(usage: Usage) -> pb.Usage:
     )
 
 
+def continued_to_pb(continued: Continued) -> pb.Continued:
+    return pb.Continued(count=continued.count, usage=usage_to_pb(continued.usage))
+
+
 def finish_to_pb(reason: FinishReason) -> pb.FinishReason.ValueType:
     return _FINISH[reason]
 
@@ -162,6 +168,8 @@ def chunk_to_pb(chunk: Chunk) -> pb.GenerateStreamResponse:
     if chunk.end is not None:
         message.end.finish_reason = finish_to_pb(chunk.end.finish_reason)
         message.end.usage.CopyFrom(usage_to_pb(chunk.end.usage))
+        if chunk.end.continued is not None:
+            message.end.continued.CopyFrom(continued_to_pb(chunk.end.continued))
     return message
 
 

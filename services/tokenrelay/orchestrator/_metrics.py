@@ -107,6 +107,20 @@ class RelayMetrics:
         self.fallbacks = Counter(
             "tokenrelay_fallbacks", "Requests answered by a fallback model", ["model"], registry=r
         )
+        self.continuations = Counter(
+            "tokenrelay_continuations",
+            "Streams continued on another node after theirs failed (node_failed), was found"
+            " hung (probe_failed) or stalled (stalled) once tokens had gone out",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.continuation_gap = Histogram(
+            "tokenrelay_continuation_gap_seconds",
+            "Last piece from the interrupted node → first piece of its continuation",
+            ["model"],
+            buckets=LATENCY,
+            registry=r,
+        )
         self.loop_lag = loop_lag(r)
 
     def model(self, name: str) -> str:

@@ -3,7 +3,8 @@
 ``Planner.plans`` resolves the model in the catalog, validates the request against it, renders
 the chat template and fills the model's defaults, once; the fallback model (if the catalog names
 one) gets a plan of its own when the request fits it. Retrieval adds context to those plans
-(``Planner.with_context``) instead of planning again.
+(``Planner.with_context``) instead of planning again, and a stream that lost its node goes on
+from a continuation of its plan (``Planner.continuation``).
 """
 
 from __future__ import annotations
@@ -101,6 +102,22 @@ class Planner:
                 )
             )
         return out
+
+    def continuation(self, plan: Plan, text: str, produced: int, number: int) -> Plan:
+        """``plan`` continued once ``text`` (``produced`` tokens) went out to the caller: the
+        same rendered prompt with ``text`` after it — where the template left the assistant's
+        turn open, so the model reads it as its own partial answer — ``max_tokens`` reduced by
+        ``produced`` (at least 1 is left: the caller checks there is room), the same stop
+        sequences, seed and other parameters, and a request id of its own (``-c<number>``: a
+        node may still be tearing the interrupted request down)."""
+        sampling = plan.request.sampling
+        limit = sampling.max_tokens or plan.spec.default_max_tokens
+        request = dataclasses.replace(
+            plan.request,
+            sampling=dataclasses.replace(sampling, max_tokens=max(limit - produced, 1)),
+            request_id=f"{plan.request.request_id}-c{number}",
+        )
+        return dataclasses.replace(plan, prompt=plan.prompt + text, request=request)
 
     def _render(self, spec: ModelSpec, request: GenerationRequest) -> str:
         if request.messages is not None:

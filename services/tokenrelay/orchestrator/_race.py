@@ -41,9 +41,11 @@ class FirstTokenRace:
         deadline: float,
         launched: list[Attempt],
         exclude: set[str] | None = None,
+        route: str | None = None,
     ) -> None:
         """``deadline`` is on the loop's clock; ``exclude``: nodes not to try (grows as the
-        race tries them, so a caller may pass the set on to a later race)."""
+        race tries them, so a caller may pass the set on to a later race); ``route``: why the
+        first attempt goes where it goes, for its span (default: how it was routed)."""
         self._plans = plans
         self._pool = pool
         self._routing = routing
@@ -53,6 +55,7 @@ class FirstTokenRace:
         self._tried = exclude if exclude is not None else set()
         chars = routing.prefix_affinity_chars
         self._affinity = plans[0].prompt[:chars] if chars > 0 else None
+        self._route = route
         self._running: list[Attempt] = []
         self.retries = 0
         self.hedges = 0
@@ -82,7 +85,9 @@ class FirstTokenRace:
         ``UpstreamTimeout`` when the deadline (or, out of retries, the first-token watchdog)
         expires, and the request's own ``InvalidRequest`` at once."""
         loop = asyncio.get_running_loop()
-        first = self._launch("prefix affinity" if self._affinity is not None else "least in flight")
+        first = self._launch(
+            self._route or ("prefix affinity" if self._affinity is not None else "least in flight")
+        )
         if first is None:
             raise self._unavailable()
         hedge_after = self._routing.hedge_after_s

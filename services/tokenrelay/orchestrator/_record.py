@@ -1,5 +1,5 @@
-"""What one request did — attempts, winner, first-token time, outcome — for its log line, its
-metrics and the GenAI attributes of its span (filled as the request goes)."""
+"""What one request did — attempts, winner, continuations, first-token time, outcome — for its
+log line, its metrics and the GenAI attributes of its span (filled as the request goes)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class Record:
     outcome: str = "failed"
     attempts: list[Attempt] = field(default_factory=list)
     winner: Attempt | None = None
+    continuations: list[Attempt] = field(default_factory=list)  # the answer's later winners
     ttft_s: float | None = None
     retries: int = 0
     hedges: int = 0
@@ -45,7 +46,10 @@ class Record:
 
     @property
     def prompt_tokens(self) -> int:
-        return self.winner.prompt_tokens if self.winner else 0
+        """The prompt tokens of the answer's attempts: the winner's and its continuations'."""
+        if self.winner is None:
+            return 0
+        return self.winner.prompt_tokens + sum(c.prompt_tokens for c in self.continuations)
 
     @property
     def completion_tokens(self) -> int:
@@ -72,6 +76,8 @@ class Record:
         span = self.span
         span.set_attribute("tokenrelay.outcome", self.outcome)
         span.set_attribute("tokenrelay.attempts", len(self.attempts))
+        if self.continuations:
+            span.set_attribute("tokenrelay.continuations", len(self.continuations))
         if winner is not None:
             span.set_attribute("gen_ai.response.model", winner.plan.spec.id)
             span.set_attribute("gen_ai.usage.input_tokens", self.prompt_tokens)
@@ -90,6 +96,7 @@ class Record:
                     "served_model": winner.plan.spec.id if winner else None,
                     "fallback": bool(winner and winner.plan.fallback),
                     "attempts": len(self.attempts),
+                    "continuations": len(self.continuations),
                     "prompt_tokens": self.prompt_tokens,
                     "completion_tokens": self.completion_tokens,
                     "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 4),

@@ -9,10 +9,11 @@ One request goes through these stages, each in a module of its own:
 3. the first-token race (``_race``): attempts on nodes, with retry, hedging, the first-token
    watchdog and the deadline;
 4. following the winner (here): the rest of its stream under the between-tokens watchdog and the
-   deadline, counted as it comes.
-
-Once a token has gone out, a failure ends the stream with an error that carries the usage so
-far: the caller already holds part of one answer, and a second would not continue it.
+   deadline, counted as it comes;
+5. continuation (``_continue``): once a token has gone out, a node that fails, is found hung or
+   stalls does not end the answer — another node continues it (the prompt plus the text so far)
+   and its stream is spliced in. When it cannot be continued, the stream ends with an error
+   that carries the usage so far.
 
 A caller that keeps up gets every delta as it comes, read straight from the node. Once a caller
 takes longer over a chunk than the model over a token (a busy loop, a slow client), the rest of
@@ -47,6 +48,7 @@ from tokenrelay.logs import bind
 from tokenrelay.orchestrator._admission import AdmissionControl
 from tokenrelay.orchestrator._attempt import Attempt, judge
 from tokenrelay.orchestrator._breaker import Outcome
+from tokenrelay.orchestrator._continue import Continuer
 from tokenrelay.orchestrator._metrics import RelayMetrics
 from tokenrelay.orchestrator._plan import Plan, Planner
 from tokenrelay.orchestrator._pool import NodePool
@@ -85,6 +87,15 @@ class Relay:
         self._admission = admission
         self._metrics = metrics
         self._retriever = retriever
+        orchestrator = settings.orchestrator
+        self._continuer = Continuer(
+            orchestrator.continuation,
+            planner,
+            pool,
+            orchestrator.routing,
+            orchestrator.timeouts.first_token_s,
+            metrics,
+        )
         self.created = int(time.time())  # when the catalog was loaded
 
     @property
@@ -110,8 +121,9 @@ class Relay:
         Raises ``InvalidRequest``/``ModelNotFound`` before anything is sent to a node,
         ``Overloaded`` when no admission slot frees up in time, ``UpstreamUnavailable`` when no
         node can serve, ``UpstreamTimeout`` when a watchdog or the budget (``time_budget_s``, the
-        caller's remaining deadline) expires, ``GenerationFailed`` when the model fails. Closing
-        the iterator cancels the generation on the node.
+        caller's remaining deadline) expires, ``GenerationFailed`` when the model fails — after
+        the first token, only when the answer could not be continued elsewhere. Closing the
+        iterator cancels the generation on the node.
         """
         loop = asyncio.get_running_loop()
         record = Record(self._metrics, request.model, loop.time())
@@ -152,7 +164,10 @@ class Relay:
                         record.ttft_s = loop.time() - record.began
                         # aclosing: closing this stream must close the inner one too, which
                         # cancels the generation at the node now, not when the GC runs.
-                        async with aclosing(self._follow(attempt, first, deadline, record)) as rest:
+                        rest = self._continuer.stream(
+                            self._follow, plans, attempt, first, deadline, record
+                        )
+                        async with aclosing(rest):
                             async for chunk in rest:
                                 yield chunk
                 except BaseException as exc:

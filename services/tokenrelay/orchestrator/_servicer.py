@@ -12,10 +12,11 @@ import grpc
 
 from tokenrelay.config import Embeddings
 from tokenrelay.errors import GenerationFailed
-from tokenrelay.generation import StreamStart
+from tokenrelay.generation import StreamEnd, StreamStart
 from tokenrelay.orchestrator._admission import AdmissionControl
 from tokenrelay.orchestrator._convert import (
     chunk_to_pb,
+    continued_to_pb,
     finish_to_pb,
     model_to_pb,
     node_to_pb,
@@ -45,6 +46,12 @@ async def _announce(context: Context, start: StreamStart) -> None:
         await context.send_initial_metadata((("tokenrelay-fallback", start.model),))
 
 
+def _say_continued(context: Context, end: StreamEnd) -> None:
+    """Trailing metadata: says when the answer was continued on another node."""
+    if end.continued is not None:
+        context.set_trailing_metadata((("tokenrelay-continued", str(end.continued.count)),))
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(
         self,
@@ -67,6 +74,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             async for chunk in chunks:
                 if chunk.start is not None:
                     await _announce(context, chunk.start)
+                if chunk.end is not None:
+                    _say_continued(context, chunk.end)
                 yield chunk_to_pb(chunk)
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
@@ -85,6 +94,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 if chunk.end is not None:
                     response.finish_reason = finish_to_pb(chunk.end.finish_reason)
                     response.usage.CopyFrom(usage_to_pb(chunk.end.usage))
+                    if chunk.end.continued is not None:
+                        response.continued.CopyFrom(continued_to_pb(chunk.end.continued))
+                    _say_continued(context, chunk.end)
         if not response.finish_reason:
             raise GenerationFailed("The model ended without finishing its answer.")
         response.text = "".join(texts)

@@ -8,6 +8,12 @@ It streams words at a set pace. Model-config parameters (all optional):
 
 With max_tokens set it produces exactly that many tokens and ends with "length". A prompt token
 is a whitespace-separated word. The text is fixed by the seed, so a test can compare answers.
+
+A prompt that ends inside the assistant's turn (ChatML's ``<|im_start|>assistant`` with text
+after it and no ``<|im_end|>``: what the orchestrator sends to continue an interrupted answer)
+is continued as greedy decoding would continue it: when that text is the start of the answer the
+seed gives, the stream goes on from where it leaves off (so an answer continued on another node
+reads exactly as an uninterrupted one); otherwise a new answer follows it, after a space.
 """
 
 from __future__ import annotations
@@ -19,12 +25,37 @@ from collections.abc import Callable, Iterator
 from tokenrelay.triton_python._contract import EngineSampling, StopMatcher
 from tokenrelay.triton_python._engine import Step
 
-__all__ = ["SyntheticEngine"]
+__all__ = ["SyntheticEngine", "partial_answer"]
 
 _WORDS = (
     "the quick brown fox jumps over a lazy dog while streams of tokens flow through"
     " every relay and each hop adds almost nothing"
 ).split()
+_ASSISTANT = "<|im_start|>assistant\n"
+_END = "<|im_end|>"
+
+
+def partial_answer(prompt: str) -> str:
+    """The assistant's text a ChatML prompt ends with ("" when its last turn is not an open
+    assistant turn, or an empty one)."""
+    start = prompt.rfind(_ASSISTANT)
+    if start < 0:
+        return ""
+    text = prompt[start + len(_ASSISTANT) :]
+    return "" if _END in text else text
+
+
+def _resume(prompt: str, rng: random.Random) -> str:
+    """What goes before the answer's next word: "" for a new answer; " " to continue the
+    partial answer ``prompt`` ends with, ``rng`` moved past its words when they are the ones it
+    gives (greedy decoding's continuation)."""
+    partial = partial_answer(prompt)
+    if not partial:
+        return ""
+    given = ""
+    while len(given) < len(partial):
+        given += (" " if given else "") + rng.choice(_WORDS)
+    return " "
 
 
 class SyntheticEngine:
@@ -53,6 +84,7 @@ class SyntheticEngine:
         self, prompt: str, sampling: EngineSampling, cancelled: Callable[[], bool]
     ) -> Iterator[Step]:
         rng = random.Random(sampling.seed)
+        lead = _resume(prompt, rng)
         limited = sampling.max_tokens is not None
         count = sampling.max_tokens if sampling.max_tokens is not None else self._default_tokens
         stops = StopMatcher(sampling.stop)
@@ -61,7 +93,7 @@ class SyntheticEngine:
         for i in range(count):
             if i and not self._pause(self._interval, cancelled):
                 return
-            text, hit = stops.feed(("" if i == 0 else " ") + rng.choice(_WORDS))
+            text, hit = stops.feed((lead if i == 0 else " ") + rng.choice(_WORDS))
             if hit:
                 yield Step(text, 1, "stop")
                 return

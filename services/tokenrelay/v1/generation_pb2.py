@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tokenrelay.v1 import retrieval_pb2 as tokenrelay_dot_v1_dot_retrieval__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etokenrelay/v1/generation.proto\x12\rtokenrelay.v1\x1a\x1dtokenrelay/v1/retrieval.proto\"A\n\x0b\x43hatMessage\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.tokenrelay.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"4\n\x04\x43hat\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.tokenrelay.v1.ChatMessage\"\xb2\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xc4\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x13.tokenrelay.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.tokenrelay.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12:\n\x06labels\x18\x06 \x03(\x0b\x32*.tokenrelay.v1.GenerateRequest.LabelsEntry\x12\x32\n\tretrieval\x18\x07 \x01(\x0b\x32\x1f.tokenrelay.v1.RetrievalOptions\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"\xd0\x02\n\x15GenerateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x13.tokenrelay.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.tokenrelay.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12@\n\x06labels\x18\x06 \x03(\x0b\x32\x30.tokenrelay.v1.GenerateStreamRequest.LabelsEntry\x12\x32\n\tretrieval\x18\x07 \x01(\x0b\x32\x1f.tokenrelay.v1.RetrievalOptions\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"3\n\x0cPartialUsage\x12#\n\x05usage\x18\x01 \x01(\x0b\x32\x14.tokenrelay.v1.Usage\"9\n\x08ServedBy\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x03 \x01(\x08\"\x80\x01\n\x0bStreamStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\tserved_by\x18\x02 \x01(\x0b\x32\x17.tokenrelay.v1.ServedBy\x12\x31\n\tretrieval\x18\x03 \x01(\x0b\x32\x1e.tokenrelay.v1.RetrievalReport\"d\n\tStreamEnd\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.tokenrelay.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.tokenrelay.v1.Usage\"x\n\x16GenerateStreamResponse\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.tokenrelay.v1.StreamStart\x12\x0c\n\x04text\x18\x02 \x01(\t\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x18.tokenrelay.v1.StreamEnd\"\xec\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\tserved_by\x18\x02 \x01(\x0b\x32\x17.tokenrelay.v1.ServedBy\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.tokenrelay.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.tokenrelay.v1.Usage\x12\x31\n\tretrieval\x18\x06 \x01(\x0b\x32\x1e.tokenrelay.v1.RetrievalReport\"\x13\n\x11ListModelsRequest\"\x85\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x03 \x01(\r\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x03\x12&\n\x04kind\x18\x06 \x01(\x0e\x32\x18.tokenrelay.v1.ModelKind\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tokenrelay.v1.Model\"\x0f\n\rStatusRequest\"t\n\nNodeStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12,\n\x07\x62reaker\x18\x02 \x01(\x0e\x32\x1b.tokenrelay.v1.BreakerState\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x14\n\x0cready_models\x18\x04 \x03(\t\"\x92\x01\n\x0eStatusResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12(\n\x05nodes\x18\x02 \x03(\x0b\x32\x19.tokenrelay.v1.NodeStatus\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12$\n\x06models\x18\x05 \x03(\x0b\x32\x14.tokenrelay.v1.Model*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*V\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_KIND_CHAT\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\xdb\x02\n\x11GenerationService\x12K\n\x08Generate\x12\x1e.tokenrelay.v1.GenerateRequest\x1a\x1f.tokenrelay.v1.GenerateResponse\x12_\n\x0eGenerateStream\x12$.tokenrelay.v1.GenerateStreamRequest\x1a%.tokenrelay.v1.GenerateStreamResponse0\x01\x12Q\n\nListModels\x12 .tokenrelay.v1.ListModelsRequest\x1a!.tokenrelay.v1.ListModelsResponse\x12\x45\n\x06Status\x12\x1c.tokenrelay.v1.StatusRequest\x1a\x1d.tokenrelay.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etokenrelay/v1/generation.proto\x12\rtokenrelay.v1\x1a\x1dtokenrelay/v1/retrieval.proto\"A\n\x0b\x43hatMessage\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.tokenrelay.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"4\n\x04\x43hat\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.tokenrelay.v1.ChatMessage\"\xb2\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xc4\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x13.tokenrelay.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.tokenrelay.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12:\n\x06labels\x18\x06 \x03(\x0b\x32*.tokenrelay.v1.GenerateRequest.LabelsEntry\x12\x32\n\tretrieval\x18\x07 \x01(\x0b\x32\x1f.tokenrelay.v1.RetrievalOptions\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"\xd0\x02\n\x15GenerateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x13.tokenrelay.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.tokenrelay.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12@\n\x06labels\x18\x06 \x03(\x0b\x32\x30.tokenrelay.v1.GenerateStreamRequest.LabelsEntry\x12\x32\n\tretrieval\x18\x07 \x01(\x0b\x32\x1f.tokenrelay.v1.RetrievalOptions\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"3\n\x0cPartialUsage\x12#\n\x05usage\x18\x01 \x01(\x0b\x32\x14.tokenrelay.v1.Usage\"9\n\x08ServedBy\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x03 \x01(\x08\"\x80\x01\n\x0bStreamStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\tserved_by\x18\x02 \x01(\x0b\x32\x17.tokenrelay.v1.ServedBy\x12\x31\n\tretrieval\x18\x03 \x01(\x0b\x32\x1e.tokenrelay.v1.RetrievalReport\"?\n\tContinued\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.tokenrelay.v1.Usage\"\x91\x01\n\tStreamEnd\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.tokenrelay.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.tokenrelay.v1.Usage\x12+\n\tcontinued\x18\x03 \x01(\x0b\x32\x18.tokenrelay.v1.Continued\"x\n\x16GenerateStreamResponse\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.tokenrelay.v1.StreamStart\x12\x0c\n\x04text\x18\x02 \x01(\t\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x18.tokenrelay.v1.StreamEnd\"\x99\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\tserved_by\x18\x02 \x01(\x0b\x32\x17.tokenrelay.v1.ServedBy\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.tokenrelay.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.tokenrelay.v1.Usage\x12\x31\n\tretrieval\x18\x06 \x01(\x0b\x32\x1e.tokenrelay.v1.RetrievalReport\x12+\n\tcontinued\x18\x10 \x01(\x0b\x32\x18.tokenrelay.v1.Continued\"\x13\n\x11ListModelsRequest\"\x85\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x03 \x01(\r\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x03\x12&\n\x04kind\x18\x06 \x01(\x0e\x32\x18.tokenrelay.v1.ModelKind\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tokenrelay.v1.Model\"\x0f\n\rStatusRequest\"t\n\nNodeStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12,\n\x07\x62reaker\x18\x02 \x01(\x0e\x32\x1b.tokenrelay.v1.BreakerState\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x14\n\x0cready_models\x18\x04 \x03(\t\"\x92\x01\n\x0eStatusResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12(\n\x05nodes\x18\x02 \x03(\x0b\x32\x19.tokenrelay.v1.NodeStatus\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12$\n\x06models\x18\x05 \x03(\x0b\x32\x14.tokenrelay.v1.Model*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*V\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_KIND_CHAT\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\xdb\x02\n\x11GenerationService\x12K\n\x08Generate\x12\x1e.tokenrelay.v1.GenerateRequest\x1a\x1f.tokenrelay.v1.GenerateResponse\x12_\n\x0eGenerateStream\x12$.tokenrelay.v1.GenerateStreamRequest\x1a%.tokenrelay.v1.GenerateStreamResponse0\x01\x12Q\n\nListModels\x12 .tokenrelay.v1.ListModelsRequest\x1a!.tokenrelay.v1.ListModelsResponse\x12\x45\n\x06Status\x12\x1c.tokenrelay.v1.StatusRequest\x1a\x1d.tokenrelay.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +36,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATESTREAMREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_GENERATESTREAMREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2464
-  _globals['_ROLE']._serialized_end=2544
-  _globals['_FINISHREASON']._serialized_start=2546
-  _globals['_FINISHREASON']._serialized_end=2670
-  _globals['_MODELKIND']._serialized_start=2672
-  _globals['_MODELKIND']._serialized_end=2758
-  _globals['_BREAKERSTATE']._serialized_start=2760
-  _globals['_BREAKERSTATE']._serialized_end=2884
+  _globals['_ROLE']._serialized_start=2620
+  _globals['_ROLE']._serialized_end=2700
+  _globals['_FINISHREASON']._serialized_start=2702
+  _globals['_FINISHREASON']._serialized_end=2826
+  _globals['_MODELKIND']._serialized_start=2828
+  _globals['_MODELKIND']._serialized_end=2914
+  _globals['_BREAKERSTATE']._serialized_start=2916
+  _globals['_BREAKERSTATE']._serialized_end=3040
   _globals['_CHATMESSAGE']._serialized_start=80
   _globals['_CHATMESSAGE']._serialized_end=145
   _globals['_CHAT']._serialized_start=147
@@ -66,24 +66,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVEDBY']._serialized_end=1367
   _globals['_STREAMSTART']._serialized_start=1370
   _globals['_STREAMSTART']._serialized_end=1498
-  _globals['_STREAMEND']._serialized_start=1500
-  _globals['_STREAMEND']._serialized_end=1600
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1602
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1722
-  _globals['_GENERATERESPONSE']._serialized_start=1725
-  _globals['_GENERATERESPONSE']._serialized_end=1961
-  _globals['_LISTMODELSREQUEST']._serialized_start=1963
-  _globals['_LISTMODELSREQUEST']._serialized_end=1982
-  _globals['_MODEL']._serialized_start=1985
-  _globals['_MODEL']._serialized_end=2118
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2120
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2178
-  _globals['_STATUSREQUEST']._serialized_start=2180
-  _globals['_STATUSREQUEST']._serialized_end=2195
-  _globals['_NODESTATUS']._serialized_start=2197
-  _globals['_NODESTATUS']._serialized_end=2313
-  _globals['_STATUSRESPONSE']._serialized_start=2316
-  _globals['_STATUSRESPONSE']._serialized_end=2462
-  _globals['_GENERATIONSERVICE']._serialized_start=2887
-  _globals['_GENERATIONSERVICE']._serialized_end=3234
+  _globals['_CONTINUED']._serialized_start=1500
+  _globals['_CONTINUED']._serialized_end=1563
+  _globals['_STREAMEND']._serialized_start=1566
+  _globals['_STREAMEND']._serialized_end=1711
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1713
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1833
+  _globals['_GENERATERESPONSE']._serialized_start=1836
+  _globals['_GENERATERESPONSE']._serialized_end=2117
+  _globals['_LISTMODELSREQUEST']._serialized_start=2119
+  _globals['_LISTMODELSREQUEST']._serialized_end=2138
+  _globals['_MODEL']._serialized_start=2141
+  _globals['_MODEL']._serialized_end=2274
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2276
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2334
+  _globals['_STATUSREQUEST']._serialized_start=2336
+  _globals['_STATUSREQUEST']._serialized_end=2351
+  _globals['_NODESTATUS']._serialized_start=2353
+  _globals['_NODESTATUS']._serialized_end=2469
+  _globals['_STATUSRESPONSE']._serialized_start=2472
+  _globals['_STATUSRESPONSE']._serialized_end=2618
+  _globals['_GENERATIONSERVICE']._serialized_start=3043
+  _globals['_GENERATIONSERVICE']._serialized_end=3390
 # @@protoc_insertion_point(module_scope)

@@ -519,6 +519,34 @@ class StreamStart(_message.Message):
 Global___StreamStart: _TypeAlias = StreamStart  # noqa: Y015
 
 @_typing.final
+class Continued(_message.Message):
+    """Continued says that an answer outlived its node: `count` continuations on other nodes, and
+    the tokens they took (each one's prompt — the request's prompt plus the text so far — and its
+    completion), which the answer's usage includes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    @_builtins.property
+    def usage(self) -> Global___Usage: ...
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        usage: Global___Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Continued: _TypeAlias = Continued  # noqa: Y015
+
+@_typing.final
 class StreamEnd(_message.Message):
     """StreamEnd closes a stream."""
 
@@ -526,18 +554,26 @@ class StreamEnd(_message.Message):
 
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    CONTINUED_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     @_builtins.property
-    def usage(self) -> Global___Usage: ...
+    def usage(self) -> Global___Usage:
+        """Every attempt that produced the answer (continuations included)."""
+
+    @_builtins.property
+    def continued(self) -> Global___Continued:
+        """Set when the answer was continued on another node."""
+
     def __init__(
         self,
         *,
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
+        continued: Global___Continued | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["continued", b"continued", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continued", b"continued", "finish_reason", b"finish_reason", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -589,6 +625,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     RETRIEVAL_FIELD_NUMBER: _builtins.int
+    CONTINUED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     text: _builtins.str
     finish_reason: Global___FinishReason.ValueType
@@ -600,6 +637,12 @@ class GenerateResponse(_message.Message):
     def retrieval(self) -> _retrieval_pb2.RetrievalReport:
         """Set when the request asked for retrieval: the chunks used, or why there are none."""
 
+    @_builtins.property
+    def continued(self) -> Global___Continued:
+        """Set when the answer was continued on another node (the trailing metadata also carries
+        `tokenrelay-continued: <count>`).
+        """
+
     def __init__(
         self,
         *,
@@ -609,10 +652,11 @@ class GenerateResponse(_message.Message):
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
         retrieval: _retrieval_pb2.RetrievalReport | None = ...,
+        continued: Global___Continued | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["retrieval", b"retrieval", "served_by", b"served_by", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["continued", b"continued", "retrieval", b"retrieval", "served_by", b"served_by", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "request_id", b"request_id", "retrieval", b"retrieval", "served_by", b"served_by", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continued", b"continued", "finish_reason", b"finish_reason", "request_id", b"request_id", "retrieval", b"retrieval", "served_by", b"served_by", "text", b"text", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -81,6 +81,11 @@ class GenerationServiceServicer:
         The first message carries `start` (which model and node serve the request); the last one
         carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
         carry text together with `start` or `end`.
+
+        When the serving node fails, is found hung or stalls after tokens went out, another node
+        continues the answer (the prompt plus the text so far) and the stream goes on without a gap
+        or an error: `end.continued` then says so, and the trailing metadata carries
+        `tokenrelay-continued: <count>`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -65,6 +65,11 @@ class GenerationServiceStub:
     The first message carries `start` (which model and node serve the request); the last one
     carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
     carry text together with `start` or `end`.
+
+    When the serving node fails, is found hung or stalls after tokens went out, another node
+    continues the answer (the prompt plus the text so far) and the stream goes on without a gap
+    or an error: `end.continued` then says so, and the trailing metadata carries
+    `tokenrelay-continued: <count>`.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]
     """ListModels lists the callable models (the catalog's, and the embedding model) and whether
@@ -96,6 +101,11 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     The first message carries `start` (which model and node serve the request); the last one
     carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
     carry text together with `start` or `end`.
+
+    When the serving node fails, is found hung or stalls after tokens went out, another node
+    continues the answer (the prompt plus the text so far) and the stream goes on without a gap
+    or an error: `end.continued` then says so, and the trailing metadata carries
+    `tokenrelay-continued: <count>`.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the callable models (the catalog's, and the embedding model) and whether
@@ -136,6 +146,11 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         The first message carries `start` (which model and node serve the request); the last one
         carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
         carry text together with `start` or `end`.
+
+        When the serving node fails, is found hung or stalls after tokens went out, another node
+        continues the answer (the prompt plus the text so far) and the stream goes on without a gap
+        or an error: `end.continued` then says so, and the trailing metadata carries
+        `tokenrelay-continued: <count>`.
         """
 
     @_abc_1.abstractmethod
