@@ -26,8 +26,10 @@ $(VENV)/.dev-deps: pyproject.toml $(VENV)/.run-deps
 	$(BIN)/pip install --quiet -e '.[cpu,dev]'
 	touch $@
 
+# NODES=2: two Triton nodes serving the same models (watch failover on one machine).
+NODES ?= 1
 run: $(VENV)/.run-deps
-	$(BIN)/tokenrelay-stack --config tokenrelay.toml
+	$(BIN)/tokenrelay-stack --config tokenrelay.toml --nodes $(NODES)
 
 # The browser test drives Debian's Chromium with Playwright (no `playwright install` download).
 CHROMIUM := /usr/lib/chromium/chromium

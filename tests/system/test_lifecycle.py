@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from _support import REPO, assert_openai, wait_until
+from tokenrelay.config import ModelSpec, Retrieval, Settings, to_toml
 from tokenrelay.stack import Stack, StackPorts, free_port
 from tokenrelay.stack._stack import TRITON_EXIT_S
 from tokenrelay.v1 import generation_pb2 as pb
@@ -223,3 +225,69 @@ def test_stopping_a_stack_whose_triton_hangs_is_bounded(own_stack: Stack) -> Non
     assert time.monotonic() - began < TRITON_EXIT_S + 10
     assert node.process.poll() is not None
     assert not any(_alive(p) for p in stubs)
+
+
+def test_the_launcher_with_two_nodes_serves_from_both_and_stops_them_all(tmp_path: Path) -> None:
+    """``tokenrelay-stack --nodes 2`` (``make run NODES=2``): two Triton nodes, same models."""
+    repository = tmp_path / "models"
+    shutil.copytree(REPO / "triton_models" / "synthetic", repository / "synthetic")
+    config = tmp_path / "tokenrelay.toml"
+    config.write_text(
+        to_toml(
+            Settings(
+                models=(ModelSpec("synthetic", "synthetic"),), retrieval=Retrieval(store="none")
+            )
+        )
+    )
+    ports = StackPorts.free()
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tokenrelay.stack",
+            "--nodes",
+            "2",
+            "--config",
+            str(config),
+            "--model-repository",
+            str(repository),
+            "--workdir",
+            str(tmp_path / "run"),
+            "--edge-port",
+            str(ports.edge),
+            "--orchestrator-port",
+            str(ports.orchestrator),
+            "--orchestrator-metrics-port",
+            str(ports.orchestrator_metrics),
+            "--triton-ports",
+            *(str(p) for p in (ports.triton.http, ports.triton.grpc, ports.triton.metrics)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert launcher.stdout is not None
+        banner = []
+        for line in launcher.stdout:
+            banner.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        tritons = [line.split() for line in banner if line.strip().startswith("Triton ")]
+        assert len(tritons) == 2, "".join(banner)
+        assert tritons[0][1] == f"http://127.0.0.1:{ports.triton.http}"
+        assert any("Watch failover" in line for line in banner)
+        with grpc.insecure_channel(f"127.0.0.1:{ports.orchestrator}") as channel:
+            status = pb_grpc.GenerationServiceStub(channel).Status(pb.StatusRequest(), timeout=5)
+        assert len(status.nodes) == 2
+        assert all(list(n.ready_models) == ["synthetic"] for n in status.nodes)
+        components = _children(launcher.pid)
+        assert len(components) == 4  # two Triton nodes, the orchestrator, the edge
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=60) == 0
+        assert not any(_alive(p) for p in components)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        if launcher.stdout is not None:
+            launcher.stdout.close()

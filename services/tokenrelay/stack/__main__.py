@@ -1,5 +1,6 @@
 """``tokenrelay-stack``: run Triton (CPU models, or with ``--gpu`` vLLM on the GPU), the
-orchestrator and the edge on this machine."""
+orchestrator and the edge on this machine; ``--nodes 2`` runs two Triton nodes serving the same
+models, to watch failover on one machine."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from tokenrelay.stack._gpu import add_gpu_arguments, gpu_node_factory
-from tokenrelay.stack._stack import Stack, StackError, StackPorts
+from tokenrelay.stack._stack import Stack, StackError, StackPorts, TritonProcess
 from tokenrelay.stack._triton import TritonPorts
 from tokenrelay.stack._wheelhouse import GpuSetupError
 
@@ -22,7 +23,7 @@ tokenrelay is ready.
 
   OpenAI API   {url}/v1   (models: {models})
   gRPC API     {grpc}     (tokenrelay.v1.GenerationService; reflection on)
-  Triton       http://127.0.0.1:{triton_http}  grpc :{triton_grpc}  metrics :{triton_metrics}
+{tritons}
   Logs         {logs}
 
 Try:
@@ -30,7 +31,14 @@ Try:
     -d '{{"model": "smollm2-135m-instruct", "stream": true,
          "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
-Press Ctrl-C to stop.
+{failover}Press Ctrl-C to stop.
+"""
+
+_FAILOVER = """\
+Watch failover: pause a node (kill -STOP <pid>; kill -CONT <pid> resumes it) or kill it while an
+answer streams: its waiting requests move to the other node, and streaming answers are continued
+there without a gap.
+
 """
 
 
@@ -40,6 +48,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file")
     parser.add_argument("--edge-port", type=int, default=8080)
     parser.add_argument("--orchestrator-port", type=int, default=50051)
+    parser.add_argument("--orchestrator-metrics-port", type=int, default=9464)
     parser.add_argument(
         "--triton-ports",
         type=int,
@@ -50,17 +59,38 @@ def main() -> None:
     parser.add_argument(
         "--workdir", type=Path, default=Path(".run"), help="backend links and logs (default: .run)"
     )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="Triton nodes serving the same models (the first on --triton-ports, the others on"
+        " free ports); 2 shows failover on one machine",
+    )
     add_gpu_arguments(parser)
     args = parser.parse_args()
     if not args.model_repository.is_dir():
         sys.exit(f"tokenrelay-stack: no model repository at {args.model_repository}")
-    ports = StackPorts(args.edge_port, args.orchestrator_port, TritonPorts(*args.triton_ports))
+    if args.nodes < 1:
+        sys.exit("tokenrelay-stack: --nodes must be at least 1")
+    if args.nodes > 1 and args.gpu:
+        sys.exit("tokenrelay-stack: --nodes > 1 runs CPU models only (one vLLM engine per GPU)")
+    ports = StackPorts(
+        args.edge_port,
+        args.orchestrator_port,
+        TritonPorts(*args.triton_ports),
+        args.orchestrator_metrics_port,
+    )
     try:
         factory = gpu_node_factory(args)  # None without --gpu
     except GpuSetupError as exc:
         sys.exit(f"tokenrelay-stack: {exc}")
     stack = Stack(
-        args.model_repository, ports, config=args.config, workdir=args.workdir, node_factory=factory
+        args.model_repository,
+        ports,
+        config=args.config,
+        workdir=args.workdir,
+        nodes=args.nodes,
+        node_factory=factory,
     )
     stopped = threading.Event()
 
@@ -71,7 +101,8 @@ def main() -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    print("starting tritonserver, orchestrator and edge …", flush=True)
+    tritons = "tritonserver" if args.nodes == 1 else f"{args.nodes} tritonservers"
+    print(f"starting {tritons}, orchestrator and edge …", flush=True)
     try:
         stack.start(timeout_s=900 if factory else 180)
     except StackError as exc:
@@ -83,9 +114,8 @@ def main() -> None:
             url=stack.edge_url,
             grpc=stack.orchestrator_address,
             models=models,
-            triton_http=ports.triton.http,
-            triton_grpc=ports.triton.grpc,
-            triton_metrics=ports.triton.metrics,
+            tritons="\n".join(_triton_line(node) for node in stack.nodes),
+            failover=_FAILOVER if args.nodes > 1 else "",
             logs=stack.logs,
         ),
         flush=True,
@@ -96,6 +126,15 @@ def main() -> None:
         print("stopping …", flush=True)
         stack.stop()
         print("stopped.", flush=True)
+
+
+def _triton_line(node: TritonProcess) -> str:
+    ports = node.ports
+    pid = f"  pid {node.process.pid}" if node.process is not None else ""
+    return (
+        f"  Triton       http://127.0.0.1:{ports.http}  grpc :{ports.grpc}"
+        f"  metrics :{ports.metrics}{pid}"
+    )
 
 
 if __name__ == "__main__":
