@@ -146,6 +146,18 @@ async def test_a_hung_node_found_by_the_probe_moves_its_waiters_at_once() -> Non
     assert a.cancelled == 1
 
 
+async def test_a_failed_probe_with_nowhere_else_to_go_leaves_the_requests_be() -> None:
+    slow = ContinuingSource("a:1", WORDS, interval_s=0.02)
+    relay, pool, _ = _relay(slow)
+    await pool.probe_once()
+    streaming = asyncio.create_task(_collect(relay, _request()))
+    await asyncio.sleep(0.05)
+    slow.is_ready = False  # a probe that timed out on a node that was only slow
+    await pool.probe_once()
+    chunks = await streaming  # moving it would only have failed it
+    assert "".join(c.text for c in chunks) == WHOLE and len(slow.prompts) == 1
+
+
 async def test_a_stall_past_between_tokens_is_continued() -> None:
     a = ContinuingSource("a:1", WORDS, hang_after=4)
     b = ContinuingSource("b:1", WORDS)

@@ -6,9 +6,11 @@ should hold; a node that answers for none of them has its breaker tripped, and a
 finds a node unreachable takes it out of rotation at once instead of waiting for the next probe.
 
 A probe that fails (no answer within the connect timeout: a hung node; or the model not ready)
-also tells every request leased on that node and model (``Lease.lost``): a request still waiting
-for its first token is retried elsewhere at once, a streaming one continued elsewhere, instead
-of each waiting for its own watchdog (the first-token one is a minute by default).
+also tells every request leased on that node and model (``Lease.lost``), when another node can
+serve that model: a request still waiting for its first token is retried elsewhere at once, a
+streaming one continued elsewhere, instead of each waiting for its own watchdog (the first-token
+one is a minute by default). With nowhere else to go they stay, under their watchdogs: a probe
+that timed out on a node that was only slow must not fail requests that node would still serve.
 
 Routing is by least outstanding work with the power of two choices: two eligible nodes drawn at
 random, the one with fewer requests in flight wins (among two or fewer, the least busy). Triton
@@ -192,16 +194,31 @@ class NodePool:
                 self._breakers[node].trip()
         for (node, triton_model), ready in zip(pairs, results, strict=True):
             held = self._leases.get((node, triton_model))
-            if not ready and held:
-                fields = {"node": node, "triton_model": triton_model, "requests": len(held)}
-                log.warning("node failed its probe: moving its requests", extra={"fields": fields})
-                for lease in tuple(held):
-                    lease.lose()
+            if ready or not held:
+                continue
+            if not self._elsewhere(node, triton_model):
+                # Moving would only turn a node that may yet answer into a certain failure;
+                # the requests' own watchdogs still bound the wait.
+                continue
+            fields = {"node": node, "triton_model": triton_model, "requests": len(held)}
+            log.warning("node failed its probe: moving its requests", extra={"fields": fields})
+            for lease in tuple(held):
+                lease.lose()
         serving = any(self.ready(model) for model in self._placement)
         if serving != self._serving:
             self._serving = serving
             if self._on_change is not None:
                 await self._on_change(serving)
+
+    def _elsewhere(self, node: str, triton_model: str) -> bool:
+        """Whether another node can take requests for ``triton_model`` now."""
+        return any(
+            self._eligible(other, triton_model)
+            for where in self._placement.values()
+            if where.triton_model == triton_model
+            for other in where.nodes
+            if other != node
+        )
 
     async def run(self, interval_s: float) -> None:
         """Probe forever, every ``interval_s`` seconds; cancel the task to stop."""
