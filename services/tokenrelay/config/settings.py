@@ -16,6 +16,7 @@ from tokenrelay.config.models import DEFAULT_MODELS, ModelSpec
 from tokenrelay.config.orchestrator import OrchestratorSettings
 from tokenrelay.config.retrieval import Retrieval
 from tokenrelay.config.secrets import Secrets
+from tokenrelay.config.tenancy import Tenancy
 from tokenrelay.config.tracing import Tracing
 from tokenrelay.security import is_loopback
 
@@ -45,6 +46,7 @@ class Settings:
     tracing: Tracing = field(default_factory=Tracing)
     embeddings: Embeddings = field(default_factory=Embeddings)
     retrieval: Retrieval = field(default_factory=Retrieval)
+    tenancy: Tenancy = field(default_factory=Tenancy)
     secrets: Secrets = field(default_factory=Secrets)
     """From the environment only; ``to_toml`` leaves it out and the file may not name it."""
 
