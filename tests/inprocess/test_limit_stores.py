@@ -37,7 +37,9 @@ def redis_server() -> Iterator[Redis]:
 
 @pytest.fixture(params=["local", "redis"])
 async def store(request: pytest.FixtureRequest, redis_server: Redis) -> AsyncIterator[LimitStore]:
-    limits: LimitStore = LocalLimits() if request.param == "local" else RedisLimits(redis_server.url)
+    limits: LimitStore = LocalLimits()
+    if request.param == "redis":
+        limits = RedisLimits(redis_server.url)
     yield limits
     await limits.close()
 
@@ -107,9 +109,7 @@ async def test_two_clients_of_one_redis_share_every_limit(
     key = _key(request)
     replicas = [RedisLimits(redis_server.url), RedisLimits(redis_server.url)]
     try:
-        waits = await asyncio.gather(
-            *(replicas[i % 2].take_request(key, 30) for i in range(60))
-        )
+        waits = await asyncio.gather(*(replicas[i % 2].take_request(key, 30) for i in range(60)))
         assert sum(1 for w in waits if w == 0) == 30
         grants = await asyncio.gather(
             *(replicas[i % 2].take_tokens(TokenAsk(key, 10, per_minute=100)) for i in range(20))

@@ -32,10 +32,12 @@ async def _flood(
     identity: Identity,
     clients: int,
     served: Counter[str],
+    measuring: asyncio.Event,
     stop: asyncio.Event,
     work_s: float = 0.001,
 ) -> None:
-    """``clients`` callers of ``identity`` that ask again as soon as they are served."""
+    """``clients`` callers of ``identity`` that ask again as soon as they are served; once
+    ``measuring``, each slot is counted in ``served``, and ``stop`` is set at 400."""
 
     async def client() -> None:
         while not stop.is_set():
@@ -43,7 +45,10 @@ async def _flood(
                 async with admission.slot(5.0, identity):
                     if stop.is_set():
                         return
-                    served[identity.key_id] += 1
+                    if measuring.is_set():
+                        served[identity.key_id] += 1
+                        if served.total() >= 400:
+                            stop.set()
                     await asyncio.sleep(work_s)
             except Overloaded:
                 await asyncio.sleep(0)
@@ -60,16 +65,14 @@ async def test_busy_keys_share_the_slots_by_weight_however_many_requests_they_qu
 ) -> None:
     admission = AdmissionControl(Admission(max_concurrent=2, max_queue=256, queue_timeout_s=5))
     served: Counter[str] = Counter()
-    stop = asyncio.Event()
+    measuring, stop = asyncio.Event(), asyncio.Event()
     flood = asyncio.gather(
-        _flood(admission, _who("flooder"), flooder_clients, served, stop),
-        _flood(admission, _who("quiet", quiet_tier), quiet_clients, served, stop),
+        _flood(admission, _who("flooder"), flooder_clients, served, measuring, stop),
+        _flood(admission, _who("quiet", quiet_tier), quiet_clients, served, measuring, stop),
     )
     await asyncio.sleep(0.2)
-    served.clear()  # measure the steady state only
-    while served.total() < 400:
-        await asyncio.sleep(0.01)
-    stop.set()
+    measuring.set()  # the steady state only
+    await stop.wait()
     share = served["quiet"] / served.total()
     await flood
     assert share == pytest.approx(quiet_share, abs=0.10), served
@@ -88,8 +91,7 @@ async def test_a_high_priority_request_overtakes_a_queue_of_low_ones() -> None:
     first = asyncio.create_task(one("running", _who("bulk", priority=Priority.LOW)))
     await asyncio.sleep(0)
     low = [
-        asyncio.create_task(one(f"low-{i}", _who("bulk", priority=Priority.LOW)))
-        for i in range(10)
+        asyncio.create_task(one(f"low-{i}", _who("bulk", priority=Priority.LOW))) for i in range(10)
     ]
     await asyncio.sleep(0.01)
     high = asyncio.create_task(one("high", _who("interactive", priority=Priority.HIGH)))
