@@ -59,7 +59,13 @@ class Settings:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"models: duplicate model id {', '.join(map(repr, duplicates))}")
+        for entry in self.embeddings.nodes:
+            if entry.startswith("dns:"):
+                raise ValueError("embeddings.nodes: host:port entries only (dns: is for models)")
         for model in self.models:
+            for entry in self.nodes_for(model):
+                if entry.startswith("dns:"):
+                    _check_dns(entry)
             if not self.nodes_for(model):
                 raise ValueError(
                     f"models: {model.id!r} has no Triton nodes (its nodes and"
@@ -70,6 +76,12 @@ class Settings:
                     f"models: {model.id!r}: fallback must name another catalog model,"
                     f" not {model.fallback!r}"
                 )
+
+
+def _check_dns(entry: str) -> None:
+    from tokenrelay.orchestrator._discovery import parse_dns  # ValueError when malformed
+
+    parse_dns(entry)
 
 
 def check_exposure(settings: Settings, service: str) -> None:

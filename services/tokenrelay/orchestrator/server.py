@@ -33,6 +33,7 @@ from tokenrelay.metrics import CONTENT_TYPE, exposition
 from tokenrelay.orchestrator._admission import AdmissionControl
 from tokenrelay.orchestrator._auth import CallerInterceptor
 from tokenrelay.orchestrator._border import BorderInterceptor
+from tokenrelay.orchestrator._discovery import Discovery, parse_dns
 from tokenrelay.orchestrator._metrics import RelayMetrics
 from tokenrelay.orchestrator._plan import Planner
 from tokenrelay.orchestrator._pool import NodePool, Placement
@@ -72,17 +73,19 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def _triton_nodes(settings: Settings, addresses: set[str]) -> dict[str, TokenSource]:
+def _triton_node(settings: Settings) -> typing.Callable[[str], TokenSource]:
+    """Makes the ``TritonNode`` of an address (configured, or found by discovery)."""
     orchestrator = settings.orchestrator
     tls = TritonTLS(
         orchestrator.triton_tls_ca, orchestrator.triton_tls_cert, orchestrator.triton_tls_key
     )
-    return {
-        a: TritonNode(
-            a, orchestrator.timeouts, reconnect_max_s=orchestrator.probe_interval_s, tls=tls
+
+    def make(address: str) -> TokenSource:
+        return TritonNode(
+            address, orchestrator.timeouts, reconnect_max_s=orchestrator.probe_interval_s, tls=tls
         )
-        for a in sorted(addresses)
-    }
+
+    return make
 
 
 class Orchestrator:
@@ -105,10 +108,19 @@ class Orchestrator:
             m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in settings.models
         }
         embeddings = settings.embeddings
-        embedding_nodes = settings.nodes_for(embeddings)
+        # The embedder's nodes are fixed (a DNS name there is not followed).
+        embedding_nodes = tuple(n for n in settings.nodes_for(embeddings) if not parse_dns(n))
+        dns_names = {
+            name.entry: name
+            for where in placement.values()
+            for name in map(parse_dns, where.nodes)
+            if name is not None
+        }
+        make_node = _triton_node(settings)
         if sources is None:
             addresses = {a for where in placement.values() for a in where.nodes}
-            sources = _triton_nodes(settings, addresses | set(embedding_nodes))
+            addresses = (addresses | set(embedding_nodes)) - set(dns_names)
+            sources = {a: make_node(a) for a in sorted(addresses)}
         self._sources = dict(sources)
         if embedding_sources is None:
             embedding_sources = [
@@ -137,6 +149,17 @@ class Orchestrator:
                 if embedder is not None
                 else None
             ),
+        )
+        self._discovery = (
+            Discovery(
+                self._pool,
+                dns_names.values(),
+                make_node,
+                interval_s=orchestrator.discovery.interval_s,
+                timeout_s=orchestrator.discovery.timeout_s,
+            )
+            if dns_names
+            else None
         )
         self._store = store if store is not None else make_store(settings)
         retriever = (
@@ -240,8 +263,7 @@ class Orchestrator:
         settings = self._settings.orchestrator
         address = listen or settings.listen
         resources = self._resources
-        for source in self._sources.values():
-            resources.push_async_callback(source.close)
+        resources.push_async_callback(self._pool.close)
         if self._store is not None:
             resources.push_async_callback(self._store.close)
         resources.push_async_callback(self._limits.close)
@@ -250,6 +272,9 @@ class Orchestrator:
             resources.push_async_callback(self._ledger.close)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._discovery is not None:
+            await self._discovery.resolve_once()
+            await resources.enter_async_context(_task(self._discovery.run()))
         await self._pool.probe_once()
         await resources.enter_async_context(_task(self._pool.run(settings.probe_interval_s)))
         await resources.enter_async_context(_task(watch_loop_lag(self._loop_lag)))
