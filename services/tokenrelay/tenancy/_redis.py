@@ -183,19 +183,24 @@ class RedisLimits:
     def __init__(
         self,
         url: str,
-        timeout_s: float = 0.25,
+        timeout_s: float = 0.5,
         prefix: str = "tokenrelay:",
         lease_ttl_s: float = 30.0,
+        max_connections: int = 32,
     ) -> None:
         # No retries inside the client: a store that is down must cost one bounded wait, and the
         # failover policy decides what happens next.
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+        # A bounded pool that makes a burst wait for a connection instead of opening one each.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=timeout_s,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
+        self._redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._timeout_s = timeout_s
         self._prefix = prefix
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
@@ -295,4 +300,4 @@ class RedisLimits:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
             self._renewer = None
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
