@@ -38,8 +38,7 @@ class DnsServer:
 
     def set(self, records: Mapping[str, Sequence[str]]) -> None:
         """Name → addresses, all of them at once; the server answers with them from now on."""
-        lines = [f"{address} {name}" for name, addresses in records.items() for address in addresses]
-        # (a name outside ``domain`` would not be answered for)
+        lines = [f"{a} {name}" for name, addresses in records.items() for a in addresses]
         staged = self.hosts.with_suffix(".new")
         staged.write_text("\n".join(lines) + "\n")
         staged.replace(self.hosts)
