@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -243,3 +244,40 @@ async def test_ledger_keeps_its_batch_while_postgres_is_down_and_counts_what_it_
         rows = {r.key_id: r.requests for r in await read_usage(postgres.dsn, today, today)}
         await ledger.close()
     assert rows == {"a": 2, "b": 1}
+
+
+def test_usage_command_prints_the_ledger(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tokenrelay.cli import main
+
+    with Postgres(free_port()) as postgres:
+
+        async def write() -> None:
+            ledger = UsageLedger(postgres.dsn)
+            ledger.record("alice", "synthetic", "stop", 12, 30)
+            ledger.record("alice", "synthetic", "cancelled", 3, 4)
+            await ledger.close()  # writes what is left
+
+        asyncio.run(write())
+        monkeypatch.setenv("TOKENRELAY_POSTGRES_DSN", postgres.dsn)
+        with pytest.raises(SystemExit) as done:
+            main(["usage", "--key", "alice"])
+        assert done.value.code == 0
+        table = capsys.readouterr().out.splitlines()
+        with pytest.raises(SystemExit):
+            main(["usage", "--json"])
+        lines = capsys.readouterr().out.splitlines()
+    assert table[0].split() == [
+        "day",
+        "key_id",
+        "model",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "cancelled",
+        "failed",
+        "refused",
+    ]
+    assert table[1].split()[1:] == ["alice", "synthetic", "2", "15", "34", "1", "0", "0"]
+    assert json.loads(lines[0])["completion_tokens"] == 34
