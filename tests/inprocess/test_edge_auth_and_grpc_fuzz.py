@@ -58,7 +58,10 @@ def keys_file(tmp_path: Path) -> Path:
         ApiKey("mallory", sha256=hash_key(MALLORY), revoked=True),
     )
     path = tmp_path / "keys.toml"
-    path.write_text(tomli_w.dumps({"keys": [dataclasses.asdict(key) for key in keys]}))
+    entries = [  # None: the tier's (TOML has no null)
+        {k: v for k, v in dataclasses.asdict(key).items() if v is not None} for key in keys
+    ]
+    path.write_text(tomli_w.dumps({"keys": entries}))
     return path
 
 

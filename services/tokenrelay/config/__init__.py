@@ -9,6 +9,7 @@ values), bounds and checks, and a docstring under each field:
   ``.routing``, ``.admission`` and ``.continuation``;
 - ``models``: ``[[models]]``, the catalog (``ModelSpec``);
 - ``edge``, ``embeddings``, ``retrieval``, ``tracing``: their sections;
+- ``tenancy``: ``[tenancy]`` and its ``[[tenancy.tiers]]``;
 - ``secrets``: from the environment only, never from the file, never in a repr;
 - ``settings``: ``Settings`` (all of them, and the checks that span sections);
 - ``environment``: the one registry of ``TOKENRELAY_*`` variables, which the README's table of
@@ -37,6 +38,7 @@ from tokenrelay.config.orchestrator import (
     Admission,
     Breaker,
     Continuation,
+    Discovery,
     Limits,
     OrchestratorSettings,
     Routing,
@@ -45,6 +47,7 @@ from tokenrelay.config.orchestrator import (
 from tokenrelay.config.retrieval import Retrieval
 from tokenrelay.config.secrets import Secrets
 from tokenrelay.config.settings import Settings, check_exposure
+from tokenrelay.config.tenancy import Tenancy, Tier
 from tokenrelay.config.tracing import Tracing
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "Breaker",
     "ConfigError",
     "Continuation",
+    "Discovery",
     "EdgeSettings",
     "Embeddings",
     "EnvVar",
@@ -63,6 +67,8 @@ __all__ = [
     "Routing",
     "Secrets",
     "Settings",
+    "Tenancy",
+    "Tier",
     "Timeouts",
     "Tracing",
     "check_exposure",

@@ -19,7 +19,7 @@ def main() -> None:
     configure_logging("edge", settings.log_level)
     configure_tracing("edge", settings.tracing)
     try:
-        run(settings.edge, settings.secrets, settings.event_loop)
+        run(settings.edge, settings.secrets, settings.event_loop, settings.tenancy)
     finally:
         shutdown_tracing()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -10,7 +9,8 @@ from aiohttp import web
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._metrics import EdgeMetrics
 from tokenrelay.edge._upstream import OrchestratorClient
-from tokenrelay.security import KeyStore, RateLimiter
+from tokenrelay.security import KeyStore
+from tokenrelay.tenancy import LimitStore, LocalLimits, Tenants
 
 __all__ = ["AUTH", "METRICS", "REQUEST_ID", "SETTINGS", "STATE", "UPSTREAM", "Auth", "EdgeState"]
 
@@ -21,12 +21,14 @@ class EdgeState:
 
 
 class Auth:
-    """The edge's keys, their request-rate buckets and their requests in flight."""
+    """The edge's keys, the store of their limits (requests per minute, concurrent streams:
+    this process's own counters until the app starts with a shared store), and the tenants'
+    resolution (metric labels)."""
 
-    def __init__(self, store: KeyStore) -> None:
+    def __init__(self, store: KeyStore, tenants: Tenants) -> None:
         self.store = store
-        self.limiter = RateLimiter()
-        self.in_flight: Counter[str] = Counter()
+        self.limits: LimitStore = LocalLimits()
+        self.tenants = tenants
 
 
 SETTINGS = web.AppKey("settings", EdgeSettings)

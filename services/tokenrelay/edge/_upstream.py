@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenrelay.config import EdgeSettings
 from tokenrelay.security import Secret
+from tokenrelay.tenancy import forwarded_metadata
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 from tokenrelay.v1 import retrieval_pb2 as rpb
@@ -55,6 +56,7 @@ class OrchestratorClient:
 
     With ``settings.orchestrator_tls_ca`` the channel uses TLS (and the edge's certificate for
     mutual TLS when given); with ``secret`` every call carries it (``authorization`` metadata).
+    Generation and embedding calls forward the current caller (``tokenrelay.tenancy``).
     """
 
     def __init__(self, settings: EdgeSettings, secret: Secret | None = None) -> None:
@@ -83,7 +85,7 @@ class OrchestratorClient:
     ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         """The orchestrator's stream; raises ``RelayError``. Closing it cancels the call."""
         call = self._stub.GenerateStream(
-            request, timeout=timeout_s, metadata=(*metadata, *self._auth)
+            request, timeout=timeout_s, metadata=(*metadata, *forwarded_metadata(), *self._auth)
         )
         try:
             with _translated():
@@ -97,7 +99,9 @@ class OrchestratorClient:
     ) -> rpb.EmbedResponse:
         with _translated():
             response: rpb.EmbedResponse = await self._embeddings.Embed(
-                request, timeout=timeout_s, metadata=(*metadata, *self._auth)
+                request,
+                timeout=timeout_s,
+                metadata=(*metadata, *forwarded_metadata(), *self._auth),
             )
         return response
 

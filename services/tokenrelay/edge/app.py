@@ -12,7 +12,7 @@ from aiohttp import web
 
 from tokenrelay import _loop
 from tokenrelay._looplag import watch_loop_lag
-from tokenrelay.config import EdgeSettings, Secrets, split_hostport
+from tokenrelay.config import EdgeSettings, Secrets, Tenancy, split_hostport
 from tokenrelay.edge._errors import error_middleware
 from tokenrelay.edge._generate import routes as generation_routes
 from tokenrelay.edge._metrics import EdgeMetrics
@@ -27,6 +27,7 @@ from tokenrelay.edge._security import (
 from tokenrelay.edge._state import AUTH, METRICS, SETTINGS, STATE, UPSTREAM, Auth, EdgeState
 from tokenrelay.edge._upstream import OrchestratorClient
 from tokenrelay.security import KeyStore, is_loopback
+from tokenrelay.tenancy import Tenants, make_limits
 
 __all__ = ["create_app", "run", "serve"]
 
@@ -44,6 +45,19 @@ def _upstream_ctx(secrets: Secrets) -> Callable[[web.Application], AsyncIterator
     return context
 
 
+def _limits_ctx(
+    tenancy: Tenancy, secrets: Secrets
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        # A shared store's connections belong to the app's event loop, as the channel does.
+        limits = make_limits(tenancy, secrets.redis_url)
+        app[AUTH].limits = limits
+        yield
+        await limits.close()
+
+    return context
+
+
 async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(watch_loop_lag(app[METRICS].loop_lag), name="loop-lag")
     yield
@@ -56,10 +70,14 @@ async def _on_shutdown(app: web.Application) -> None:
     log.info("edge draining")
 
 
-def create_app(settings: EdgeSettings, secrets: Secrets | None = None) -> web.Application:
+def create_app(
+    settings: EdgeSettings, secrets: Secrets | None = None, tenancy: Tenancy | None = None
+) -> web.Application:
     """The edge. API keys are enforced when ``settings.api_keys_file`` or ``secrets.api_key``
-    gives any; without them every caller is let in (``run`` allows that on loopback only)."""
+    gives any; without them every caller is let in (``run`` allows that on loopback only).
+    ``tenancy``: where the keys' limits are counted (default: in this process)."""
     secrets = secrets or Secrets()
+    tenancy = tenancy or Tenancy()
     app = web.Application(
         middlewares=[metrics_middleware, context_middleware, error_middleware, auth_middleware],
         client_max_size=settings.max_body_bytes,
@@ -68,7 +86,8 @@ def create_app(settings: EdgeSettings, secrets: Secrets | None = None) -> web.Ap
     app[STATE] = EdgeState()
     app[METRICS] = EdgeMetrics()
     keys_file = Path(settings.api_keys_file) if settings.api_keys_file else None
-    app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key))
+    app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key), Tenants(tenancy))
+    app.cleanup_ctx.append(_limits_ctx(tenancy, secrets))
     app.cleanup_ctx.append(_upstream_ctx(secrets))
     app.cleanup_ctx.append(_loop_lag)
     app.on_shutdown.append(_on_shutdown)
@@ -78,9 +97,11 @@ def create_app(settings: EdgeSettings, secrets: Secrets | None = None) -> web.Ap
     return app
 
 
-async def serve(settings: EdgeSettings, secrets: Secrets | None = None) -> None:
+async def serve(
+    settings: EdgeSettings, secrets: Secrets | None = None, tenancy: Tenancy | None = None
+) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting and let streams finish within the grace."""
-    app = create_app(settings, secrets)
+    app = create_app(settings, secrets, tenancy)
     if not app[AUTH].store.enabled:
         host, _ = split_hostport(settings.listen)
         assert is_loopback(host), "check_exposure must have refused this"
@@ -108,5 +129,10 @@ async def serve(settings: EdgeSettings, secrets: Secrets | None = None) -> None:
     await runner.cleanup()  # closes the listener, then waits for handlers up to the grace
 
 
-def run(settings: EdgeSettings, secrets: Secrets | None = None, loop: str = "auto") -> None:
-    _loop.run(serve(settings, secrets), loop)
+def run(
+    settings: EdgeSettings,
+    secrets: Secrets | None = None,
+    loop: str = "auto",
+    tenancy: Tenancy | None = None,
+) -> None:
+    _loop.run(serve(settings, secrets, tenancy), loop)

@@ -125,7 +125,10 @@ class Continuer:
                         yield chunk
                 return
             except RelayError as exc:
-                exc.usage = _usage(chain)
+                # The usage so far: the attempts before this one, and what this one says (all
+                # it generated, or only what was delivered when a token limit ended it).
+                last = exc.usage or Usage(attempt.prompt_tokens, attempt.completion_tokens)
+                exc.usage = _add(_usage(chain[:-1]), last)
                 reason = _reason(attempt, exc)
                 failed.add(attempt.node)
                 if not self._may_continue(exc, chain, deadline):
@@ -225,6 +228,10 @@ def _base_plans(plans: list[Plan], serving: Plan) -> list[Plan]:
     if not serving.fallback and primary.spec.fallback_continues:
         base += [p for p in plans if p.fallback]
     return base
+
+
+def _add(a: Usage, b: Usage) -> Usage:
+    return Usage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens)
 
 
 def _usage(chain: list[Attempt]) -> Usage:
