@@ -10,9 +10,12 @@ HTTP status, its OpenAI error type, the ``outcome`` label of metrics and logs, a
     ├── InvalidRequest              malformed or out of bounds (400 / INVALID_ARGUMENT)
     │   ├── NotFound                a named thing does not exist (404 / NOT_FOUND)
     │   │   ├── ModelNotFound       the model is not in the catalog
-    │   │   └── CollectionNotFound  no such retrieval collection
-    │   └── AlreadyExists           the name is taken (409 / ALREADY_EXISTS)
+    │   │   ├── CollectionNotFound  no such retrieval collection
+    │   │   └── StreamNotFound      no resumable stream by that id (or its grace is over)
+    │   ├── AlreadyExists           the name is taken (409 / ALREADY_EXISTS)
+    │   └── Gone                    what was asked for existed but is no longer held (410)
     ├── Unauthenticated             missing or wrong credentials (401 / UNAUTHENTICATED)
+    ├── PermissionDenied            the credentials may not do this (403 / PERMISSION_DENIED)
     ├── Overloaded                  at capacity; retry later (429 / RESOURCE_EXHAUSTED)
     │   └── QuotaExceeded           the key's token budget for the period is spent
     ├── LimitsUnavailable           limits store down, policy closed (503 / UNAVAILABLE)
@@ -40,6 +43,7 @@ __all__ = [
     "AlreadyExists",
     "CollectionNotFound",
     "GenerationFailed",
+    "Gone",
     "InvalidRequest",
     "LimitsUnavailable",
     "ModelNotFound",
@@ -143,12 +147,36 @@ class CollectionNotFound(NotFound):
         )
 
 
+class StreamNotFound(NotFound):
+    """No resumable stream has this id (a wrong id, or its grace period is over)."""
+
+    reason = "STREAM_NOT_FOUND"
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(
+            f"No resumable stream '{stream_id}': the id is wrong, or the stream's grace period"
+            " is over.",
+            param="id",
+            code="stream_not_found",
+        )
+
+
 class AlreadyExists(InvalidRequest):
     """The name is already taken."""
 
     grpc_code = "ALREADY_EXISTS"
     http_status = 409
     reason = "ALREADY_EXISTS"
+
+
+class Gone(InvalidRequest):
+    """What was asked for existed, but is no longer held (e.g. events that left a replay
+    buffer)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 410
+    outcome = "gone"
+    reason = "GONE"
 
 
 class Unauthenticated(RelayError):
@@ -162,6 +190,16 @@ class Unauthenticated(RelayError):
 
     def __init__(self, message: str, code: str | None = "invalid_api_key") -> None:
         super().__init__(message, code=code)
+
+
+class PermissionDenied(RelayError):
+    """The credentials are valid but may not do this (e.g. resume another key's stream)."""
+
+    grpc_code = "PERMISSION_DENIED"
+    http_status = 403
+    openai_type = "permission_error"
+    outcome = "denied"
+    reason = "PERMISSION_DENIED"
 
 
 class Overloaded(RelayError):

@@ -63,10 +63,13 @@ async def test_cancelled_grpc_call_cancels_the_source(
 
 
 async def test_edge_disconnect_cancels_the_source(source: FakeSource, edge: str) -> None:
-    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    # A text completion's stream is not resumable: its client going away cancels it at once
+    # (a chat completion's waits for its grace period: test_resume_and_websocket.py).
+    source.words = tuple(f" w{i}" for i in range(400))
+    body = {"model": "synthetic", "prompt": "hi", "stream": True}
     async with (
         ClientSession(timeout=ClientTimeout(total=10)) as session,
-        session.post(f"{edge}/v1/chat/completions", json=body) as response,
+        session.post(f"{edge}/v1/completions", json=body) as response,
     ):
         assert response.status == 200
         await response.content.readline()

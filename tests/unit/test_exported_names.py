@@ -12,6 +12,7 @@ PUBLIC = {
         "AlreadyExists",
         "CollectionNotFound",
         "GenerationFailed",
+        "Gone",
         "InvalidRequest",
         "LimitsUnavailable",
         "ModelNotFound",

@@ -8,7 +8,8 @@ values), bounds and checks, and a docstring under each field:
 - ``orchestrator``: ``[orchestrator]`` with ``.timeouts``, ``.limits``, ``.breaker``,
   ``.routing``, ``.admission`` and ``.continuation``;
 - ``models``: ``[[models]]``, the catalog (``ModelSpec``);
-- ``edge``, ``embeddings``, ``retrieval``, ``tracing``: their sections;
+- ``edge``: ``[edge]`` with ``.resume`` and ``.websocket``;
+- ``embeddings``, ``retrieval``, ``tracing``: their sections;
 - ``tenancy``: ``[tenancy]`` and its ``[[tenancy.tiers]]``;
 - ``secrets``: from the environment only, never from the file, never in a repr;
 - ``settings``: ``Settings`` (all of them, and the checks that span sections);
@@ -29,7 +30,7 @@ orchestrator without the internal secret or mutual TLS.
 """
 
 from tokenrelay.config._fields import split_hostport
-from tokenrelay.config.edge import EdgeSettings
+from tokenrelay.config.edge import EdgeSettings, Resume, WebSocket
 from tokenrelay.config.embeddings import Embeddings
 from tokenrelay.config.environment import ENVIRONMENT, EnvVar
 from tokenrelay.config.loader import ConfigError, load_settings, to_toml
@@ -63,6 +64,7 @@ __all__ = [
     "Limits",
     "ModelSpec",
     "OrchestratorSettings",
+    "Resume",
     "Retrieval",
     "Routing",
     "Secrets",
@@ -71,6 +73,7 @@ __all__ = [
     "Tier",
     "Timeouts",
     "Tracing",
+    "WebSocket",
     "check_exposure",
     "load_settings",
     "split_hostport",

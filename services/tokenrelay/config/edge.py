@@ -1,7 +1,9 @@
 """``[edge]``: the OpenAI-compatible HTTP service, its client limits and its hop to the
-orchestrator."""
+orchestrator; ``[edge.resume]`` (resumable SSE streams) and ``[edge.websocket]``."""
 
 from __future__ import annotations
+
+from dataclasses import field
 
 from pydantic.dataclasses import dataclass
 
@@ -13,6 +15,34 @@ from tokenrelay.config._fields import (
     SecondsOrOff,
     check_pair,
 )
+
+
+@dataclass(frozen=True, slots=True, config=SECTION)
+class Resume:
+    """``[edge.resume]``: a streamed chat completion outlives its connection. Its events carry
+    ids; a client whose connection dropped reopens it with ``GET
+    /v1/chat/completions/{id}/stream`` (``Last-Event-ID``: the last event it got) and receives
+    what it missed, then the rest, while the generation went on meanwhile."""
+
+    grace_s: SecondsOrOff = 10.0
+    """How long a stream whose client went away keeps generating, waiting to be resumed (then
+    the generation is cancelled, at Triton too); a finished one is kept as long for a late
+    resume. The cost: an abandoned stream generates for up to this long (a client that is done
+    says so: ``POST /v1/chat/completions/{id}/cancel``). 0: not resumable (a client that goes
+    away cancels the generation at once)."""
+    buffer_bytes: AtLeastOne = 256 * 1024
+    """Each stream's replay buffer holds its most recent events up to this many bytes; resuming
+    from an older event gets 410."""
+
+
+@dataclass(frozen=True, slots=True, config=SECTION)
+class WebSocket:
+    """``[edge.websocket]``: ``GET /v1/ws``, chat completions over one socket (messages are
+    bounded by ``max_body_bytes``; pings every ``keepalive_interval_s``; a browser's ``auth``
+    message is due within ``header_timeout_s``)."""
+
+    max_generations: AtLeastOne = 8
+    """Generations one socket may run at once; more are refused with an error message."""
 
 
 @dataclass(frozen=True, slots=True, config=SECTION)
@@ -52,6 +82,8 @@ class EdgeSettings:
     orchestrator_tls_cert: str = ""
     """... and the edge's client certificate and key, for mutual TLS."""
     orchestrator_tls_key: str = ""
+    resume: Resume = field(default_factory=Resume)
+    websocket: WebSocket = field(default_factory=WebSocket)
 
     def __post_init__(self) -> None:
         check_pair(

@@ -6,16 +6,22 @@ headers go out only with the first message from the orchestrator, so an error be
 (bad request, no node, first-token timeout) is still a plain HTTP error with the right status.
 The call's deadline is the client's budget (``_request.budget``). When the client goes away
 aiohttp cancels the handler (``handler_cancellation``), which closes the stream and so cancels the
-gRPC call, which cancels the Triton request.
+gRPC call, which cancels the Triton request — except for a streamed chat completion, which is
+resumable (``_resume``): its generation goes on for a grace period, waiting for the client to
+reopen it with ``GET /v1/chat/completions/{id}/stream``, and is cancelled only then.
+
+The pump (``pump``) turns the orchestrator's messages into an endpoint's chunks (its ``Shape``)
+and writes them to a ``Sink``: an SSE response, a resumable stream, or a WebSocket (``_ws``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from opentelemetry import trace
@@ -24,21 +30,29 @@ from tokenrelay._readahead import ReadAhead
 from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._errors import error_body
 from tokenrelay.edge._request import budget, read_json
+from tokenrelay.edge._resume import ResumableStream, new_stream_id
 from tokenrelay.edge._sse import SSEWriter
-from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, UPSTREAM
+from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STREAMS, UPSTREAM
 from tokenrelay.errors import GenerationFailed, RelayError, UpstreamUnavailable
+from tokenrelay.generation import Usage
 from tokenrelay.logs import bind
+from tokenrelay.tenancy import ANONYMOUS, current_caller
 from tokenrelay.tracing import inject
 from tokenrelay.v1 import generation_pb2 as pb
 
-__all__ = ["routes"]
+__all__ = ["Opened", "Shape", "Sink", "open_answer", "pump", "routes"]
 
 routes = web.RouteTableDef()
+log = logging.getLogger(__name__)
+
+F = TypeVar("F")
 
 
-class _Shape(Protocol):
+class Shape(Protocol):
     """How one endpoint spells its answer."""
 
+    @property
+    def id(self) -> str: ...
     @property
     def model(self) -> str: ...
 
@@ -149,47 +163,77 @@ async def _next(
         raise GenerationFailed("The answer ended unexpectedly.") from None
 
 
+class Sink(Protocol[F]):
+    """Where a streamed answer's events go, in order: an SSE response (``SSEWriter``), a
+    resumable stream that outlives its connection (``_resume.ResumableStream``), or one
+    generation's messages on a WebSocket (``_ws``). ``frame`` spells one chunk; ``write`` sends
+    several at once."""
+
+    def frame(self, payload: dict[str, Any]) -> F: ...
+    async def write(self, frames: list[F]) -> None: ...
+    async def ping(self) -> None: ...
+    async def fail(self, body: dict[str, Any]) -> None:
+        """The error (an OpenAI error body), then the end."""
+        ...
+
+    async def done(self) -> None: ...
+
+
 async def _wait(
-    reader: ReadAhead[pb.GenerateStreamResponse], sse: SSEWriter, interval_s: float
+    reader: ReadAhead[pb.GenerateStreamResponse], sink: Sink[F], interval_s: float
 ) -> list[pb.GenerateStreamResponse]:
-    """The messages that arrive next; writes ``: ping`` comments while none does."""
+    """The messages that arrive next; pings the sink while none does."""
     while True:
         try:
             async with asyncio.timeout(interval_s):
                 taken = await reader.take()
         except TimeoutError:
-            await sse.ping()
+            await sink.ping()
             continue
         if not taken:
             raise GenerationFailed("The answer ended unexpectedly.")
         return taken
 
 
-async def _stream(
-    request: web.Request,
+def _continued(chunk: dict[str, Any], end: pb.StreamEnd) -> dict[str, Any]:
+    """``chunk`` with the ``continued`` extension when the answer outlived its node."""
+    if end.HasField("continued"):
+        chunk["continued"] = oa.continued_json(end.continued)
+    return chunk
+
+
+def _as_usage(used: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=used.prompt_tokens,
+        completion_tokens=used.completion_tokens,
+        total_tokens=used.total_tokens,
+    )
+
+
+async def pump(
+    sink: Sink[F],
     messages: AsyncGenerator[pb.GenerateStreamResponse, None],
-    shape: _Shape,
+    shape: Shape,
     first: pb.GenerateStreamResponse,
-    headers: dict[str, str],
     include_usage: bool,
     retrieval: dict[str, Any] | None,
-) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
-    sse = await SSEWriter.open(request, headers)
-    streams = request.app[METRICS].streams
-    streams.inc()
+    keepalive_s: float,
+) -> None:
+    """The orchestrator's ``messages`` (``first`` already read) as ``shape``'s chunks into
+    ``sink``, then its end (``done``), or the error that ended them (``fail``: the usage so far
+    first, when asked for). Does not close ``messages``."""
     # The orchestrator's messages are read ahead (a bounded few: a slow client still slows the
     # reading), so that messages that arrive together go out as one event, in one write; nothing
     # waits for company, so the first token is never delayed (when the client or the loop is
     # slower than the model, several deltas pile up and cost one event instead of one each).
     reader = ReadAhead(messages, limit=32)
     reader.start()
-    frames = [sse.frame(chunk) for chunk in shape.opening(retrieval)]
+    frames = [sink.frame(chunk) for chunk in shape.opening(retrieval)]
     texts: list[str] = []
 
     def flush() -> None:
         if texts:
-            frames.append(sse.frame(shape.text("".join(texts))))
+            frames.append(sink.frame(shape.text("".join(texts))))
             texts.clear()
 
     try:
@@ -205,41 +249,128 @@ async def _stream(
             if end is not None:
                 flush()
                 trace.get_current_span().set_attributes(_genai_response(shape.model, end))
-                frames.append(sse.frame(shape.end(_finish(end))))
+                frames.append(sink.frame(_continued(shape.end(_finish(end)), end)))
                 if include_usage:
-                    frames.append(sse.frame(shape.usage(end.usage)))
-                await sse.write(frames)
+                    frames.append(sink.frame(_continued(shape.usage(end.usage), end)))
+                await sink.write(frames)
                 break
             batch = reader.ready()
             if not batch:
                 flush()
-                await sse.write(frames)
+                await sink.write(frames)
                 frames = []
-                batch = await _wait(reader, sse, settings.keepalive_interval_s)
+                batch = await _wait(reader, sink, keepalive_s)
     except RelayError as exc:
         flush()
         if include_usage and exc.usage is not None:  # what was generated before the error
-            used = exc.usage
-            frames.append(
-                sse.frame(
-                    shape.usage(
-                        pb.Usage(
-                            prompt_tokens=used.prompt_tokens,
-                            completion_tokens=used.completion_tokens,
-                            total_tokens=used.total_tokens,
-                        )
-                    )
-                )
-            )
-        await sse.write(frames)
-        await sse.error(error_body(exc))
-        await sse.response.write_eof()
-        return sse.response
+            frames.append(sink.frame(shape.usage(_as_usage(exc.usage))))
+        await sink.write(frames)
+        await sink.fail(error_body(exc))
+        return
     finally:
         await reader.close()
+    await sink.done()
+
+
+async def _stream(
+    request: web.Request,
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
+    shape: Shape,
+    first: pb.GenerateStreamResponse,
+    headers: dict[str, str],
+    include_usage: bool,
+    retrieval: dict[str, Any] | None,
+) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    sse = await SSEWriter.open(request, headers)
+    streams = request.app[METRICS].streams
+    streams.inc()
+    try:
+        await pump(
+            sse, messages, shape, first, include_usage, retrieval, settings.keepalive_interval_s
+        )
+    finally:
         streams.dec()
-    await sse.done()
     return sse.response
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A generation whose first message has come: how its answer is spelt, that message, the
+    response headers its start asks for, and its retrieval report."""
+
+    shape: Shape
+    first: pb.GenerateStreamResponse
+    headers: dict[str, str]
+    retrieval: dict[str, Any] | None
+
+
+async def open_answer(
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
+    parsed: oa.ParsedRequest,
+    chat: bool,
+    request_id: str,
+) -> Opened:
+    """Wait for the orchestrator's first message and make the answer's shape from it. Raises
+    the ``RelayError`` that came instead (nothing has gone to the client yet)."""
+    first = await _next(messages)
+    model = first.start.served_by.model or parsed.request.model
+    kind = _Chat if chat else _Completion
+    # A chat completion's id is random: it is what a client resumes its stream by.
+    answer_id = new_stream_id() if chat else "cmpl-" + request_id
+    shape = kind(answer_id, int(time.time()), model, parsed.include_usage)
+    headers = {}
+    if first.start.served_by.fallback:
+        headers["x-tokenrelay-fallback"] = model
+    retrieval = None
+    if first.start.HasField("retrieval"):
+        retrieval = oa.retrieval_json(first.start.retrieval)
+        headers["x-tokenrelay-retrieval"] = retrieval["status"]
+    return Opened(shape, first, headers, retrieval)
+
+
+def _owner() -> str:
+    """The key id of the caller being served (``anonymous`` without keys)."""
+    caller = current_caller.get()
+    return caller.key_id if caller is not None else ANONYMOUS
+
+
+async def _resumable(
+    request: web.Request,
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
+    shape: Shape,
+    first: pb.GenerateStreamResponse,
+    headers: dict[str, str],
+    include_usage: bool,
+    retrieval: dict[str, Any] | None,
+) -> web.StreamResponse:
+    """A streamed answer that outlives this connection (``_resume``): the generation runs in a
+    task of its own, which owns ``messages`` from here on; this connection is its first client."""
+    settings = request.app[SETTINGS]
+    gauge = request.app[METRICS].streams
+
+    async def generate(stream: ResumableStream) -> None:
+        gauge.inc()
+        try:
+            await pump(
+                stream,
+                messages,
+                shape,
+                first,
+                include_usage,
+                retrieval,
+                settings.keepalive_interval_s,
+            )
+        except Exception:  # a bug here must still end the stream for its clients
+            log.exception("resumable stream failed")
+            await stream.fail(error_body(RelayError("Internal error.")))
+        finally:
+            gauge.dec()
+            await messages.aclose()
+
+    owner = _owner()
+    stream = request.app[STREAMS].start(shape.id, owner, headers, generate)
+    return await stream.serve(request, owner, None)
 
 
 async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -255,19 +386,21 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
             budget(request, settings),
             metadata=[("x-request-id", request_id), *inject()],
         )
+        handed_over = False
         try:
-            first = await _next(messages)
-            model = first.start.served_by.model or parsed.request.model
-            kind = _Chat if chat else _Completion
-            prefix = "chatcmpl-" if chat else "cmpl-"
-            shape = kind(prefix + request_id, int(time.time()), model, parsed.include_usage)
-            headers = {}
-            if first.start.served_by.fallback:
-                headers["x-tokenrelay-fallback"] = model
-            retrieval = None
-            if first.start.HasField("retrieval"):
-                retrieval = oa.retrieval_json(first.start.retrieval)
-                headers["x-tokenrelay-retrieval"] = retrieval["status"]
+            opened = await open_answer(messages, parsed, chat, request_id)
+            shape, first, headers, retrieval = (
+                opened.shape,
+                opened.first,
+                opened.headers,
+                opened.retrieval,
+            )
+            model = shape.model
+            if parsed.stream and chat and request.app[STREAMS].enabled:
+                handed_over = True
+                return await _resumable(
+                    request, messages, shape, first, headers, parsed.include_usage, retrieval
+                )
             if parsed.stream:
                 return await _stream(
                     request, messages, shape, first, headers, parsed.include_usage, retrieval
@@ -282,10 +415,14 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
             answer = shape.whole("".join(texts), _finish(message.end), message.end.usage)
             if retrieval is not None:
                 answer["retrieval"] = retrieval
+            if message.end.HasField("continued"):
+                _continued(answer, message.end)
+                headers["x-tokenrelay-continued"] = str(message.end.continued.count)
             span.set_attributes(_genai_response(model, message.end))
             return web.json_response(answer, headers=headers)
         finally:
-            await messages.aclose()
+            if not handed_over:
+                await messages.aclose()
 
 
 @routes.post("/v1/chat/completions")
@@ -296,3 +433,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, chat=False)
+
+
+@routes.get("/v1/chat/completions/{id}/stream")
+async def resume_chat_completion(request: web.Request) -> web.StreamResponse:
+    """A streamed chat completion reopened after its connection dropped (``_resume``): the
+    events after ``Last-Event-ID`` (all without it), then the rest as they come."""
+    return await request.app[STREAMS].resume(request, request.match_info["id"], _owner())
+
+
+@routes.post("/v1/chat/completions/{id}/cancel")
+async def cancel_chat_completion(request: web.Request) -> web.Response:
+    """Stop a streamed chat completion's generation now (its connection may be gone already)."""
+    stream_id = request.match_info["id"]
+    request.app[STREAMS].cancel(stream_id, _owner())
+    return web.json_response({"id": stream_id, "object": "chat.completion", "cancelled": True})

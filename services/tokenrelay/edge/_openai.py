@@ -35,6 +35,7 @@ __all__ = [
     "chat_completion",
     "completion",
     "completion_chunk",
+    "continued_json",
     "embeddings_response",
     "finish_reason",
     "loads",
@@ -229,6 +230,12 @@ def retrieval_json(report: rpb.RetrievalReport) -> dict[str, Any]:
     if report.message:
         body["message"] = report.message
     return body
+
+
+def continued_json(continued: pb.Continued) -> dict[str, Any]:
+    """The ``continued`` extension of an answer that outlived its node: how many times it was
+    continued on another node, and the tokens the continuations took (in the usage already)."""
+    return {"count": continued.count, "usage": usage(continued.usage)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,12 +29,17 @@ from tokenrelay.edge._state import AUTH, METRICS, REQUEST_ID, SETTINGS
 from tokenrelay.errors import InvalidRequest, Overloaded, Unauthenticated
 from tokenrelay.logs import bind
 from tokenrelay.security import ApiKey
-from tokenrelay.tenancy import ANONYMOUS, Caller, Priority, current_caller
+from tokenrelay.tenancy import ANONYMOUS, Caller, Priority, StreamLease, current_caller
 from tokenrelay.tracing import current_trace_id, mark_cancelled, mark_error, server_span
 
 __all__ = [
+    "WEBSOCKET_PATH",
     "GuardedSite",
+    "admit",
     "auth_middleware",
+    "authenticate",
+    "bearer",
+    "caller_of",
     "context_middleware",
     "metrics_middleware",
     "on_response_prepare",
@@ -53,8 +58,9 @@ _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 _CORS_METHODS = "GET, POST, OPTIONS"
-_CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-TokenRelay-Priority"
+_CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-TokenRelay-Priority, Last-Event-ID"
 _PRIORITY = "X-TokenRelay-Priority"
+WEBSOCKET_PATH = "/v1/ws"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -146,12 +152,14 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = (
-            "X-Request-Id, Retry-After, x-tokenrelay-fallback, x-tokenrelay-retrieval"
+            "X-Request-Id, Retry-After, x-tokenrelay-fallback, x-tokenrelay-retrieval,"
+            " x-tokenrelay-continued"
         )
         response.headers["Vary"] = "Origin"
 
 
-def _bearer(request: web.Request) -> str | None:
+def bearer(request: web.Request) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header, if any."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
@@ -167,23 +175,20 @@ def _priority(request: web.Request) -> Priority | None:
     return priority
 
 
-def _caller(key: ApiKey | None, priority: Priority | None) -> Caller:
+def caller_of(key: ApiKey | None, priority: Priority | None = None) -> Caller:
+    """Who ``key`` (None: no keys) is, as the orchestrator is told (``forwarded_metadata``)."""
     if key is None:
         return Caller(ANONYMOUS, priority=priority)
     return Caller(key.id, key.tier, key.tokens_per_minute, key.token_budget, priority)
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    auth = request.app[AUTH]
-    if not request.path.startswith("/v1/"):
-        return await handler(request)
+async def authenticate(app: web.Application, presented: str | None) -> ApiKey | None:
+    """The API key ``presented`` (None when the edge has no keys: every caller is let in).
+    Raises ``Unauthenticated`` for a missing, wrong or revoked key. The keys file is reread
+    first when it changed."""
+    auth = app[AUTH]
     if not auth.store.enabled:
-        token = current_caller.set(_caller(None, _priority(request)))
-        try:
-            return await handler(request)
-        finally:
-            current_caller.reset(token)
+        return None
     if auth.store.maybe_reload():
         try:
             await asyncio.to_thread(auth.store.reload)
@@ -192,7 +197,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 "keys file unreadable; keeping the previous keys",
                 extra={"fields": {"error": str(exc)}},
             )
-    presented = _bearer(request)
     if presented is None:
         raise Unauthenticated(
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
@@ -204,26 +208,51 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if key.revoked:
         log.info("revoked key refused", extra={"fields": {"key_id": key.id}})
         raise Unauthenticated("This API key has been revoked.")
+    return key
+
+
+async def admit(app: web.Application, key: ApiKey) -> StreamLease | None:
+    """Count one request against ``key``'s limits: its requests per minute, and (when it has
+    one) a slot among its concurrent streams, returned as a lease to release when the request
+    ends. Raises ``Overloaded`` (429 with a Retry-After) when a limit is reached."""
+    auth = app[AUTH]
+    refused = app[METRICS].refused
+    wait = await auth.limits.take_request(key.id, key.requests_per_minute)
+    if wait > 0:
+        refused.labels(auth.tenants.label(key.id), "requests_per_minute").inc()
+        raise Overloaded(
+            f"Rate limit reached: {key.requests_per_minute} requests per minute for this key.",
+            retry_after=wait,
+            code="rate_limit_exceeded",
+        )
+    lease = await auth.limits.open_stream(key.id, key.max_streams) if key.max_streams else None
+    if key.max_streams and lease is None:
+        refused.labels(auth.tenants.label(key.id), "max_streams").inc()
+        raise Overloaded(
+            f"Too many concurrent requests: at most {key.max_streams} for this key.",
+            retry_after=1.0,
+            code="rate_limit_exceeded",
+        )
+    return lease
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith("/v1/") or request.path == WEBSOCKET_PATH:
+        # The WebSocket authenticates itself (a browser cannot send headers there), and
+        # counts each of its generations against the key's limits (``_ws``).
+        return await handler(request)
+    key = await authenticate(request.app, bearer(request))
+    if key is None:
+        token = current_caller.set(caller_of(None, _priority(request)))
+        try:
+            return await handler(request)
+        finally:
+            current_caller.reset(token)
     with bind(key_id=key.id):
         priority = _priority(request)
-        refused = request.app[METRICS].refused
-        wait = await auth.limits.take_request(key.id, key.requests_per_minute)
-        if wait > 0:
-            refused.labels(auth.tenants.label(key.id), "requests_per_minute").inc()
-            raise Overloaded(
-                f"Rate limit reached: {key.requests_per_minute} requests per minute for this key.",
-                retry_after=wait,
-                code="rate_limit_exceeded",
-            )
-        lease = await auth.limits.open_stream(key.id, key.max_streams) if key.max_streams else None
-        if key.max_streams and lease is None:
-            refused.labels(auth.tenants.label(key.id), "max_streams").inc()
-            raise Overloaded(
-                f"Too many concurrent requests: at most {key.max_streams} for this key.",
-                retry_after=1.0,
-                code="rate_limit_exceeded",
-            )
-        token = current_caller.set(_caller(key, priority))
+        lease = await admit(request.app, key)
+        token = current_caller.set(caller_of(key, priority))
         try:
             return await handler(request)
         finally:

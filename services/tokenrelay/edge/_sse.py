@@ -12,16 +12,16 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["SSEWriter"]
+__all__ = ["HEADERS", "SSEWriter", "encode"]
 
-_HEADERS = {
+HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
 }
 
 
-def _encode(payload: dict[str, Any]) -> bytes:
+def encode(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -31,7 +31,7 @@ class SSEWriter:
 
     @classmethod
     async def open(cls, request: web.Request, headers: dict[str, str]) -> SSEWriter:
-        response = web.StreamResponse(status=200, headers={**_HEADERS, **headers})
+        response = web.StreamResponse(status=200, headers={**HEADERS, **headers})
         await response.prepare(request)
         return cls(response)
 
@@ -42,7 +42,7 @@ class SSEWriter:
     @staticmethod
     def frame(payload: dict[str, Any]) -> bytes:
         """One ``data:`` event, for ``write``."""
-        return b"data: " + _encode(payload) + b"\n\n"
+        return b"data: " + encode(payload) + b"\n\n"
 
     async def write(self, frames: list[bytes]) -> None:
         """Several events in one write (one chunk, one syscall) instead of one write each."""
@@ -53,7 +53,12 @@ class SSEWriter:
         await self._response.write(self.frame(payload))
 
     async def error(self, body: dict[str, Any]) -> None:
-        await self._response.write(b"event: error\ndata: " + _encode(body) + b"\n\n")
+        await self._response.write(b"event: error\ndata: " + encode(body) + b"\n\n")
+
+    async def fail(self, body: dict[str, Any]) -> None:
+        """The error event, then the end of the stream."""
+        await self.error(body)
+        await self._response.write_eof()
 
     async def ping(self) -> None:
         await self._response.write(b": ping\n\n")

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._metrics import EdgeMetrics
+from tokenrelay.edge._resume import ResumableStreams
 from tokenrelay.edge._upstream import OrchestratorClient
 from tokenrelay.security import KeyStore
 from tokenrelay.tenancy import LimitStore, LocalLimits, Tenants
 
-__all__ = ["AUTH", "METRICS", "REQUEST_ID", "SETTINGS", "STATE", "UPSTREAM", "Auth", "EdgeState"]
+if TYPE_CHECKING:
+    from tokenrelay.edge._ws import Session
+__all__ = [
+    "AUTH",
+    "METRICS",
+    "REQUEST_ID",
+    "SETTINGS",
+    "STATE",
+    "STREAMS",
+    "UPSTREAM",
+    "Auth",
+    "EdgeState",
+]
 
 
 @dataclass
 class EdgeState:
     draining: bool = False
+    sockets: set[Session] = field(default_factory=set)  # open WebSockets, drained on SIGTERM
 
 
 class Auth:
@@ -36,4 +51,5 @@ UPSTREAM = web.AppKey("upstream", OrchestratorClient)
 STATE = web.AppKey("state", EdgeState)
 AUTH = web.AppKey("auth", Auth)
 METRICS = web.AppKey("metrics", EdgeMetrics)
+STREAMS = web.AppKey("streams", ResumableStreams)  # resumable SSE streams (``_resume``)
 REQUEST_ID = web.RequestKey("request_id", str)  # the request's id, set by a middleware

@@ -16,6 +16,7 @@ from tokenrelay.config import EdgeSettings, Secrets, Tenancy, split_hostport
 from tokenrelay.edge._errors import error_middleware
 from tokenrelay.edge._generate import routes as generation_routes
 from tokenrelay.edge._metrics import EdgeMetrics
+from tokenrelay.edge._resume import ResumableStreams
 from tokenrelay.edge._routes import routes
 from tokenrelay.edge._security import (
     GuardedSite,
@@ -24,8 +25,18 @@ from tokenrelay.edge._security import (
     metrics_middleware,
     on_response_prepare,
 )
-from tokenrelay.edge._state import AUTH, METRICS, SETTINGS, STATE, UPSTREAM, Auth, EdgeState
+from tokenrelay.edge._state import (
+    AUTH,
+    METRICS,
+    SETTINGS,
+    STATE,
+    STREAMS,
+    UPSTREAM,
+    Auth,
+    EdgeState,
+)
 from tokenrelay.edge._upstream import OrchestratorClient
+from tokenrelay.edge._ws import routes as websocket_routes
 from tokenrelay.security import KeyStore, is_loopback
 from tokenrelay.tenancy import Tenants, make_limits
 
@@ -58,6 +69,12 @@ def _limits_ctx(
     return context
 
 
+async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Resumable streams' generations outlive their handlers: cancelled here, after the drain.
+    yield
+    await app[STREAMS].close()
+
+
 async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(watch_loop_lag(app[METRICS].loop_lag), name="loop-lag")
     yield
@@ -68,6 +85,8 @@ async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
 async def _on_shutdown(app: web.Application) -> None:
     app[STATE].draining = True
     log.info("edge draining")
+    for session in list(app[STATE].sockets):
+        await session.drain()
 
 
 def create_app(
@@ -85,14 +104,17 @@ def create_app(
     app[SETTINGS] = settings
     app[STATE] = EdgeState()
     app[METRICS] = EdgeMetrics()
+    app[STREAMS] = ResumableStreams(settings.resume)
     keys_file = Path(settings.api_keys_file) if settings.api_keys_file else None
     app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key), Tenants(tenancy))
     app.cleanup_ctx.append(_limits_ctx(tenancy, secrets))
     app.cleanup_ctx.append(_upstream_ctx(secrets))
+    app.cleanup_ctx.append(_streams_ctx)  # after the channel's: cleaned up before it closes
     app.cleanup_ctx.append(_loop_lag)
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(on_response_prepare)
     app.add_routes(generation_routes)
+    app.add_routes(websocket_routes)
     app.add_routes(routes)
     return app
 
