@@ -1,7 +1,10 @@
-"""A client that goes away mid-stream stops the generation inside Triton."""
+"""A client that is done with a stream stops the generation inside Triton: a chat completion's by
+saying so (its stream is resumable, so a dropped connection alone waits for its grace period:
+tests/system/test_streams.py), a text completion's by going away."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -18,6 +21,7 @@ REQUESTS = "tokenrelay_model_requests_total"
     ("model", "triton_model", "body"),
     [
         ("synthetic", "synthetic", {"messages": [{"role": "user", "content": "go"}]}),
+        ("synthetic", "synthetic", {"prompt": "go"}),
         (
             "smollm2-135m-instruct",
             "smollm2",
@@ -40,14 +44,18 @@ def test_disconnect_cancels_generation_in_triton(
     tokens_before = triton_metric(stack.triton_metrics_url, TOKENS, model=triton_model)
     request = {"model": model, "stream": True, "max_tokens": max_tokens, **body}
     chunks = 0
-    with httpx.stream(
-        "POST", f"{stack.edge_url}/v1/chat/completions", json=request, timeout=60
-    ) as r:
+    chat = "messages" in body
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    with httpx.stream("POST", f"{stack.edge_url}{route}", json=request, timeout=60) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: "):
                 chunks += 1
+                stream_id = json.loads(line[6:])["id"]
             if chunks == 4:
+                if chat:  # as the chat page's Stop does
+                    cancel = f"{stack.edge_url}/v1/chat/completions/{stream_id}/cancel"
+                    assert httpx.post(cancel, timeout=5).status_code == 200
                 break  # leaving the block closes the connection mid-stream
     assert wait_until(
         lambda: (

@@ -1,5 +1,6 @@
 """The browser chat page in real headless Chromium (Debian's, driven by Playwright): tokens stream
-in progressively, Stop cancels the generation on the server, errors are shown to the person."""
+in progressively over the WebSocket API (over SSE when no socket opens), Stop cancels the
+generation on the server, errors are shown to the person."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Request, WebSocket, WebSocketRoute, sync_playwright
 
 from _support import REPO, triton_metric
 from tokenrelay.stack import Stack
@@ -54,7 +55,17 @@ def _answer_lengths(page: Page, seconds: float) -> list[int]:
     return lengths
 
 
-def test_an_answer_streams_in_progressively(page: Page) -> None:
+def test_an_answer_streams_in_progressively_over_the_websocket(page: Page) -> None:
+    sockets: list[WebSocket] = []
+    received: list[str] = []
+    posts: list[Request] = []
+
+    def opened(ws: WebSocket) -> None:
+        sockets.append(ws)
+        ws.on("framereceived", lambda frame: received.append(str(frame)))
+
+    page.on("websocket", opened)
+    page.on("request", lambda r: posts.append(r) if r.method == "POST" else None)
     page.fill("#max-tokens", "40")  # 40 words, 20 ms apart
     page.fill("#prompt", "Tell me something.")
     page.click("#send")
@@ -64,6 +75,11 @@ def test_an_answer_streams_in_progressively(page: Page) -> None:
     assert len(final.split()) == 40
     assert len(set(lengths)) >= 10  # the text grew through many sizes, not all at once
     assert page.is_hidden("#error")
+    assert [ws.url.split("/", 3)[-1] for ws in sockets] == ["v1/ws"]
+    assert page.text_content("#transport") == "WebSocket"
+    chunks = [m for m in received if '"type":"chunk"' in m]
+    assert len(chunks) >= 10 and any('"type":"done"' in m for m in received)
+    assert not posts  # the answer came over the socket, not over an SSE request
     ARTEFACTS.mkdir(exist_ok=True)
     shot = ARTEFACTS / "chat-page.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -90,6 +106,22 @@ def test_stop_cancels_the_generation_on_the_server(page: Page, stack: Stack) -> 
         time.sleep(0.1)
     words = len((page.text_content(".assistant:last-child") or "").split())
     assert 0 < words < 400
+
+
+def test_without_a_websocket_the_page_streams_over_sse(page: Page) -> None:
+    def refuse(ws: WebSocketRoute) -> None:
+        ws.close(code=1011, reason="no sockets here")  # as a proxy that does not pass them
+
+    page.route_web_socket("**/v1/ws", refuse)
+    page.fill("#max-tokens", "20")
+    page.fill("#prompt", "Tell me something else.")
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.click("#send")
+    assert request.value.method == "POST"
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=10_000)
+    assert len((page.text_content(".assistant:last-child") or "").split()) == 20
+    assert page.text_content("#transport") == "SSE"
+    assert page.is_hidden("#error")
 
 
 def test_errors_are_shown_to_the_person(page: Page) -> None:

@@ -123,15 +123,12 @@ def test_a_cancelled_request_ends_its_spans_marked_cancelled(
 ) -> None:
     stack, sink = traced
     trace_id = "0af7651916cd43dd8448eb211c80319c"
-    body = {
-        "model": "synthetic",
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 200,
-        "stream": True,
-    }
+    # A text completion: its client going away cancels it at once (a chat completion's stream
+    # would wait for its client to resume it: edge/_resume.py).
+    body = {"model": "synthetic", "prompt": "hi", "max_tokens": 200, "stream": True}
     with httpx.stream(
         "POST",
-        f"{stack.edge_url}/v1/chat/completions",
+        f"{stack.edge_url}/v1/completions",
         json=body,
         headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"},
         timeout=10,
@@ -140,9 +137,9 @@ def test_a_cancelled_request_ends_its_spans_marked_cancelled(
         next(lines)
         next(lines)
     # leaving the block drops the connection mid-stream
-    names = {"POST /v1/chat/completions", "tokenrelay.v1.GenerationService/GenerateStream"}
+    names = {"POST /v1/completions", "tokenrelay.v1.GenerationService/GenerateStream"}
     spans = _wait_for(sink, trace_id, names)
-    edge = _one(spans, "POST /v1/chat/completions")
+    edge = _one(spans, "POST /v1/completions")
     server = _one(spans, "tokenrelay.v1.GenerationService/GenerateStream")
     for span in (edge, server):
         assert span["attributes"]["tokenrelay.outcome"] == "cancelled"

@@ -317,7 +317,7 @@ async def open_answer(
     model = first.start.served_by.model or parsed.request.model
     kind = _Chat if chat else _Completion
     # A chat completion's id is random: it is what a client resumes its stream by.
-    answer_id = new_stream_id() if chat else "cmpl-" + request_id
+    answer_id = new_stream_id(request_id) if chat else "cmpl-" + request_id
     shape = kind(answer_id, int(time.time()), model, parsed.include_usage)
     headers = {}
     if first.start.served_by.fallback:

@@ -47,10 +47,11 @@ log = logging.getLogger(__name__)
 _PING = b": ping\n\n"
 
 
-def new_stream_id() -> str:
-    """A chat completion's id: ``chatcmpl-`` and 128 random bits (it is a capability, with the
-    API key, to resume the stream)."""
-    return "chatcmpl-" + secrets.token_urlsafe(16)
+def new_stream_id(request_id: str) -> str:
+    """A chat completion's id: ``chatcmpl-``, the request's id (so that logs and answers meet),
+    and 128 random bits (the id is, with the API key, what resumes the stream: a request id may
+    be the client's own, and guessable)."""
+    return f"chatcmpl-{request_id}-{secrets.token_urlsafe(16)}"
 
 
 def _last_event_id(request: web.Request) -> int | None:
