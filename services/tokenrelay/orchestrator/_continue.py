@@ -138,7 +138,7 @@ class Continuer:
                 produced = sum(a.completion_tokens for a in chain)
                 if produced >= limit:
                     # The node went away with the answer's last token: it ended by length.
-                    record.outcome = FinishReason.LENGTH.value
+                    record.complete(FinishReason.LENGTH.value)
                     end = StreamEnd(FinishReason.LENGTH, _usage(chain), _continued(chain))
                     yield Chunk("", None, end)
                     return
