@@ -439,6 +439,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def resume_chat_completion(request: web.Request) -> web.StreamResponse:
     """A streamed chat completion reopened after its connection dropped (``_resume``): the
     events after ``Last-Event-ID`` (all without it), then the rest as they come."""
+    request.app[METRICS].resumes.inc()
     return await request.app[STREAMS].resume(request, request.match_info["id"], _owner())
 
 

@@ -34,6 +34,19 @@ class EdgeMetrics:
         self.connections = Gauge(
             "tokenrelay_edge_connections_open", "Client connections open now", registry=r
         )
+        self.resumable = Gauge(
+            "tokenrelay_edge_streams_resumable",
+            "Resumable streams held: generating, or waiting for their client to come back",
+            registry=r,
+        )
+        self.resumes = Counter(
+            "tokenrelay_edge_stream_resumes",
+            "Streams reopened by GET /v1/chat/completions/{id}/stream",
+            registry=r,
+        )
+        self.websockets = Gauge(
+            "tokenrelay_edge_websockets_open", "WebSockets (GET /v1/ws) open now", registry=r
+        )
         self.refused = Counter(
             "tokenrelay_edge_key_limited",
             "Requests refused by a key's limit (metered keys by id, others as 'other')",

@@ -105,6 +105,8 @@ def create_app(
     app[STATE] = EdgeState()
     app[METRICS] = EdgeMetrics()
     app[STREAMS] = ResumableStreams(settings.resume)
+    app[METRICS].resumable.set_function(lambda: len(app[STREAMS]))
+    app[METRICS].websockets.set_function(lambda: len(app[STATE].sockets))
     keys_file = Path(settings.api_keys_file) if settings.api_keys_file else None
     app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key), Tenants(tenancy))
     app.cleanup_ctx.append(_limits_ctx(tenancy, secrets))
