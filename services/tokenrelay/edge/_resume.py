@@ -68,11 +68,20 @@ def _last_event_id(request: web.Request) -> int | None:
 class _Client:
     """One attached connection; ``ended`` is set when it has nothing more to wait for."""
 
-    __slots__ = ("ended", "response")
+    __slots__ = ("ended", "request", "response")
 
-    def __init__(self, response: web.StreamResponse) -> None:
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        self.request = request
         self.response = response
         self.ended = asyncio.Event()
+
+    def drop(self) -> None:
+        """End this connection now: a write blocked on it (a peer that vanished without closing
+        its side) fails at once instead of holding the stream until TCP gives up."""
+        self.ended.set()
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
 
 
 class ResumableStream:
@@ -199,7 +208,10 @@ class ResumableStream:
         rest as they come, until the stream ends or another connection takes it over. Raises
         (before any header goes out) as ``check`` does."""
         response = web.StreamResponse(status=200, headers={**HEADERS, **self._headers})
-        client = _Client(response)
+        client = _Client(request, response)
+        self.check(owner, after)
+        if self._client is not None:  # taken over: the older connection ends, now
+            self._client.drop()
         async with self._lock:
             self.check(owner, after)
             await response.prepare(request)
@@ -210,8 +222,8 @@ class ResumableStream:
                 await _eof(response)
                 self._close()
                 return response
-            if self._client is not None:  # taken over: the older connection ends
-                self._client.ended.set()
+            if self._client is not None:  # attached while we waited for the lock
+                self._client.drop()
             self._client = client
             self._stop_grace()
         try:
