@@ -142,6 +142,12 @@ class ModelSpec:
     default_max_tokens: int = 256
     owned_by: str = "tokenrelay"
     fallback: str = ""  # a catalog model that answers when no node of this one can
+    # Stream interval: tokens that arrive within this many ms of the previous message ride in
+    # the next one (fewer messages, less CPU per token; the first token and the end never
+    # wait). 0: each model step goes out as it comes. A request may ask for its own, up to
+    # max_stream_interval_ms.
+    stream_interval_ms: int = 0
+    max_stream_interval_ms: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +449,10 @@ def _check(settings: Settings) -> None:
             raise ValueError(f"models.{model.id}: default_max_tokens must fit the context window")
         if not settings.nodes_for(model):
             raise ValueError(f"models.{model.id}: no Triton nodes")
+        if not 0 <= model.stream_interval_ms <= model.max_stream_interval_ms <= 10_000:
+            raise ValueError(
+                f"models.{model.id}: 0 ≤ stream_interval_ms ≤ max_stream_interval_ms ≤ 10000"
+            )
         if model.fallback and (model.fallback == model.id or model.fallback not in ids):
             raise ValueError(f"models.{model.id}: fallback must name another catalog model")
     retrieval, embeddings = settings.retrieval, settings.embeddings

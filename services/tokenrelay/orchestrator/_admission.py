@@ -12,13 +12,31 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
 
 from tokenrelay.config import Admission
 from tokenrelay.errors import Overloaded
 from tokenrelay.tracing import tracer
 
-__all__ = ["AdmissionControl"]
+__all__ = ["AdmissionControl", "Slots"]
+
+
+class Slots(Protocol):
+    """Where a generation gets its slot: this process's ``AdmissionControl``, or, in a worker
+    of several, ``tokenrelay._workers.RemoteAdmission`` (the group's one ``AdmissionControl``,
+    in its supervisor). ``running`` and ``queued`` count this process's requests."""
+
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def queued(self) -> int: ...
+
+    def slot(self, budget_s: float | None = None) -> AbstractAsyncContextManager[None]:
+        """Hold one generation slot for the block; raises ``Overloaded`` when none comes in
+        time."""
+        ...
 
 
 class AdmissionControl:
