@@ -63,6 +63,7 @@ __all__ = [
     "Timeouts",
     "Tracing",
     "check_exposure",
+    "join_hostport",
     "load_settings",
     "split_hostport",
 ]
@@ -172,6 +173,9 @@ class OrchestratorSettings:
     triton_tls_ca: str = ""
     triton_tls_cert: str = ""
     triton_tls_key: str = ""
+    # Orchestrator processes sharing `listen` and `metrics_listen` (SO_REUSEPORT), under one
+    # supervisor that holds the admission limits for all of them; 1: this process serves alone.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +201,9 @@ class EdgeSettings:
     orchestrator_tls_ca: str = ""
     orchestrator_tls_cert: str = ""
     orchestrator_tls_key: str = ""
+    # Edge processes sharing `listen` (SO_REUSEPORT), under one supervisor that counts the API
+    # keys' limits for all of them; 1: this process serves alone.
+    workers: int = 1
 
 
 _DEFAULT_MODELS = (
@@ -318,6 +325,11 @@ def _build(cls: type[T], table: Mapping[str, Any], where: str) -> T:
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()})
+
+
+def join_hostport(host: str, port: int) -> str:
+    """``("::1", 80)`` → ``"[::1]:80"``; the inverse of ``split_hostport``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def split_hostport(address: str) -> tuple[str, int]:
@@ -480,6 +492,8 @@ def _check(settings: Settings) -> None:
         raise ValueError("orchestrator.breaker.failure_rate: must be in (0, 1]")
     if admission.max_concurrent < 1 or admission.max_queue < 0:
         raise ValueError("orchestrator.admission: max_concurrent ≥ 1 and max_queue ≥ 0")
+    if not 1 <= orchestrator.workers <= 256 or not 1 <= settings.edge.workers <= 256:
+        raise ValueError("orchestrator.workers and edge.workers: from 1 to 256")
     if orchestrator.routing.max_retries < 0 or orchestrator.routing.hedge_after_s < 0:
         raise ValueError("orchestrator.routing: max_retries and hedge_after_s must be ≥ 0")
     for address in (settings.orchestrator.listen, settings.edge.listen, settings.edge.orchestrator):

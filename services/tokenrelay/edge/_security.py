@@ -174,26 +174,22 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         log.info("revoked key refused", extra={"fields": {"key_id": key.id}})
         raise Unauthenticated("This API key has been revoked.")
     with bind(key_id=key.id):
-        wait = auth.limiter.take(key)
-        if wait > 0:
-            raise Overloaded(
-                f"Rate limit reached: {key.requests_per_minute} requests per minute for this key.",
-                retry_after=wait,
-                code="rate_limit_exceeded",
-            )
-        if key.max_streams and auth.in_flight[key.id] >= key.max_streams:
-            raise Overloaded(
-                f"Too many concurrent requests: at most {key.max_streams} for this key.",
-                retry_after=1.0,
-                code="rate_limit_exceeded",
-            )
-        auth.in_flight[key.id] += 1
-        try:
+        limits = auth.limits.hold(key.id, key.requests_per_minute, key.max_streams)
+        async with limits as refused:
+            if refused == "streams":
+                raise Overloaded(
+                    f"Too many concurrent requests: at most {key.max_streams} for this key.",
+                    retry_after=1.0,
+                    code="rate_limit_exceeded",
+                )
+            if refused is not None:
+                raise Overloaded(
+                    f"Rate limit reached: {key.requests_per_minute} requests per minute for"
+                    " this key.",
+                    retry_after=float(refused),
+                    code="rate_limit_exceeded",
+                )
             return await handler(request)
-        finally:
-            auth.in_flight[key.id] -= 1
-            if not auth.in_flight[key.id]:
-                del auth.in_flight[key.id]
 
 
 _REFUSAL = (

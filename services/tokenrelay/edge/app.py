@@ -1,18 +1,32 @@
-"""The aiohttp application of the edge and its lifetime."""
+"""The aiohttp application of the edge and its lifetime.
+
+With ``edge.workers`` above 1, ``tokenrelay-edge`` is a supervisor (``tokenrelay._workers``):
+that many edge processes share the port (``SO_REUSEPORT``), their API keys' limits are counted
+once for all of them by the supervisor, and ``/metrics`` on any of them shows every worker's
+samples, labelled ``worker``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
 
 from tokenrelay import _loop
 from tokenrelay._looplag import watch_loop_lag
-from tokenrelay.config import EdgeSettings, Secrets, split_hostport
+from tokenrelay._workers import (
+    RemoteKeyLimits,
+    Supervisor,
+    WorkerContext,
+    reserve,
+    serve_own_metrics,
+    worker_command,
+)
+from tokenrelay.config import EdgeSettings, Secrets, join_hostport, split_hostport
 from tokenrelay.edge._errors import error_middleware
 from tokenrelay.edge._generate import routes as generation_routes
 from tokenrelay.edge._metrics import EdgeMetrics
@@ -24,11 +38,20 @@ from tokenrelay.edge._security import (
     metrics_middleware,
     on_response_prepare,
 )
-from tokenrelay.edge._state import AUTH, METRICS, SETTINGS, STATE, UPSTREAM, Auth, EdgeState
+from tokenrelay.edge._state import (
+    AUTH,
+    METRICS,
+    SETTINGS,
+    STATE,
+    UPSTREAM,
+    WORKER,
+    Auth,
+    EdgeState,
+)
 from tokenrelay.edge._upstream import OrchestratorClient
 from tokenrelay.security import KeyStore, is_loopback
 
-__all__ = ["create_app", "run", "serve"]
+__all__ = ["create_app", "run", "serve", "supervise"]
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +74,27 @@ async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(task, return_exceptions=True)
 
 
+async def _own_metrics(app: web.Application) -> AsyncIterator[None]:
+    """A worker serves its own samples to its siblings, which gather them on a scrape."""
+    worker = app[WORKER]
+    assert worker is not None
+    server = await serve_own_metrics(worker.metrics_socket(worker.index), app[METRICS].registry)
+    yield
+    server.close()
+    await server.wait_closed()
+
+
 async def _on_shutdown(app: web.Application) -> None:
     app[STATE].draining = True
     log.info("edge draining")
 
 
-def create_app(settings: EdgeSettings, secrets: Secrets | None = None) -> web.Application:
+def create_app(
+    settings: EdgeSettings, secrets: Secrets | None = None, worker: WorkerContext | None = None
+) -> web.Application:
     """The edge. API keys are enforced when ``settings.api_keys_file`` or ``secrets.api_key``
-    gives any; without them every caller is let in (``run`` allows that on loopback only)."""
+    gives any; without them every caller is let in (``run`` allows that on loopback only).
+    ``worker``: this process is one of a supervisor's workers."""
     secrets = secrets or Secrets()
     app = web.Application(
         middlewares=[metrics_middleware, context_middleware, error_middleware, auth_middleware],
@@ -68,9 +104,13 @@ def create_app(settings: EdgeSettings, secrets: Secrets | None = None) -> web.Ap
     app[STATE] = EdgeState()
     app[METRICS] = EdgeMetrics()
     keys_file = Path(settings.api_keys_file) if settings.api_keys_file else None
-    app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key))
+    app[WORKER] = worker
+    limits = RemoteKeyLimits(worker.coordinator) if worker is not None else None
+    app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key), limits)
     app.cleanup_ctx.append(_upstream_ctx(secrets))
     app.cleanup_ctx.append(_loop_lag)
+    if worker is not None:
+        app.cleanup_ctx.append(_own_metrics)
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(on_response_prepare)
     app.add_routes(generation_routes)
@@ -78,9 +118,11 @@ def create_app(settings: EdgeSettings, secrets: Secrets | None = None) -> web.Ap
     return app
 
 
-async def serve(settings: EdgeSettings, secrets: Secrets | None = None) -> None:
+async def serve(
+    settings: EdgeSettings, secrets: Secrets | None = None, worker: WorkerContext | None = None
+) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting and let streams finish within the grace."""
-    app = create_app(settings, secrets)
+    app = create_app(settings, secrets, worker)
     if not app[AUTH].store.enabled:
         host, _ = split_hostport(settings.listen)
         assert is_loopback(host), "check_exposure must have refused this"
@@ -96,10 +138,14 @@ async def serve(settings: EdgeSettings, secrets: Secrets | None = None) -> None:
     )
     await runner.setup()
     host, port = split_hostport(settings.listen)
-    site = GuardedSite(runner, host, port, settings)
+    # Workers share the port their supervisor holds (tokenrelay._workers.reserve).
+    site = GuardedSite(runner, host, port, settings, reuse_port=worker is not None)
     await site.start()
     app[METRICS].connections.set_function(lambda: site.open)
-    log.info("edge listening", extra={"fields": {"address": settings.listen}})
+    log.info(
+        "edge listening",
+        extra={"fields": {"address": settings.listen, "worker": _index(worker)}},
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -108,5 +154,28 @@ async def serve(settings: EdgeSettings, secrets: Secrets | None = None) -> None:
     await runner.cleanup()  # closes the listener, then waits for handlers up to the grace
 
 
-def run(settings: EdgeSettings, secrets: Secrets | None = None, loop: str = "auto") -> None:
-    _loop.run(serve(settings, secrets), loop)
+def _index(worker: WorkerContext | None) -> int | None:
+    return None if worker is None else worker.index
+
+
+def run(
+    settings: EdgeSettings,
+    secrets: Secrets | None = None,
+    loop: str = "auto",
+    worker: WorkerContext | None = None,
+) -> None:
+    _loop.run(serve(settings, secrets, worker), loop)
+
+
+def supervise(settings: EdgeSettings, environ: Mapping[str, str], loop: str = "auto") -> int:
+    """Run ``settings.workers`` edge processes on the edge's port; the exit code. Raises
+    ``OSError`` when the port is taken."""
+    host, port = split_hostport(settings.listen)
+    holder = reserve(host, port)
+    env = dict(environ)
+    env["TOKENRELAY_EDGE_LISTEN"] = join_hostport(host, int(holder.getsockname()[1]))
+    supervisor = Supervisor("edge", worker_command("tokenrelay.edge"), settings.workers, env)
+    try:
+        return _loop.run(supervisor.run(), loop)
+    finally:
+        holder.close()
