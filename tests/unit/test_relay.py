@@ -362,7 +362,8 @@ async def test_a_stream_interval_merges_close_tokens_and_never_holds_the_first()
     assert chunks[0].text == " w0" and chunks[0].start is not None
     assert "".join(c.text for c in chunks) == "".join(_words(40))
     assert chunks[-1].end is not None and chunks[-1].end.usage.completion_tokens == 40
-    assert len(chunks) < 40 / 5  # ≥ 5 tokens per chunk on average
+    # At most one chunk per interval besides the first and the end, however slow the machine.
+    assert len(chunks) <= times[-1] / 0.03 + 2 and len(chunks) < 40, times
     # At most one chunk per interval (the end goes out at once, so it is left out).
     gaps = [b - a for a, b in itertools.pairwise(times[:-1])]
     assert all(gap >= 0.025 for gap in gaps), gaps

@@ -129,6 +129,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     if request.app[STATE].draining:
         return web.json_response({"status": "not ready", "reason": "draining"}, status=503)
-    ready, reason = await request.app[UPSTREAM].ready(request.app[SETTINGS].ready_timeout_s)
+    # As the orchestrator's health service last said (a watch): no call waits behind streams.
+    ready, reason = request.app[UPSTREAM].readiness
     status = "ready" if ready else "not ready"
     return web.json_response({"status": status, "reason": reason}, status=200 if ready else 503)

@@ -61,7 +61,10 @@ def _upstream_ctx(secrets: Secrets) -> Callable[[web.Application], AsyncIterator
         # The channel belongs to the app's event loop: created on startup, closed on cleanup.
         client = OrchestratorClient(app[SETTINGS], secrets.internal)
         app[UPSTREAM] = client
+        watch = asyncio.create_task(client.watch_readiness(), name="readiness")
         yield
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
         await client.close()
 
     return context

@@ -48,6 +48,7 @@ from tokenrelay.metrics import CONTENT_TYPE, exposition
 from tokenrelay.orchestrator._admission import AdmissionControl, Slots
 from tokenrelay.orchestrator._auth import InternalSecretInterceptor
 from tokenrelay.orchestrator._border import BorderInterceptor
+from tokenrelay.orchestrator._health import HealthServicer
 from tokenrelay.orchestrator._metrics import RelayMetrics
 from tokenrelay.orchestrator._plan import Planner
 from tokenrelay.orchestrator._pool import NodePool, Placement
@@ -172,7 +173,7 @@ class Orchestrator:
             metrics,
             retriever,
         )
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         # Admission control bounds the generations; this bounds the calls themselves, so that a
         # flood past the queue is refused by gRPC (RESOURCE_EXHAUSTED) before it costs memory.
         # The headroom keeps health checks, ListModels and Status answering under the flood.
@@ -191,6 +192,9 @@ class Orchestrator:
                 ("grpc.so_reuseport", 0 if worker is None else 1),
                 # UpsertDocuments carries whole documents (gRPC's default cap is 4 MiB).
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                # The edge pings its channel every 10 s to notice a hung orchestrator (gRPC's
+                # default refuses pings more often than every 5 min on a stream without data).
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ],
         )
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
