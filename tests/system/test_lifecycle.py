@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 
 from _support import REPO, assert_openai
-from tokenrelay.stack import Stack, StackPorts
+from tokenrelay.stack import Stack, StackPorts, free_port
+from tokenrelay.stack._stack import TRITON_EXIT_S
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 
@@ -130,3 +136,79 @@ def test_sigterm_to_the_edge_lets_its_sse_streams_finish_and_exits_0(own_stack: 
         ]
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     assert own_stack.edge.wait(timeout=10) == 0
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid``."""
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
+            if int(fields.get("PPid", "0")) == pid:
+                found.add(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie is dead, waiting for its parent to reap it
+
+
+def test_a_killed_launcher_takes_every_component_with_it(tmp_path: Path) -> None:
+    ports = StackPorts.free()
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tokenrelay.stack",
+            "--model-repository",
+            str(REPO / "triton_models"),
+            "--workdir",
+            str(tmp_path),
+            "--edge-port",
+            str(ports.edge),
+            "--orchestrator-port",
+            str(ports.orchestrator),
+            "--triton-ports",
+            *(str(p) for p in (ports.triton.http, ports.triton.grpc, ports.triton.metrics)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TOKENRELAY_ORCHESTRATOR_METRICS": f"127.0.0.1:{free_port()}"},
+    )
+    try:
+        assert launcher.stdout is not None
+        for line in launcher.stdout:  # until the stack says it is ready
+            if b"tokenrelay is ready" in line:
+                break
+        components = _children(launcher.pid)
+        stubs = {stub for c in components for stub in _children(c)}  # Triton's model stubs
+        assert len(components) == 3 and stubs
+        launcher.kill()  # no chance to stop anything itself
+        launcher.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in components | stubs):
+            assert time.monotonic() < deadline, [p for p in components | stubs if _alive(p)]
+            time.sleep(0.1)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        if launcher.stdout is not None:
+            launcher.stdout.close()
+
+
+def test_stopping_a_stack_whose_triton_hangs_is_bounded(own_stack: Stack) -> None:
+    node = own_stack.nodes[0]
+    assert node.process is not None
+    stubs = _children(node.process.pid)
+    node.pause()  # hung: SIGTERM alone would never end it
+    began = time.monotonic()
+    own_stack.stop()
+    assert time.monotonic() - began < TRITON_EXIT_S + 10
+    assert node.process.poll() is not None
+    assert not any(_alive(p) for p in stubs)

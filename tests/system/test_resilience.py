@@ -10,7 +10,8 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,16 @@ import httpx
 import pytest
 
 from _support import REPO, assert_openai, triton_metric
+from tokenrelay.config import (
+    Admission,
+    Breaker,
+    ModelSpec,
+    OrchestratorSettings,
+    Routing,
+    Settings,
+    Timeouts,
+    to_toml,
+)
 from tokenrelay.stack import Stack, StackPorts
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
@@ -28,31 +39,26 @@ FIRST_TOKEN_S = 1.0
 COOLDOWN_S = 1.0
 PROBE_INTERVAL_S = 0.2
 
-BASE_CONFIG = f"""
-[orchestrator]
-probe_interval_s = {PROBE_INTERVAL_S}
-drain_grace_s = 10.0
-
-[orchestrator.timeouts]
-connect_s = 0.5
-first_token_s = {FIRST_TOKEN_S}
-
-[orchestrator.breaker]
-cooldown_s = {COOLDOWN_S}
-"""
-
-SYNTHETIC = """
-[[models]]
-id = "synthetic"
-triton_model = "synthetic"
-context_window = 4096
-default_max_tokens = 64
-"""
+SYNTHETIC = ModelSpec("synthetic", "synthetic", context_window=4096, default_max_tokens=64)
+BASE = Settings(
+    orchestrator=OrchestratorSettings(
+        probe_interval_s=PROBE_INTERVAL_S,
+        drain_grace_s=10.0,
+        timeouts=Timeouts(connect_s=0.5, first_token_s=FIRST_TOKEN_S),
+        breaker=Breaker(cooldown_s=COOLDOWN_S),
+    ),
+    models=(SYNTHETIC,),
+)
 
 
-def _stack(tmp_path: Path, config: str, node_repositories: tuple[Path, ...] = ()) -> Stack:
-    """A stack of two Triton nodes serving the synthetic model. ``config`` is TOML that may
-    name the nodes as {a} and {b}."""
+def _stack(
+    tmp_path: Path,
+    settings: Settings = BASE,
+    models: Callable[[str, str], tuple[ModelSpec, ...]] | None = None,
+    node_repositories: tuple[Path, ...] = (),
+) -> Stack:
+    """A stack of two Triton nodes serving the synthetic model, configured with ``settings``;
+    ``models`` makes the catalog from the two nodes' addresses, where it names them."""
     stack = Stack(
         REPO / "triton_models",
         StackPorts.free(),
@@ -60,16 +66,17 @@ def _stack(tmp_path: Path, config: str, node_repositories: tuple[Path, ...] = ()
         nodes=2,
         node_repositories=node_repositories,
     )
-    a, b = stack.triton_addresses
+    if models is not None:
+        settings = replace(settings, models=models(*stack.triton_addresses))
     path = tmp_path / "tokenrelay.toml"
-    path.write_text(config.replace("{a}", a).replace("{b}", b))
+    path.write_text(to_toml(settings))
     stack.config = path
     return stack
 
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Stack]:
-    with _stack(tmp_path, BASE_CONFIG + SYNTHETIC) as running:
+    with _stack(tmp_path) as running:
         yield running
 
 
@@ -214,29 +221,18 @@ async def test_a_killed_node_restarted_gets_traffic_within_cooldown_and_a_probe(
     assert _status(pair)[victim.grpc] == "BREAKER_STATE_CLOSED"
 
 
-FALLBACK_MODELS = """
-[[models]]
-id = "synthetic"
-triton_model = "synthetic"
-nodes = ["{a}"]
-fallback = "synthetic-backup"
-
-[[models]]
-id = "synthetic-backup"
-triton_model = "synthetic"
-nodes = ["{b}"]
-
-[[models]]
-id = "synthetic-solo"
-triton_model = "synthetic"
-nodes = ["{a}"]
-"""
+def _fallback_models(a: str, b: str) -> tuple[ModelSpec, ...]:
+    return (
+        ModelSpec("synthetic", "synthetic", nodes=(a,), fallback="synthetic-backup"),
+        ModelSpec("synthetic-backup", "synthetic", nodes=(b,)),
+        ModelSpec("synthetic-solo", "synthetic", nodes=(a,)),
+    )
 
 
 async def test_every_node_of_a_model_down_means_its_fallback_answers_else_503(
     tmp_path: Path,
 ) -> None:
-    with _stack(tmp_path, BASE_CONFIG + FALLBACK_MODELS) as stack:
+    with _stack(tmp_path, models=_fallback_models) as stack:
         primary, backup = stack.nodes
         primary.kill()
         body = {
@@ -285,19 +281,19 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-ADMISSION = """
-[orchestrator.admission]
-max_concurrent = 4
-max_queue = 4
-queue_timeout_s = 2.0
-retry_after_s = 1.0
-"""
+ADMISSION = replace(
+    BASE,
+    orchestrator=replace(
+        BASE.orchestrator,
+        admission=Admission(max_concurrent=4, max_queue=4, queue_timeout_s=2.0, retry_after_s=1.0),
+    ),
+)
 
 
 async def test_a_burst_of_ten_times_capacity_gets_fast_429s_and_memory_stays_bounded(
     tmp_path: Path,
 ) -> None:
-    with _stack(tmp_path, BASE_CONFIG + ADMISSION + SYNTHETIC) as stack:
+    with _stack(tmp_path, ADMISSION) as stack:
         assert stack.orchestrator is not None
         body = {
             "model": "synthetic",
@@ -360,12 +356,17 @@ def _slow_repository(tmp_path: Path, first_token_delay_ms: int) -> Path:
 
 
 async def test_hedging_serves_from_the_fast_node_and_cancels_the_slow_one(tmp_path: Path) -> None:
-    hedging = "\n[orchestrator.routing]\nhedge_after_s = 0.3\n"
+    hedging = replace(
+        BASE,
+        orchestrator=replace(
+            BASE.orchestrator,
+            timeouts=replace(BASE.orchestrator.timeouts, first_token_s=10.0),
+            routing=Routing(hedge_after_s=0.3),
+        ),
+    )
     with _stack(
         tmp_path,
-        BASE_CONFIG.replace(f"first_token_s = {FIRST_TOKEN_S}", "first_token_s = 10.0")
-        + hedging
-        + SYNTHETIC,
+        hedging,
         node_repositories=(_slow_repository(tmp_path, 3000), REPO / "triton_models"),
     ) as stack:
         slow, fast = stack.nodes

@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -19,6 +21,7 @@ import openai
 import pytest
 
 from _support import REPO, assert_openai
+from tokenrelay.config import Settings, to_toml
 from tokenrelay.stack import Stack, StackPorts
 from tokenrelay.stack._postgres import Postgres
 from tokenrelay.stack._stack import free_port
@@ -78,17 +81,11 @@ def postgres() -> Iterator[Postgres]:
         yield server
 
 
-def _config(folder: Path, **retrieval: str | float) -> Path:
-    """tokenrelay.toml with some [retrieval] keys changed."""
-    text = (REPO / "tokenrelay.toml").read_text()
-    head, section = text.split("\n[retrieval]\n")
-    for key, value in retrieval.items():
-        line = next(li for li in section.splitlines() if li.startswith(f"{key} = "))
-        shown = f'"{value}"' if isinstance(value, str) else str(value)
-        section = section.replace(line, f"{key} = {shown}", 1)
-    text = f"{head}\n[retrieval]\n{section}"
+def _config(folder: Path, **retrieval: Any) -> Path:
+    """The default settings with some [retrieval] keys changed, as a TOML file."""
+    defaults = Settings()
     path = folder / "tokenrelay.toml"
-    path.write_text(text)
+    path.write_text(to_toml(replace(defaults, retrieval=replace(defaults.retrieval, **retrieval))))
     return path
 
 

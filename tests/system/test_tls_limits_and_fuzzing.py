@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
 from tritonclient.utils import InferenceServerException
 
 from _support import REPO, assert_openai, make_certificates
+from tokenrelay.config import EdgeSettings, OrchestratorSettings, Settings, to_toml
 from tokenrelay.security import new_key
 from tokenrelay.stack import Stack, StackPorts
 from tokenrelay.v1 import generation_pb2 as pb
@@ -73,23 +74,23 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, dict[
             f"--grpc-root-cert={certs['ca']}",
         ),
     )
-    config = folder / "tokenrelay.toml"
-    config.write_text(
-        f"""
-[orchestrator]
-tls_cert = "{certs["server"]}"
-tls_key = "{certs["server_key"]}"
-tls_client_ca = "{certs["ca"]}"
-triton_tls_ca = "{certs["ca"]}"
-triton_tls_cert = "{certs["orchestrator"]}"
-triton_tls_key = "{certs["orchestrator_key"]}"
-
-[edge]
-orchestrator_tls_ca = "{certs["ca"]}"
-orchestrator_tls_cert = "{certs["edge"]}"
-orchestrator_tls_key = "{certs["edge_key"]}"
-"""
+    settings = Settings(
+        orchestrator=OrchestratorSettings(
+            tls_cert=str(certs["server"]),
+            tls_key=str(certs["server_key"]),
+            tls_client_ca=str(certs["ca"]),
+            triton_tls_ca=str(certs["ca"]),
+            triton_tls_cert=str(certs["orchestrator"]),
+            triton_tls_key=str(certs["orchestrator_key"]),
+        ),
+        edge=EdgeSettings(
+            orchestrator_tls_ca=str(certs["ca"]),
+            orchestrator_tls_cert=str(certs["edge"]),
+            orchestrator_tls_key=str(certs["edge_key"]),
+        ),
     )
+    config = folder / "tokenrelay.toml"
+    config.write_text(to_toml(settings))
     stack.config = config
     with stack:
         yield stack, certs
@@ -179,12 +180,7 @@ def test_no_secret_reaches_the_logs(tls: tuple[Stack, dict[str, Path]]) -> None:
         assert API_KEY not in text and SECRET not in text, name
 
 
-LIMITS = """
-[edge]
-header_timeout_s = 1.0
-body_timeout_s = 1.0
-max_connections = 24
-"""
+LIMITS = Settings(edge=EdgeSettings(header_timeout_s=1.0, body_timeout_s=1.0, max_connections=24))
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +188,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack with tight client limits, an API key and a synthetic model with no pause."""
     folder = tmp_path_factory.mktemp("guarded")
     config = folder / "tokenrelay.toml"
-    config.write_text(LIMITS)
+    config.write_text(to_toml(LIMITS))
     with Stack(
         _fast_repository(folder),
         StackPorts.free(),

@@ -22,6 +22,14 @@ import grpc
 import pytest
 
 from _support import REPO
+from tokenrelay.config import (
+    Admission,
+    EdgeSettings,
+    OrchestratorSettings,
+    Retrieval,
+    Settings,
+    to_toml,
+)
 from tokenrelay.security import hash_key
 from tokenrelay.stack import Stack, StackPorts
 from tokenrelay.v1 import generation_pb2 as pb
@@ -29,18 +37,6 @@ from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 
 ONE_STREAM = "tr-" + "a" * 43  # at most one request in flight
 THREE_PER_MINUTE = "tr-" + "b" * 43
-CONFIG = """
-[orchestrator]
-workers = 2
-[orchestrator.admission]
-max_concurrent = 2
-max_queue = 0
-[edge]
-workers = 2
-api_keys_file = "{keys}"
-[retrieval]
-store = "none"
-"""
 KEYS = f"""
 [[keys]]
 id = "one-stream"
@@ -59,8 +55,15 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("workers")
     keys = directory / "keys.toml"
     keys.write_text(KEYS)
+    settings = Settings(
+        orchestrator=OrchestratorSettings(
+            workers=2, admission=Admission(max_concurrent=2, max_queue=0)
+        ),
+        edge=EdgeSettings(workers=2, api_keys_file=str(keys)),
+        retrieval=Retrieval(store="none"),
+    )
     config = directory / "tokenrelay.toml"
-    config.write_text(CONFIG.format(keys=keys))
+    config.write_text(to_toml(settings))
     with Stack(
         REPO / "triton_models", StackPorts.free(), models=("synthetic",), config=config
     ) as stack:
@@ -163,7 +166,10 @@ async def test_a_keys_request_rate_is_counted_across_edge_workers(workers: Stack
 @pytest.mark.parametrize("count", [1, 2])
 def test_a_port_the_workers_hold_is_refused(workers: Stack, tmp_path: Path, count: int) -> None:
     config = tmp_path / "tokenrelay.toml"
-    config.write_text(f'[orchestrator]\nworkers = {count}\n[retrieval]\nstore = "none"\n')
+    settings = Settings(
+        orchestrator=OrchestratorSettings(workers=count), retrieval=Retrieval(store="none")
+    )
+    config.write_text(to_toml(settings))
     env = {
         **os.environ,
         "TOKENRELAY_CONFIG": str(config),

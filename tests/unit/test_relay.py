@@ -246,7 +246,7 @@ async def test_fallback_model_answers_when_no_node_of_the_primary_can() -> None:
     primary, backup = FakeSource("a:1", ready=False), FakeSource("b:1")
     models = (
         ModelSpec("big", "big", nodes=("a:1",), fallback="small"),
-        ModelSpec("small", "small", nodes=("b:1",), context_window=64),
+        ModelSpec("small", "small", nodes=("b:1",), context_window=64, default_max_tokens=16),
         ModelSpec("alone", "big", nodes=("a:1",)),
     )
     settings = Settings(orchestrator=OrchestratorSettings(triton=("a:1",)), models=models)

@@ -11,7 +11,7 @@ from tokenrelay.generation import ChatMessage, GenerationRequest, Sampling
 from tokenrelay.orchestrator._validate import validate
 from tokenrelay.v1 import generation_pb2 as pb
 
-SPEC = ModelSpec(id="m", triton_model="m", context_window=100)
+SPEC = ModelSpec(id="m", triton_model="m", context_window=100, default_max_tokens=16)
 
 
 def _chat(**sampling: object) -> GenerationRequest:

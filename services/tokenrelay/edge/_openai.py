@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -66,8 +67,14 @@ def _reject_constant(name: str) -> Any:
     raise InvalidRequest(f"The request body is not valid JSON: {name} is not allowed.")
 
 
+# A \uD800 to \uDFFF escape: legal JSON, but alone (not as half of a pair) it is no text at all.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def loads(body: bytes) -> dict[str, Any]:
-    """Parse a request body; refuses invalid UTF-8, NaN/Infinity and non-object JSON."""
+    """Parse a request body; refuses invalid UTF-8, NaN/Infinity, non-object JSON, nesting too
+    deep for the parser, and strings holding a lone UTF-16 surrogate (which cannot be encoded,
+    so could reach no model). Surrogate pairs (``\\ud83d\\ude00``) are ordinary text."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -76,8 +83,20 @@ def loads(body: bytes) -> dict[str, Any]:
         value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from None
+    except RecursionError:
+        raise InvalidRequest(
+            "The request body is not valid JSON: it is nested too deeply."
+        ) from None
     if not isinstance(value, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if _SURROGATE_ESCAPE.search(body):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                "The request body holds a lone UTF-16 surrogate escape (\\ud800 to \\udfff)"
+                " in a string; only complete surrogate pairs encode text."
+            ) from None
     return value
 
 

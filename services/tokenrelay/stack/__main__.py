@@ -1,17 +1,21 @@
-"""``tokenrelay-stack``: run Triton (CPU model), the orchestrator and the edge on this machine."""
+"""``tokenrelay-stack``: run Triton (CPU models, or with ``--gpu`` vLLM on the GPU), the
+orchestrator and the edge on this machine."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 import urllib.request
 from pathlib import Path
 
+from tokenrelay.stack._gpu import add_gpu_arguments, gpu_node_factory
 from tokenrelay.stack._stack import Stack, StackError, StackPorts
 from tokenrelay.stack._triton import TritonPorts
+from tokenrelay.stack._wheelhouse import GpuSetupError
 
 _EXAMPLE = """\
 tokenrelay is ready.
@@ -46,17 +50,30 @@ def main() -> None:
     parser.add_argument(
         "--workdir", type=Path, default=Path(".run"), help="backend links and logs (default: .run)"
     )
+    add_gpu_arguments(parser)
     args = parser.parse_args()
     if not args.model_repository.is_dir():
         sys.exit(f"tokenrelay-stack: no model repository at {args.model_repository}")
     ports = StackPorts(args.edge_port, args.orchestrator_port, TritonPorts(*args.triton_ports))
-    stack = Stack(args.model_repository, ports, config=args.config, workdir=args.workdir)
+    try:
+        factory = gpu_node_factory(args)  # None without --gpu
+    except GpuSetupError as exc:
+        sys.exit(f"tokenrelay-stack: {exc}")
+    stack = Stack(
+        args.model_repository, ports, config=args.config, workdir=args.workdir, node_factory=factory
+    )
     stopped = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        if stopped.is_set():  # a second Ctrl-C: at once (the components die with the launcher)
+            os._exit(130)
+        stopped.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
+        signal.signal(sig, on_signal)
     print("starting tritonserver, orchestrator and edge …", flush=True)
     try:
-        stack.start()
+        stack.start(timeout_s=900 if factory else 180)
     except StackError as exc:
         sys.exit(f"tokenrelay-stack: {exc}")
     with urllib.request.urlopen(f"{stack.edge_url}/v1/models", timeout=5) as response:

@@ -4,7 +4,10 @@ The same code serves ``make run`` (``tokenrelay-stack``) and the system tests. E
 a real process on loopback with its log in ``<workdir>/logs/``; ``start()`` returns when the edge
 says it is ready (which needs the orchestrator serving and Triton's models ready) and raises with
 the tail of the failing component's log otherwise. ``stop()`` sends SIGTERM edge → orchestrator →
-Triton, waits for each and kills what does not exit.
+Triton and waits for each for a bounded time — its configured drain grace (Triton: its exit
+timeout) plus a margin — then SIGKILLs its whole process group (Triton's Python-backend stubs are
+in it). Every component gets SIGKILL from the kernel if the launcher itself dies
+(``PR_SET_PDEATHSIG``), so none outlives it, not even when the launcher is killed.
 
 With ``nodes=N`` there are N Triton servers (``TritonProcess``), each listed as an endpoint of
 the orchestrator; the chaos tests kill, pause and restart them one by one.
@@ -13,6 +16,8 @@ the orchestrator; the chaos tests kill, pause and restart them one by one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
 import signal
@@ -23,7 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +38,11 @@ from tokenrelay.stack._triton import TritonPorts, prepare_backends, triton_comma
 __all__ = ["Stack", "StackError", "StackPorts", "TritonProcess", "free_port"]
 
 HOST = "127.0.0.1"
+# Triton's own bound on unloading its models at exit (triton_command's --exit-timeout-secs).
+TRITON_EXIT_S = 10.0
+# What a component gets beyond its own bound before its process group is killed.
+_STOP_MARGIN_S = 5.0
+_PR_SET_PDEATHSIG = 1
 
 
 class StackError(RuntimeError):
@@ -68,14 +78,26 @@ def _get(url: str, timeout: float = 1.0) -> int:
         return 0
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the launcher's thread that started it dies."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def _spawn(log_path: Path, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     # The child keeps its own copy of the descriptor; ours closes at once.
     with log_path.open("ab") as log:
         # A session of its own: Ctrl-C in the terminal reaches the launcher, which stops the
         # components in order, instead of all of them at once. Triton's Python-backend stubs
-        # share their server's process group, so signalling the group reaches them too.
+        # share their server's process group, so signalling the group reaches them too (and
+        # they exit by themselves when their server is gone).
         return subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 
 
@@ -171,8 +193,25 @@ class TritonProcess:
             self.process.send_signal(signal.SIGTERM)
 
     def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL of the process group past Triton's exit timeout and a margin."""
         self.request_stop()
-        return Stack.terminate(self.process)
+        return Stack.terminate(self.process, TRITON_EXIT_S + _STOP_MARGIN_S)
+
+
+def _graces(config: Path | None, env: Mapping[str, str]) -> tuple[float, float]:
+    """The edge's and the orchestrator's drain grace, as the services will read them."""
+    from tokenrelay.config import load_settings
+
+    environ = {**os.environ, **env}
+    if config is not None:
+        environ["TOKENRELAY_CONFIG"] = str(config)
+    try:
+        settings = load_settings(environ)
+    except (OSError, ValueError):  # the services will say what is wrong; bound by the defaults
+        from tokenrelay.config import Settings
+
+        settings = Settings()
+    return settings.edge.drain_grace_s, settings.orchestrator.drain_grace_s
 
 
 class Stack:
@@ -187,13 +226,15 @@ class Stack:
         nodes: int = 1,
         node_repositories: Sequence[Path] = (),
         triton_args: Sequence[str] = (),
+        node_factory: Callable[..., TritonProcess] | None = None,
     ) -> None:
         """``models``: Triton models to load (default: all in the repository). ``config``: the
         TOML file for orchestrator and edge. ``env``: extra environment for both. ``nodes``:
         how many Triton servers; node i serves ``node_repositories[i]`` if given, else
-        ``model_repository``. ``triton_args``: extra tritonserver options (e.g. TLS). Ports are
-        known from here on, so a test can write ``config`` (naming ``triton_addresses``) before
-        ``start()``."""
+        ``model_repository``. ``triton_args``: extra tritonserver options (e.g. TLS).
+        ``node_factory``: what makes each node, ``TritonProcess``'s arguments in (the GPU path
+        passes ``GpuTritonProcess``). Ports are known from here on, so a test can write
+        ``config`` (naming ``triton_addresses``) before ``start()``."""
         self.ports = ports or StackPorts()
         self.model_repository = model_repository.resolve()
         self.models = models
@@ -203,8 +244,9 @@ class Stack:
         self.workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-")) if workdir is None else workdir
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        factory = node_factory or TritonProcess
         self.nodes = [
-            TritonProcess(
+            factory(
                 "triton" if i == 0 else f"triton-{i}",
                 node_repositories[i] if i < len(node_repositories) else model_repository,
                 self.ports.triton if i == 0 else TritonPorts(free_port(), free_port(), free_port()),
@@ -216,6 +258,7 @@ class Stack:
         ]
         self.orchestrator: subprocess.Popen[bytes] | None = None
         self.edge: subprocess.Popen[bytes] | None = None
+        self._graces = _graces(config, self.extra_env)
 
     @property
     def triton(self) -> subprocess.Popen[bytes] | None:
@@ -319,9 +362,11 @@ class Stack:
         return process.returncode
 
     def stop(self) -> None:
-        """Stop everything that runs, edge first. Safe to call more than once."""
-        self.terminate(self.edge)
-        self.terminate(self.orchestrator)
+        """Stop everything that runs, edge first, each within its bound (see the module
+        docstring). Safe to call more than once."""
+        edge_s, orchestrator_s = self._graces
+        self.terminate(self.edge, edge_s + _STOP_MARGIN_S)
+        self.terminate(self.orchestrator, orchestrator_s + _STOP_MARGIN_S)
         for node in self.nodes:
             node.request_stop()  # each takes seconds to unload its models: all at once
         for node in self.nodes:

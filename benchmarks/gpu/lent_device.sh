@@ -1,0 +1,58 @@
+#!/bin/bash
+# The GPU suite on this workplace's lent GPU machine (no network, 64 MiB per call): the wheelhouse
+# travels in pieces (.gpu/dNN, made by `lent_device.sh pack`), then the suite runs from a copy of
+# the project in .gpu/proj. usage (each line one device call, back to back):
+#   bash .gpu/proj/benchmarks/gpu/lent_device.sh stage .gpu/d01        (… d04)
+#   bash .gpu/proj/benchmarks/gpu/lent_device.sh go .gpu/d05 [BUDGET_S] (last piece, setup, start, caps, bench)
+#   bash .gpu/proj/benchmarks/gpu/lent_device.sh bench [BUDGET_S] [suite args]   (more rounds)
+#   bash .gpu/proj/benchmarks/gpu/lent_device.sh stop
+# On the CPU machine: lent_device.sh pack WHEELHOUSE_DIR MAIN_CHECKOUT (splits into MAIN/.gpu/dNN).
+set -o pipefail
+P=$(cd "$(dirname "$0")/../.." && pwd)     # the project copy
+S=/tmp/stage; W=/tmp/trgpu; R=/tmp/relay-site; OUT=${OUT:-/tmp/out}
+t() { date +%s.%N; }; el() { awk "BEGIN{printf \"%.1f\", $(t) - $1}"; }
+case "$1" in
+pack)
+  H=$2; M=$3; rm -rf $M/.gpu/d0*; mkdir -p /tmp/pack && cd /tmp/pack && rm -f part.*
+  tar cf bundle.tar -C $(dirname $H) $(basename $H) && sha256sum bundle.tar | cut -d' ' -f1 > $M/.gpu/bundle.sha256
+  split -n ${4:-5} -d -a 2 --numeric-suffixes=1 bundle.tar part.
+  for p in part.0*; do n=${p##*.}; mkdir -p $M/.gpu/d$n; mv $p $M/.gpu/d$n/; done; ls -l $M/.gpu/d0*/ ;;
+stage)
+  mkdir -p $S; T0=$(t); cat $2/part.* >> $S/bundle.tar || exit 1
+  echo "staged $2: $(stat -c %s $S/bundle.tar) bytes in $(el $T0) s" ;;
+go)
+  T0=$(t); bash $0 stage $2 || exit 1
+  cd $S && echo "$(cat $OLDPWD/.gpu/bundle.sha256)  bundle.tar" | sha256sum -c --quiet || { echo BAD BUNDLE; exit 1; }
+  tar xf bundle.tar && rm bundle.tar && cd - >/dev/null; H=$S/house
+  mkdir -p $R /tmp/vbsrc
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $R $H/tritonclient-*.whl $H/python_rapidjson-*.whl \
+    $H/opentelemetry_*.whl $H/googleapis_common_protos-*.whl $H/importlib_metadata-*.whl $H/grpcio_health_checking-*.whl \
+    $H/grpcio_reflection-*.whl 2>&1 | grep -v "root' user"
+  python3 -m zipfile -e $H/pytriton.zip $R && chmod +x $R/pytriton/tritonserver/bin/tritonserver $R/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub
+  tar xzf $H/vllm_backend-*-src.tar.gz -C /tmp/vbsrc
+  echo "unpacked + relay site in $(el $T0) s"; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+  export PYTHONPATH=$R:$P/services PYTHONUNBUFFERED=1
+  python3 $P/benchmarks/gpu/suite.py start --work $W --out $OUT --wheelhouse $H --vllm-backend-src /tmp/vbsrc/src --ready-timeout 300 2>&1 | tee $OUT/start.log | grep -v "^INFO\|^(EngineCore" | tail -40
+  echo "START DONE at $(el $T0) s"
+  timeout 120 python3 $P/benchmarks/gpu/suite.py caps --work $W --out $OUT 2>&1 | tee $OUT/caps.log | grep -E "PASS|FAIL|took"
+  echo "CAPS DONE at $(el $T0) s"
+  B=$(awk "BEGIN{print int(${3:-560} - ($(t) - $T0))}"); echo "bench budget $B s"; python3 $P/benchmarks/gpu/suite.py bench --work $W --out $OUT --budget-s $B --rounds 1 2>&1 | tee $OUT/bench.log | grep -v "^INFO" | tail -45
+  echo "BENCH DONE at $(el $T0) s"; for f in $W/logs/*.log $W/relay/logs/*.log; do echo "=== $f"; tail -n 150 $f; done > $OUT/server-logs.txt 2>&1 ;;
+bench)
+  export PYTHONPATH=$R:$P/services PYTHONUNBUFFERED=1; B=${2:-300}; shift 2
+  python3 $P/benchmarks/gpu/suite.py bench --work $W --out $OUT --budget-s $B "$@" 2>&1 | tee $OUT/bench2.log | grep -v "^INFO" | tail -45 ;;
+stop)
+  export PYTHONPATH=$R:$P/services; python3 $P/benchmarks/gpu/suite.py stop --work $W --out $OUT ;;
+esac
+# restart the Triton servers only (after a fix), keeping vLLM alone running: restart [BUDGET_S]
+if [ "$1" = restart ]; then
+  T0=$(t); export PYTHONPATH=$R:$P/services PYTHONUNBUFFERED=1; cp $W/state.json /tmp/state0.json
+  for p in $(python3 -c "import json;s=json.load(open('/tmp/state0.json'));print(' '.join(str(v['pid']) for v in s['servers'].values()))"); do kill -9 -- -$p 2>/dev/null; done; sleep 3
+  python3 $P/benchmarks/gpu/suite.py start --work $W --out $OUT --wheelhouse $S/house --vllm-backend-src /tmp/vbsrc/src --ready-timeout 240 --no-ceiling 2>&1 | tee $OUT/start.log | grep -v "^INFO\|^(EngineCore\|declares requirements" | tail -30
+  python3 -c "import json;a=json.load(open('/tmp/state0.json'));b=json.load(open('$W/state.json'));b['ceiling']=a['ceiling'];json.dump(b,open('$W/state.json','w'))"
+  echo "START DONE at $(el $T0) s"
+  timeout 100 python3 $P/benchmarks/gpu/suite.py caps --work $W --out $OUT 2>&1 | tee $OUT/caps.log | grep -E "PASS|FAIL|took"
+  echo "CAPS DONE at $(el $T0) s"
+  B=$(awk "BEGIN{print int(${2:-560} - ($(t) - $T0))}"); echo "bench budget $B s"; python3 $P/benchmarks/gpu/suite.py bench --work $W --out $OUT --budget-s $B --rounds 1 2>&1 | tee $OUT/bench.log | grep -v "^INFO" | tail -45
+  echo "BENCH DONE at $(el $T0) s"; for f in $W/logs/*.log $W/relay/logs/*.log; do echo "=== $f"; tail -n 150 $f; done > $OUT/server-logs.txt 2>&1
+fi

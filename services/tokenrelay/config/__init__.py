@@ -1,0 +1,71 @@
+"""Settings: one TOML file, environment overrides, frozen typed objects.
+
+Read once, in a service's ``__main__`` (``load_settings``), and passed to constructors; nothing
+else reads the environment. One module per section, each a frozen slotted dataclass (pydantic's,
+as vLLM's ``vllm/config/*``) whose fields carry their type (``Literal`` where there are a few
+values), bounds and checks, and a docstring under each field:
+
+- ``orchestrator``: ``[orchestrator]`` with ``.timeouts``, ``.limits``, ``.breaker``,
+  ``.routing`` and ``.admission``;
+- ``models``: ``[[models]]``, the catalog (``ModelSpec``);
+- ``edge``, ``embeddings``, ``retrieval``, ``tracing``: their sections;
+- ``secrets``: from the environment only, never from the file, never in a repr;
+- ``settings``: ``Settings`` (all of them, and the checks that span sections);
+- ``environment``: the one registry of ``TOKENRELAY_*`` variables, which the README's table of
+  variables is kept equal to;
+- ``loader``: ``load_settings`` and ``to_toml``.
+
+``tokenrelay.toml`` at the repository root lists every key with its default (a test keeps it
+equal to the defaults). Unknown keys are errors, so a typo never goes unnoticed; every error
+names the key's path. Checks run whenever a section is built, so a ``Settings`` made in code
+(``dataclasses.replace`` on the defaults, say) is as valid as a loaded one, and ``to_toml``
+writes it for a process to load. Adding a setting is one field (with its docstring) in its
+section's module; an environment variable for it is one row in ``environment.ENVIRONMENT``.
+
+Secrets come only from the environment (or a file it names). A service that listens beyond
+loopback refuses to start without them (``check_exposure``): the edge without API keys, the
+orchestrator without the internal secret or mutual TLS.
+"""
+
+from tokenrelay.config._fields import join_hostport, split_hostport
+from tokenrelay.config.edge import EdgeSettings
+from tokenrelay.config.embeddings import Embeddings
+from tokenrelay.config.environment import ENVIRONMENT, EnvVar
+from tokenrelay.config.loader import ConfigError, load_settings, to_toml
+from tokenrelay.config.models import ModelSpec
+from tokenrelay.config.orchestrator import (
+    Admission,
+    Breaker,
+    Limits,
+    OrchestratorSettings,
+    Routing,
+    Timeouts,
+)
+from tokenrelay.config.retrieval import Retrieval
+from tokenrelay.config.secrets import Secrets
+from tokenrelay.config.settings import Settings, check_exposure
+from tokenrelay.config.tracing import Tracing
+
+__all__ = [
+    "ENVIRONMENT",
+    "Admission",
+    "Breaker",
+    "ConfigError",
+    "EdgeSettings",
+    "Embeddings",
+    "EnvVar",
+    "Limits",
+    "ModelSpec",
+    "OrchestratorSettings",
+    "Retrieval",
+    "Routing",
+    "Secrets",
+    "Settings",
+    "Timeouts",
+    "Tracing",
+    "check_exposure",
+    "join_hostport",
+    "load_settings",
+    "split_hostport",
+    "to_toml",
+]

@@ -1,0 +1,68 @@
+"""Each package's public face is what it says it is: the names in ``__all__`` exist, and nothing
+else is promised (as httpx pins its exported members)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+PUBLIC = {
+    "tokenrelay.errors": {
+        "AlreadyExists",
+        "CollectionNotFound",
+        "GenerationFailed",
+        "InvalidRequest",
+        "ModelNotFound",
+        "NotFound",
+        "Overloaded",
+        "RelayError",
+        "Unauthenticated",
+        "UpstreamTimeout",
+        "UpstreamUnavailable",
+    },
+    "tokenrelay.orchestrator": {"Orchestrator", "serve"},
+    "tokenrelay.edge": {"create_app", "run"},
+    "tokenrelay.stack": {
+        "Stack",
+        "StackError",
+        "StackPorts",
+        "TritonPorts",
+        "TritonProcess",
+        "free_port",
+    },
+    "tokenrelay.retrieval": {
+        "CollectionInfo",
+        "Document",
+        "Embedded",
+        "Embedder",
+        "EmbeddingSource",
+        "Hit",
+        "RetrievalMetrics",
+        "Retriever",
+        "StoreUnavailable",
+        "StoredChunk",
+        "VectorStore",
+        "check_collection_name",
+        "chunk_id",
+        "estimate_tokens",
+        "make_store",
+        "split_text",
+    },
+    "tokenrelay.wire": {
+        "DETAILS_KEY",
+        "DOMAIN",
+        "from_rpc_error",
+        "status_of",
+        "to_status",
+        "trailers",
+    },
+}
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_a_package_exports_exactly_its_public_names(module: str) -> None:
+    imported = importlib.import_module(module)
+    assert set(imported.__all__) == PUBLIC[module]
+    for name in imported.__all__:
+        assert getattr(imported, name) is not None
