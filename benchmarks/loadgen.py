@@ -277,7 +277,8 @@ async def _lag_buckets(session: aiohttp.ClientSession, url: str) -> dict[float, 
     for line in text.splitlines():
         if line.startswith("tokenrelay_event_loop_lag_seconds_bucket{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
-            found[float(le)] = float(line.rsplit(" ", 1)[1])
+            # Summed over the samples of every worker (labelled worker="i").
+            found[float(le)] = found.get(float(le), 0.0) + float(line.rsplit(" ", 1)[1])
     return found
 
 
@@ -701,7 +702,8 @@ def main(argv: list[str] | None = None) -> None:
         sink = _TraceSink() if args.tracing else None
         # The services run this checkout's code (an A/B run can use another checkout's
         # benchmarks/loadgen.py with the same virtualenv).
-        env = {"TOKENRELAY_EVENT_LOOP": args.event_loop, "PYTHONPATH": str(REPO / "services")}
+        path = os.pathsep.join(filter(None, [str(REPO / "services"), os.environ.get("PYTHONPATH")]))
+        env = {"TOKENRELAY_EVENT_LOOP": args.event_loop, "PYTHONPATH": path}
         if sink is not None:
             env |= {
                 "TOKENRELAY_TRACING": "otlp",
