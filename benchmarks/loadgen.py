@@ -52,6 +52,7 @@ import grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "services"))
 
+from tokenrelay import _loop  # noqa: E402
 from tokenrelay.config import Settings, Timeouts  # noqa: E402
 from tokenrelay.generation import ChatMessage, Sampling  # noqa: E402
 from tokenrelay.orchestrator._triton import TritonNode  # noqa: E402
@@ -729,7 +730,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             stack.start()
             triton = addresses[0] if sources_ else stack.triton_grpc
-            runs = asyncio.run(_run(args, stack, triton, [p.pid for p in sources_]))
+            # The clients' loop is uvloop too, so that the load generator is not the first to
+            # run out of CPU when the relay is loaded past the model.
+            runs = _loop.run(_run(args, stack, triton, [p.pid for p in sources_]))
         finally:
             stack.stop()
             for process in sources_:
