@@ -13,6 +13,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +189,71 @@ def test_a_port_the_workers_hold_is_refused(workers: Stack, tmp_path: Path, coun
     assert done.returncode != 0
     assert workers.orchestrator is not None and workers.orchestrator.poll() is None
     assert len(_children(workers.orchestrator.pid)) == 2
+
+
+def test_an_edge_started_before_its_orchestrator_finds_it_within_a_second_or_two(
+    workers: Stack, tmp_path: Path
+) -> None:
+    # gRPC's default backoff after refused connections reaches seconds (up to 120 s), with
+    # every call failing meanwhile; the edge's channel tries again within a second.
+    from tokenrelay.stack import free_port
+
+    edge_port, orchestrator_port = free_port(), free_port()
+    config = tmp_path / "tokenrelay.toml"
+    config.write_text(to_toml(Settings(retrieval=Retrieval(store="none"))))
+    env = {
+        **os.environ,
+        "TOKENRELAY_CONFIG": str(config),
+        "TOKENRELAY_EDGE_LISTEN": f"127.0.0.1:{edge_port}",
+        "TOKENRELAY_EDGE_ORCHESTRATOR": f"127.0.0.1:{orchestrator_port}",
+        "TOKENRELAY_ORCHESTRATOR_LISTEN": f"127.0.0.1:{orchestrator_port}",
+        "TOKENRELAY_ORCHESTRATOR_METRICS": "",
+        "TOKENRELAY_TRITON": ",".join(workers.triton_addresses),
+    }
+    log = (tmp_path / "services.log").open("wb")
+    edge = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay.edge"], env=env, stdout=log, stderr=log
+    )
+    orchestrator = None
+    try:
+        time.sleep(8)  # the edge's channel has been refused for a while
+        orchestrator = subprocess.Popen(
+            [sys.executable, "-m", "tokenrelay.orchestrator"], env=env, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 30
+        while not _serving(f"127.0.0.1:{orchestrator_port}"):
+            assert time.monotonic() < deadline, "the orchestrator did not start"
+            time.sleep(0.05)
+        serving = time.monotonic()
+        while _status(f"http://127.0.0.1:{edge_port}/readyz") != 200:
+            assert time.monotonic() - serving < 2.5, "the edge did not find its orchestrator"
+            time.sleep(0.05)
+    finally:
+        for process in (edge, orchestrator):
+            if process is not None:
+                process.terminate()
+                process.wait(30)
+        log.close()
+
+
+def _serving(address: str) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=0.5
+            )
+        except grpc.RpcError:
+            return False
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0

@@ -73,6 +73,12 @@ class OrchestratorClient:
         options = [
             ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
             ("grpc.keepalive_timeout_ms", _PING_TIMEOUT_MS),
+            # gRPC waits 1 s, then up to 120 s, before it tries a refused connection again, and
+            # fails every call meanwhile: an orchestrator that starts (or restarts) after the
+            # edge would be found minutes late. Try again within a second instead.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         if settings.orchestrator_tls_ca:
             credentials = grpc.ssl_channel_credentials(
