@@ -121,10 +121,13 @@ async def test_admission_is_one_limit_for_all_workers(workers: Stack) -> None:
     # max_concurrent = 2 for the orchestrator, whatever the number of workers.
     outcomes = await asyncio.gather(*(_generation(workers.orchestrator_address) for _ in range(12)))
     assert sorted(outcomes) == ["RESOURCE_EXHAUSTED"] * 10 + ["done"] * 2
-    requests = _samples(workers.orchestrator_metrics_url, "tokenrelay_requests_total")
-    by_worker: dict[str, float] = {}
-    for labels, value in requests.items():
-        by_worker[dict(labels)["worker"]] = by_worker.get(dict(labels)["worker"], 0) + value
+    for _ in range(5):  # a sibling slow to answer is left out of one scrape, not of all
+        requests = _samples(workers.orchestrator_metrics_url, "tokenrelay_requests_total")
+        by_worker: dict[str, float] = {}
+        for labels, value in requests.items():
+            by_worker[dict(labels)["worker"]] = by_worker.get(dict(labels)["worker"], 0) + value
+        if len(by_worker) == 2:
+            break
     assert set(by_worker) == {"0", "1"} and all(by_worker.values()), requests
     overloaded = sum(v for k, v in requests.items() if ("outcome", "overloaded") in k)
     assert overloaded == 10
