@@ -36,6 +36,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -318,17 +319,40 @@ def _cpu_rss(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-async def _probe_health(
-    url: str, session: aiohttp.ClientSession, stop: asyncio.Event
-) -> list[float]:
-    latencies = []
-    while not stop.is_set():
-        began = time.perf_counter()
-        async with session.get(url) as response:
-            await response.read()
-        latencies.append(time.perf_counter() - began)
-        await asyncio.sleep(0.05)
-    return latencies
+# Times GET /healthz every 50 ms on a new connection each time (as a load balancer's or a
+# kubelet's probe does), in a process of its own: in the load generator's own loop, the probe
+# would time the load generator's lag as much as the edge's.
+_PROBE = """
+import http.client, json, signal, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+latencies, stopped = [], []
+signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+print("probing", flush=True)
+while not stopped:
+    began = time.perf_counter()
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    connection.request("GET", "/healthz")
+    connection.getresponse().read()
+    connection.close()
+    latencies.append(time.perf_counter() - began)
+    time.sleep(0.05)
+print(json.dumps(latencies), flush=True)
+"""
+
+
+class _HealthProbe:
+    def __init__(self, host: str, port: int) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _PROBE, host, str(port)], stdout=subprocess.PIPE, text=True
+        )
+        assert self._process.stdout is not None
+        self._process.stdout.readline()  # "probing"
+
+    def stop(self) -> list[float]:
+        self._process.send_signal(signal.SIGTERM)
+        out, _ = self._process.communicate(timeout=60)
+        latencies: list[float] = json.loads(out.strip().splitlines()[-1])
+        return latencies
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -403,10 +427,7 @@ async def _run(
                         lag_before = {
                             n: await _lag_buckets(health_session, u) for n, u in lag_urls.items()
                         }
-                        stop = asyncio.Event()
-                        probe = asyncio.create_task(
-                            _probe_health(f"{stack.edge_url}/healthz", health_session, stop)
-                        )
+                        probe = _HealthProbe("127.0.0.1", stack.ports.edge)
                         began = time.perf_counter()
                         if kind == "rate":
                             samples = await _open_loop(
@@ -415,8 +436,7 @@ async def _run(
                         else:
                             samples = await _closed_loop(streams[target], int(level), args.requests)
                         wall = time.perf_counter() - began
-                        stop.set()
-                        health = await probe
+                        health = probe.stop()
                         after = {name: _cpu_rss(pid) for name, pid in pids.items()}
                         lag = {
                             n: _lag_p99(lag_before[n], await _lag_buckets(health_session, u))
