@@ -35,7 +35,15 @@ $(CHROMIUM):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium
 
-test: $(VENV)/.dev-deps $(CHROMIUM)
+# The multi-replica tests start their own Redis (tenancy's shared store) and dnsmasq (node
+# discovery): Debian's redis-server and dnsmasq-base (the binary alone, no system service).
+REDIS := /usr/bin/redis-server
+DNSMASQ := /usr/sbin/dnsmasq
+$(REDIS) $(DNSMASQ):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server dnsmasq-base
+
+test: $(VENV)/.dev-deps $(CHROMIUM) $(REDIS) $(DNSMASQ)
 	$(MAKE) check
 	$(BIN)/pytest
 

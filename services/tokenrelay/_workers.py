@@ -13,10 +13,13 @@ with ``SO_REUSEPORT`` (never listening: it takes no connections) for the supervi
 the workers may join it, and another supervisor's plain bind fails.
 
 **Limits that span workers** live in the coordinator, which holds the one ``AdmissionControl``
-of an orchestrator and the per-key limits of an edge. A worker asks for each request over a
-connection of its own (``slot``, ``key``) and holds the answer as long as the connection stays
-open: closing it (the request ended, or the worker died) gives the slot back. The cost is one
-local connection per request, nothing per token.
+of an orchestrator and, when the tenancy's store is ``local``, the one ``LocalLimits`` of a
+service's keys (requests per minute, concurrent streams, tokens; a Redis store is shared by the
+workers as by replicas, and needs no coordinator). A worker asks over a connection of its own
+per ask (``RemoteAdmission``, ``CoordinatorLimits``); a slot or a stream lasts as long as that
+connection stays open: closing it (the request ended, or the worker died) gives it back. The
+cost is a local connection per request (and per token ask of a metered key), nothing per
+token.
 
 **Metrics** stay per process and are labelled ``worker="i"``: each worker also serves its own
 exposition on a Unix socket beside the coordinator's, and whichever worker is scraped gathers its
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -35,9 +39,8 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +50,21 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenrelay.config import Admission
-from tokenrelay.errors import Overloaded, RelayError
+from tokenrelay.errors import Overloaded
+from tokenrelay.tenancy import (
+    Identity,
+    LocalLimits,
+    Priority,
+    StoreDown,
+    StreamLease,
+    TokenAsk,
+    TokenGrant,
+)
 
 __all__ = [
     "Coordinator",
+    "CoordinatorLimits",
     "RemoteAdmission",
-    "RemoteKeyLimits",
     "Supervisor",
     "WorkerContext",
     "gather",
@@ -112,25 +124,36 @@ class WorkerContext:
 # --- the coordinator (in the supervisor) -----------------------------------------------------
 
 
+def _identity_json(identity: Identity | None) -> dict[str, object] | None:
+    if identity is None:
+        return None
+    fields = dataclasses.asdict(identity)
+    fields["priority"] = int(identity.priority)
+    return fields
+
+
+def _identity(fields: object) -> Identity | None:
+    if not isinstance(fields, dict):
+        return None
+    return Identity(**{**fields, "priority": Priority(int(fields["priority"]))})
+
+
+def _ask_json(ask: TokenAsk) -> dict[str, object]:
+    return dataclasses.asdict(ask)
+
+
 class Coordinator:
-    """Serves ``slot`` (admission) and ``key`` (per-key limits) asks on a Unix socket.
+    """Serves the workers' asks on a Unix socket: ``slot`` (admission, the group's one
+    ``AdmissionControl``), and ``request``, ``stream``, ``take_tokens``, ``give_back`` (the
+    group's one ``LocalLimits``). A line of JSON asks, a line of JSON answers; a slot or a
+    stream lasts until the asking connection closes."""
 
-    A line of JSON asks, a line of JSON answers; the grant lasts until the asking connection
-    closes."""
-
-    def __init__(
-        self,
-        path: Path,
-        admission: Admission | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, path: Path, admission: Admission | None = None) -> None:
         from tokenrelay.orchestrator._admission import AdmissionControl
-        from tokenrelay.security import RateLimiter
 
         self._path = path
         self._admission = AdmissionControl(admission) if admission is not None else None
-        self._limiter = RateLimiter(clock)
-        self._streams: Counter[str] = Counter()
+        self._limits = LocalLimits()
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -140,6 +163,7 @@ class Coordinator:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        await self._limits.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -147,11 +171,21 @@ class Coordinator:
             if not line:
                 return
             ask = json.loads(line)
-            if ask.get("ask") == "slot" and self._admission is not None:
+            kind = ask.get("ask")
+            if kind == "slot" and self._admission is not None:
                 await self._slot(ask, reader, writer)
-            elif ask.get("ask") == "key":
-                await self._key(ask, reader, writer)
-        except (ConnectionError, ValueError) as exc:
+            elif kind == "request":
+                wait = await self._limits.take_request(str(ask["key"]), int(ask["per_minute"]))
+                await _answer(writer, {"wait": wait})
+            elif kind == "stream":
+                await self._stream(ask, reader, writer)
+            elif kind == "take_tokens":
+                grant = await self._limits.take_tokens(TokenAsk(**ask["token_ask"]))
+                await _answer(writer, dataclasses.asdict(grant))
+            elif kind == "give_back":
+                await self._limits.give_back_tokens(TokenAsk(**ask["token_ask"]))
+                await _answer(writer, {"done": True})
+        except (ConnectionError, ValueError, KeyError, TypeError) as exc:
             log.info("coordinator: a worker's ask failed", extra={"fields": {"error": str(exc)}})
         finally:
             writer.close()
@@ -161,11 +195,9 @@ class Coordinator:
     async def _slot(
         self, ask: dict[str, object], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        assert self._admission is not None
-        budget = ask.get("budget_s")
         # The worker closing its connection while it waits is a caller gone: stop waiting.
         gone = asyncio.ensure_future(reader.read())
-        acquire = asyncio.ensure_future(self._hold(budget, writer, gone))
+        acquire = asyncio.ensure_future(self._hold(ask, writer, gone))
         try:
             await asyncio.wait({gone, acquire}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -174,49 +206,39 @@ class Coordinator:
             await asyncio.gather(gone, acquire, return_exceptions=True)
 
     async def _hold(
-        self, budget: object, writer: asyncio.StreamWriter, gone: asyncio.Future[bytes]
+        self, ask: dict[str, object], writer: asyncio.StreamWriter, gone: asyncio.Future[bytes]
     ) -> None:
         assert self._admission is not None
+        budget = ask.get("budget_s")
+        identity = _identity(ask.get("identity"))
         try:
-            async with self._admission.slot(None if budget is None else float(str(budget))):
-                writer.write(b'{"granted": true}\n')
-                await writer.drain()
+            async with self._admission.slot(
+                None if budget is None else float(str(budget)), identity
+            ):
+                await _answer(writer, {"granted": True})
                 await gone  # held until the worker closes the connection
         except Overloaded as exc:
-            answer = {"granted": False, "message": exc.message, "retry_after": exc.retry_after}
-            writer.write(json.dumps(answer).encode() + b"\n")
-            await writer.drain()
+            await _answer(
+                writer, {"granted": False, "message": exc.message, "retry_after": exc.retry_after}
+            )
 
-    async def _key(
+    async def _stream(
         self, ask: dict[str, object], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        from tokenrelay.security import ApiKey
-
-        key_id = str(ask["id"])
-        key = ApiKey(
-            id=key_id,
-            sha256="",
-            requests_per_minute=int(str(ask.get("rpm", 0))),
-            max_streams=int(str(ask.get("streams", 0))),
-        )
-        wait = self._limiter.take(key)
-        if wait > 0:
-            writer.write(json.dumps({"granted": False, "rate_wait": wait}).encode() + b"\n")
-            await writer.drain()
+        lease = await self._limits.open_stream(str(ask["key"]), int(str(ask["limit"])))
+        if lease is None:
+            await _answer(writer, {"granted": False})
             return
-        if key.max_streams and self._streams[key_id] >= key.max_streams:
-            writer.write(b'{"granted": false, "streams": true}\n')
-            await writer.drain()
-            return
-        self._streams[key_id] += 1
         try:
-            writer.write(b'{"granted": true}\n')
-            await writer.drain()
+            await _answer(writer, {"granted": True})
             await reader.read()  # held until the worker closes the connection
         finally:
-            self._streams[key_id] -= 1
-            if not self._streams[key_id]:
-                del self._streams[key_id]
+            await lease.release()
+
+
+async def _answer(writer: asyncio.StreamWriter, answer: dict[str, object]) -> None:
+    writer.write(json.dumps(answer).encode() + b"\n")
+    await writer.drain()
 
 
 # --- the workers' side ------------------------------------------------------------------------
@@ -253,31 +275,43 @@ class RemoteAdmission:
         self._coordinator = coordinator
         self._settings = settings
         self.running = 0
-        self.queued = 0
+        self._queued: Counter[Priority] = Counter()
+
+    @property
+    def queued(self) -> int:
+        return sum(self._queued.values())
+
+    def queued_in(self, priority: Priority) -> int:
+        return self._queued[priority]
 
     @asynccontextmanager
-    async def slot(self, budget_s: float | None = None) -> AsyncIterator[None]:
+    async def slot(
+        self, budget_s: float | None = None, identity: Identity | None = None
+    ) -> AsyncIterator[None]:
         """As ``AdmissionControl.slot``; raises ``Overloaded`` as the coordinator says, and
         ``Overloaded`` too when the coordinator cannot be reached."""
         from tokenrelay.tracing import tracer
 
-        self.queued += 1
+        priority = identity.priority if identity is not None else Priority.NORMAL
+        self._queued[priority] += 1
         try:
             with tracer().start_as_current_span("tokenrelay.admission"):
                 try:
                     answer, writer = await _ask(
-                        self._coordinator, {"ask": "slot", "budget_s": budget_s}
+                        self._coordinator,
+                        {"ask": "slot", "budget_s": budget_s, "identity": _identity_json(identity)},
                     )
                 except (OSError, ValueError) as exc:
                     log.error(
-                        "admission coordinator unreachable", extra={"fields": {"e": str(exc)}}
+                        "admission coordinator unreachable",
+                        extra={"fields": {"error": str(exc)}},
                     )
                     raise Overloaded(
                         "The service is not accepting work; retry later.",
                         self._settings.retry_after_s,
                     ) from None
         finally:
-            self.queued -= 1
+            self._queued[priority] -= 1
         try:
             if not answer.get("granted"):
                 retry = answer.get("retry_after")
@@ -294,35 +328,60 @@ class RemoteAdmission:
             await _let_go(writer)
 
 
-class RemoteKeyLimits:
-    """Per-key request rates and concurrent requests, counted by the coordinator for all
-    workers."""
+class _CoordinatorLease:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer: asyncio.StreamWriter | None = writer
+
+    async def release(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await _let_go(writer)
+
+
+class CoordinatorLimits:
+    """A ``tokenrelay.tenancy.LimitStore`` for a worker: the counters are the coordinator's
+    ``LocalLimits``, so a group of workers limits a key as one process does. Raises
+    ``StoreDown`` when the coordinator cannot be reached (the tenancy's store-down policy
+    applies as to a shared store)."""
 
     def __init__(self, coordinator: Path) -> None:
         self._coordinator = coordinator
 
-    @asynccontextmanager
-    async def hold(self, key_id: str, rpm: int, streams: int) -> AsyncIterator[str | float | None]:
-        """Yields None when the request may go, a wait in seconds when the key is over its rate,
-        or ``"streams"`` when it has its most requests in flight."""
-        if not rpm and not streams:
-            yield None
-            return
+    async def _once(self, ask: dict[str, object]) -> dict[str, object]:
+        try:
+            answer, writer = await _ask(self._coordinator, ask)
+        except (OSError, ValueError) as exc:
+            raise StoreDown(f"the workers' coordinator cannot be reached: {exc}") from exc
+        await _let_go(writer)
+        return answer
+
+    async def take_request(self, key: str, per_minute: int) -> float:
+        if per_minute <= 0:
+            return 0.0
+        answer = await self._once({"ask": "request", "key": key, "per_minute": per_minute})
+        return float(str(answer.get("wait", 0.0)))
+
+    async def open_stream(self, key: str, limit: int) -> StreamLease | None:
         try:
             answer, writer = await _ask(
-                self._coordinator, {"ask": "key", "id": key_id, "rpm": rpm, "streams": streams}
+                self._coordinator, {"ask": "stream", "key": key, "limit": limit}
             )
         except (OSError, ValueError) as exc:
-            raise RelayError("The service cannot check this key's limits now.") from exc
-        try:
-            if answer.get("granted"):
-                yield None
-            elif answer.get("streams"):
-                yield "streams"
-            else:
-                yield float(str(answer.get("rate_wait", 1.0)))
-        finally:
+            raise StoreDown(f"the workers' coordinator cannot be reached: {exc}") from exc
+        if not answer.get("granted"):
             await _let_go(writer)
+            return None
+        return _CoordinatorLease(writer)
+
+    async def take_tokens(self, ask: TokenAsk) -> TokenGrant:
+        answer = await self._once({"ask": "take_tokens", "token_ask": _ask_json(ask)})
+        return TokenGrant(**answer)  # type: ignore[arg-type]
+
+    async def give_back_tokens(self, ask: TokenAsk) -> None:
+        await self._once({"ask": "give_back", "token_ask": _ask_json(ask)})
+
+    async def close(self) -> None:
+        return None
 
 
 # --- metrics across workers ----------------------------------------------------------------

@@ -6,6 +6,7 @@
     tokenrelay chat --collection handbook "How do I ...?"  # answer from ingested documents
     tokenrelay ingest docs/ --collection handbook          # see tokenrelay.ingest
     tokenrelay collections [--delete handbook]
+    tokenrelay usage [--days 7] [--key alice]             # see tokenrelay.tenancy.usage_cli
 
 The answer streams to stdout; a summary (model and node that served, time to first token,
 tokens, tokens/s) goes to stderr, and with ``--collection`` the retrieved passages the answer was
@@ -29,6 +30,7 @@ import aiohttp
 import grpc
 
 from tokenrelay import ingest
+from tokenrelay.tenancy import usage_cli
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 from tokenrelay.v1 import retrieval_pb2 as rpb
@@ -221,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     chat.add_argument("--timeout", type=float, default=600.0)
     chat.add_argument("--collection", help="answer from this retrieval collection")
     ingest.add_parser(commands)
+    usage_cli.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "usage":
+        sys.exit(usage_cli.run(args))
     if args.command == "ingest":
         sys.exit(ingest.run(args))
     if args.command == "collections":

@@ -14,6 +14,8 @@ HTTP status, its OpenAI error type, the ``outcome`` label of metrics and logs, a
     │   └── AlreadyExists           the name is taken (409 / ALREADY_EXISTS)
     ├── Unauthenticated             missing or wrong credentials (401 / UNAUTHENTICATED)
     ├── Overloaded                  at capacity; retry later (429 / RESOURCE_EXHAUSTED)
+    │   └── QuotaExceeded           the key's token budget for the period is spent
+    ├── LimitsUnavailable           limits store down, policy closed (503 / UNAVAILABLE)
     ├── UpstreamUnavailable         no inference node can serve now (503 / UNAVAILABLE)
     ├── UpstreamTimeout             a deadline or watchdog expired (504 / DEADLINE_EXCEEDED)
     └── GenerationFailed            the model failed while generating (500 / INTERNAL)
@@ -39,9 +41,11 @@ __all__ = [
     "CollectionNotFound",
     "GenerationFailed",
     "InvalidRequest",
+    "LimitsUnavailable",
     "ModelNotFound",
     "NotFound",
     "Overloaded",
+    "QuotaExceeded",
     "RelayError",
     "Unauthenticated",
     "UpstreamTimeout",
@@ -171,6 +175,28 @@ class Overloaded(RelayError):
 
     def __init__(self, message: str, retry_after: float = 1.0, code: str | None = None) -> None:
         super().__init__(message, code=code, retry_after=retry_after)
+
+
+class QuotaExceeded(Overloaded):
+    """The key's token budget for its period is spent (OpenAI's ``insufficient_quota``);
+    ``retry_after`` is when the next period starts."""
+
+    openai_type = "insufficient_quota"
+    outcome = "over_budget"
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after, code="insufficient_quota")
+
+
+class LimitsUnavailable(RelayError):
+    """The shared limits store cannot be reached and the policy is to fail closed."""
+
+    grpc_code = "UNAVAILABLE"
+    http_status = 503
+    openai_type = "service_unavailable"
+    outcome = "unavailable"
+    reason = "LIMITS_UNAVAILABLE"
 
 
 class UpstreamUnavailable(RelayError):

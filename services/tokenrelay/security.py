@@ -15,6 +15,15 @@ The keys file is TOML, reread when it changes (so a key is revoked without a res
     requests_per_minute = 60        # 0: no limit
     max_streams = 4                 # concurrent requests; 0: no limit
     revoked = false
+    tier = "standard"               # [[tenancy.tiers]]: priority, weight, token limits
+                                    # (empty or unknown: tenancy.default_tier)
+    tokens_per_minute = 10000       # optional: the key's own, instead of its tier's (0: none)
+    token_budget = 1000000          # optional: the key's own budget per period (0: none)
+
+With a shared store (``tenancy.store = "redis"``) the limits hold across every replica; without
+one, each edge process counts for itself. The orchestrator's ``clients_file`` has the same format
+for gRPC clients, whose entries may name ``san``: the subject alternative name (URI or DNS) of the
+client's mTLS certificate, which then identifies it without a token.
 """
 
 from __future__ import annotations
@@ -34,7 +43,6 @@ from pathlib import Path
 __all__ = [
     "ApiKey",
     "KeyStore",
-    "RateLimiter",
     "Secret",
     "hash_key",
     "is_loopback",
@@ -80,6 +88,10 @@ class ApiKey:
     requests_per_minute: int = 0
     max_streams: int = 0
     revoked: bool = False
+    tier: str = ""
+    tokens_per_minute: int | None = None  # None: the tier's
+    token_budget: int | None = None  # None: the tier's
+    san: str = ""  # clients file: the mTLS certificate's subject alternative name
 
 
 def _load(path: Path) -> tuple[ApiKey, ...]:
@@ -94,6 +106,13 @@ def _load(path: Path) -> tuple[ApiKey, ...]:
         extra = set(entry) - fields
         if extra or "id" not in entry or "sha256" not in entry:
             raise ValueError(f"{path}: keys[{i}] needs id and sha256 (unknown: {sorted(extra)})")
+        for name in ("requests_per_minute", "max_streams", "tokens_per_minute", "token_budget"):
+            value = entry.get(name, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{path}: keys[{i}].{name} must be a whole number ≥ 0")
+        for name in ("id", "owner", "tier", "san"):
+            if not isinstance(entry.get(name, ""), str):
+                raise ValueError(f"{path}: keys[{i}].{name} must be a string")
         digest = str(entry["sha256"]).lower()
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ValueError(f"{path}: keys[{i}].sha256 is not a SHA-256 hex digest")
@@ -147,6 +166,13 @@ class KeyStore:
         self._checked = now
         return True
 
+    def find_san(self, names: set[str]) -> ApiKey | None:
+        """The key whose ``san`` is one of ``names`` (a client certificate's), or None."""
+        for key in self._keys:
+            if key.san and key.san in names:
+                return key
+        return None
+
     def find(self, presented: str) -> ApiKey | None:
         """The key matching ``presented`` (revoked ones included), or None."""
         digest = hash_key(presented).encode()
@@ -155,29 +181,6 @@ class KeyStore:
             if hmac.compare_digest(digest, key.sha256.encode()) and found is None:
                 found = key  # no early exit: every digest is compared
         return found
-
-
-class RateLimiter:
-    """Per-key token buckets: ``requests_per_minute`` of capacity, refilled continuously."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # id -> (tokens, at)
-
-    def take(self, key: ApiKey) -> float:
-        """0 when the request may go; otherwise the seconds until it could."""
-        if key.requests_per_minute <= 0:
-            return 0.0
-        capacity = float(key.requests_per_minute)
-        rate = capacity / 60.0
-        now = self._clock()
-        tokens, at = self._buckets.get(key.id, (capacity, now))
-        tokens = min(capacity, tokens + (now - at) * rate)
-        if tokens < 1.0:
-            self._buckets[key.id] = (tokens, now)
-            return (1.0 - tokens) / rate
-        self._buckets[key.id] = (tokens - 1.0, now)
-        return 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,12 +193,14 @@ def main(argv: list[str] | None = None) -> None:
     create.add_argument("--owner", default="")
     create.add_argument("--rpm", type=int, default=0, help="requests per minute (0: no limit)")
     create.add_argument("--streams", type=int, default=0, help="concurrent requests (0: none)")
+    create.add_argument("--tier", default="", help="its tier (tenancy.tiers; empty: the default)")
     args = parser.parse_args(argv)
     key = new_key()
     print(f"# the key (shown once; give it to its owner): {key}", file=sys.stderr)
     print(
         f'\n[[keys]]\nid = "{args.id}"\nowner = "{args.owner}"\nsha256 = "{hash_key(key)}"\n'
         f"requests_per_minute = {args.rpm}\nmax_streams = {args.streams}\nrevoked = false"
+        + (f'\ntier = "{args.tier}"' if args.tier else "")
     )
 
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from _support import FakeSource, assert_openai
+from _support import FakeSource, assert_openai, eventually
 from tokenrelay.config import EdgeSettings, OrchestratorSettings, Secrets, Settings
 from tokenrelay.edge import create_app
 from tokenrelay.orchestrator import Orchestrator
@@ -58,7 +58,10 @@ def keys_file(tmp_path: Path) -> Path:
         ApiKey("mallory", sha256=hash_key(MALLORY), revoked=True),
     )
     path = tmp_path / "keys.toml"
-    path.write_text(tomli_w.dumps({"keys": [dataclasses.asdict(key) for key in keys]}))
+    entries = [  # None: the tier's (TOML has no null)
+        {k: v for k, v in dataclasses.asdict(key).items() if v is not None} for key in keys
+    ]
+    path.write_text(tomli_w.dumps({"keys": entries}))
     return path
 
 
@@ -116,7 +119,7 @@ async def test_rate_and_concurrency_limits_per_key(edge: str, source: FakeSource
         assert_openai("ErrorResponse", body)
         source.interval_s = 0.1  # bob's first request is still running when the second comes
         first = asyncio.create_task(_post(session, edge, BOB))
-        await asyncio.sleep(0.05)
+        assert await eventually(lambda: len(source.prompts) == 4)  # bob's first is running
         status, body, headers = await _post(session, edge, BOB)
         assert status == 429 and "at most 1" in body["error"]["message"]
         assert (await first)[0] == 200

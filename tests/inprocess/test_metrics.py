@@ -13,7 +13,7 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from _support import FakeSource
+from _support import FakeSource, eventually
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge import create_app
 from tokenrelay.orchestrator import Orchestrator
@@ -62,9 +62,15 @@ async def test_counters_and_histograms_after_completed_cancelled_and_refused(
         ):
             with pytest.raises(grpc.aio.AioRpcError):
                 await stub.Generate(request)
-    await asyncio.sleep(0.1)  # the cancelled call's record is written as its stream closes
-    samples = await _samples(f"http://127.0.0.1:{orchestrator.metrics_port}/metrics")
+    url = f"http://127.0.0.1:{orchestrator.metrics_port}/metrics"
     requests = "tokenrelay_requests_total"
+
+    async def cancelled_recorded() -> bool:  # written as the cancelled call's stream closes
+        samples = await _samples(url)
+        return _value(samples, requests, model="synthetic", outcome="cancelled") == 1
+
+    assert await eventually(cancelled_recorded)
+    samples = await _samples(url)
     assert _value(samples, requests, model="synthetic", outcome="stop") == 2
     assert _value(samples, requests, model="synthetic", outcome="cancelled") == 1
     assert _value(samples, requests, model="unknown", outcome="not_found") == 1

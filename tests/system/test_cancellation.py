@@ -7,20 +7,11 @@ import time
 import httpx
 import pytest
 
-from _support import triton_metric
+from _support import triton_metric, wait_until
 from tokenrelay.stack import Stack
 
 TOKENS = "tokenrelay_model_generated_tokens_total"
 REQUESTS = "tokenrelay_model_requests_total"
-
-
-def _wait_for(predicate, timeout_s: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 @pytest.mark.parametrize(
@@ -58,7 +49,7 @@ def test_disconnect_cancels_generation_in_triton(
                 chunks += 1
             if chunks == 4:
                 break  # leaving the block closes the connection mid-stream
-    assert _wait_for(
+    assert wait_until(
         lambda: (
             triton_metric(
                 stack.triton_metrics_url, REQUESTS, model=triton_model, outcome="cancelled"

@@ -11,10 +11,13 @@ import time
 
 import grpc
 import httpx
+import pytest
 
 from tokenrelay.stack import Stack
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.chaos
 
 _CHAT = pb.Chat(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="go")])
 

@@ -35,6 +35,8 @@ from tokenrelay.stack import Stack, StackPorts
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.chaos
+
 FIRST_TOKEN_S = 1.0
 COOLDOWN_S = 1.0
 PROBE_INTERVAL_S = 0.2

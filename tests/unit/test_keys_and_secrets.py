@@ -1,4 +1,4 @@
-"""API keys, rate buckets, secrets and the refusal to listen openly without credentials."""
+"""API keys, secrets and the refusal to listen openly without credentials."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from _support import Clock
 from tokenrelay.config import Settings, check_exposure, load_settings
-from tokenrelay.security import ApiKey, KeyStore, RateLimiter, Secret, hash_key, main, new_key
+from tokenrelay.security import ApiKey, KeyStore, Secret, hash_key, main, new_key
 
 
 def _entry(key_id: str, key: str, **extra: object) -> str:
@@ -55,19 +55,6 @@ def test_environment_key_and_secret_never_show() -> None:
     settings = load_settings({"TOKENRELAY_API_KEY": key, "TOKENRELAY_INTERNAL_SECRET": "s3cret"})
     assert settings.secrets.internal is not None and settings.secrets.internal.matches("s3cret")
     assert key not in repr(settings) and "s3cret" not in repr(settings)
-
-
-def test_rate_limiter_is_a_token_bucket_per_key() -> None:
-    clock = Clock()
-    limiter = RateLimiter(clock)
-    key = ApiKey("k", requests_per_minute=2)
-    assert limiter.take(key) == 0 and limiter.take(key) == 0
-    wait = limiter.take(key)
-    assert wait == pytest.approx(30.0)  # one request per 30 s refills
-    clock.now += 30
-    assert limiter.take(key) == 0
-    assert limiter.take(ApiKey("other", requests_per_minute=2)) == 0  # buckets are per key
-    assert all(limiter.take(ApiKey("free")) == 0 for _ in range(1000))  # 0: no limit
 
 
 def test_services_refuse_to_listen_openly_without_credentials(tmp_path: Path) -> None:

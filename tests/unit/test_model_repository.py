@@ -112,4 +112,4 @@ def test_gpu_catalog_matches_the_vllm_model() -> None:
     (model,) = settings.models
     assert (MODELS / model.triton_model / "config.pbtxt").exists()
     assert model.context_window == engine["max_model_len"]
-    assert settings.orchestrator.triton == ("triton:8001",)
+    assert settings.orchestrator.triton == ("dns:///triton:8001",)  # the headless Service

@@ -9,6 +9,7 @@ values), bounds and checks, and a docstring under each field:
   ``.routing`` and ``.admission``;
 - ``models``: ``[[models]]``, the catalog (``ModelSpec``);
 - ``edge``, ``embeddings``, ``retrieval``, ``tracing``: their sections;
+- ``tenancy``: ``[tenancy]`` and its ``[[tenancy.tiers]]``;
 - ``secrets``: from the environment only, never from the file, never in a repr;
 - ``settings``: ``Settings`` (all of them, and the checks that span sections);
 - ``environment``: the one registry of ``TOKENRELAY_*`` variables, which the README's table of
@@ -36,6 +37,7 @@ from tokenrelay.config.models import ModelSpec
 from tokenrelay.config.orchestrator import (
     Admission,
     Breaker,
+    Discovery,
     Limits,
     OrchestratorSettings,
     Routing,
@@ -44,6 +46,7 @@ from tokenrelay.config.orchestrator import (
 from tokenrelay.config.retrieval import Retrieval
 from tokenrelay.config.secrets import Secrets
 from tokenrelay.config.settings import Settings, check_exposure
+from tokenrelay.config.tenancy import Tenancy, Tier
 from tokenrelay.config.tracing import Tracing
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "Admission",
     "Breaker",
     "ConfigError",
+    "Discovery",
     "EdgeSettings",
     "Embeddings",
     "EnvVar",
@@ -61,6 +65,8 @@ __all__ = [
     "Routing",
     "Secrets",
     "Settings",
+    "Tenancy",
+    "Tier",
     "Timeouts",
     "Tracing",
     "check_exposure",

@@ -111,7 +111,12 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(
         "TOKENRELAY_POSTGRES_DSN",
         "secrets.postgres_dsn",
-        "PostgreSQL connection string for pgvector (it may hold a password)",
+        "PostgreSQL connection string for pgvector and the usage ledger (it may hold a password)",
+    ),
+    EnvVar(
+        "TOKENRELAY_REDIS_URL",
+        "secrets.redis_url",
+        "the shared limits store, `redis://[:password@]host:6379/0` (`tenancy.store = redis`)",
     ),
 )
 

@@ -72,6 +72,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         settings = dataclasses.replace(settings, secrets=Secrets(**secrets))
     if settings.retrieval.store == "pgvector" and settings.secrets.postgres_dsn is None:
         raise ConfigError("retrieval.store = pgvector needs TOKENRELAY_POSTGRES_DSN")
+    if settings.tenancy.store == "redis" and settings.secrets.redis_url is None:
+        raise ConfigError("tenancy.store = redis needs TOKENRELAY_REDIS_URL")
+    if settings.tenancy.ledger == "postgres" and settings.secrets.postgres_dsn is None:
+        raise ConfigError("tenancy.ledger = postgres needs TOKENRELAY_POSTGRES_DSN")
     return settings
 
 

@@ -116,6 +116,18 @@ class Admission:
 
 
 @dataclass(frozen=True, slots=True, config=SECTION)
+class Discovery:
+    """``[orchestrator.discovery]``: nodes named by DNS (``dns:///name:port``, or
+    ``dns://server:53/name:port`` to ask that server, in ``triton`` or a model's ``nodes``)."""
+
+    interval_s: Seconds = 5.0
+    """Between two resolutions of each name; new addresses are probed before they take
+    requests, removed ones drained (their requests in flight finish)."""
+    timeout_s: Seconds = 2.0
+    """One resolution; a failed one keeps the nodes known so far."""
+
+
+@dataclass(frozen=True, slots=True, config=SECTION)
 class OrchestratorSettings:
     """``[orchestrator]``: the gRPC service, its Triton nodes and the tables above."""
 
@@ -134,6 +146,10 @@ class OrchestratorSettings:
     breaker: Breaker = field(default_factory=Breaker)
     routing: Routing = field(default_factory=Routing)
     admission: Admission = field(default_factory=Admission)
+    discovery: Discovery = field(default_factory=Discovery)
+    clients_file: str = ""
+    """gRPC callers with identities of their own: a keys file as the edge's (``tokenrelay-keys
+    new``); an entry may name ``san``, its mTLS client certificate's subject alternative name."""
     tls_cert: str = ""
     """TLS of the gRPC API (PEM path): with ``tls_key`` it turns TLS on; empty: plaintext."""
     tls_key: str = ""

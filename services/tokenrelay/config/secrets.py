@@ -18,4 +18,6 @@ class Secrets:
     api_key: Secret | None = None
     """One API key the edge accepts (id ``env``), besides ``edge.api_keys_file``."""
     postgres_dsn: Secret | None = None
-    """pgvector's PostgreSQL connection string (it may hold a password)."""
+    """pgvector's and the usage ledger's PostgreSQL connection string (it may hold a password)."""
+    redis_url: Secret | None = None
+    """The shared limits store (``tenancy.store = "redis"``; it may hold a password)."""

@@ -16,6 +16,7 @@ from tokenrelay.config.models import DEFAULT_MODELS, ModelSpec
 from tokenrelay.config.orchestrator import OrchestratorSettings
 from tokenrelay.config.retrieval import Retrieval
 from tokenrelay.config.secrets import Secrets
+from tokenrelay.config.tenancy import Tenancy
 from tokenrelay.config.tracing import Tracing
 from tokenrelay.security import is_loopback
 
@@ -45,6 +46,7 @@ class Settings:
     tracing: Tracing = field(default_factory=Tracing)
     embeddings: Embeddings = field(default_factory=Embeddings)
     retrieval: Retrieval = field(default_factory=Retrieval)
+    tenancy: Tenancy = field(default_factory=Tenancy)
     secrets: Secrets = field(default_factory=Secrets)
     """From the environment only; ``to_toml`` leaves it out and the file may not name it."""
 
@@ -57,7 +59,13 @@ class Settings:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"models: duplicate model id {', '.join(map(repr, duplicates))}")
+        for entry in self.embeddings.nodes:
+            if entry.startswith("dns:"):
+                raise ValueError("embeddings.nodes: host:port entries only (dns: is for models)")
         for model in self.models:
+            for entry in self.nodes_for(model):
+                if entry.startswith("dns:"):
+                    _check_dns(entry)
             if not self.nodes_for(model):
                 raise ValueError(
                     f"models: {model.id!r} has no Triton nodes (its nodes and"
@@ -68,6 +76,12 @@ class Settings:
                     f"models: {model.id!r}: fallback must name another catalog model,"
                     f" not {model.fallback!r}"
                 )
+
+
+def _check_dns(entry: str) -> None:
+    from tokenrelay.orchestrator._discovery import parse_dns  # ValueError when malformed
+
+    parse_dns(entry)
 
 
 def check_exposure(settings: Settings, service: str) -> None:

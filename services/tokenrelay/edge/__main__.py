@@ -27,7 +27,7 @@ def main() -> None:
             sys.exit(f"tokenrelay-edge: cannot listen on {settings.edge.listen}: {exc}")
     configure_tracing("edge", settings.tracing)
     try:
-        run(settings.edge, settings.secrets, settings.event_loop, worker)
+        run(settings.edge, settings.secrets, settings.event_loop, settings.tenancy, worker)
     finally:
         shutdown_tracing()
 

@@ -34,6 +34,12 @@ class EdgeMetrics:
         self.connections = Gauge(
             "tokenrelay_edge_connections_open", "Client connections open now", registry=r
         )
+        self.refused = Counter(
+            "tokenrelay_edge_key_limited",
+            "Requests refused by a key's limit (metered keys by id, others as 'other')",
+            ["key", "limit"],
+            registry=r,
+        )
         self.loop_lag = loop_lag(r)
 
     def exposition(self) -> bytes:

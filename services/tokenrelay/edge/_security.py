@@ -1,6 +1,12 @@
 """What stands between the public and the API: request ids, API keys with per-key limits, CORS,
 security headers, and a listening socket that slow or numerous clients cannot exhaust.
 
+A key's requests per minute and concurrent streams are counted in the app's ``LimitStore``
+(each process's own counters, or a shared Redis: ``tokenrelay.tenancy``). The key's id, tier
+and token limits, and the priority a request asks for (``X-TokenRelay-Priority: low``, ``normal``
+or ``high``, capped by the tier), are forwarded to the orchestrator (``tokenrelay.tenancy.
+forwarded_metadata``), which enforces token limits and priorities.
+
 Middleware order (outermost first): ``context_middleware`` (request id bound to every log line,
 CORS preflight), the error middleware, ``auth_middleware`` (``/v1/`` only). Headers go on every
 response, streamed ones included, through ``on_response_prepare``.
@@ -20,8 +26,10 @@ from aiohttp import web
 
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._state import AUTH, METRICS, REQUEST_ID, SETTINGS
-from tokenrelay.errors import Overloaded, Unauthenticated
+from tokenrelay.errors import InvalidRequest, Overloaded, Unauthenticated
 from tokenrelay.logs import bind
+from tokenrelay.security import ApiKey
+from tokenrelay.tenancy import ANONYMOUS, Caller, Priority, current_caller
 from tokenrelay.tracing import current_trace_id, mark_cancelled, mark_error, server_span
 
 __all__ = [
@@ -45,7 +53,8 @@ _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 _CORS_METHODS = "GET, POST, OPTIONS"
-_CORS_HEADERS = "Authorization, Content-Type, X-Request-Id"
+_CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-TokenRelay-Priority"
+_PRIORITY = "X-TokenRelay-Priority"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -148,11 +157,33 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def _priority(request: web.Request) -> Priority | None:
+    asked = request.headers.get(_PRIORITY)
+    if asked is None:
+        return None
+    priority = Priority.parse(asked)
+    if priority is None:
+        raise InvalidRequest(f"{_PRIORITY} must be low, normal or high.", param=_PRIORITY)
+    return priority
+
+
+def _caller(key: ApiKey | None, priority: Priority | None) -> Caller:
+    if key is None:
+        return Caller(ANONYMOUS, priority=priority)
+    return Caller(key.id, key.tier, key.tokens_per_minute, key.token_budget, priority)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     auth = request.app[AUTH]
-    if not request.path.startswith("/v1/") or not auth.store.enabled:
+    if not request.path.startswith("/v1/"):
         return await handler(request)
+    if not auth.store.enabled:
+        token = current_caller.set(_caller(None, _priority(request)))
+        try:
+            return await handler(request)
+        finally:
+            current_caller.reset(token)
     if auth.store.maybe_reload():
         try:
             await asyncio.to_thread(auth.store.reload)
@@ -174,22 +205,31 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         log.info("revoked key refused", extra={"fields": {"key_id": key.id}})
         raise Unauthenticated("This API key has been revoked.")
     with bind(key_id=key.id):
-        limits = auth.limits.hold(key.id, key.requests_per_minute, key.max_streams)
-        async with limits as refused:
-            if refused == "streams":
-                raise Overloaded(
-                    f"Too many concurrent requests: at most {key.max_streams} for this key.",
-                    retry_after=1.0,
-                    code="rate_limit_exceeded",
-                )
-            if refused is not None:
-                raise Overloaded(
-                    f"Rate limit reached: {key.requests_per_minute} requests per minute for"
-                    " this key.",
-                    retry_after=float(refused),
-                    code="rate_limit_exceeded",
-                )
+        priority = _priority(request)
+        refused = request.app[METRICS].refused
+        wait = await auth.limits.take_request(key.id, key.requests_per_minute)
+        if wait > 0:
+            refused.labels(auth.tenants.label(key.id), "requests_per_minute").inc()
+            raise Overloaded(
+                f"Rate limit reached: {key.requests_per_minute} requests per minute for this key.",
+                retry_after=wait,
+                code="rate_limit_exceeded",
+            )
+        lease = await auth.limits.open_stream(key.id, key.max_streams) if key.max_streams else None
+        if key.max_streams and lease is None:
+            refused.labels(auth.tenants.label(key.id), "max_streams").inc()
+            raise Overloaded(
+                f"Too many concurrent requests: at most {key.max_streams} for this key.",
+                retry_after=1.0,
+                code="rate_limit_exceeded",
+            )
+        token = current_caller.set(_caller(key, priority))
+        try:
             return await handler(request)
+        finally:
+            current_caller.reset(token)
+            if lease is not None:
+                await lease.release()
 
 
 _REFUSAL = (

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenrelay.config import EdgeSettings
 from tokenrelay.security import Secret
+from tokenrelay.tenancy import forwarded_metadata
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 from tokenrelay.v1 import retrieval_pb2 as rpb
@@ -66,6 +67,8 @@ class OrchestratorClient:
     (``watch_readiness``), so that ``/readyz`` answers at once instead of waiting behind the
     streams in both processes. The channel pings the orchestrator when idle, so a hung one
     breaks the watch (and readiness) within ``_KEEPALIVE_MS`` + ``_PING_TIMEOUT_MS``.
+
+    Generation and embedding calls forward the current caller (``tokenrelay.tenancy``).
     """
 
     def __init__(self, settings: EdgeSettings, secret: Secret | None = None) -> None:
@@ -105,7 +108,7 @@ class OrchestratorClient:
     ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         """The orchestrator's stream; raises ``RelayError``. Closing it cancels the call."""
         call = self._stub.GenerateStream(
-            request, timeout=timeout_s, metadata=(*metadata, *self._auth)
+            request, timeout=timeout_s, metadata=(*metadata, *forwarded_metadata(), *self._auth)
         )
         try:
             with _translated():
@@ -119,7 +122,9 @@ class OrchestratorClient:
     ) -> rpb.EmbedResponse:
         with _translated():
             response: rpb.EmbedResponse = await self._embeddings.Embed(
-                request, timeout=timeout_s, metadata=(*metadata, *self._auth)
+                request,
+                timeout=timeout_s,
+                metadata=(*metadata, *forwarded_metadata(), *self._auth),
             )
         return response
 

@@ -19,14 +19,14 @@ from aiohttp import web
 from tokenrelay import _loop
 from tokenrelay._looplag import watch_loop_lag
 from tokenrelay._workers import (
-    RemoteKeyLimits,
+    CoordinatorLimits,
     Supervisor,
     WorkerContext,
     reserve,
     serve_own_metrics,
     worker_command,
 )
-from tokenrelay.config import EdgeSettings, Secrets, join_hostport, split_hostport
+from tokenrelay.config import EdgeSettings, Secrets, Tenancy, join_hostport, split_hostport
 from tokenrelay.edge._errors import error_middleware
 from tokenrelay.edge._generate import routes as generation_routes
 from tokenrelay.edge._metrics import EdgeMetrics
@@ -50,6 +50,7 @@ from tokenrelay.edge._state import (
 )
 from tokenrelay.edge._upstream import OrchestratorClient
 from tokenrelay.security import KeyStore, is_loopback
+from tokenrelay.tenancy import LimitStore, Tenants, make_limits
 
 __all__ = ["create_app", "run", "serve", "supervise"]
 
@@ -66,6 +67,25 @@ def _upstream_ctx(secrets: Secrets) -> Callable[[web.Application], AsyncIterator
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
         await client.close()
+
+    return context
+
+
+def _limits_ctx(
+    tenancy: Tenancy, secrets: Secrets, worker: WorkerContext | None = None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        # A shared store's connections belong to the app's event loop, as the channel does.
+        # Workers with the local store count a key's limits as one process would: in their
+        # supervisor.
+        limits: LimitStore = (
+            CoordinatorLimits(worker.coordinator)
+            if worker is not None and tenancy.store == "local"
+            else make_limits(tenancy, secrets.redis_url)
+        )
+        app[AUTH].limits = limits
+        yield
+        await limits.close()
 
     return context
 
@@ -93,12 +113,18 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def create_app(
-    settings: EdgeSettings, secrets: Secrets | None = None, worker: WorkerContext | None = None
+    settings: EdgeSettings,
+    secrets: Secrets | None = None,
+    tenancy: Tenancy | None = None,
+    worker: WorkerContext | None = None,
 ) -> web.Application:
     """The edge. API keys are enforced when ``settings.api_keys_file`` or ``secrets.api_key``
     gives any; without them every caller is let in (``run`` allows that on loopback only).
-    ``worker``: this process is one of a supervisor's workers."""
+    ``tenancy``: where the keys' limits are counted (default: in this process; in a worker of
+    several with the local store, in the group's supervisor). ``worker``: this process is one
+    of a supervisor's workers."""
     secrets = secrets or Secrets()
+    tenancy = tenancy or Tenancy()
     app = web.Application(
         middlewares=[metrics_middleware, context_middleware, error_middleware, auth_middleware],
         client_max_size=settings.max_body_bytes,
@@ -108,8 +134,8 @@ def create_app(
     app[METRICS] = EdgeMetrics()
     keys_file = Path(settings.api_keys_file) if settings.api_keys_file else None
     app[WORKER] = worker
-    limits = RemoteKeyLimits(worker.coordinator) if worker is not None else None
-    app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key), limits)
+    app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key), Tenants(tenancy))
+    app.cleanup_ctx.append(_limits_ctx(tenancy, secrets, worker))
     app.cleanup_ctx.append(_upstream_ctx(secrets))
     app.cleanup_ctx.append(_loop_lag)
     if worker is not None:
@@ -122,10 +148,13 @@ def create_app(
 
 
 async def serve(
-    settings: EdgeSettings, secrets: Secrets | None = None, worker: WorkerContext | None = None
+    settings: EdgeSettings,
+    secrets: Secrets | None = None,
+    tenancy: Tenancy | None = None,
+    worker: WorkerContext | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting and let streams finish within the grace."""
-    app = create_app(settings, secrets, worker)
+    app = create_app(settings, secrets, tenancy, worker)
     if not app[AUTH].store.enabled:
         host, _ = split_hostport(settings.listen)
         assert is_loopback(host), "check_exposure must have refused this"
@@ -165,9 +194,10 @@ def run(
     settings: EdgeSettings,
     secrets: Secrets | None = None,
     loop: str = "auto",
+    tenancy: Tenancy | None = None,
     worker: WorkerContext | None = None,
 ) -> None:
-    _loop.run(serve(settings, secrets, worker), loop)
+    _loop.run(serve(settings, secrets, tenancy, worker), loop)
 
 
 def supervise(settings: EdgeSettings, environ: Mapping[str, str], loop: str = "auto") -> int:

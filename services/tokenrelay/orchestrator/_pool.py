@@ -10,6 +10,11 @@ random, the one with fewer requests in flight wins (among two or fewer, the leas
 exports no queue depth for LLM models, so the orchestrator's own counts are the load signal.
 Optionally, prompts sharing a prefix go to the same node (rendezvous hashing), to reuse its
 prefix cache, unless that node is busier than the least busy one by more than a set slack.
+
+A placement may name a *group* instead of a node (a DNS name, ``_discovery.py``): the group's
+members are set with ``set_members``. A new member is not leased until a probe finds it ready; a
+member that leaves is drained — it takes no new requests, its requests in flight finish — and is
+forgotten (its connection closed) once none is left (``reap``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class NodeStatus:
     breaker: BreakerState
     in_flight: int
     ready_models: tuple[str, ...]
+    draining: bool = False
 
 
 class Lease:
@@ -114,6 +120,68 @@ class NodePool:
         self._serving: bool | None = None
         self._rng = rng or random.Random()
         self._slack = affinity_slack
+        self._breaker_settings = breaker or Breaker()
+        self._clock = clock
+        self._members: dict[str, tuple[str, ...]] = {}  # group -> its nodes now
+        self._draining: set[str] = set()
+
+    def _nodes(self, where: Placement) -> list[str]:
+        """``where``'s nodes now: its own, and each group's current members."""
+        nodes: list[str] = []
+        for name in where.nodes:
+            for node in self._members.get(name, (name,)):
+                if node not in nodes and node in self._sources and node not in self._draining:
+                    nodes.append(node)
+        return nodes
+
+    def set_members(
+        self, group: str, nodes: Collection[str], make: Callable[[str], TokenSource]
+    ) -> tuple[list[str], list[str]]:
+        """``group``'s members are now ``nodes`` (``make`` builds the source of a new one).
+        Returns (added, removed); the added are not leased until a probe finds them ready, the
+        removed are drained (see the module docstring)."""
+        before = set(self._members.get(group, ()))
+        now = set(nodes)
+        self._members[group] = tuple(sorted(now))
+        elsewhere = {n for g, members in self._members.items() if g != group for n in members}
+        added = sorted(now - before)
+        for node in added:
+            self._draining.discard(node)
+            if node not in self._sources:
+                self._sources[node] = make(node)
+                self._breakers[node] = CircuitBreaker(node, self._breaker_settings, self._clock)
+        removed = sorted(before - now - elsewhere)
+        self._draining.update(removed)
+        for node in added:
+            log.info("node added", extra={"fields": {"node": node, "group": group}})
+        for node in removed:
+            log.info(
+                "node draining",
+                extra={
+                    "fields": {"node": node, "group": group, "in_flight": self._in_flight[node]}
+                },
+            )
+        return added, removed
+
+    async def close(self) -> None:
+        """Close every node's source (configured and discovered). Safe to call more than once."""
+        for source in list(self._sources.values()):
+            await source.close()
+
+    async def reap(self) -> list[str]:
+        """Forget the drained nodes with nothing left in flight, closing their sources; their
+        names."""
+        gone = [n for n in sorted(self._draining) if not self._in_flight[n]]
+        for node in gone:
+            self._draining.discard(node)
+            source = self._sources.pop(node)
+            self._breakers.pop(node, None)
+            self._in_flight.pop(node, None)
+            for pair in [p for p in self._ready if p[0] == node]:
+                del self._ready[pair]
+            log.info("node drained and removed", extra={"fields": {"node": node}})
+            await source.close()
+        return gone
 
     @property
     def serving(self) -> bool:
@@ -125,7 +193,9 @@ class NodePool:
     def ready(self, model: str) -> bool:
         """Whether some node can take a request for ``model`` now."""
         where = self._placement.get(model) or self._auxiliary.get(model)
-        return where is not None and any(self._eligible(n, where.triton_model) for n in where.nodes)
+        return where is not None and any(
+            self._eligible(n, where.triton_model) for n in self._nodes(where)
+        )
 
     def in_flight(self, node: str) -> int:
         return self._in_flight[node]
@@ -140,6 +210,7 @@ class NodePool:
                 self._breakers[node].state,
                 self._in_flight[node],
                 tuple(sorted(m for (n, m), ok in self._ready.items() if n == node and ok)),
+                node in self._draining,
             )
             for node in sorted(self._sources)
         ]
@@ -159,16 +230,18 @@ class NodePool:
             {
                 (node, where.triton_model)
                 for where in (*self._placement.values(), *self._auxiliary.values())
-                for node in where.nodes
+                for node in self._nodes(where)
             }
         )
         results = await asyncio.gather(*(self._sources[n].ready(m) for n, m in pairs))
         answered: dict[str, bool] = {}
         for (node, triton_model), ready in zip(pairs, results, strict=True):
+            if node not in self._sources or node in self._draining:
+                continue  # removed while the probe ran
             self._set(node, triton_model, ready)
             answered[node] = answered.get(node, False) or ready
         for node, any_ready in answered.items():
-            if not any_ready:
+            if not any_ready and node in self._breakers:  # (a node may have been reaped since)
                 self._breakers[node].trip()
         serving = any(self.ready(model) for model in self._placement)
         if serving != self._serving:
@@ -177,9 +250,11 @@ class NodePool:
                 await self._on_change(serving)
 
     async def run(self, interval_s: float) -> None:
-        """Probe forever, every ``interval_s`` seconds; cancel the task to stop."""
+        """Probe forever, every ``interval_s`` seconds, and forget drained nodes; cancel the
+        task to stop."""
         while True:
             await self.probe_once()
+            await self.reap()
             await asyncio.sleep(interval_s)
 
     def pick(
@@ -193,7 +268,9 @@ class NodePool:
         if where is None:
             return None
         eligible = [
-            n for n in where.nodes if n not in exclude and self._eligible(n, where.triton_model)
+            n
+            for n in self._nodes(where)
+            if n not in exclude and self._eligible(n, where.triton_model)
         ]
         if not eligible:
             return None

@@ -13,6 +13,7 @@ from opentelemetry.trace import Span
 from tokenrelay.metrics import outcome_of
 from tokenrelay.orchestrator._attempt import Attempt
 from tokenrelay.orchestrator._metrics import RelayMetrics
+from tokenrelay.tenancy import Identity, TenantMetrics, UsageLedger
 
 __all__ = ["Record"]
 
@@ -34,6 +35,12 @@ class Record:
     # closed from another task).
     span: Span = field(default_factory=trace.get_current_span)
     label: str = ""
+    identity: Identity | None = None
+    tenants: TenantMetrics | None = None
+    ledger: UsageLedger | None = None
+    # What the caller was told it used, when the request ended on a token limit (the usage of
+    # the pieces delivered; the one withheld is not counted).
+    delivered: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.label = self.metrics.model(self.model)
@@ -52,8 +59,32 @@ class Record:
         """Every token generated for the request, by losing and failed attempts too."""
         return sum(a.completion_tokens for a in self.attempts)
 
+    def _usage(self) -> tuple[int, int]:
+        """(prompt, completion) tokens of the answer the caller got: the winner's, or what was
+        delivered before a token limit ended it."""
+        if self.delivered is not None:
+            return self.delivered
+        winner = self.winner
+        return (winner.prompt_tokens, winner.completion_tokens) if winner else (0, 0)
+
+    def _tenant(self) -> None:
+        identity = self.identity
+        if identity is None:
+            return
+        prompt, completion = self._usage()
+        if self.tenants is not None:
+            key, tier = identity.label, identity.tier
+            self.tenants.requests.labels(key, tier, self.outcome).inc()
+            if prompt:
+                self.tenants.tokens.labels(key, tier, "prompt").inc(prompt)
+            if completion:
+                self.tenants.tokens.labels(key, tier, "completion").inc(completion)
+        if self.ledger is not None:
+            self.ledger.record(identity.key_id, self.label, self.outcome, prompt, completion)
+
     def observe(self, now: float) -> None:
         """The request's metrics and span attributes, once it has ended."""
+        self._tenant()
         metrics, label = self.metrics, self.label
         metrics.requests.labels(label, self.outcome).inc()
         metrics.duration.labels(label).observe(now - self.began)

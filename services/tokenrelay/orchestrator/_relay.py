@@ -4,12 +4,16 @@ One request goes through these stages, each in a module of its own:
 
 1. the plan (``_plan``): the model resolved in the catalog, the request validated, the chat
    template rendered, defaults filled — for the model and for its fallback;
-2. an admission slot (``_admission``), and inside it, when asked, the retrieval stage
-   (``tokenrelay.retrieval``) adding context to the plans;
+2. the caller's token limits (``tokenrelay.tenancy.TokenMeter``: refused now when its tokens
+   per minute or budget are spent), an admission slot by the caller's priority and fair share
+   (``_admission``), and inside it, when asked, the retrieval stage (``tokenrelay.retrieval``)
+   adding context to the plans;
 3. the first-token race (``_race``): attempts on nodes, with retry, hedging, the first-token
    watchdog and the deadline;
 4. following the winner (here): the rest of its stream under the between-tokens watchdog and the
-   deadline, counted as it comes.
+   deadline, counted as it comes — and charged to the caller's token limits before each piece
+   goes out: a piece the limits cannot cover is withheld, and the stream ends there with the
+   limit's error (429) and the usage delivered so far.
 
 Once a token has gone out, a failure ends the stream with an error that carries the usage so
 far: the caller already holds part of one answer, and a second would not continue it.
@@ -39,7 +43,14 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from tokenrelay.config import ModelSpec, Settings
-from tokenrelay.errors import GenerationFailed, InvalidRequest, RelayError, UpstreamTimeout
+from tokenrelay.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    Overloaded,
+    QuotaExceeded,
+    RelayError,
+    UpstreamTimeout,
+)
 from tokenrelay.generation import (
     Chunk,
     Delta,
@@ -59,11 +70,24 @@ from tokenrelay.orchestrator._pool import NodePool
 from tokenrelay.orchestrator._race import FirstTokenRace
 from tokenrelay.orchestrator._record import Record
 from tokenrelay.retrieval import Retriever
+from tokenrelay.tenancy import (
+    Identity,
+    LimitStore,
+    TenantMetrics,
+    Tenants,
+    TokenMeter,
+    UsageLedger,
+)
 from tokenrelay.tracing import tracer
 
 __all__ = ["ModelStatus", "Relay"]
 
 log = logging.getLogger(__name__)
+
+
+def _limit_of(exc: Overloaded) -> str:
+    """Which token limit refused: ``budget`` or ``tokens_per_minute``."""
+    return "budget" if isinstance(exc, QuotaExceeded) else "tokens_per_minute"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +108,18 @@ class Relay:
         admission: Slots,
         metrics: RelayMetrics,
         retriever: Retriever | None = None,
+        limits: LimitStore | None = None,
+        tenant_metrics: TenantMetrics | None = None,
+        ledger: UsageLedger | None = None,
     ) -> None:
+        """``limits``: where callers' token limits are counted (none: token limits are not
+        enforced); ``tenant_metrics`` and ``ledger``: per-tenant accounting, when given."""
         self._orchestrator = settings.orchestrator
+        self._tenants = Tenants(settings.tenancy)
+        self._token_chunk = settings.tenancy.token_chunk
+        self._limits = limits
+        self._tenant_metrics = tenant_metrics
+        self._ledger = ledger
         self._planner = planner
         self._pool = pool
         self._admission = admission
@@ -108,19 +142,48 @@ class Relay:
             for spec in self._planner.specs
         ]
 
+    @property
+    def tenants(self) -> Tenants:
+        return self._tenants
+
     async def stream(
-        self, request: GenerationRequest, time_budget_s: float | None = None
+        self,
+        request: GenerationRequest,
+        time_budget_s: float | None = None,
+        identity: Identity | None = None,
     ) -> AsyncGenerator[Chunk, None]:
-        """Generate ``request``'s answer as chunks.
+        """Generate ``request``'s answer as chunks, for ``identity`` (None: anonymous).
 
         Raises ``InvalidRequest``/``ModelNotFound`` before anything is sent to a node,
-        ``Overloaded`` when no admission slot frees up in time, ``UpstreamUnavailable`` when no
+        ``Overloaded`` when no admission slot frees up in time or the caller's tokens per
+        minute are spent (also mid-stream), ``QuotaExceeded`` when its budget is,
+        ``LimitsUnavailable`` when its limits cannot be checked, ``UpstreamUnavailable`` when no
         node can serve, ``UpstreamTimeout`` when a watchdog or the budget (``time_budget_s``, the
         caller's remaining deadline) expires, ``GenerationFailed`` when the model fails. Closing
         the iterator cancels the generation on the node.
         """
         loop = asyncio.get_running_loop()
-        record = Record(self._metrics, request.model, loop.time())
+        identity = identity or self._tenants.anonymous
+        record = Record(
+            self._metrics,
+            request.model,
+            loop.time(),
+            identity=identity,
+            tenants=self._tenant_metrics,
+            ledger=self._ledger,
+        )
+        record.span.set_attributes(
+            {
+                "tokenrelay.key_id": identity.key_id,
+                "tokenrelay.tier": identity.tier,
+                "tokenrelay.priority": identity.priority.name.lower(),
+            }
+        )
+        meter = (
+            TokenMeter(self._limits, identity, self._token_chunk)
+            if self._limits is not None and identity.metered_tokens
+            else None
+        )
         try:
             with tracer().start_as_current_span("tokenrelay.validate"):
                 plans = self._planner.plans(request)
@@ -132,12 +195,19 @@ class Relay:
                         )
                     self._retriever.check(request.retrieval)
             primary = plans[0]
-            with bind(request_id=primary.request.request_id, model=primary.spec.id):
+            with bind(
+                request_id=primary.request.request_id,
+                model=primary.spec.id,
+                key_id=identity.key_id,
+                tier=identity.tier,
+            ):
                 total = self._orchestrator.timeouts.total_s
                 budget = total if time_budget_s is None else min(total, time_budget_s)
                 deadline = record.began + budget
                 try:
-                    async with self._admission.slot(budget):
+                    if meter is not None:
+                        await self._open(meter, record)
+                    async with self._admission.slot(budget, identity):
                         # Inside the slot: a request refused for load costs no embedding or
                         # search either.
                         if self._retriever is not None and request.retrieval is not None:
@@ -158,7 +228,8 @@ class Relay:
                         record.ttft_s = loop.time() - record.began
                         # aclosing: closing this stream must close the inner one too, which
                         # cancels the generation at the node now, not when the GC runs.
-                        async with aclosing(self._follow(attempt, first, deadline, record)) as rest:
+                        following = self._follow(attempt, first, deadline, record, meter)
+                        async with aclosing(following) as rest:
                             async for chunk in rest:
                                 yield chunk
                 except BaseException as exc:
@@ -171,7 +242,23 @@ class Relay:
             record.fail(exc)
             raise
         finally:
+            if meter is not None:
+                await meter.close()
             record.observe(loop.time())
+
+    async def _open(self, meter: TokenMeter, record: Record) -> None:
+        """Refuse now when the caller's tokens are spent (counted per limit)."""
+        try:
+            await meter.open()
+        except (QuotaExceeded, Overloaded) as exc:
+            self._refused(record, _limit_of(exc))
+            raise
+
+    def _refused(self, record: Record, limit: str) -> None:
+        identity = record.identity
+        if self._tenant_metrics is not None and identity is not None:
+            self._tenant_metrics.refused.labels(identity.label, identity.tier, limit).inc()
+        log.info("token limit reached", extra={"fields": {"limit": limit}})
 
     async def _retrieve(self, plans: list[Plan], budget_s: float) -> list[Plan]:
         """The retrieval stage, run for the primary plan; its context goes into every plan."""
@@ -185,10 +272,16 @@ class Relay:
         return self._planner.with_context(plans, augmented, report)
 
     async def _follow(
-        self, attempt: Attempt, first: Delta, deadline: float, record: Record
+        self,
+        attempt: Attempt,
+        first: Delta,
+        deadline: float,
+        record: Record,
+        meter: TokenMeter | None,
     ) -> AsyncGenerator[Chunk, None]:
         """The winning attempt's stream, from its first content on. An error raised once tokens
-        went out carries the usage so far (``RelayError.usage``)."""
+        went out carries the usage so far (``RelayError.usage``); ``meter`` is charged before
+        each piece goes out."""
         between_s = self._orchestrator.timeouts.between_tokens_s
         gaps = self._metrics.itl.labels(record.label)
         loop = asyncio.get_running_loop()
@@ -212,8 +305,22 @@ class Relay:
         interval = plan.stream_interval_s
         hold_until: float | None = None
         delta = first
+        # What went out so far: the prompt once, then each piece's tokens (the first piece also
+        # counts the empty deltas read before it).
+        sent_prompt, sent_completion = 0, 0
+        cost = attempt.completion_tokens
         try:
             while True:
+                if meter is not None:
+                    try:
+                        await meter.charge(attempt.prompt_tokens - sent_prompt + cost)
+                    except (QuotaExceeded, Overloaded) as exc:
+                        outcome = Outcome.NEUTRAL  # the caller's limit, not the node's fault
+                        self._refused(record, _limit_of(exc))
+                        record.delivered = (sent_prompt, sent_completion)
+                        exc.usage = Usage(sent_prompt, sent_completion)
+                        raise
+                sent_prompt, sent_completion = attempt.prompt_tokens, sent_completion + cost
                 end = None
                 if delta.finish_reason is not None:
                     usage = Usage(attempt.prompt_tokens, attempt.completion_tokens)
@@ -257,8 +364,10 @@ class Relay:
                     outcome = Outcome.FAILURE
                     raise GenerationFailed("The model ended without finishing its answer.")
                 delta = merge_deltas(taken)
+                cost = delta.output_tokens
         except RelayError as exc:
-            exc.usage = Usage(attempt.prompt_tokens, attempt.completion_tokens)
+            if exc.usage is None:
+                exc.usage = Usage(attempt.prompt_tokens, attempt.completion_tokens)
             raise
         finally:
             await attempt.stop(outcome, node_down)

@@ -14,6 +14,7 @@ from tokenrelay.config import Embeddings
 from tokenrelay.errors import GenerationFailed
 from tokenrelay.generation import StreamStart
 from tokenrelay.orchestrator._admission import Slots
+from tokenrelay.orchestrator._auth import current_identity
 from tokenrelay.orchestrator._convert import (
     chunk_to_pb,
     finish_to_pb,
@@ -62,7 +63,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        chunks = self._relay.stream(request_from_pb(request), _budget(context))
+        chunks = self._relay.stream(
+            request_from_pb(request), _budget(context), current_identity.get()
+        )
         async with aclosing(chunks):  # a cancelled call closes the relay, which cancels Triton
             async for chunk in chunks:
                 if chunk.start is not None:
@@ -72,7 +75,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         response = pb.GenerateResponse()
         texts = []
-        chunks = self._relay.stream(request_from_pb(request), _budget(context))
+        chunks = self._relay.stream(
+            request_from_pb(request), _budget(context), current_identity.get()
+        )
         async with aclosing(chunks):
             async for chunk in chunks:
                 texts.append(chunk.text)

@@ -3,7 +3,8 @@ services, its lifetime.
 
 ``Orchestrator`` is the composition root: it builds every long-lived object once — the Triton
 clients, the node pool, metrics, admission control, the planner, the retriever (when retrieval
-is on), the relay — and passes them in. ``start()`` probes every node once, then listens;
+is on), the tenants' limits store and usage ledger, the relay — and passes them in.
+``start()`` probes every node once, then listens;
 ``stop(grace)`` turns health NOT_SERVING, refuses new calls, lets in-flight streams finish for up
 to ``grace`` seconds, then cancels what is left and closes what was opened, in reverse order,
 through one exit stack.
@@ -34,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from tokenrelay import _loop
 from tokenrelay._looplag import watch_loop_lag
 from tokenrelay._workers import (
+    CoordinatorLimits,
     RemoteAdmission,
     Supervisor,
     WorkerContext,
@@ -46,8 +48,9 @@ from tokenrelay.config import Settings, join_hostport, split_hostport
 from tokenrelay.generation import TokenSource
 from tokenrelay.metrics import CONTENT_TYPE, exposition
 from tokenrelay.orchestrator._admission import AdmissionControl, Slots
-from tokenrelay.orchestrator._auth import InternalSecretInterceptor
+from tokenrelay.orchestrator._auth import CallerInterceptor
 from tokenrelay.orchestrator._border import BorderInterceptor
+from tokenrelay.orchestrator._discovery import Discovery, parse_dns
 from tokenrelay.orchestrator._health import HealthServicer
 from tokenrelay.orchestrator._metrics import RelayMetrics
 from tokenrelay.orchestrator._plan import Planner
@@ -64,6 +67,8 @@ from tokenrelay.retrieval import (
     VectorStore,
     make_store,
 )
+from tokenrelay.security import KeyStore
+from tokenrelay.tenancy import LimitStore, TenantMetrics, Tenants, UsageLedger, make_limits
 from tokenrelay.v1 import generation_pb2, generation_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "Orchestrator", "serve", "supervise"]
@@ -86,17 +91,19 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def _triton_nodes(settings: Settings, addresses: set[str]) -> dict[str, TokenSource]:
+def _triton_node(settings: Settings) -> typing.Callable[[str], TokenSource]:
+    """Makes the ``TritonNode`` of an address (configured, or found by discovery)."""
     orchestrator = settings.orchestrator
     tls = TritonTLS(
         orchestrator.triton_tls_ca, orchestrator.triton_tls_cert, orchestrator.triton_tls_key
     )
-    return {
-        a: TritonNode(
-            a, orchestrator.timeouts, reconnect_max_s=orchestrator.probe_interval_s, tls=tls
+
+    def make(address: str) -> TokenSource:
+        return TritonNode(
+            address, orchestrator.timeouts, reconnect_max_s=orchestrator.probe_interval_s, tls=tls
         )
-        for a in sorted(addresses)
-    }
+
+    return make
 
 
 class Orchestrator:
@@ -106,12 +113,15 @@ class Orchestrator:
         sources: Mapping[str, TokenSource] | None = None,
         embedding_sources: Sequence[EmbeddingSource] | None = None,
         store: VectorStore | None = None,
+        limits: LimitStore | None = None,
         worker: WorkerContext | None = None,
     ) -> None:
         """``sources`` maps node names to token sources; by default a ``TritonNode`` for each
         configured endpoint (tests pass fakes). ``embedding_sources``: the nodes of the
         embedding model (default: the ``TritonNode``s of ``embeddings.nodes``); ``store``: the
-        vector store (default: as configured). ``worker``: this process is one of a
+        vector store (default: as configured); ``limits``: where callers' token limits are
+        counted (default: as ``tenancy.store`` says; in a worker of several with the local
+        store, the group's counters in its supervisor). ``worker``: this process is one of a
         supervisor's workers."""
         self._settings = settings
         self._worker = worker
@@ -120,10 +130,19 @@ class Orchestrator:
             m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in settings.models
         }
         embeddings = settings.embeddings
-        embedding_nodes = settings.nodes_for(embeddings)
+        # The embedder's nodes are fixed (a DNS name there is not followed).
+        embedding_nodes = tuple(n for n in settings.nodes_for(embeddings) if not parse_dns(n))
+        dns_names = {
+            name.entry: name
+            for where in placement.values()
+            for name in map(parse_dns, where.nodes)
+            if name is not None
+        }
+        make_node = _triton_node(settings)
         if sources is None:
             addresses = {a for where in placement.values() for a in where.nodes}
-            sources = _triton_nodes(settings, addresses | set(embedding_nodes))
+            addresses = (addresses | set(embedding_nodes)) - set(dns_names)
+            sources = {a: make_node(a) for a in sorted(addresses)}
         self._sources = dict(sources)
         if embedding_sources is None:
             embedding_sources = [
@@ -153,6 +172,17 @@ class Orchestrator:
                 else None
             ),
         )
+        self._discovery = (
+            Discovery(
+                self._pool,
+                dns_names.values(),
+                make_node,
+                interval_s=orchestrator.discovery.interval_s,
+                timeout_s=orchestrator.discovery.timeout_s,
+            )
+            if dns_names
+            else None
+        )
         self._store = store if store is not None else make_store(settings)
         retriever = (
             Retriever(settings, embedder, self._store, retrieval_metrics)
@@ -165,6 +195,23 @@ class Orchestrator:
             else RemoteAdmission(worker.coordinator, orchestrator.admission)
         )
         metrics.watch(lambda: admission.running, lambda: admission.queued, self._pool.status)
+        tenancy = settings.tenancy
+        tenant_metrics = TenantMetrics(registry)
+        if limits is None and worker is not None and tenancy.store == "local":
+            # Several workers count a key's tokens as one process would: in their supervisor.
+            limits = CoordinatorLimits(worker.coordinator)
+        self._limits = limits or make_limits(tenancy, settings.secrets.redis_url, tenant_metrics)
+        self._ledger = (
+            UsageLedger(
+                settings.secrets.postgres_dsn.value,
+                tenancy.ledger_flush_s,
+                tenancy.ledger_max_rows,
+                on_lost=tenant_metrics.ledger_lost.inc,
+                on_written=tenant_metrics.ledger_written.inc,
+            )
+            if tenancy.ledger == "postgres" and settings.secrets.postgres_dsn is not None
+            else None
+        )
         relay = Relay(
             settings,
             Planner(settings.models, orchestrator.limits),
@@ -172,19 +219,27 @@ class Orchestrator:
             admission,
             metrics,
             retriever,
+            limits=self._limits,
+            tenant_metrics=tenant_metrics,
+            ledger=self._ledger,
         )
         self._health = HealthServicer()
         # Admission control bounds the generations; this bounds the calls themselves, so that a
         # flood past the queue is refused by gRPC (RESOURCE_EXHAUSTED) before it costs memory.
         # The headroom keeps health checks, ListModels and Status answering under the flood.
-        limits = orchestrator.admission
-        secret = settings.secrets.internal
+        admitted = orchestrator.admission
+        clients = KeyStore(Path(orchestrator.clients_file)) if orchestrator.clients_file else None
         self._server = grpc.aio.server(
             interceptors=[
                 BorderInterceptor(),
-                *([InternalSecretInterceptor(secret)] if secret else []),
+                CallerInterceptor(
+                    Tenants(tenancy),
+                    settings.secrets.internal,
+                    clients,
+                    mutual_tls=bool(orchestrator.tls_client_ca),
+                ),
             ],
-            maximum_concurrent_rpcs=limits.max_concurrent + limits.max_queue + 64,
+            maximum_concurrent_rpcs=admitted.max_concurrent + admitted.max_queue + 64,
             # gRPC sets SO_REUSEPORT by default: a second orchestrator on a taken port would
             # start and silently share its connections. Refuse the port instead; workers share
             # the port their supervisor holds (tokenrelay._workers.reserve refuses a taken one).
@@ -241,12 +296,18 @@ class Orchestrator:
         settings = self._settings.orchestrator
         address = listen or settings.listen
         resources = self._resources
-        for source in self._sources.values():
-            resources.push_async_callback(source.close)
+        resources.push_async_callback(self._pool.close)
         if self._store is not None:
             resources.push_async_callback(self._store.close)
+        resources.push_async_callback(self._limits.close)
+        if self._ledger is not None:
+            self._ledger.start()
+            resources.push_async_callback(self._ledger.close)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._discovery is not None:
+            await self._discovery.resolve_once()
+            await resources.enter_async_context(_task(self._discovery.run()))
         await self._pool.probe_once()
         await resources.enter_async_context(_task(self._pool.run(settings.probe_interval_s)))
         await resources.enter_async_context(_task(watch_loop_lag(self._loop_lag)))

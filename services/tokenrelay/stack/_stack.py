@@ -127,7 +127,9 @@ def _signal_group(process: subprocess.Popen[bytes] | None, sig: signal.Signals) 
 
 
 class TritonProcess:
-    """One ``tritonserver`` on loopback, which can be started again on the same ports."""
+    """One ``tritonserver`` on loopback, which can be started again on the same ports.
+    ``host``: another loopback address (127.0.0.2 …) lets several servers share one port, as
+    the pods behind one DNS name do."""
 
     def __init__(
         self,
@@ -137,8 +139,10 @@ class TritonProcess:
         models: tuple[str, ...],
         workdir: Path,
         extra_args: Sequence[str] = (),
+        host: str = HOST,
     ) -> None:
         self.name = name
+        self.host = host
         self.extra_args = tuple(extra_args)
         self.model_repository = model_repository.resolve()
         self.ports = ports
@@ -149,19 +153,21 @@ class TritonProcess:
 
     @property
     def grpc(self) -> str:
-        return f"{HOST}:{self.ports.grpc}"
+        return f"{self.host}:{self.ports.grpc}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{HOST}:{self.ports.metrics}/metrics"
+        return f"http://{self.host}:{self.ports.metrics}/metrics"
 
     @property
     def ready_url(self) -> str:
-        return f"http://{HOST}:{self.ports.http}/v2/health/ready"
+        return f"http://{self.host}:{self.ports.http}/v2/health/ready"
 
     def spawn(self) -> None:
         backends = prepare_backends(self.workdir)
-        command = triton_command(self.model_repository, backends, self.ports, self.models, HOST)
+        command = triton_command(
+            self.model_repository, backends, self.ports, self.models, self.host
+        )
         command.extend(self.extra_args)
         self.process = _spawn(self.log, command, triton_env())
 

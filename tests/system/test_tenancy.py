@@ -1,0 +1,339 @@
+"""Many tenants over many replicas, on real processes: one tritonserver (the synthetic model),
+two orchestrators and two edges sharing one real Redis (``redis-server`` on a free port).
+
+Replica A (edge A → orchestrator A) fails open when Redis is gone, replica B fails closed.
+Orchestrator A has two generation slots (the fairness test), B one (the priority test).
+The tests run in file order; the one that kills Redis starts it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from _support import REPO, triton_metric
+from tokenrelay.security import hash_key, new_key
+from tokenrelay.stack import Stack, StackPorts, free_port
+from tokenrelay.stack._redis import Redis
+
+pytestmark = pytest.mark.replicas
+
+KEYS = {name: new_key() for name in ("limited", "metered", "flooder", "quiet", "bulk", "urgent")}
+TOKENS = "tokenrelay_model_generated_tokens_total"
+TPM = 40
+
+
+def _keys_file(path: Path) -> Path:
+    entries = {
+        "limited": "requests_per_minute = 30",
+        "metered": 'tier = "small"',
+        "flooder": "",
+        "quiet": "",
+        "bulk": 'tier = "batch"',
+        "urgent": 'tier = "interactive"',
+    }
+    path.write_text(
+        "".join(
+            f'[[keys]]\nid = "{name}"\nsha256 = "{hash_key(KEYS[name])}"\n{extra}\n\n'
+            for name, extra in entries.items()
+        )
+    )
+    return path
+
+
+def _config(path: Path, keys: Path, policy: str, slots: int) -> Path:
+    path.write_text(
+        f"""
+[orchestrator]
+probe_interval_s = 0.5
+
+[orchestrator.admission]
+max_concurrent = {slots}
+max_queue = 256
+queue_timeout_s = 30.0
+
+[edge]
+api_keys_file = "{keys}"
+
+[tenancy]
+store = "redis"
+on_store_failure = "{policy}"
+store_timeout_s = 1.0                   # two shared cores under a burst of 60
+store_retry_s = 0.5
+metered_keys = ["metered", "limited"]
+
+[[tenancy.tiers]]
+name = "standard"
+
+[[tenancy.tiers]]
+name = "small"
+tokens_per_minute = {TPM}
+
+[[tenancy.tiers]]
+name = "batch"
+priority = "low"
+max_priority = "low"
+
+[[tenancy.tiers]]
+name = "interactive"
+max_priority = "high"
+
+[[models]]
+id = "synthetic"
+triton_model = "synthetic"
+context_window = 4096
+default_max_tokens = 64
+"""
+    )
+    return path
+
+
+@dataclass
+class Replicas:
+    stack: Stack  # triton, orchestrator A, edge A
+    redis: Redis
+    edges: list[str]
+    orchestrator_logs: list[Path]
+    edge_logs: list[Path]
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
+    folder = tmp_path_factory.mktemp("replicas")
+    keys = _keys_file(folder / "keys.toml")
+    with Redis(free_port()) as redis:
+        env = {"TOKENRELAY_REDIS_URL": redis.url}
+        stack = Stack(
+            REPO / "triton_models",
+            StackPorts.free(),
+            models=("synthetic",),
+            config=_config(folder / "a.toml", keys, "open", slots=2),
+            env=env,
+        )
+        with stack:
+            # Replica B: the same code, its own ports and configuration, the same Triton node.
+            b_orchestrator, b_edge = free_port(), free_port()
+            b_env = {
+                **stack._service_env(),
+                "TOKENRELAY_CONFIG": str(_config(folder / "b.toml", keys, "closed", slots=1)),
+                "TOKENRELAY_ORCHESTRATOR_LISTEN": f"127.0.0.1:{b_orchestrator}",
+                "TOKENRELAY_ORCHESTRATOR_METRICS": f"127.0.0.1:{free_port()}",
+                "TOKENRELAY_EDGE_LISTEN": f"127.0.0.1:{b_edge}",
+                "TOKENRELAY_EDGE_ORCHESTRATOR": f"127.0.0.1:{b_orchestrator}",
+            }
+            python = os.environ.get("PYTHON", "") or __import__("sys").executable
+            processes = [
+                stack._spawn("orchestrator-b", [python, "-m", "tokenrelay.orchestrator"], b_env),
+                stack._spawn("edge-b", [python, "-m", "tokenrelay.edge"], b_env),
+            ]
+            try:
+                stack._wait("edge-b", processes[1], f"http://127.0.0.1:{b_edge}/readyz", 60)
+                yield Replicas(
+                    stack,
+                    redis,
+                    [stack.edge_url, f"http://127.0.0.1:{b_edge}"],
+                    [stack.logs / "orchestrator.log", stack.logs / "orchestrator-b.log"],
+                    [stack.logs / "edge.log", stack.logs / "edge-b.log"],
+                )
+            finally:
+                for process in reversed(processes):
+                    Stack.terminate(process, 15)
+
+
+def _chat(max_tokens: int, stream: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "synthetic",
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": max_tokens,
+    }
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _auth(name: str, priority: str | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {KEYS[name]}"}
+    if priority:
+        headers["X-TokenRelay-Priority"] = priority
+    return headers
+
+
+async def test_a_key_of_30_rpm_gets_30_across_both_replicas_not_60(replicas: Replicas) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        began = time.monotonic()
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    f"{replicas.edges[i % 2]}/v1/chat/completions",
+                    json=_chat(1),
+                    headers=_auth("limited"),
+                )
+                for i in range(60)
+            )
+        )
+        elapsed = time.monotonic() - began
+    codes = Counter(r.status_code for r in responses)
+    refills = math.ceil(elapsed * 30 / 60)  # the bucket refills at 0.5 requests a second
+    assert 30 <= codes[200] <= 30 + refills and codes[429] == 60 - codes[200], (codes, elapsed)
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(refused.headers["Retry-After"]) >= 1
+    # Each replica was sent 30, which alone it would all let through: the refusals are the
+    # other replica's requests counted.
+
+
+async def _stream(client: httpx.AsyncClient, url: str, key: str, max_tokens: int) -> dict[str, Any]:
+    """Read one SSE stream: the text, the usage chunk, the error event, [DONE]."""
+    seen: dict[str, Any] = {"text": "", "usage": None, "error": None, "done": False}
+    async with client.stream(
+        "POST", f"{url}/v1/chat/completions", json=_chat(max_tokens, True), headers=_auth(key)
+    ) as response:
+        seen["status"] = response.status_code
+        if response.status_code != 200:
+            seen["error"] = json.loads(await response.aread())["error"]
+            return seen
+        event = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    seen["done"] = True
+                    continue
+                body = json.loads(data)
+                if event == "error":
+                    seen["error"] = body["error"]
+                elif body.get("usage"):
+                    seen["usage"] = body["usage"]
+                else:
+                    for choice in body["choices"]:
+                        seen["text"] += choice["delta"].get("content") or ""
+                event = ""
+    return seen
+
+
+async def test_a_tpm_limit_ends_a_stream_mid_way_with_the_error_and_the_usage_so_far(
+    replicas: Replicas,
+) -> None:
+    metrics = replicas.stack.triton_metrics_url
+    generated_before = triton_metric(metrics, TOKENS, model="synthetic")
+    async with httpx.AsyncClient(timeout=30) as client:
+        first = await _stream(client, replicas.edges[0], "metered", 200)
+        # The other replica shares the bucket: nothing is left for it.
+        second = await _stream(client, replicas.edges[1], "metered", 200)
+    assert first["status"] == 200 and not first["done"]
+    assert first["error"]["code"] == "rate_limit_exceeded"
+    assert first["error"]["type"] == "rate_limit_error"
+    usage = first["usage"]
+    assert usage["total_tokens"] <= TPM and usage["completion_tokens"] >= TPM - 5, usage
+    assert len(first["text"].split()) <= usage["completion_tokens"]
+    assert second["status"] == 429 and second["error"]["code"] == "rate_limit_exceeded"
+    # The Triton request was cancelled where the stream ended, not run to its 200 tokens.
+    await asyncio.sleep(0.5)
+    generated = triton_metric(metrics, TOKENS, model="synthetic") - generated_before
+    assert generated < TPM + 10, generated
+
+
+async def _completion_order(
+    client: httpx.AsyncClient, url: str, requests: list[tuple[str, str | None]]
+) -> list[str]:
+    order: list[str] = []
+
+    async def one(tag: str, key: str, priority: str | None) -> None:
+        tokens = 2 if priority == "high" else 20  # a low one takes ~0.4 s at 50 tokens/s
+        response = await client.post(
+            f"{url}/v1/chat/completions", json=_chat(tokens), headers=_auth(key, priority)
+        )
+        assert response.status_code == 200, response.text
+        order.append(tag)
+
+    tasks = []
+    for i, (key, priority) in enumerate(requests):
+        tag = f"{priority or 'default'}-{i}"
+        if priority:  # the others queue first
+            await asyncio.sleep(0.3)
+        tasks.append(asyncio.create_task(one(tag, key, priority)))
+    await asyncio.gather(*tasks)
+    return order
+
+
+async def test_a_high_priority_request_overtakes_a_queue_of_low_ones(replicas: Replicas) -> None:
+    # Orchestrator B has one slot: the batch key's requests queue behind each other.
+    async with httpx.AsyncClient(timeout=60) as client:
+        order = await _completion_order(
+            client,
+            replicas.edges[1],
+            [("bulk", None)] * 8 + [("urgent", "high")],
+        )
+    # The high one arrived last, while one low one ran and 7 waited: it went next (or after
+    # the second low one, when the first had ended as it arrived); first come first served
+    # would have made it the last.
+    assert order.index("high-8") <= 2, order
+
+
+async def test_a_flooding_key_cannot_starve_another_one(replicas: Replicas) -> None:
+    served: Counter[str] = Counter()
+    stop = asyncio.Event()
+    url = replicas.edges[0]  # orchestrator A: two slots
+
+    async def client_loop(client: httpx.AsyncClient, key: str) -> None:
+        while not stop.is_set():
+            response = await client.post(
+                f"{url}/v1/chat/completions", json=_chat(2), headers=_auth(key)
+            )
+            if response.status_code == 200 and not stop.is_set():
+                served[key] += 1
+                if served.total() >= 120:
+                    stop.set()
+
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        await asyncio.gather(
+            *(client_loop(client, "flooder") for _ in range(24)),
+            *(client_loop(client, "quiet") for _ in range(4)),
+        )
+    share = served["quiet"] / served.total()
+    # Equal weights: each busy key gets half the slots (FIFO would give the quiet key ~1/7).
+    assert share == pytest.approx(0.5, abs=0.10), served
+
+
+async def test_redis_killed_replica_a_fails_open_and_replica_b_fails_closed(
+    replicas: Replicas,
+) -> None:
+    # A key with limits to count (a key without any never asks the store).
+    replicas.redis.kill()
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            a = await client.post(
+                f"{replicas.edges[0]}/v1/chat/completions", json=_chat(1), headers=_auth("limited")
+            )
+            b = await client.post(
+                f"{replicas.edges[1]}/v1/chat/completions", json=_chat(1), headers=_auth("limited")
+            )
+            assert a.status_code == 200, a.text
+            assert b.status_code == 503, b.text
+            assert b.json()["error"]["type"] == "service_unavailable"
+            assert "rate-limit store is unavailable" in b.json()["error"]["message"]
+            warning = "limits store unreachable: per-process limits until it is back"
+            assert warning in replicas.edge_logs[0].read_text()
+    finally:
+        replicas.redis.start()
+    await asyncio.sleep(0.6)  # past store_retry_s: the store is tried again
+    async with httpx.AsyncClient(timeout=30) as client:
+        b = await client.post(
+            f"{replicas.edges[1]}/v1/chat/completions", json=_chat(1), headers=_auth("limited")
+        )
+    assert b.status_code == 200, b.text
