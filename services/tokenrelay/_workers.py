@@ -156,6 +156,11 @@ class Coordinator:
         self._limits = LocalLimits()
         self._server: asyncio.AbstractServer | None = None
 
+    @property
+    def queued(self) -> int:
+        """Requests of every worker waiting for an admission slot."""
+        return 0 if self._admission is None else self._admission.queued
+
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._serve, path=str(self._path))
 
