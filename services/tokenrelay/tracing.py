@@ -98,6 +98,11 @@ def current_trace_id() -> str | None:
 
 
 def mark_cancelled(span: Span) -> None:
+    """The caller went away before the request ended — unless the span already says how it
+    ended (a caller that leaves right after the last chunk cancelled nothing)."""
+    recorded = getattr(span, "attributes", None) or {}
+    if recorded.get("tokenrelay.outcome", "cancelled") != "cancelled":
+        return
     span.set_attribute("tokenrelay.outcome", "cancelled")
     span.set_status(Status(StatusCode.ERROR, "cancelled by the client"))
 

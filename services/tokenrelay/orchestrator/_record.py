@@ -35,6 +35,7 @@ class Record:
     # closed from another task).
     span: Span = field(default_factory=trace.get_current_span)
     label: str = ""
+    completed: bool = False  # the last chunk went out
     identity: Identity | None = None
     tenants: TenantMetrics | None = None
     ledger: UsageLedger | None = None
@@ -45,8 +46,15 @@ class Record:
     def __post_init__(self) -> None:
         self.label = self.metrics.model(self.model)
 
+    def complete(self, finish_reason: str) -> None:
+        """The answer's last chunk is out: it ended with ``finish_reason``, whatever follows."""
+        self.outcome, self.completed = finish_reason, True
+
     def fail(self, exc: BaseException) -> None:
-        """Record how the request ended when it did not finish."""
+        """Record how the request ended when it did not finish (a request already complete
+        stays so: its caller left after the last chunk)."""
+        if self.completed:
+            return
         cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
         self.outcome = "cancelled" if cancelled else outcome_of(exc)
 

@@ -325,6 +325,11 @@ class Relay:
                 if delta.finish_reason is not None:
                     usage = Usage(attempt.prompt_tokens, attempt.completion_tokens)
                     end = StreamEnd(delta.finish_reason, usage)
+                if end is not None:
+                    # Complete once its last chunk is handed over: a caller that leaves right
+                    # after it (the edge closes the call on the end) did not cancel anything.
+                    outcome = Outcome.SUCCESS
+                    record.complete(end.finish_reason.value)
                 if delta.text or end is not None:
                     handed = loop.time()
                     yield Chunk(delta.text, pending_start, end)
@@ -338,7 +343,6 @@ class Relay:
                         # falls behind, so read ahead and merge what piles up meanwhile.
                         reader.start()
                 if end is not None:
-                    outcome, record.outcome = Outcome.SUCCESS, end.finish_reason.value
                     return
                 wait = min(between_s, deadline - loop.time())
                 try:
