@@ -3,9 +3,13 @@
     .venv/bin/python benchmarks/loadgen.py --out results/ [--model synthetic|smollm2]
         [--targets triton-grpc,triton-http,orchestrator,edge] [--concurrency 1,4,16]
         [--requests 64] [--rate 0] [--max-tokens 64] [--rounds 2] [--smoke]
+        [--source triton|fast] [--token-interval-ms MS] [--stream-interval-ms MS]
 
 It starts its own stack (tritonserver, orchestrator, edge on free loopback ports) and drives
-every target against the same tritonserver and model:
+every target against the same tritonserver and model. With ``--source fast`` a Triton-protocol
+server that sends pre-encoded responses (``benchmarks/fastsource.py``: the same bytes as
+tritonserver, tens of thousands a second) stands in for tritonserver, so that the relay, not the
+model, is the limit; ``triton-http`` is then not available.
 
 - ``triton-grpc``: Triton's ``ModelStreamInfer`` directly (the floor);
 - ``triton-http``: Triton's HTTP ``generate_stream`` (SSE);
@@ -26,12 +30,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +53,7 @@ import grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "services"))
 
+from tokenrelay import _loop  # noqa: E402
 from tokenrelay.config import Settings, Timeouts  # noqa: E402
 from tokenrelay.generation import ChatMessage, Sampling  # noqa: E402
 from tokenrelay.orchestrator._triton import TritonNode  # noqa: E402
@@ -87,9 +95,9 @@ Stream = Callable[[], AsyncIterator[tuple[bool, int]]]
 
 
 def _triton_grpc(
-    stack: Stack, model: str, max_tokens: int
+    address: str, model: str, max_tokens: int
 ) -> tuple[Stream, Callable[[], Awaitable[None]]]:
-    node = TritonNode(stack.triton_grpc, Timeouts())
+    node = TritonNode(address, Timeouts())
     prompt = _templated(model)
 
     async def stream() -> AsyncIterator[tuple[bool, int]]:
@@ -134,13 +142,17 @@ def _triton_http(
     return stream
 
 
-def _orchestrator(stack: Stack, model: str, max_tokens: int, channel: grpc.aio.Channel) -> Stream:
+def _orchestrator(
+    model: str, max_tokens: int, channel: grpc.aio.Channel, interval_ms: float | None
+) -> Stream:
     stub = pb_grpc.GenerationServiceStub(channel)
     request = pb.GenerateStreamRequest(
         model=CATALOG[model],
         prompt=_templated(model),
         sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0),
     )
+    if interval_ms is not None:
+        request.stream_interval_ms = int(interval_ms)
 
     async def stream() -> AsyncIterator[tuple[bool, int]]:
         async for message in stub.GenerateStream(request, timeout=600):
@@ -153,8 +165,14 @@ def _orchestrator(stack: Stack, model: str, max_tokens: int, channel: grpc.aio.C
     return stream
 
 
-def _edge(stack: Stack, model: str, max_tokens: int, session: aiohttp.ClientSession) -> Stream:
-    body = {
+def _edge(
+    stack: Stack,
+    model: str,
+    max_tokens: int,
+    session: aiohttp.ClientSession,
+    interval_ms: float | None,
+) -> Stream:
+    body: dict[str, Any] = {
         "model": CATALOG[model],
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": max_tokens,
@@ -162,6 +180,8 @@ def _edge(stack: Stack, model: str, max_tokens: int, session: aiohttp.ClientSess
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if interval_ms is not None:
+        body["stream_interval_ms"] = int(interval_ms)
 
     async def stream() -> AsyncIterator[tuple[bool, int]]:
         async with session.post(f"{stack.edge_url}/v1/chat/completions", json=body) as response:
@@ -259,7 +279,8 @@ async def _lag_buckets(session: aiohttp.ClientSession, url: str) -> dict[float, 
     for line in text.splitlines():
         if line.startswith("tokenrelay_event_loop_lag_seconds_bucket{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
-            found[float(le)] = float(line.rsplit(" ", 1)[1])
+            # Summed over the samples of every worker (labelled worker="i").
+            found[float(le)] = found.get(float(le), 0.0) + float(line.rsplit(" ", 1)[1])
     return found
 
 
@@ -272,25 +293,66 @@ def _lag_p99(before: dict[float, float], after: dict[float, float]) -> float | N
     return next(le for le, count in delta.items() if count >= 0.99 * total)
 
 
+def _tree(pid: int) -> list[int]:
+    """A process and its descendants (a service's workers), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):  # it ended meanwhile
+                todo.extend(int(child) for child in task.read_text().split())
+    return found
+
+
 def _cpu_rss(pid: int) -> tuple[float, int]:
-    """(CPU seconds used so far, RSS bytes) of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """(CPU seconds used so far, RSS bytes) of a process and its descendants, from /proc."""
+    cpu, rss = 0.0, 0
     ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
-    return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    for member in _tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu += (int(fields[11]) + int(fields[12])) / ticks
+        rss += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return cpu, rss
 
 
-async def _probe_health(
-    url: str, session: aiohttp.ClientSession, stop: asyncio.Event
-) -> list[float]:
-    latencies = []
-    while not stop.is_set():
-        began = time.perf_counter()
-        async with session.get(url) as response:
-            await response.read()
-        latencies.append(time.perf_counter() - began)
-        await asyncio.sleep(0.05)
-    return latencies
+# Times GET /healthz every 50 ms on a new connection each time (as a load balancer's or a
+# kubelet's probe does), in a process of its own: in the load generator's own loop, the probe
+# would time the load generator's lag as much as the edge's.
+_PROBE = """
+import http.client, json, signal, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+latencies, stopped = [], []
+signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+print("probing", flush=True)
+while not stopped:
+    began = time.perf_counter()
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    connection.request("GET", "/healthz")
+    connection.getresponse().read()
+    connection.close()
+    latencies.append(time.perf_counter() - began)
+    time.sleep(0.05)
+print(json.dumps(latencies), flush=True)
+"""
+
+
+class _HealthProbe:
+    def __init__(self, host: str, port: int) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _PROBE, host, str(port)], stdout=subprocess.PIPE, text=True
+        )
+        assert self._process.stdout is not None
+        self._process.stdout.readline()  # "probing"
+
+    def stop(self) -> list[float]:
+        self._process.send_signal(signal.SIGTERM)
+        out, _ = self._process.communicate(timeout=60)
+        latencies: list[float] = json.loads(out.strip().splitlines()[-1])
+        return latencies
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -325,25 +387,30 @@ def _summary(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     return out
 
 
-async def _run(args: argparse.Namespace, stack: Stack) -> list[dict[str, Any]]:
+async def _run(
+    args: argparse.Namespace, stack: Stack, triton: str, sources: list[int]
+) -> list[dict[str, Any]]:
     model = "synthetic" if args.model == "synthetic" else "smollm2"
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None)
     runs: list[dict[str, Any]] = []
     assert stack.edge is not None and stack.orchestrator is not None
     pids = {"edge": stack.edge.pid, "orchestrator": stack.orchestrator.pid}
+    pids |= {f"source{i}": pid for i, pid in enumerate(sources)}
     async with (
         aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
         aiohttp.ClientSession() as health_session,
         grpc.aio.insecure_channel(stack.orchestrator_address) as channel,
     ):
-        triton_grpc, close = _triton_grpc(stack, model, args.max_tokens)
+        triton_grpc, close = _triton_grpc(triton, model, args.max_tokens)
+        interval = args.stream_interval_ms
         streams: dict[str, Stream] = {
             "triton-grpc": triton_grpc,
-            "triton-http": _triton_http(stack, model, args.max_tokens, session),
-            "orchestrator": _orchestrator(stack, model, args.max_tokens, channel),
-            "edge": _edge(stack, model, args.max_tokens, session),
+            "orchestrator": _orchestrator(model, args.max_tokens, channel, interval),
+            "edge": _edge(stack, model, args.max_tokens, session, interval),
         }
+        if args.source == "triton":
+            streams["triton-http"] = _triton_http(stack, model, args.max_tokens, session)
         levels = (
             [("rate", args.rate)] if args.rate else [("concurrency", c) for c in args.concurrency]
         )
@@ -360,10 +427,7 @@ async def _run(args: argparse.Namespace, stack: Stack) -> list[dict[str, Any]]:
                         lag_before = {
                             n: await _lag_buckets(health_session, u) for n, u in lag_urls.items()
                         }
-                        stop = asyncio.Event()
-                        probe = asyncio.create_task(
-                            _probe_health(f"{stack.edge_url}/healthz", health_session, stop)
-                        )
+                        probe = _HealthProbe("127.0.0.1", stack.ports.edge)
                         began = time.perf_counter()
                         if kind == "rate":
                             samples = await _open_loop(
@@ -372,8 +436,7 @@ async def _run(args: argparse.Namespace, stack: Stack) -> list[dict[str, Any]]:
                         else:
                             samples = await _closed_loop(streams[target], int(level), args.requests)
                         wall = time.perf_counter() - began
-                        stop.set()
-                        health = await probe
+                        health = probe.stop()
                         after = {name: _cpu_rss(pid) for name, pid in pids.items()}
                         lag = {
                             n: _lag_p99(lag_before[n], await _lag_buckets(health_session, u))
@@ -381,7 +444,13 @@ async def _run(args: argparse.Namespace, stack: Stack) -> list[dict[str, Any]]:
                         }
                         summary = _summary(samples, wall)
                         tokens = sum(s.tokens for s in samples if s.error is None)
-                        relay_cpu = sum(after[n][0] - before[n][0] for n in pids)
+                        used = {n: after[n][0] - before[n][0] for n in pids}
+                        relay_cpu = used["edge"] + used["orchestrator"]
+                        source_cpu = sum(v for n, v in used.items() if n.startswith("source"))
+
+                        def per_token(cpu: float, tokens: int = tokens) -> float | None:
+                            return 1e6 * cpu / tokens if tokens else None
+
                         summary.update(
                             {
                                 "target": target,
@@ -389,9 +458,15 @@ async def _run(args: argparse.Namespace, stack: Stack) -> list[dict[str, Any]]:
                                 "round": round_,
                                 "wall_s": wall,
                                 "relay_cpu_s": relay_cpu,
-                                "relay_cpu_us_per_token": 1e6 * relay_cpu / tokens
-                                if tokens
-                                else None,
+                                "relay_cpu_us_per_token": per_token(relay_cpu),
+                                "orchestrator_cpu_us_per_token": per_token(used["orchestrator"]),
+                                "edge_cpu_us_per_token": per_token(used["edge"]),
+                                "source_cpu_us_per_token": per_token(source_cpu),
+                                # Tokens relayed per second of relay CPU: what one core carries
+                                # at this load (the hops of the target together).
+                                "tokens_per_relay_cpu_s": tokens / relay_cpu if relay_cpu else None,
+                                "relay_cores_busy": relay_cpu / wall if wall else None,
+                                "load_average_1m": os.getloadavg()[0],
                                 "edge_rss_mib": after["edge"][1] / 2**20,
                                 "orchestrator_rss_mib": after["orchestrator"][1] / 2**20,
                                 "healthz_p50_s": _pct(health, 0.5),
@@ -403,10 +478,16 @@ async def _run(args: argparse.Namespace, stack: Stack) -> list[dict[str, Any]]:
                             }
                         )
                         runs.append(summary)
+                        cpu = summary["relay_cpu_us_per_token"] or 0
                         print(
                             f"{target:13} {kind}={level} round {round_}: "
                             f"ttft p50 {1000 * (summary['ttft_s_p50'] or 0):.1f} ms, "
                             f"{summary['output_tokens_per_s']:.0f} tok/s, "
+                            f"{summary['tokens_per_piece'] or 0:.2f} tok/piece, "
+                            f"relay {cpu:.0f} µs/tok "
+                            f"(orch. {summary['orchestrator_cpu_us_per_token'] or 0:.0f}, "
+                            f"edge {summary['edge_cpu_us_per_token'] or 0:.0f}), "
+                            f"load {summary['load_average_1m']:.2f}, "
                             f"errors {summary['errors']}",
                             flush=True,
                         )
@@ -420,8 +501,9 @@ def _markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     head = (
         f"| target | {key} | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TPOT p50 (ms) |"
         " tokens/piece | e2e p50 (s) | tok/s | req/s | errors | relay CPU µs/token |"
-        " /healthz p99 (ms) | loop lag p99, edge / orch. (ms) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        " orch. / edge µs/token | tok/s per relay core | /healthz p99 (ms) |"
+        " loop lag p99, edge / orch. (ms) | load 1m |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
@@ -432,8 +514,11 @@ def _markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
         return "-" if v is None else f"{1000 * v:.1f}"
 
     def median(group: list[dict[str, Any]], name: str) -> float | None:
-        values = [g[name] for g in group if g[name] is not None]
+        values = [g[name] for g in group if g.get(name) is not None]
         return statistics.median(values) if values else None
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
 
     for (target, level), group in groups.items():
         cpu = median(group, "relay_cpu_us_per_token")
@@ -447,16 +532,28 @@ def _markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f" {'-' if e2e is None else f'{e2e:.2f}'} |"
             f" {median(group, 'output_tokens_per_s') or 0:.0f} |"
             f" {median(group, 'requests_per_s') or 0:.1f} | {sum(g['errors'] for g in group)} |"
-            f" {'-' if cpu is None else f'{cpu:.0f}'} | {ms(median(group, 'healthz_p99_s'))} |"
+            f" {'-' if cpu is None else f'{cpu:.0f}'} |"
+            f" {num(median(group, 'orchestrator_cpu_us_per_token'))} /"
+            f" {num(median(group, 'edge_cpu_us_per_token'))} |"
+            f" {num(median(group, 'tokens_per_relay_cpu_s'))} |"
+            f" {ms(median(group, 'healthz_p99_s'))} |"
             f" ≤ {ms(median(group, 'edge_loop_lag_p99_s'))} /"
             f" ≤ {ms(median(group, 'orchestrator_loop_lag_p99_s'))} |"
+            f" {median(group, 'load_average_1m') or 0:.1f} |"
         )
+    source = "the fast source (benchmarks/fastsource.py)" if args.source == "fast" else "Triton"
     note = (
-        f"\nModel `{args.model}`"
+        f"\nModel `{args.model}` on {source}"
         + ("" if args.token_interval_ms is None else f" at {args.token_interval_ms:g} ms a token")
+        + (
+            ""
+            if args.stream_interval_ms is None
+            else f", stream interval {args.stream_interval_ms:g} ms"
+        )
         + f", max_tokens {args.max_tokens}, {args.requests} requests per run,"
         f" {args.rounds} alternating rounds (medians shown). Relay CPU: edge + orchestrator CPU"
-        " time during the run over the tokens delivered (it includes their idle work). Loop lag:"
+        " time during the run over the tokens delivered (it includes their idle work); tok/s per"
+        " relay core: tokens over that CPU time. Load 1m: the machine's load average. Loop lag:"
         " the bucket bound of tokenrelay_event_loop_lag_seconds under which 99% of the run's"
         " samples fell. ITL times the pieces of text as they arrive; TPOT is (e2e - TTFT) /"
         " (tokens - 1); tokens/piece above 1 means deltas were merged (coalesced) on the way.\n"
@@ -530,6 +627,28 @@ def _paced_repository(workdir: Path, interval_ms: float) -> Path:
     return repository
 
 
+def _start_fast_source(interval_ms: float) -> tuple[subprocess.Popen[str], str]:
+    """``benchmarks/fastsource.py`` on a free port: (its process, its address)."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "fastsource.py"),
+            "--port",
+            "0",
+            "--token-interval-ms",
+            str(interval_ms),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("listening on "):
+        process.kill()
+        raise SystemExit(f"the fast source did not start: {line!r}")
+    return process, f"127.0.0.1:{int(line.split()[-1])}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -543,7 +662,34 @@ def main(argv: list[str] | None = None) -> None:
         "--token-interval-ms",
         type=float,
         default=None,
-        help="the synthetic model's pace (its config says 20 ms, 50 tokens/s per stream)",
+        help="the synthetic model's pace (its config says 20 ms, 50 tokens/s per stream); with"
+        " --source fast, that server's pace (default 0: as fast as the relay reads)",
+    )
+    parser.add_argument(
+        "--source",
+        choices=("triton", "fast"),
+        default="triton",
+        help="tritonserver with the model, or benchmarks/fastsource.py (the same protocol and"
+        " bytes, fast enough to find the relay's limit)",
+    )
+    parser.add_argument(
+        "--source-processes",
+        type=int,
+        default=1,
+        help="with --source fast: that many servers, each a Triton node of the orchestrator",
+    )
+    parser.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        default=None,
+        help="each request asks for this stream interval (tokens that arrive within it ride"
+        " in one message)",
+    )
+    parser.add_argument(
+        "--config",
+        default="",
+        help="extra TOML for the orchestrator and edge (e.g. worker counts), appended to the"
+        " benchmark's own",
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="a few seconds, to check it runs")
@@ -563,15 +709,22 @@ def main(argv: list[str] | None = None) -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.token_interval_ms is not None and args.model != "synthetic":
         parser.error("--token-interval-ms paces the synthetic model only")
+    if args.source == "fast" and (args.model != "synthetic" or "triton-http" in args.targets):
+        parser.error("--source fast stands in for the synthetic model over gRPC only")
     if args.smoke:
         args.concurrency, args.requests, args.rounds, args.max_tokens = [2], 4, 1, 8
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
         config = Path(workdir) / "tokenrelay.toml"
-        config.write_text("[orchestrator.admission]\nmax_concurrent = 1024\nmax_queue = 1024\n")
+        config.write_text(
+            "[orchestrator.admission]\nmax_concurrent = 1024\nmax_queue = 1024\n" + args.config
+        )
         models = ("synthetic",) if args.model == "synthetic" else ("smollm2",)
         sink = _TraceSink() if args.tracing else None
-        env = {"TOKENRELAY_EVENT_LOOP": args.event_loop}
+        # The services run this checkout's code (an A/B run can use another checkout's
+        # benchmarks/loadgen.py with the same virtualenv).
+        path = os.pathsep.join(filter(None, [str(REPO / "services"), os.environ.get("PYTHONPATH")]))
+        env = {"TOKENRELAY_EVENT_LOOP": args.event_loop, "PYTHONPATH": path}
         if sink is not None:
             env |= {
                 "TOKENRELAY_TRACING": "otlp",
@@ -579,14 +732,32 @@ def main(argv: list[str] | None = None) -> None:
                 "OTEL_BSP_SCHEDULE_DELAY": "500",
             }
         repository = REPO / "triton_models"
-        if args.token_interval_ms is not None:
-            repository = _paced_repository(Path(workdir), args.token_interval_ms)
-        stack = Stack(repository, StackPorts.free(), models=models, config=config, env=env)
-        stack.start()
+        sources_: list[subprocess.Popen[str]] = []
+        addresses: list[str] = []
+        if args.source == "fast":
+            started = [
+                _start_fast_source(args.token_interval_ms or 0.0)
+                for _ in range(args.source_processes)
+            ]
+            addresses = [address for _, address in started]
+            sources_ = [process for process, _ in started]
+            env["TOKENRELAY_TRITON"] = ",".join(addresses)
+            stack = Stack(repository, StackPorts.free(), config=config, env=env, nodes=0)
+        else:
+            if args.token_interval_ms is not None:
+                repository = _paced_repository(Path(workdir), args.token_interval_ms)
+            stack = Stack(repository, StackPorts.free(), models=models, config=config, env=env)
         try:
-            runs = asyncio.run(_run(args, stack))
+            stack.start()
+            triton = addresses[0] if sources_ else stack.triton_grpc
+            # The clients' loop is uvloop too, so that the load generator is not the first to
+            # run out of CPU when the relay is loaded past the model.
+            runs = _loop.run(_run(args, stack, triton, [p.pid for p in sources_]))
         finally:
             stack.stop()
+            for process in sources_:
+                process.terminate()
+                process.wait(10)
             if sink is not None:
                 print(f"trace sink received {sink.batches} batches, {sink.bytes} bytes")
                 sink.close()

@@ -11,6 +11,10 @@ is there.
 A source's error reaches the consumer after the items that came before it. ``limit`` bounds what
 is held (the reading task then waits, and the source's back-pressure applies); without it the
 reader holds at most the rest of one answer.
+
+A consumer may also hold what arrives for a while (``take(hold_until=...)``: the stream
+interval), so that items that come close together go out together even when it keeps up; the
+source's end (or its last item) ends the hold at once.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class ReadAhead(Generic[T]):
         self._waiter: asyncio.Future[None] | None = None  # the consumer waits for an item
         self._room: asyncio.Future[None] | None = None  # the reader waits for room
         self._task: asyncio.Task[None] | None = None
+        self._holding = False  # the consumer holds for company: items do not wake it
 
     @property
     def reading_ahead(self) -> bool:
@@ -63,7 +68,10 @@ class ReadAhead(Generic[T]):
                 if self._arrived is not None:
                     self._arrived(item)
                 self._pending.append(item)
-                _wake(self._waiter)
+                if not self._holding or (
+                    self._limit is not None and len(self._pending) >= self._limit
+                ):
+                    _wake(self._waiter)
                 if self._last is not None and self._last(item):
                     break
                 while self._limit is not None and len(self._pending) >= self._limit:
@@ -85,11 +93,14 @@ class ReadAhead(Generic[T]):
             _wake(self._room)
         return taken
 
-    async def take(self) -> list[T]:
+    async def take(self, hold_until: float | None = None) -> list[T]:
         """The next item, or — reading ahead — every item that arrived since the last call (at
         least one). Empty once the source has ended; the source's error is raised instead, after
         the items that came before it. Cancelling a wait leaves the reader running (reading
-        ahead) or cancels the source's pending step (reading straight)."""
+        ahead) or cancels the source's pending step (reading straight).
+
+        ``hold_until`` (a time of the running loop; reading ahead only): once an item is there,
+        wait until then for more, unless the source ends (or its last item comes) first."""
         if self._task is None:
             try:
                 item = await anext(self._source)
@@ -104,11 +115,27 @@ class ReadAhead(Generic[T]):
                 await self._waiter
             finally:
                 self._waiter = None
+        if hold_until is not None and self._pending and self._ended is None:
+            await self._hold(hold_until)
         if self._pending:
             return self.ready()
         if self._ended is None or isinstance(self._ended, StopAsyncIteration):
             return []
         raise self._ended
+
+    async def _hold(self, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        if until <= loop.time():
+            return
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_at(until, _wake, waiter)
+        self._holding = True
+        try:
+            await waiter
+        finally:
+            self._holding = False
+            self._waiter = None
+            timer.cancel()
 
     async def close(self) -> None:
         """Stop reading ahead (before the source itself is closed). Safe to call again."""

@@ -141,6 +141,9 @@ class GenerationRequest:
     request_id: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     retrieval: RetrievalOptions | None = None
+    # Tokens arriving within this many ms of the previous chunk ride in the next one; None:
+    # the model's default.
+    stream_interval_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,3 +29,31 @@ def test_loadgen_smoke_run_writes_json_markdown_and_plots(tmp_path: Path) -> Non
     assert table.count("\n| ") >= 4
     for plot in ("ttft_distribution.png", "ttft_vs_concurrency.png", "output_vs_concurrency.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+
+
+def test_loadgen_with_the_fast_source_reports_each_hops_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "loadgen.py"),
+            "--smoke",
+            "--source",
+            "fast",
+            "--targets",
+            "triton-grpc,orchestrator,edge",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {run["target"] for run in runs} == {"triton-grpc", "orchestrator", "edge"}
+    for run in runs:
+        assert run["errors"] == 0 and run["output_tokens_per_s"] > 0
+    edge = next(run for run in runs if run["target"] == "edge")
+    assert edge["orchestrator_cpu_us_per_token"] > 0 and edge["edge_cpu_us_per_token"] > 0
+    assert edge["source_cpu_us_per_token"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 
 import pytest
@@ -340,3 +341,64 @@ async def test_the_log_line_of_a_closed_stream_says_cancelled(
         await stream.aclose()
     ended = [r for r in caplog.records if r.getMessage() == "generation ended"]
     assert [r.fields["outcome"] for r in ended] == ["cancelled"]  # type: ignore[attr-defined]
+
+
+def _words(n: int) -> tuple[str, ...]:
+    return tuple(f" w{i}" for i in range(n))
+
+
+async def test_a_stream_interval_merges_close_tokens_and_never_holds_the_first() -> None:
+    # 40 tokens 2 ms apart, a 30 ms interval: the first chunk is the first token alone; the
+    # rest ride in chunks at most one per interval, and nothing is lost or reordered.
+    source = FakeSource(words=_words(40), interval_s=0.002)
+    relay, pool = _relay(source)
+    await pool.probe_once()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    times, chunks = [], []
+    async for chunk in relay.stream(dataclasses.replace(_request(), stream_interval_ms=30)):
+        times.append(loop.time() - began)
+        chunks.append(chunk)
+    assert chunks[0].text == " w0" and chunks[0].start is not None
+    assert "".join(c.text for c in chunks) == "".join(_words(40))
+    assert chunks[-1].end is not None and chunks[-1].end.usage.completion_tokens == 40
+    # At most one chunk per interval besides the first and the end, however slow the machine.
+    assert len(chunks) <= times[-1] / 0.03 + 2 and len(chunks) < 40, times
+    # At most one chunk per interval (the end goes out at once, so it is left out).
+    gaps = [b - a for a, b in itertools.pairwise(times[:-1])]
+    assert all(gap >= 0.025 for gap in gaps), gaps
+
+
+async def test_tokens_further_apart_than_the_interval_are_not_delayed() -> None:
+    source = FakeSource(words=_words(5), interval_s=0.03)
+    relay, pool = _relay(source)
+    await pool.probe_once()
+    chunks = await _collect(relay, dataclasses.replace(_request(), stream_interval_ms=5))
+    assert [c.text for c in chunks] == list(_words(5))  # one chunk per token, as they came
+
+
+async def test_the_stream_interval_comes_from_the_catalog_and_is_bounded_there() -> None:
+    source = FakeSource(words=_words(30), interval_s=0.002)
+    settings = Settings(
+        orchestrator=OrchestratorSettings(triton=(source.name,)),
+        models=(
+            ModelSpec(
+                id="synthetic",
+                triton_model="synthetic",
+                stream_interval_ms=20,
+                max_stream_interval_ms=50,
+            ),
+        ),
+    )
+    placement = {m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in settings.models}
+    pool = NodePool({source.name: source}, placement, rng=Ordered())
+    relay = relay_for(settings, pool)
+    await pool.probe_once()
+    merged = await _collect(relay, _request())
+    assert 2 < len(merged) < 15 and "".join(c.text for c in merged) == "".join(_words(30))
+    each = await _collect(relay, dataclasses.replace(_request(), stream_interval_ms=0))
+    assert len(each) == 30  # a request may turn it off
+    with pytest.raises(InvalidRequest, match="between 0 and 50") as refused:
+        await _collect(relay, dataclasses.replace(_request(), stream_interval_ms=51))
+    assert refused.value.param == "stream_interval_ms"
+    assert len(source.prompts) == 2  # refused before anything reached the node

@@ -89,6 +89,14 @@ def test_openai_chat_body_becomes_a_stream_request() -> None:
     assert request.sampling.max_tokens == 7 and request.sampling.HasField("temperature")
     assert list(request.sampling.stop) == ["END"] and request.sampling.seed == 2**40
     assert request.request_id == "rid"
+    assert not request.HasField("stream_interval_ms")  # unset: the model's default
+
+
+def test_the_stream_interval_extension_reaches_the_grpc_request() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert oa.parse_chat({**body, "stream_interval_ms": 0}, "r").request.stream_interval_ms == 0
+    completion = oa.parse_completion({"model": "m", "prompt": "p", "stream_interval_ms": 25}, "r")
+    assert completion.request.stream_interval_ms == 25
 
 
 @pytest.mark.parametrize(
@@ -106,6 +114,8 @@ def test_openai_chat_body_becomes_a_stream_request() -> None:
             "stream_options.include_usage",
         ),
         ({"model": "m", "messages": [], "logprobs": True}, "logprobs"),
+        ({"model": "m", "messages": [], "stream_interval_ms": -1}, "stream_interval_ms"),
+        ({"model": "m", "messages": [], "stream_interval_ms": "10"}, "stream_interval_ms"),
     ],
 )
 def test_openai_chat_body_type_errors(body: dict[str, object], param: str) -> None:

@@ -29,7 +29,7 @@ loopback refuses to start without them (``check_exposure``): the edge without AP
 orchestrator without the internal secret or mutual TLS.
 """
 
-from tokenrelay.config._fields import split_hostport
+from tokenrelay.config._fields import join_hostport, split_hostport
 from tokenrelay.config.edge import EdgeSettings, Resume, WebSocket
 from tokenrelay.config.embeddings import Embeddings
 from tokenrelay.config.environment import ENVIRONMENT, EnvVar
@@ -75,6 +75,7 @@ __all__ = [
     "Tracing",
     "WebSocket",
     "check_exposure",
+    "join_hostport",
     "load_settings",
     "split_hostport",
     "to_toml",

@@ -34,6 +34,11 @@ def split_hostport(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def join_hostport(host: str, port: int) -> str:
+    """``("::1", 80)`` → ``"[::1]:80"``; the inverse of ``split_hostport``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _host_port(value: str) -> str:
     split_hostport(value)
     return value

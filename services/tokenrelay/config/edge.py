@@ -4,7 +4,9 @@ orchestrator; ``[edge.resume]`` (resumable SSE streams) and ``[edge.websocket]``
 from __future__ import annotations
 
 from dataclasses import field
+from typing import Annotated
 
+from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from tokenrelay.config._fields import (
@@ -60,7 +62,8 @@ class EdgeSettings:
     """Budget of one request when the client states none (OpenAI SDKs send
     x-stainless-timeout)."""
     ready_timeout_s: Seconds = 1.0
-    """/readyz: how long to wait for the orchestrator's health."""
+    """``GET /v1/models`` waits 5 times this for the orchestrator. (``/readyz`` waits for nothing:
+    it answers from the orchestrator's health, watched.)"""
     drain_grace_s: SecondsOrOff = 10.0
     """On SIGTERM: how long open requests get to finish."""
     keepalive_interval_s: Seconds = 15.0
@@ -82,6 +85,10 @@ class EdgeSettings:
     orchestrator_tls_cert: str = ""
     """... and the edge's client certificate and key, for mutual TLS."""
     orchestrator_tls_key: str = ""
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    """Edge processes sharing ``listen`` (SO_REUSEPORT) under one supervisor, which counts the
+    API keys' limits for all of them; ``/metrics`` labels their samples ``worker``. 1: this
+    process serves alone."""
     resume: Resume = field(default_factory=Resume)
     websocket: WebSocket = field(default_factory=WebSocket)
 

@@ -4,7 +4,9 @@ continuation, TLS."""
 from __future__ import annotations
 
 from dataclasses import field
+from typing import Annotated
 
+from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from tokenrelay.config._fields import (
@@ -175,6 +177,10 @@ class OrchestratorSettings:
     triton_tls_cert: str = ""
     """... and the certificate and key presented for ``--grpc-use-ssl-mutual``."""
     triton_tls_key: str = ""
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    """Orchestrator processes sharing ``listen`` and ``metrics_listen`` (SO_REUSEPORT) under one
+    supervisor, which holds the admission limits for all of them; ``/metrics`` labels their
+    samples ``worker``. 1: this process serves alone."""
 
     def __post_init__(self) -> None:
         check_pair(("tls_cert", "tls_key"), self.tls_cert, self.tls_key)

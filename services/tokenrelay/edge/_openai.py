@@ -211,6 +211,18 @@ def _retrieval(body: dict[str, Any]) -> rpb.RetrievalOptions | None:
     return options
 
 
+def _stream_interval(body: dict[str, Any], request: pb.GenerateStreamRequest) -> None:
+    """The ``stream_interval_ms`` extension: tokens that arrive within that many milliseconds
+    of the previous chunk ride in the next one (the model's maximum is the orchestrator's to
+    check, as over gRPC)."""
+    interval = _integer(body, "stream_interval_ms", _INT32)
+    if interval is None:
+        return
+    if interval < 0:
+        raise _type_error("stream_interval_ms", "a non-negative integer")
+    request.stream_interval_ms = interval
+
+
 def retrieval_json(report: rpb.RetrievalReport) -> dict[str, Any]:
     """The ``retrieval`` object of an answer: status, citations (and why it failed)."""
     body: dict[str, Any] = {
@@ -371,6 +383,7 @@ def parse_chat(body: dict[str, Any], request_id: str) -> ParsedRequest:
         request_id=request_id,
         retrieval=_retrieval(body),
     )
+    _stream_interval(body, request)
     return ParsedRequest(request, stream, include_usage)
 
 
@@ -393,6 +406,7 @@ def parse_completion(body: dict[str, Any], request_id: str) -> ParsedRequest:
         request_id=request_id,
         retrieval=_retrieval(body),
     )
+    _stream_interval(body, request)
     return ParsedRequest(request, stream, include_usage)
 
 

@@ -10,9 +10,10 @@ from typing import Any
 
 from aiohttp import web
 
+from tokenrelay._workers import gather
 from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._request import budget, read_json
-from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STATE, UPSTREAM
+from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STATE, UPSTREAM, WORKER
 from tokenrelay.errors import InvalidRequest, ModelNotFound
 from tokenrelay.logs import bind
 from tokenrelay.metrics import CONTENT_TYPE
@@ -109,8 +110,13 @@ async def openapi(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition (no API key: block it at the ingress if the port is public)."""
-    body = request.app[METRICS].exposition()
+    """Prometheus exposition (no API key: block it at the ingress if the port is public). In a
+    group of workers: every worker's samples, labelled ``worker``."""
+    worker = request.app[WORKER]
+    if worker is None:
+        body = request.app[METRICS].exposition()
+    else:
+        body = await gather(worker, request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -123,6 +129,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     if request.app[STATE].draining:
         return web.json_response({"status": "not ready", "reason": "draining"}, status=503)
-    ready, reason = await request.app[UPSTREAM].ready(request.app[SETTINGS].ready_timeout_s)
+    # As the orchestrator's health service last said (a watch): no call waits behind streams.
+    ready, reason = request.app[UPSTREAM].readiness
     status = "ready" if ready else "not ready"
     return web.json_response({"status": status, "reason": reason}, status=200 if ready else 503)

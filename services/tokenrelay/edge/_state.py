@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from tokenrelay._workers import WorkerContext
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._metrics import EdgeMetrics
 from tokenrelay.edge._resume import ResumableStreams
@@ -16,6 +17,7 @@ from tokenrelay.tenancy import LimitStore, LocalLimits, Tenants
 
 if TYPE_CHECKING:
     from tokenrelay.edge._ws import Session
+
 __all__ = [
     "AUTH",
     "METRICS",
@@ -24,6 +26,7 @@ __all__ = [
     "STATE",
     "STREAMS",
     "UPSTREAM",
+    "WORKER",
     "Auth",
     "EdgeState",
 ]
@@ -52,4 +55,6 @@ STATE = web.AppKey("state", EdgeState)
 AUTH = web.AppKey("auth", Auth)
 METRICS = web.AppKey("metrics", EdgeMetrics)
 STREAMS = web.AppKey("streams", ResumableStreams)  # resumable SSE streams (``_resume``)
+# Where this process stands in a group of workers (None: it serves alone).
+WORKER: web.AppKey[WorkerContext | None] = web.AppKey("worker")
 REQUEST_ID = web.RequestKey("request_id", str)  # the request's id, set by a middleware

@@ -8,6 +8,7 @@ the edge itself is misconfigured, so it becomes a plain server error, never a 40
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +31,11 @@ __all__ = ["OrchestratorClient"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+_NOT_SERVING = "orchestrator not serving (no inference node ready)"
+# Pings on the channel to the orchestrator (which allows them this often): a hung orchestrator
+# ends the readiness watch within about 15 s.
+_KEEPALIVE_MS = 10_000
+_PING_TIMEOUT_MS = 5_000
 
 
 @contextmanager
@@ -56,20 +62,37 @@ class OrchestratorClient:
 
     With ``settings.orchestrator_tls_ca`` the channel uses TLS (and the edge's certificate for
     mutual TLS when given); with ``secret`` every call carries it (``authorization`` metadata).
+
+    ``readiness`` is the orchestrator's serving status as its health service last pushed it
+    (``watch_readiness``), so that ``/readyz`` answers at once instead of waiting behind the
+    streams in both processes. The channel pings the orchestrator when idle, so a hung one
+    breaks the watch (and readiness) within ``_KEEPALIVE_MS`` + ``_PING_TIMEOUT_MS``.
+
     Generation and embedding calls forward the current caller (``tokenrelay.tenancy``).
     """
 
     def __init__(self, settings: EdgeSettings, secret: Secret | None = None) -> None:
         address = settings.orchestrator
+        options = [
+            ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", _PING_TIMEOUT_MS),
+            # gRPC waits 1 s, then up to 120 s, before it tries a refused connection again, and
+            # fails every call meanwhile: an orchestrator that starts (or restarts) after the
+            # edge would be found minutes late. Try again within a second instead.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
         if settings.orchestrator_tls_ca:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(settings.orchestrator_tls_ca),
                 private_key=_read(settings.orchestrator_tls_key),
                 certificate_chain=_read(settings.orchestrator_tls_cert),
             )
-            self._channel = grpc.aio.secure_channel(address, credentials)
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         else:
-            self._channel = grpc.aio.insecure_channel(address)
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        self.readiness: tuple[bool, str] = (False, "orchestrator not reached yet")
         self._auth: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {secret.value}"),) if secret else ()
         )
@@ -112,19 +135,22 @@ class OrchestratorClient:
             )
         return list(response.models)
 
-    async def ready(self, timeout_s: float) -> tuple[bool, str]:
-        """Whether the orchestrator answers and says SERVING; never raises."""
-        try:
-            response = await self._health.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                timeout=timeout_s,
-                metadata=self._auth,
-            )
-        except grpc.aio.AioRpcError as exc:
-            return False, f"orchestrator unreachable ({exc.code().name})"
-        if response.status != health_pb2.HealthCheckResponse.SERVING:
-            return False, "orchestrator not serving (no inference node ready)"
-        return True, "ready"
+    async def watch_readiness(self, retry_s: float = 0.2) -> None:
+        """Keep ``readiness`` current from the orchestrator's health ``Watch`` stream, until
+        cancelled. When the stream cannot be opened or breaks: not ready, and it is opened
+        again after ``retry_s``."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        while True:
+            try:
+                async for response in self._health.Watch(request, metadata=self._auth):
+                    if response.status == health_pb2.HealthCheckResponse.SERVING:
+                        self.readiness = (True, "ready")
+                    else:
+                        self.readiness = (False, _NOT_SERVING)
+                self.readiness = (False, "orchestrator unreachable (health stream ended)")
+            except grpc.aio.AioRpcError as exc:
+                self.readiness = (False, f"orchestrator unreachable ({exc.code().name})")
+            await asyncio.sleep(retry_s)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -1,18 +1,32 @@
-"""The aiohttp application of the edge and its lifetime."""
+"""The aiohttp application of the edge and its lifetime.
+
+With ``edge.workers`` above 1, ``tokenrelay-edge`` is a supervisor (``tokenrelay._workers``):
+that many edge processes share the port (``SO_REUSEPORT``), their API keys' limits are counted
+once for all of them by the supervisor, and ``/metrics`` on any of them shows every worker's
+samples, labelled ``worker``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
 
 from tokenrelay import _loop
 from tokenrelay._looplag import watch_loop_lag
-from tokenrelay.config import EdgeSettings, Secrets, Tenancy, split_hostport
+from tokenrelay._workers import (
+    CoordinatorLimits,
+    Supervisor,
+    WorkerContext,
+    reserve,
+    serve_own_metrics,
+    worker_command,
+)
+from tokenrelay.config import EdgeSettings, Secrets, Tenancy, join_hostport, split_hostport
 from tokenrelay.edge._errors import error_middleware
 from tokenrelay.edge._generate import routes as generation_routes
 from tokenrelay.edge._metrics import EdgeMetrics
@@ -32,15 +46,16 @@ from tokenrelay.edge._state import (
     STATE,
     STREAMS,
     UPSTREAM,
+    WORKER,
     Auth,
     EdgeState,
 )
 from tokenrelay.edge._upstream import OrchestratorClient
 from tokenrelay.edge._ws import routes as websocket_routes
 from tokenrelay.security import KeyStore, is_loopback
-from tokenrelay.tenancy import Tenants, make_limits
+from tokenrelay.tenancy import LimitStore, Tenants, make_limits
 
-__all__ = ["create_app", "run", "serve"]
+__all__ = ["create_app", "run", "serve", "supervise"]
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +65,27 @@ def _upstream_ctx(secrets: Secrets) -> Callable[[web.Application], AsyncIterator
         # The channel belongs to the app's event loop: created on startup, closed on cleanup.
         client = OrchestratorClient(app[SETTINGS], secrets.internal)
         app[UPSTREAM] = client
+        watch = asyncio.create_task(client.watch_readiness(), name="readiness")
         yield
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
         await client.close()
 
     return context
 
 
 def _limits_ctx(
-    tenancy: Tenancy, secrets: Secrets
+    tenancy: Tenancy, secrets: Secrets, worker: WorkerContext | None = None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         # A shared store's connections belong to the app's event loop, as the channel does.
-        limits = make_limits(tenancy, secrets.redis_url)
+        # Workers with the local store count a key's limits as one process would: in their
+        # supervisor.
+        limits: LimitStore = (
+            CoordinatorLimits(worker.coordinator)
+            if worker is not None and tenancy.store == "local"
+            else make_limits(tenancy, secrets.redis_url)
+        )
         app[AUTH].limits = limits
         yield
         await limits.close()
@@ -82,6 +106,16 @@ async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(task, return_exceptions=True)
 
 
+async def _own_metrics(app: web.Application) -> AsyncIterator[None]:
+    """A worker serves its own samples to its siblings, which gather them on a scrape."""
+    worker = app[WORKER]
+    assert worker is not None
+    server = await serve_own_metrics(worker.metrics_socket(worker.index), app[METRICS].registry)
+    yield
+    server.close()
+    await server.wait_closed()
+
+
 async def _on_shutdown(app: web.Application) -> None:
     app[STATE].draining = True
     log.info("edge draining")
@@ -90,11 +124,16 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def create_app(
-    settings: EdgeSettings, secrets: Secrets | None = None, tenancy: Tenancy | None = None
+    settings: EdgeSettings,
+    secrets: Secrets | None = None,
+    tenancy: Tenancy | None = None,
+    worker: WorkerContext | None = None,
 ) -> web.Application:
     """The edge. API keys are enforced when ``settings.api_keys_file`` or ``secrets.api_key``
     gives any; without them every caller is let in (``run`` allows that on loopback only).
-    ``tenancy``: where the keys' limits are counted (default: in this process)."""
+    ``tenancy``: where the keys' limits are counted (default: in this process; in a worker of
+    several with the local store, in the group's supervisor). ``worker``: this process is one
+    of a supervisor's workers."""
     secrets = secrets or Secrets()
     tenancy = tenancy or Tenancy()
     app = web.Application(
@@ -108,11 +147,14 @@ def create_app(
     app[METRICS].resumable.set_function(lambda: len(app[STREAMS]))
     app[METRICS].websockets.set_function(lambda: len(app[STATE].sockets))
     keys_file = Path(settings.api_keys_file) if settings.api_keys_file else None
+    app[WORKER] = worker
     app[AUTH] = Auth(KeyStore(keys_file, secrets.api_key), Tenants(tenancy))
-    app.cleanup_ctx.append(_limits_ctx(tenancy, secrets))
+    app.cleanup_ctx.append(_limits_ctx(tenancy, secrets, worker))
     app.cleanup_ctx.append(_upstream_ctx(secrets))
     app.cleanup_ctx.append(_streams_ctx)  # after the channel's: cleaned up before it closes
     app.cleanup_ctx.append(_loop_lag)
+    if worker is not None:
+        app.cleanup_ctx.append(_own_metrics)
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(on_response_prepare)
     app.add_routes(generation_routes)
@@ -122,10 +164,13 @@ def create_app(
 
 
 async def serve(
-    settings: EdgeSettings, secrets: Secrets | None = None, tenancy: Tenancy | None = None
+    settings: EdgeSettings,
+    secrets: Secrets | None = None,
+    tenancy: Tenancy | None = None,
+    worker: WorkerContext | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting and let streams finish within the grace."""
-    app = create_app(settings, secrets, tenancy)
+    app = create_app(settings, secrets, tenancy, worker)
     if not app[AUTH].store.enabled:
         host, _ = split_hostport(settings.listen)
         assert is_loopback(host), "check_exposure must have refused this"
@@ -141,10 +186,14 @@ async def serve(
     )
     await runner.setup()
     host, port = split_hostport(settings.listen)
-    site = GuardedSite(runner, host, port, settings)
+    # Workers share the port their supervisor holds (tokenrelay._workers.reserve).
+    site = GuardedSite(runner, host, port, settings, reuse_port=worker is not None)
     await site.start()
     app[METRICS].connections.set_function(lambda: site.open)
-    log.info("edge listening", extra={"fields": {"address": settings.listen}})
+    log.info(
+        "edge listening",
+        extra={"fields": {"address": settings.listen, "worker": _index(worker)}},
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -153,10 +202,29 @@ async def serve(
     await runner.cleanup()  # closes the listener, then waits for handlers up to the grace
 
 
+def _index(worker: WorkerContext | None) -> int | None:
+    return None if worker is None else worker.index
+
+
 def run(
     settings: EdgeSettings,
     secrets: Secrets | None = None,
     loop: str = "auto",
     tenancy: Tenancy | None = None,
+    worker: WorkerContext | None = None,
 ) -> None:
-    _loop.run(serve(settings, secrets, tenancy), loop)
+    _loop.run(serve(settings, secrets, tenancy, worker), loop)
+
+
+def supervise(settings: EdgeSettings, environ: Mapping[str, str], loop: str = "auto") -> int:
+    """Run ``settings.workers`` edge processes on the edge's port; the exit code. Raises
+    ``OSError`` when the port is taken."""
+    host, port = split_hostport(settings.listen)
+    holder = reserve(host, port)
+    env = dict(environ)
+    env["TOKENRELAY_EDGE_LISTEN"] = join_hostport(host, int(holder.getsockname()[1]))
+    supervisor = Supervisor("edge", worker_command("tokenrelay.edge"), settings.workers, env)
+    try:
+        return _loop.run(supervisor.run(), loop)
+    finally:
+        holder.close()

@@ -29,15 +29,39 @@ import asyncio
 import heapq
 import itertools
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tokenrelay.config import Admission
 from tokenrelay.errors import Overloaded
 from tokenrelay.tenancy import ANONYMOUS, Identity, Priority
 from tokenrelay.tracing import tracer
 
-__all__ = ["AdmissionControl"]
+__all__ = ["AdmissionControl", "Slots"]
+
+
+class Slots(Protocol):
+    """Where a generation gets its slot: this process's ``AdmissionControl``, or, in a worker
+    of several, ``tokenrelay._workers.RemoteAdmission`` (the group's one ``AdmissionControl``,
+    in its supervisor). ``running`` and ``queued`` count this process's requests."""
+
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def queued(self) -> int: ...
+
+    def queued_in(self, priority: Priority) -> int:
+        """This process's requests of ``priority`` waiting for a slot."""
+        ...
+
+    def slot(
+        self, budget_s: float | None = None, identity: Identity | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold one generation slot for the block; raises ``Overloaded`` when none comes in
+        time (or the request is shed). ``identity``: whose request it is."""
+        ...
 
 
 @dataclass(eq=False, slots=True)

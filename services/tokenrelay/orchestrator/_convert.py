@@ -131,6 +131,12 @@ def request_from_pb(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> G
         request_id=request.request_id,
         labels=dict(request.labels),
         retrieval=retrieval_from_pb(request.retrieval) if request.HasField("retrieval") else None,
+        stream_interval_ms=(
+            request.stream_interval_ms
+            if isinstance(request, pb.GenerateStreamRequest)
+            and request.HasField("stream_interval_ms")
+            else None
+        ),
     )
 
 

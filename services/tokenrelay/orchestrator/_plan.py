@@ -36,6 +36,13 @@ class Plan:
     fallback: bool = False
     retrieval: RetrievalReport | None = None
 
+    @property
+    def stream_interval_s(self) -> float:
+        """How long deltas may wait for company after a chunk (the request's, or the model's
+        default)."""
+        asked = self.request.stream_interval_ms
+        return (self.spec.stream_interval_ms if asked is None else asked) / 1000
+
 
 class Planner:
     """The catalog's models, their templates and the request limits. Safe for concurrent use."""

@@ -23,8 +23,14 @@ A caller that keeps up gets every delta as it comes, read straight from the node
 takes longer over a chunk than the model over a token (a busy loop, a slow client), the rest of
 the stream is read ahead by a task of its own (``tokenrelay._readahead``), and the deltas that
 arrive while the caller is busy go out merged, as one chunk (coalescing): fewer, larger chunks
-instead of a backlog of one message per token. Nothing ever waits for company; the first token
-never does. Transport-free: the gRPC servicer converts to and from protobuf.
+instead of a backlog of one message per token.
+
+With a stream interval (the request's ``stream_interval_ms``, else the model's), the stream is
+read ahead from the first chunk on, and a delta that arrives within the interval of the previous
+chunk waits for the interval's end so that those arriving meanwhile ride along: at most one chunk
+per interval, each delta delayed by at most the interval. The first token never waits, nor does
+the end of the answer, nor a delta that comes later than the interval after the previous chunk.
+Transport-free: the gRPC servicer converts to and from protobuf.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from tokenrelay.generation import (
     merge_deltas,
 )
 from tokenrelay.logs import bind
-from tokenrelay.orchestrator._admission import AdmissionControl
+from tokenrelay.orchestrator._admission import Slots
 from tokenrelay.orchestrator._attempt import Attempt, judge
 from tokenrelay.orchestrator._breaker import Outcome
 from tokenrelay.orchestrator._continue import Continuer
@@ -101,7 +107,7 @@ class Relay:
         settings: Settings,
         planner: Planner,
         pool: NodePool,
-        admission: AdmissionControl,
+        admission: Slots,
         metrics: RelayMetrics,
         retriever: Retriever | None = None,
         limits: LimitStore | None = None,
@@ -133,7 +139,7 @@ class Relay:
         self.created = int(time.time())  # when the catalog was loaded
 
     @property
-    def admission(self) -> AdmissionControl:
+    def admission(self) -> Slots:
         return self._admission
 
     @property
@@ -315,6 +321,8 @@ class Relay:
             attempt.count(delta)
 
         reader = attempt.follow(arrived)
+        interval = plan.stream_interval_s
+        hold_until: float | None = None
         delta = first
         # What went out so far: the prompt once, then each piece's tokens (the first piece also
         # counts the empty deltas read before it).
@@ -345,7 +353,11 @@ class Relay:
                     handed = loop.time()
                     yield Chunk(delta.text, pending_start, end)
                     pending_start = None
-                    if loop.time() - handed > gap:
+                    taken_at = loop.time()
+                    if interval:
+                        reader.start()
+                        hold_until = taken_at + interval
+                    elif taken_at - handed > gap:
                         # The caller took longer over a chunk than the model over a token: it
                         # falls behind, so read ahead and merge what piles up meanwhile.
                         reader.start()
@@ -354,7 +366,7 @@ class Relay:
                 wait = min(between_s, deadline - loop.time())
                 try:
                     async with asyncio.timeout(max(wait, 0.0)):
-                        taken = await reader.take()
+                        taken = await reader.take(hold_until)
                 except TimeoutError:
                     if wait < between_s:
                         raise UpstreamTimeout(

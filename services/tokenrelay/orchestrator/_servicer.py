@@ -13,7 +13,7 @@ import grpc
 from tokenrelay.config import Embeddings
 from tokenrelay.errors import GenerationFailed
 from tokenrelay.generation import StreamEnd, StreamStart
-from tokenrelay.orchestrator._admission import AdmissionControl
+from tokenrelay.orchestrator._admission import Slots
 from tokenrelay.orchestrator._auth import current_identity
 from tokenrelay.orchestrator._convert import (
     chunk_to_pb,
@@ -58,7 +58,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self,
         relay: Relay,
         pool: NodePool,
-        admission: AdmissionControl,
+        admission: Slots,
         embeddings: Embeddings | None = None,
     ) -> None:
         """``embeddings``: the embedding model, listed beside the catalog's when it serves."""

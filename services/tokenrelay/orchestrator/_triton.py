@@ -1,13 +1,20 @@
-"""One Triton node as a ``TokenSource``, through ``tritonclient.grpc.aio``.
+"""One Triton node as a ``TokenSource``, over gRPC with the service's own generated stubs.
 
 Each generation is one ``ModelStreamInfer`` stream carrying one request, so cancelling the stream
 cancels exactly that Triton request (Triton then tells the model, which stops decoding). The
 vLLM backend's contract is spoken as it is: ``exclude_input_in_output`` is always true, token
 counts and the finish reason are asked for.
 
-``stream_infer`` fails three ways, all translated here by ``_translate``: an exception when the
-call is set up, ``(result, error)`` pairs while streaming, and a raw ``grpc.RpcError`` out of
-``__anext__``. Messages of the upstream never reach callers; they go to the log.
+The node talks to Triton through ``grpc.aio`` and ``tritonclient``'s generated messages
+(``service_pb2``), not through ``tritonclient.grpc.aio``'s client: that one wraps every response
+in an ``InferResult`` (and a request iterator in a task of its own), which cost a measurable share
+of the orchestrator's CPU per token. A response is read as the protobuf message and its raw output
+contents are decoded here (``_decode``).
+
+A stream fails three ways, all translated here: a ``grpc.RpcError`` when the call is set up or
+while reading, a response whose ``error_message`` is set (a backend that ignores
+``triton_grpc_error``), and a stream that ends before the last response. Messages of the upstream
+never reach callers; they go to the log.
 """
 
 from __future__ import annotations
@@ -16,17 +23,16 @@ import asyncio
 import json
 import logging
 import struct
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
-import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import service_pb2
 
 from tokenrelay.config import Timeouts
 from tokenrelay.errors import (
@@ -77,16 +83,31 @@ _REFUSAL_PHRASES = (
 _STREAM_ERRORS = ("triton_grpc_error", "true")
 
 
-def _bool_input(name: str, value: bool) -> InferInput:
-    tensor = InferInput(name, [1], "BOOL")
-    tensor.set_data_from_numpy(np.array([value], dtype=bool))
-    return tensor
+_Tensor = service_pb2.ModelInferRequest.InferInputTensor
+_SERVICE = "/inference.GRPCInferenceService/"
 
 
-def _bytes_input(name: str, value: str) -> InferInput:
-    tensor = InferInput(name, [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=object))
-    return tensor
+def _bool_input(name: str, value: bool) -> tuple[Any, bytes]:
+    """A BOOL [1] input and its raw contents (one byte)."""
+    return _Tensor(name=name, datatype="BOOL", shape=[1]), b"\x01" if value else b"\x00"
+
+
+def _bytes_input(name: str, value: str) -> tuple[Any, bytes]:
+    """A BYTES [1] input and its raw contents (a 4-byte length, then UTF-8)."""
+    data = value.encode("utf-8")
+    return _Tensor(name=name, datatype="BYTES", shape=[1]), _LENGTH.pack(len(data)) + data
+
+
+def _infer_request(
+    model: str, request_id: str, inputs: Sequence[tuple[Any, bytes]], outputs: Sequence[str]
+) -> Any:
+    return service_pb2.ModelInferRequest(
+        model_name=model,
+        id=request_id,
+        inputs=[tensor for tensor, _ in inputs],
+        raw_input_contents=[raw for _, raw in inputs],
+        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs],
+    )
 
 
 def _classify(code: grpc.StatusCode | None, message: str, address: str) -> RelayError:
@@ -118,19 +139,17 @@ def _classify(code: grpc.StatusCode | None, message: str, address: str) -> Relay
     return GenerationFailed("The inference node failed the request.")
 
 
-def _rpc_error(exc: grpc.RpcError | InferenceServerException, address: str) -> RelayError:
-    if isinstance(exc, grpc.RpcError):
-        return _classify(exc.code(), str(exc.details() or ""), address)
-    status = exc.status() or ""
-    code = next((c for c in grpc.StatusCode if str(c) == status), None)
-    return _classify(code, str(exc.message() or ""), address)
+def _rpc_error(exc: grpc.RpcError, address: str) -> RelayError:
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    details = exc.details() if callable(getattr(exc, "details", None)) else ""
+    return _classify(code, str(details or ""), address)
 
 
 @contextmanager
 def _translate(address: str) -> Iterator[None]:
     try:
         yield
-    except (grpc.RpcError, InferenceServerException) as exc:
+    except grpc.RpcError as exc:
         raise _rpc_error(exc, address) from exc
 
 
@@ -142,6 +161,10 @@ class TritonTLS:
     ca: str = ""
     cert: str = ""
     key: str = ""
+
+
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
 
 class TritonNode:
@@ -161,28 +184,46 @@ class TritonNode:
         self._timeouts = timeouts
         backoff_ms = max(100, int(reconnect_max_s * 1000))
         tls = tls or TritonTLS()
-        self._client = triton_aio.InferenceServerClient(
-            url=address,
-            ssl=bool(tls.ca),
-            root_certificates=tls.ca or None,
-            private_key=tls.key or None,
-            certificate_chain=tls.cert or None,
-            channel_args=[
-                # tritonclient's defaults, which passing channel_args replaces:
-                ("grpc.max_send_message_length", 2**31 - 1),
-                ("grpc.max_receive_message_length", 2**31 - 1),
-                # Triton answers client pings more often than every 5 min with GOAWAY.
-                ("grpc.keepalive_time_ms", 2**31 - 1),
-                ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
-                ("grpc.min_reconnect_backoff_ms", min(backoff_ms, 1000)),
-                ("grpc.max_reconnect_backoff_ms", backoff_ms),
-            ],
-        )
-        self._outputs = [InferRequestedOutput(name) for name in _OUTPUTS]
-        self._embed_outputs = [
-            InferRequestedOutput("embedding"),
-            InferRequestedOutput("num_tokens"),
+        options = [
+            # No cap on message sizes (as tritonclient sets them: embeddings can be large).
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.max_receive_message_length", 2**31 - 1),
+            # Triton answers client pings more often than every 5 min with GOAWAY.
+            ("grpc.keepalive_time_ms", 2**31 - 1),
+            ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
+            ("grpc.min_reconnect_backoff_ms", min(backoff_ms, 1000)),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms),
         ]
+        if tls.ca:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls.ca),
+                private_key=_read(tls.key),
+                certificate_chain=_read(tls.cert),
+            )
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        channel = self._channel
+        self._stream_infer = channel.stream_stream(
+            _SERVICE + "ModelStreamInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        self._infer = channel.unary_unary(
+            _SERVICE + "ModelInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        self._server_ready = channel.unary_unary(
+            _SERVICE + "ServerReady",
+            request_serializer=service_pb2.ServerReadyRequest.SerializeToString,
+            response_deserializer=service_pb2.ServerReadyResponse.FromString,
+        )
+        self._model_ready = channel.unary_unary(
+            _SERVICE + "ModelReady",
+            request_serializer=service_pb2.ModelReadyRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelReadyResponse.FromString,
+        )
 
     @property
     def name(self) -> str:
@@ -191,28 +232,25 @@ class TritonNode:
     async def ready(self, model: str) -> bool:
         try:
             async with asyncio.timeout(self._timeouts.connect_s):
-                return bool(
-                    await self._client.is_server_ready()
-                    and await self._client.is_model_ready(model)
-                )
-        except (grpc.RpcError, InferenceServerException, TimeoutError):
+                server = await self._server_ready(service_pb2.ServerReadyRequest())
+                if not server.ready:
+                    return False
+                answer = await self._model_ready(service_pb2.ModelReadyRequest(name=model))
+                return bool(answer.ready)
+        except (grpc.RpcError, TimeoutError):
             return False
 
     def _request(self, model: str, prompt: str, sampling: Sampling, request_id: str) -> Any:
-        return {
-            "model_name": model,
-            "request_id": request_id,
-            "outputs": self._outputs,
-            "inputs": [
-                _bytes_input("text_input", prompt),
-                _bool_input("stream", True),
-                _bytes_input("sampling_parameters", json.dumps(sampling.to_engine_json())),
-                _bool_input("exclude_input_in_output", True),
-                _bool_input("return_finish_reason", True),
-                _bool_input("return_num_input_tokens", True),
-                _bool_input("return_num_output_tokens", True),
-            ],
-        }
+        inputs = [
+            _bytes_input("text_input", prompt),
+            _bool_input("stream", True),
+            _bytes_input("sampling_parameters", json.dumps(sampling.to_engine_json())),
+            _bool_input("exclude_input_in_output", True),
+            _bool_input("return_finish_reason", True),
+            _bool_input("return_num_input_tokens", True),
+            _bool_input("return_num_output_tokens", True),
+        ]
+        return _infer_request(model, request_id, inputs, _OUTPUTS)
 
     async def generate(
         self,
@@ -223,55 +261,72 @@ class TritonNode:
         headers: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[Delta, None]:
         request = self._request(model, prompt, sampling, request_id)
-
-        async def requests() -> AsyncIterator[Any]:
-            # One request, then the client half-closes; Triton keeps streaming its responses.
-            yield request
-
-        with _translate(self._address):
-            stream = self._client.stream_infer(requests(), headers=dict((*headers, _STREAM_ERRORS)))
+        call = self._stream_infer(metadata=(*headers, _STREAM_ERRORS))
         try:
+            with _translate(self._address):
+                # One request, then the client half-closes; Triton keeps streaming responses.
+                # Written from this task: a request iterator would cost a task of its own.
+                await call.write(request)
+                await call.done_writing()
             while True:
                 with _translate(self._address):
-                    try:
-                        result, error = await anext(stream)
-                    except StopAsyncIteration:
-                        raise UpstreamUnavailable(
-                            "The inference node closed the stream early."
-                        ) from None
-                if error is not None:  # a backend that ignores triton_grpc_error
-                    raise _rpc_error(error, self._address)
-                delta, final = _decode(result)
+                    message: Any = await call.read()
+                if message is grpc.aio.EOF:
+                    raise UpstreamUnavailable("The inference node closed the stream early.")
+                if message.error_message:  # a backend that ignores triton_grpc_error
+                    raise _classify(None, message.error_message, self._address)
+                delta, final = _decode(message.infer_response)
                 yield delta
                 if final:
                     return
         finally:
             # Cancels the Triton request when we stop early (caller gone, watchdog, error);
             # a no-op once the stream has ended.
-            stream.cancel()
+            call.cancel()
 
     async def embed(
         self, model: str, texts: Sequence[str], request_id: str, timeout_s: float
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         """One request to an embedding model (``triton_models/minilm``'s contract): input
         ``text`` [n] → ``embedding`` [n, d], ``num_tokens`` [n]."""
-        tensor = InferInput("text", [len(texts)], "BYTES")
-        tensor.set_data_from_numpy(np.array([t.encode("utf-8") for t in texts], dtype=object))
+        encoded = [t.encode("utf-8") for t in texts]
+        raw = b"".join(_LENGTH.pack(len(e)) + e for e in encoded)
+        tensor = _Tensor(name="text", datatype="BYTES", shape=[len(texts)])
+        request = _infer_request(model, request_id, [(tensor, raw)], ("embedding", "num_tokens"))
         try:
             with _translate(self._address):
-                result = await self._client.infer(
-                    model,
-                    [tensor],
-                    outputs=self._embed_outputs,
-                    request_id=request_id,
-                    client_timeout=timeout_s,
-                )
+                response = await self._infer(request, timeout=timeout_s)
         except GenerationFailed as exc:
             raise GenerationFailed("The embedding model failed.") from exc
-        return result.as_numpy("embedding"), result.as_numpy("num_tokens")
+        arrays = _arrays(response)
+        if "embedding" not in arrays or "num_tokens" not in arrays:
+            raise GenerationFailed("The embedding model answered without its outputs.")
+        return arrays["embedding"], arrays["num_tokens"]
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._channel.close()
+
+
+_DTYPES = {
+    "FP32": "<f4",
+    "FP16": "<f2",
+    "FP64": "<f8",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+}
+
+
+def _arrays(response: Any) -> dict[str, npt.NDArray[Any]]:
+    """A response's numeric outputs as arrays of their shape (raw little-endian contents)."""
+    arrays = {}
+    raws = response.raw_output_contents
+    for index, output in enumerate(response.outputs):
+        if index < len(raws) and output.datatype in _DTYPES:
+            array = np.frombuffer(raws[index], dtype=_DTYPES[output.datatype])
+            arrays[output.name] = array.reshape(tuple(output.shape))
+    return arrays
 
 
 def _first_raw(datatype: str, raw: bytes) -> Any:
@@ -287,13 +342,13 @@ def _first_raw(datatype: str, raw: bytes) -> Any:
     return None
 
 
-def _decode(result: Any) -> tuple[Delta, bool]:
-    """One response of the stream as a ``Delta``, and whether it is the last.
+def _decode(response: Any) -> tuple[Delta, bool]:
+    """One response of the stream (a ``ModelInferResponse``) as a ``Delta``, and whether it is
+    the last.
 
-    Reads the response's raw output contents directly: through ``InferResult.as_numpy`` every
-    token cost four numpy arrays, the largest share of the orchestrator's CPU per token.
+    Reads the response's raw output contents directly: through tritonclient's
+    ``InferResult.as_numpy`` every token cost four numpy arrays.
     """
-    response = result.get_response()
     values: dict[str, Any] = {}
     raws = response.raw_output_contents
     for index, output in enumerate(response.outputs):

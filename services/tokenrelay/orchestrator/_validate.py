@@ -52,6 +52,13 @@ def _check_sampling(sampling: Sampling, spec: ModelSpec, limits: Limits) -> None
 
 def validate(request: GenerationRequest, spec: ModelSpec, limits: Limits) -> None:
     """Raise ``InvalidRequest`` when ``request`` may not be sent to ``spec``'s model."""
+    interval = request.stream_interval_ms
+    if interval is not None and not 0 <= interval <= spec.max_stream_interval_ms:
+        raise InvalidRequest(
+            f"'stream_interval_ms' must be between 0 and {spec.max_stream_interval_ms} for"
+            f" '{spec.id}'; got {interval}.",
+            "stream_interval_ms",
+        )
     if len(request.request_id) > limits.max_request_id_chars:
         raise InvalidRequest(
             f"'request_id' may have at most {limits.max_request_id_chars} characters.",

@@ -8,6 +8,12 @@ is on), the tenants' limits store and usage ledger, the relay — and passes the
 ``stop(grace)`` turns health NOT_SERVING, refuses new calls, lets in-flight streams finish for up
 to ``grace`` seconds, then cancels what is left and closes what was opened, in reverse order,
 through one exit stack.
+
+With ``orchestrator.workers`` above 1, ``supervise`` runs that many orchestrator processes on the
+same ports (``tokenrelay._workers``): each worker's ``Orchestrator`` is given its
+``WorkerContext``, takes its admission slots from the supervisor (one ``AdmissionControl`` for the
+group), listens with ``SO_REUSEPORT`` and answers ``/metrics`` with every worker's samples,
+labelled ``worker``.
 """
 
 from __future__ import annotations
@@ -26,14 +32,26 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from tokenrelay import _loop
 from tokenrelay._looplag import watch_loop_lag
-from tokenrelay.config import Settings, split_hostport
+from tokenrelay._workers import (
+    CoordinatorLimits,
+    RemoteAdmission,
+    Supervisor,
+    WorkerContext,
+    gather,
+    reserve,
+    serve_own_metrics,
+    worker_command,
+)
+from tokenrelay.config import Settings, join_hostport, split_hostport
 from tokenrelay.generation import TokenSource
 from tokenrelay.metrics import CONTENT_TYPE, exposition
-from tokenrelay.orchestrator._admission import AdmissionControl
+from tokenrelay.orchestrator._admission import AdmissionControl, Slots
 from tokenrelay.orchestrator._auth import CallerInterceptor
 from tokenrelay.orchestrator._border import BorderInterceptor
 from tokenrelay.orchestrator._discovery import Discovery, parse_dns
+from tokenrelay.orchestrator._health import HealthServicer
 from tokenrelay.orchestrator._metrics import RelayMetrics
 from tokenrelay.orchestrator._plan import Planner
 from tokenrelay.orchestrator._pool import NodePool, Placement
@@ -53,7 +71,7 @@ from tokenrelay.security import KeyStore
 from tokenrelay.tenancy import LimitStore, TenantMetrics, Tenants, UsageLedger, make_limits
 from tokenrelay.v1 import generation_pb2, generation_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
-__all__ = ["SERVICE_NAME", "Orchestrator", "serve"]
+__all__ = ["SERVICE_NAME", "Orchestrator", "serve", "supervise"]
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +114,17 @@ class Orchestrator:
         embedding_sources: Sequence[EmbeddingSource] | None = None,
         store: VectorStore | None = None,
         limits: LimitStore | None = None,
+        worker: WorkerContext | None = None,
     ) -> None:
         """``sources`` maps node names to token sources; by default a ``TritonNode`` for each
         configured endpoint (tests pass fakes). ``embedding_sources``: the nodes of the
         embedding model (default: the ``TritonNode``s of ``embeddings.nodes``); ``store``: the
         vector store (default: as configured); ``limits``: where callers' token limits are
-        counted (default: as ``tenancy.store`` says)."""
+        counted (default: as ``tenancy.store`` says; in a worker of several with the local
+        store, the group's counters in its supervisor). ``worker``: this process is one of a
+        supervisor's workers."""
         self._settings = settings
+        self._worker = worker
         orchestrator = settings.orchestrator
         placement = {
             m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in settings.models
@@ -167,10 +189,17 @@ class Orchestrator:
             if self._store is not None and embedder is not None
             else None
         )
-        admission = AdmissionControl(orchestrator.admission)
+        admission: Slots = (
+            AdmissionControl(orchestrator.admission)
+            if worker is None
+            else RemoteAdmission(worker.coordinator, orchestrator.admission)
+        )
         metrics.watch(lambda: admission.running, lambda: admission.queued, self._pool.status)
         tenancy = settings.tenancy
         tenant_metrics = TenantMetrics(registry)
+        if limits is None and worker is not None and tenancy.store == "local":
+            # Several workers count a key's tokens as one process would: in their supervisor.
+            limits = CoordinatorLimits(worker.coordinator)
         self._limits = limits or make_limits(tenancy, settings.secrets.redis_url, tenant_metrics)
         self._ledger = (
             UsageLedger(
@@ -194,7 +223,7 @@ class Orchestrator:
             tenant_metrics=tenant_metrics,
             ledger=self._ledger,
         )
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         # Admission control bounds the generations; this bounds the calls themselves, so that a
         # flood past the queue is refused by gRPC (RESOURCE_EXHAUSTED) before it costs memory.
         # The headroom keeps health checks, ListModels and Status answering under the flood.
@@ -212,11 +241,15 @@ class Orchestrator:
             ],
             maximum_concurrent_rpcs=admitted.max_concurrent + admitted.max_queue + 64,
             # gRPC sets SO_REUSEPORT by default: a second orchestrator on a taken port would
-            # start and silently share its connections. Refuse the port instead.
+            # start and silently share its connections. Refuse the port instead; workers share
+            # the port their supervisor holds (tokenrelay._workers.reserve refuses a taken one).
             options=[
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 0 if worker is None else 1),
                 # UpsertDocuments carries whole documents (gRPC's default cap is 4 MiB).
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                # The edge pings its channel every 10 s to notice a hung orchestrator (gRPC's
+                # default refuses pings more often than every 5 min on a stream without data).
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ],
         )
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -288,15 +321,27 @@ class Orchestrator:
         if settings.metrics_listen:
             await self._serve_metrics(settings.metrics_listen)
         log.info(
-            "orchestrator listening", extra={"fields": {"address": address, "port": self.port}}
+            "orchestrator listening",
+            extra={
+                "fields": {
+                    "address": address,
+                    "port": self.port,
+                    "worker": None if self._worker is None else self._worker.index,
+                }
+            },
         )
         return self.port
 
     async def _serve_metrics(self, address: str) -> None:
         """Prometheus exposition on its own HTTP port (scrapers cannot speak gRPC)."""
 
+        worker = self._worker
+
         async def metrics(request: web.Request) -> web.Response:
-            body = exposition(self._registry)
+            if worker is None:
+                body = exposition(self._registry)
+            else:  # every worker's samples, labelled worker="i"
+                body = await gather(worker, self._registry)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
         app = web.Application()
@@ -304,8 +349,12 @@ class Orchestrator:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._resources.push_async_callback(runner.cleanup)
+        if worker is not None:
+            own = await serve_own_metrics(worker.metrics_socket(worker.index), self._registry)
+            self._resources.push_async_callback(own.wait_closed)
+            self._resources.callback(own.close)
         host, port = split_hostport(address)
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=worker is not None)
         await site.start()
         self.metrics_port = int(runner.addresses[0][1])
 
@@ -334,9 +383,9 @@ async def _task(coro: typing.Coroutine[object, object, None]) -> typing.AsyncIte
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, worker: WorkerContext | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain and return."""
-    orchestrator = Orchestrator(settings)
+    orchestrator = Orchestrator(settings, worker=worker)
     await orchestrator.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -345,3 +394,34 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     await orchestrator.stop()
     log.info("orchestrator stopped")
+
+
+def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
+    """Run ``orchestrator.workers`` orchestrator processes on the orchestrator's ports; the exit
+    code. Raises ``OSError`` when a port is taken (by anything, another orchestrator too)."""
+    orchestrator = settings.orchestrator
+    env = dict(environ)
+    holders = []
+    try:
+        host, port = split_hostport(orchestrator.listen)
+        holders.append(reserve(host, port))
+        env["TOKENRELAY_ORCHESTRATOR_LISTEN"] = join_hostport(
+            host, int(holders[-1].getsockname()[1])
+        )
+        if orchestrator.metrics_listen:
+            host, port = split_hostport(orchestrator.metrics_listen)
+            holders.append(reserve(host, port))
+            env["TOKENRELAY_ORCHESTRATOR_METRICS"] = join_hostport(
+                host, int(holders[-1].getsockname()[1])
+            )
+        supervisor = Supervisor(
+            "orchestrator",
+            worker_command("tokenrelay.orchestrator"),
+            orchestrator.workers,
+            env,
+            admission=orchestrator.admission,
+        )
+        return _loop.run(supervisor.run(), settings.event_loop)
+    finally:
+        for holder in holders:
+            holder.close()

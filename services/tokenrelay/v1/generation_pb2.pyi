@@ -363,12 +363,19 @@ class GenerateStreamRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     RETRIEVAL_FIELD_NUMBER: _builtins.int
+    STREAM_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model id from the catalog (see ListModels)."""
     prompt: _builtins.str
     """A raw prompt, sent to the model as it is."""
     request_id: _builtins.str
     """Caller's id for this request, echoed back and written to logs; generated when empty."""
+    stream_interval_ms: _builtins.int
+    """Stream interval in milliseconds: tokens that arrive within this long of the previous
+    message ride together in the next one (fewer, larger messages; the first token and the end
+    are never held back). Unset: the model's default (catalog `stream_interval_ms`); 0: every
+    model step as it comes. At most the model's `max_stream_interval_ms` (INVALID_ARGUMENT).
+    """
     @_builtins.property
     def chat(self) -> Global___Chat:
         """A conversation, rendered with the model's chat template."""
@@ -393,13 +400,19 @@ class GenerateStreamRequest(_message.Message):
         request_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         retrieval: _retrieval_pb2.RetrievalOptions | None = ...,
+        stream_interval_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "retrieval", b"retrieval", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms", "chat", b"chat", "input", b"input", "prompt", b"prompt", "retrieval", b"retrieval", "sampling", b"sampling", "stream_interval_ms", b"stream_interval_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "labels", b"labels", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "retrieval", b"retrieval", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms", "chat", b"chat", "input", b"input", "labels", b"labels", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "retrieval", b"retrieval", "sampling", b"sampling", "stream_interval_ms", b"stream_interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__stream_interval_ms: _TypeAlias = _typing.Literal["stream_interval_ms"]  # noqa: Y015
+    _WhichOneofArgType__stream_interval_ms: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms"]  # noqa: Y015
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "prompt"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream_interval_ms) -> _WhichOneofReturnType__stream_interval_ms | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
 Global___GenerateStreamRequest: _TypeAlias = GenerateStreamRequest  # noqa: Y015

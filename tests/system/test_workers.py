@@ -1,0 +1,262 @@
+"""The orchestrator and the edge as several worker processes on one port each: limits and
+metrics hold for the group, and a taken port is still refused.
+
+The kernel spreads connections over the workers (SO_REUSEPORT), so each test opens many
+connections: with two workers, all of them landing on one worker is a 1-in-2^(n-1) chance, and
+the tests check that both workers served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+
+from _support import REPO
+from tokenrelay.config import (
+    Admission,
+    EdgeSettings,
+    OrchestratorSettings,
+    Retrieval,
+    Settings,
+    to_toml,
+)
+from tokenrelay.security import hash_key
+from tokenrelay.stack import Stack, StackPorts
+from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+
+ONE_STREAM = "tr-" + "a" * 43  # at most one request in flight
+THREE_PER_MINUTE = "tr-" + "b" * 43
+KEYS = f"""
+[[keys]]
+id = "one-stream"
+sha256 = "{hash_key(ONE_STREAM)}"
+max_streams = 1
+
+[[keys]]
+id = "three-per-minute"
+sha256 = "{hash_key(THREE_PER_MINUTE)}"
+requests_per_minute = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    directory = tmp_path_factory.mktemp("workers")
+    keys = directory / "keys.toml"
+    keys.write_text(KEYS)
+    settings = Settings(
+        orchestrator=OrchestratorSettings(
+            workers=2, admission=Admission(max_concurrent=2, max_queue=0)
+        ),
+        edge=EdgeSettings(workers=2, api_keys_file=str(keys)),
+        retrieval=Retrieval(store="none"),
+    )
+    config = directory / "tokenrelay.toml"
+    config.write_text(to_toml(settings))
+    with Stack(
+        REPO / "triton_models", StackPorts.free(), models=("synthetic",), config=config
+    ) as stack:
+        yield stack
+
+
+def _children(pid: int) -> list[str]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found.append(Path(f"/proc/{child}/cmdline").read_text().replace("\0", " "))
+    return found
+
+
+def _samples(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    found = {}
+    for line in text.splitlines():
+        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if match:
+            labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', match.group(1))))
+            found[labels] = float(match.group(2))
+    return found
+
+
+def test_each_service_runs_as_that_many_workers(workers: Stack) -> None:
+    assert workers.orchestrator is not None and workers.edge is not None
+    for process, module in ((workers.orchestrator, "orchestrator"), (workers.edge, "edge")):
+        children = _children(process.pid)
+        assert len(children) == 2, children
+        assert all(f"tokenrelay.{module} --worker" in c for c in children)
+
+
+async def _generation(address: str) -> str:
+    # A channel of its own (no shared subchannel): a connection of its own.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        request = pb.GenerateStreamRequest(
+            model="synthetic", prompt="hello", sampling=pb.SamplingParams(max_tokens=60)
+        )
+        try:
+            async for message in stub.GenerateStream(request, timeout=60):
+                if message.HasField("end"):
+                    return "done"
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+    return "ended early"
+
+
+async def test_admission_is_one_limit_for_all_workers(workers: Stack) -> None:
+    # max_concurrent = 2 for the orchestrator, whatever the number of workers.
+    outcomes = await asyncio.gather(*(_generation(workers.orchestrator_address) for _ in range(12)))
+    assert sorted(outcomes) == ["RESOURCE_EXHAUSTED"] * 10 + ["done"] * 2
+    for _ in range(5):  # a sibling slow to answer is left out of one scrape, not of all
+        requests = _samples(workers.orchestrator_metrics_url, "tokenrelay_requests_total")
+        by_worker: dict[str, float] = {}
+        for labels, value in requests.items():
+            by_worker[dict(labels)["worker"]] = by_worker.get(dict(labels)["worker"], 0) + value
+        if len(by_worker) == 2:
+            break
+    assert set(by_worker) == {"0", "1"} and all(by_worker.values()), requests
+    overloaded = sum(v for k, v in requests.items() if ("outcome", "overloaded") in k)
+    assert overloaded == 10
+
+
+async def _chat(url: str, key: str, max_tokens: int) -> int:
+    # A session of its own per request: a connection of its own.
+    body = {
+        "model": "synthetic",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as response,
+    ):
+        await response.read()
+        return response.status
+
+
+async def test_a_keys_concurrent_requests_are_counted_across_edge_workers(workers: Stack) -> None:
+    statuses = await asyncio.gather(*(_chat(workers.edge_url, ONE_STREAM, 60) for _ in range(8)))
+    assert sorted(statuses) == [200] + [429] * 7
+    served = _samples(f"{workers.edge_url}/metrics", "tokenrelay_edge_requests_total")
+    chat = {
+        dict(labels)["worker"]
+        for labels in served
+        if dict(labels)["route"] == "/v1/chat/completions"
+    }
+    assert chat == {"0", "1"}, served
+
+
+async def test_a_keys_request_rate_is_counted_across_edge_workers(workers: Stack) -> None:
+    statuses = [await _chat(workers.edge_url, THREE_PER_MINUTE, 1) for _ in range(6)]
+    assert statuses == [200] * 3 + [429] * 3
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_port_the_workers_hold_is_refused(workers: Stack, tmp_path: Path, count: int) -> None:
+    config = tmp_path / "tokenrelay.toml"
+    settings = Settings(
+        orchestrator=OrchestratorSettings(workers=count), retrieval=Retrieval(store="none")
+    )
+    config.write_text(to_toml(settings))
+    env = {
+        **os.environ,
+        "TOKENRELAY_CONFIG": str(config),
+        "TOKENRELAY_ORCHESTRATOR_LISTEN": workers.orchestrator_address,
+        "TOKENRELAY_ORCHESTRATOR_METRICS": "",
+        "TOKENRELAY_TRITON": ",".join(workers.triton_addresses),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenrelay.orchestrator"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert workers.orchestrator is not None and workers.orchestrator.poll() is None
+    assert len(_children(workers.orchestrator.pid)) == 2
+
+
+def test_an_edge_started_before_its_orchestrator_finds_it_within_a_second_or_two(
+    workers: Stack, tmp_path: Path
+) -> None:
+    # gRPC's default backoff after refused connections reaches seconds (up to 120 s), with
+    # every call failing meanwhile; the edge's channel tries again within a second.
+    from tokenrelay.stack import free_port
+
+    edge_port, orchestrator_port = free_port(), free_port()
+    config = tmp_path / "tokenrelay.toml"
+    config.write_text(to_toml(Settings(retrieval=Retrieval(store="none"))))
+    env = {
+        **os.environ,
+        "TOKENRELAY_CONFIG": str(config),
+        "TOKENRELAY_EDGE_LISTEN": f"127.0.0.1:{edge_port}",
+        "TOKENRELAY_EDGE_ORCHESTRATOR": f"127.0.0.1:{orchestrator_port}",
+        "TOKENRELAY_ORCHESTRATOR_LISTEN": f"127.0.0.1:{orchestrator_port}",
+        "TOKENRELAY_ORCHESTRATOR_METRICS": "",
+        "TOKENRELAY_TRITON": ",".join(workers.triton_addresses),
+    }
+    log = (tmp_path / "services.log").open("wb")
+    edge = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay.edge"], env=env, stdout=log, stderr=log
+    )
+    orchestrator = None
+    try:
+        time.sleep(8)  # the edge's channel has been refused for a while
+        orchestrator = subprocess.Popen(
+            [sys.executable, "-m", "tokenrelay.orchestrator"], env=env, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 30
+        while not _serving(f"127.0.0.1:{orchestrator_port}"):
+            assert time.monotonic() < deadline, "the orchestrator did not start"
+            time.sleep(0.05)
+        serving = time.monotonic()
+        while _status(f"http://127.0.0.1:{edge_port}/readyz") != 200:
+            assert time.monotonic() - serving < 2.5, "the edge did not find its orchestrator"
+            time.sleep(0.05)
+    finally:
+        for process in (edge, orchestrator):
+            if process is not None:
+                process.terminate()
+                process.wait(30)
+        log.close()
+
+
+def _serving(address: str) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=0.5
+            )
+        except grpc.RpcError:
+            return False
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
