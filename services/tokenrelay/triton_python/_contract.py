@@ -33,6 +33,10 @@ class EngineSampling:
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
 
+    def features(self) -> tuple[str, ...]:
+        """The optional engine features this request needs (see ``Engine.features``)."""
+        return ()
+
 
 _FLOATS = {
     "temperature": (0.0, math.inf),
