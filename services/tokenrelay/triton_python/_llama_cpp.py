@@ -12,11 +12,26 @@ import threading
 from pathlib import Path
 from typing import Any
 
+# llama.cpp's CPU backend is built with OpenMP here, whose threads spin at every barrier of the
+# graph (hundreds per decoding step) by default. When the cores are shared (the stack's other
+# processes, anything else on the machine), a spinning thread burns the time slice its partner
+# needs, and decoding slowed down 3-10x in measurements on a shared 2-core machine; passive
+# waiting kept it steady. libgomp reads this when it loads (with llama_cpp, below), so it is set
+# here; a value already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import llama_cpp
+import numpy as np
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from tokenrelay.triton_python._contract import BadRequest, EngineSampling
+from tokenrelay.triton_python._contract import (
+    BadRequest,
+    EngineSampling,
+    StructuredOutput,
+)
+from tokenrelay.triton_python._engine import TokenLogprob
 
-__all__ = ["Batch", "Context", "Model", "SamplerChain", "convert_weights"]
+__all__ = ["Batch", "Context", "Model", "SamplerChain", "convert_weights", "grammar_text"]
 
 # Sampling as llama-cpp-python's ``Llama.generate`` did it before the batched engine: penalties
 # look at the last 64 generated tokens.
@@ -96,17 +111,24 @@ class Model:
                 return list(tokens[:n])
             room = -n
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a generated token stands for (control tokens: none)."""
-        found = self._pieces.get(token)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes a generated token stands for; a control token stands for none unless
+        ``special`` (then for its name, e.g. ``<|im_end|>``)."""
+        key = -token - 1 if special else token
+        found = self._pieces.get(key)
         if found is None:
             buffer = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, 64, 0, False)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, 64, 0, special)
             if n < 0:
                 buffer = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, -n, 0, False)
-            found = self._pieces[token] = buffer.raw[:n]
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, -n, 0, special)
+            found = self._pieces[key] = buffer.raw[:n]
         return found
+
+    def decoded(self, token: int) -> str:
+        """A token's text as vLLM's logprobs show it (control tokens by name, bytes that are not
+        UTF-8 on their own as U+FFFD)."""
+        return self.piece(token, special=True).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
@@ -150,9 +172,33 @@ class Context:
     def decode(self, batch: Batch) -> int:
         return int(llama_cpp.llama_decode(self.ptr, batch.raw))
 
-    def logits(self, index: int) -> Any:
-        """The raw logits of the batch's ``index``-th token (a ctypes float array)."""
-        return llama_cpp.llama_get_logits_ith(self.ptr, index)
+    def logprobs(self, model: Model, index: int, token: int, top: int) -> tuple[TokenLogprob, ...]:
+        """``token`` and the ``top`` most likely tokens after the batch's ``index``-th token, with
+        their log-probabilities under the raw model distribution (log-softmax of the logits,
+        before penalties, logit bias, grammar, temperature or top-k/p: vLLM's default
+        ``logprobs_mode``, "raw_logprobs"). ``token`` comes first; ranks are 1-based, a tie
+        ranks below every token it ties with (as vLLM counts them)."""
+        pointer = llama_cpp.llama_get_logits_ith(self.ptr, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        chosen = logprobs[token]
+        entries = [
+            TokenLogprob(
+                token, float(chosen), int((logprobs >= chosen).sum()), model.decoded(token)
+            )
+        ]
+        if top:
+            best = np.argpartition(-logprobs, top - 1)[:top]
+            best = best[np.argsort(-logprobs[best], kind="stable")]
+            for rank, candidate in enumerate(best.tolist(), start=1):
+                if candidate != token:
+                    entries.append(
+                        TokenLogprob(
+                            candidate, float(logprobs[candidate]), rank, model.decoded(candidate)
+                        )
+                    )
+        return tuple(entries)
 
     def forget(self, slot: int, start: int = 0) -> bool:
         """Drop ``slot``'s KV cells from position ``start`` on; False when that cannot be done
@@ -195,10 +241,46 @@ class Batch:
             self.capacity = 0
 
 
+def _gbnf_literal(text: str) -> str:
+    out = []
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char == "\n":
+            out.append("\\n")
+        elif char == "\r":
+            out.append("\\r")
+        elif char == "\t":
+            out.append("\\t")
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\x{ord(char):02X}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def grammar_text(constraint: StructuredOutput) -> str:
+    """The GBNF grammar of a structured-output constraint: a JSON schema through
+    llama-cpp-python's own converter, any JSON object through its JSON grammar, a choice as the
+    alternatives' literals. Raises ``BadRequest`` for a schema the converter cannot take."""
+    if constraint.kind == "json_object":
+        return JSON_GBNF
+    if constraint.kind == "choice":
+        return "root ::= " + " | ".join(_gbnf_literal(c) for c in constraint.choices) + "\n"
+    try:
+        return str(json_schema_to_gbnf(constraint.value))
+    except Exception as exc:  # the converter raises what it meets: assertions, KeyError …
+        detail = str(exc) or type(exc).__name__
+        raise BadRequest(
+            f"structured_outputs 'json': this schema is not supported: {detail}"
+        ) from None
+
+
 class SamplerChain:
-    """One request's sampler chain, built as llama-cpp-python's ``Llama`` built its own:
-    penalties, then greedy at temperature 0, else top-k, typical (off), top-p, min-p, temperature
-    and a seeded draw. Raises ``BadRequest`` when a part cannot be built."""
+    """One request's sampler chain, built as llama-cpp-python's ``Llama`` built its own (logit
+    bias and grammar added): logit bias, penalties, grammar, then greedy at temperature 0, else
+    top-k, typical (off), top-p, min-p, temperature and a seeded draw. Raises ``BadRequest`` when
+    a part cannot be built (a token id out of the vocabulary, a grammar that does not compile)."""
 
     def __init__(self, model: Model, sampling: EngineSampling) -> None:
         params = llama_cpp.llama_sampler_chain_default_params()
@@ -212,10 +294,24 @@ class SamplerChain:
 
     def _add(self, sampler: Any, what: str) -> None:
         if not sampler:
-            raise BadRequest(f"this model cannot use {what}")
+            raise BadRequest(f"{what} is not supported by this model")
         llama_cpp.llama_sampler_chain_add(self.ptr, sampler)
 
     def _build(self, model: Model, s: EngineSampling) -> None:
+        if s.logit_bias:
+            outside = [t for t, _ in s.logit_bias if t >= model.n_vocab]
+            if outside:
+                raise BadRequest(
+                    f"logit_bias: token {outside[0]} is out of range (the vocabulary's ids are"
+                    f" 0 to {model.n_vocab - 1})"
+                )
+            biases = (llama_cpp.llama_logit_bias * len(s.logit_bias))()
+            for i, (token, bias) in enumerate(s.logit_bias):
+                biases[i] = llama_cpp.llama_logit_bias(token, bias)
+            self._add(
+                llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(s.logit_bias), biases),
+                "logit_bias",
+            )
         self._add(
             llama_cpp.llama_sampler_init_penalties(
                 model.n_vocab,
@@ -226,6 +322,12 @@ class SamplerChain:
             ),
             "these penalties",
         )
+        if s.structured_outputs is not None:
+            text = grammar_text(s.structured_outputs)
+            grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, text.encode(), b"root")
+            if not grammar:
+                raise BadRequest("structured_outputs: its grammar is not valid")
+            self._add(grammar, "this grammar")
         if s.temperature == 0.0:
             self._add(llama_cpp.llama_sampler_init_greedy(), "greedy sampling")
             return

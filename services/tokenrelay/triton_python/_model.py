@@ -1,10 +1,15 @@
 """A decoupled Triton Python-backend model with the vLLM backend's input/output contract.
 
 Inputs: ``text_input`` (STRING), ``stream`` (BOOL), ``sampling_parameters`` (STRING, JSON),
-``exclude_input_in_output`` (BOOL), ``return_finish_reason``, ``return_num_input_tokens``,
-``return_num_output_tokens`` (BOOL). Outputs: ``text_output`` (STRING; the delta when streaming),
-``finish_reason`` (STRING; "None" until the last response, as vLLM's backend writes it),
-``num_input_tokens`` (UINT32), ``num_output_tokens`` (UINT32, per response).
+``exclude_input_in_output`` (BOOL), ``return_finish_reason``, ``return_cumulative_logprob``,
+``return_logprobs``, ``return_num_input_tokens``, ``return_num_output_tokens`` (BOOL). Outputs:
+``text_output`` (STRING; the delta when streaming), ``finish_reason`` (STRING; "None" until the
+last response, as vLLM's backend writes it), ``cumulative_logprob`` (FP32: the sum of the sampled
+tokens' logprobs so far; NaN unless ``sampling_parameters`` asks for ``logprobs``, as vLLM sends
+None), ``logprobs`` (STRING: JSON of a list, one entry per new token of the response, each
+``{"<token id>": {"logprob", "rank", "decoded_token"}, ...}`` with the sampled token first;
+``null`` unless ``logprobs`` was asked for), ``num_input_tokens`` (UINT32), ``num_output_tokens``
+(UINT32, per response).
 
 ``execute`` reads each request's inputs and submits it to the engine, returning at once, so
 Triton keeps accepting requests while tokens stream. The engine reports each request's steps from
@@ -39,6 +44,7 @@ from tokenrelay.triton_python._engine import (
     Engine,
     Step,
     StreamingEngine,
+    TokenLogprob,
     as_engine,
     refuse_unsupported,
 )
@@ -68,6 +74,23 @@ def _text(request: Any, name: str) -> str | None:
         except UnicodeDecodeError:
             raise BadRequest(f"{name} is not valid UTF-8") from None
     return str(value)
+
+
+def _logprobs_json(entries: list[tuple[TokenLogprob, ...]]) -> bytes:
+    """The ``logprobs`` output as ``request.py``'s ``create_response`` writes it."""
+    return json.dumps(
+        [
+            {
+                str(c.token_id): {
+                    "logprob": c.logprob,
+                    "rank": c.rank,
+                    "decoded_token": c.decoded_token,
+                }
+                for c in entry
+            }
+            for entry in entries
+        ]
+    ).encode("utf-8")
 
 
 class _Outbox:
@@ -111,6 +134,8 @@ class _Request:
         self.prompt_tokens = 0
         self._held_text = ""
         self._held_tokens = 0
+        self._held_logprobs: list[tuple[TokenLogprob, ...]] = []
+        self._cumulative = 0.0
 
     def parse(self, request: Any) -> None:
         """Read the inputs; raises ``BadRequest`` with a clear message."""
@@ -124,14 +149,36 @@ class _Request:
         self.prepend_input = not _flag(request, "exclude_input_in_output", self.stream)
         self.sampling: EngineSampling = parse_sampling(_text(request, "sampling_parameters"))
         self.want_finish = _flag(request, "return_finish_reason", False)
+        self.want_cumulative = _flag(request, "return_cumulative_logprob", False)
+        self.want_logprobs = _flag(request, "return_logprobs", False)
         self.want_in = _flag(request, "return_num_input_tokens", False)
         self.want_out = _flag(request, "return_num_output_tokens", False)
         self._held_text = prompt if self.prepend_input else ""
 
-    def _response(self, text: str, finish: str | None, tokens: int) -> Any:
+    def _response(
+        self,
+        text: str,
+        finish: str | None,
+        tokens: int,
+        logprobs: list[tuple[TokenLogprob, ...]],
+        cumulative: float,
+    ) -> Any:
         tensors = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))]
         if self.want_finish:
             tensors.append(pb_utils.Tensor("finish_reason", np.array([str(finish)], dtype=object)))
+        asked = self.sampling.logprobs is not None
+        if self.want_cumulative:
+            value = cumulative if asked else float("nan")
+            tensors.append(
+                pb_utils.Tensor("cumulative_logprob", np.array([value], dtype=np.float32))
+            )
+        if self.want_logprobs:
+            tensors.append(
+                pb_utils.Tensor(
+                    "logprobs",
+                    np.array([_logprobs_json(logprobs) if asked else b"null"], dtype=object),
+                )
+            )
         if self.want_in:
             tensors.append(
                 pb_utils.Tensor("num_input_tokens", np.array([self.prompt_tokens], dtype=np.uint32))
@@ -160,23 +207,27 @@ class _Request:
         self._outbox.submit(functools.partial(self._model.count_tokens, step.tokens))
         self._held_tokens += step.tokens
         self._held_text += step.text
+        if step.logprobs:
+            self._held_logprobs.extend(step.logprobs)
+            self._cumulative += sum(entry[0].logprob for entry in step.logprobs)
         if step.finish_reason is None and (not self.stream or not self._held_text):
             return
-        text, tokens = self._held_text, self._held_tokens
-        self._held_text, self._held_tokens = "", 0
+        text, tokens, logprobs = self._held_text, self._held_tokens, self._held_logprobs
+        self._held_text, self._held_tokens, self._held_logprobs = "", 0, []
+        cumulative = self._cumulative
         if step.finish_reason is not None:
             self._model.count_outcome("completed")
             finish = step.finish_reason
 
             def last() -> None:
-                response = self._response(text, finish, tokens)
+                response = self._response(text, finish, tokens, logprobs, cumulative)
                 self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
             self._outbox.submit(last)
             return
 
         def send() -> None:
-            self.sender.send(self._response(text, None, tokens))
+            self.sender.send(self._response(text, None, tokens, logprobs, cumulative))
             self._cancelled = bool(self.sender.is_cancelled())
 
         self._outbox.submit(send)

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import importlib.util
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +97,7 @@ class LlamaEngine:
     if given, is called by the engine thread after each decoding step with the number of
     sequences and of tokens it decoded."""
 
-    features: frozenset[str] = frozenset()
+    features: frozenset[str] = frozenset({"structured_outputs", "logprobs", "logit_bias"})
 
     def __init__(
         self,
@@ -123,6 +124,7 @@ class LlamaEngine:
         self._cached: list[list[int]] = [[] for _ in range(n_parallel)]
         self._running: list[_Sequence] = []
         self._closing = False
+        self._users = 0  # caller threads using the model (see _using)
         self._thread = threading.Thread(target=self._loop, name="llama-engine", daemon=True)
         self._thread.start()
 
@@ -132,19 +134,25 @@ class LlamaEngine:
         return self._context.n_ctx_slot
 
     def count_prompt_tokens(self, prompt: str) -> int:
-        with self._lock:
-            self._refuse_if_closed()
+        with self._using():
             return len(self._model.tokenize(prompt))
 
-    def _refuse_if_closed(self) -> None:
-        if self._closing:
-            raise RuntimeError("the engine is closed")
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """Hold the model open (close() waits) while a caller thread tokenizes or builds."""
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the engine is closed")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                self._lock.notify_all()
 
     def submit(self, prompt: str, sampling: EngineSampling, sink: StepSink) -> None:
-        # Under the lock, so that close() cannot free the model meanwhile; tokenizing and building
-        # a sampler chain take well under a millisecond for the prompts this model takes.
-        with self._lock:
-            self._refuse_if_closed()
+        with self._using():
             tokens = self._model.tokenize(prompt)
             if not tokens:
                 raise BadRequest("text_input is empty")
@@ -155,16 +163,24 @@ class LlamaEngine:
                     f" {self.n_ctx} tokens"
                 )
             budget = min(sampling.max_tokens or _VLLM_DEFAULT_MAX_TOKENS, room)
-            chain = SamplerChain(self._model, sampling)  # raises BadRequest before joining
+            # Built here, in the caller's thread: a grammar that does not compile is refused
+            # before the request joins the others, and a slow one does not stall the batch.
+            chain = SamplerChain(self._model, sampling)
+        with self._lock:
+            if self._closing:
+                chain.close()
+                raise RuntimeError("the engine is closed")
             self._waiting.append(_Sequence(sink, sampling, tokens, chain, budget))
-            self._lock.notify()
+            self._lock.notify_all()
 
     def close(self) -> None:
         with self._lock:
             self._closing = True
-            self._lock.notify()
+            self._lock.notify_all()
         self._thread.join(timeout=30)
         with self._lock:
+            while self._users:
+                self._lock.wait()
             if not self._thread.is_alive() and self._model.ptr:
                 self._batch.close()
                 self._context.close()
@@ -293,20 +309,23 @@ class LlamaEngine:
         """Sample ``sequence``'s next token and report it; True when the request is done."""
         token = sequence.chain.sample(self._context, index)
         sequence.last = token
-        stops, decoder = sequence.stops, sequence.decoder
+        top = sequence.sampling.logprobs
+        logprobs = () if top is None else (self._context.logprobs(self._model, index, token, top),)
+        stops, decoder, sink = sequence.stops, sequence.decoder, sequence.sink
         if not sequence.sampling.ignore_eos and self._model.is_eog(token):
-            sequence.sink.emit(Step(stops.flush() + decoder.decode(b"", final=True), 1, "stop"))
+            rest = stops.flush() + decoder.decode(b"", final=True)
+            sink.emit(Step(rest, 1, "stop", logprobs))
             return True
         sequence.produced += 1
         text, hit = stops.feed(decoder.decode(self._model.piece(token)))
         if hit:
-            sequence.sink.emit(Step(text, 1, "stop"))
+            sink.emit(Step(text, 1, "stop", logprobs))
             return True
         if sequence.produced >= sequence.budget:
             rest = stops.flush() + decoder.decode(b"", final=True)
-            sequence.sink.emit(Step(text + rest, 1, "length"))
+            sink.emit(Step(text + rest, 1, "length", logprobs))
             return True
-        sequence.sink.emit(Step(text, 1))
+        sink.emit(Step(text, 1, None, logprobs))
         return False
 
     def _release(self, sequence: _Sequence, keep_cache: bool = True) -> None:
