@@ -4,6 +4,7 @@ moment they end, whatever happens to the others."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -240,3 +241,34 @@ def test_prefix_cache_evaluates_only_the_new_part_and_changes_no_text() -> None:
     model.close()
     # Each prompt after the first reused (at least) the system prompt's cells.
     assert fed[False] - fed[True] >= (len(prompts) - 1) * (shared - 1)
+
+
+def test_a_constrained_request_beside_plain_ones_changes_none_of_them(
+    engine: LlamaEngine,
+) -> None:
+    choice = json.dumps(
+        {
+            "max_tokens": 8,
+            "temperature": 0,
+            "structured_outputs": json.dumps({"choice": ["red", "green", "blue"]}),
+        }
+    )
+    alone = [_ask(engine, q).wait() for q in QUESTIONS[1:]]
+    constrained = _ask(engine, "Name a colour.", choice)
+    others = [_ask(engine, q) for q in QUESTIONS[1:]]
+    assert constrained.wait().text in ("red", "green", "blue")
+    assert [r.wait().text for r in others] == [r.text for r in alone]
+
+
+def test_a_grammar_that_cannot_be_built_is_refused_before_it_joins(engine: LlamaEngine) -> None:
+    unresolvable = json.dumps({"json": {"$ref": "#/$defs/nowhere"}})
+    with pytest.raises(BadRequest, match="this schema is not supported"):
+        engine.submit(
+            CHATML.format("Hi"),
+            parse_sampling(json.dumps({"structured_outputs": unresolvable})),
+            Recorder(),
+        )
+    with pytest.raises(BadRequest, match="out of range"):
+        engine.submit(
+            CHATML.format("Hi"), parse_sampling('{"logit_bias": {"49152": 1}}'), Recorder()
+        )
