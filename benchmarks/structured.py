@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         tokens = statistics.median(r["tokens"] for r in rows)
         print(f"| {name} | {1000 * ttft[i]:.1f} | {1000 * tpot[i]:.2f} | {tokens:.0f} |")
     print(
-        f"\ngrammar: +{1000 * (ttft[1] - ttft[0]):.1f} ms to the first token,"
-        f" +{1000 * (tpot[1] - tpot[0]):.2f} ms per token"
+        f"\ngrammar: {1000 * (ttft[1] - ttft[0]):+.1f} ms to the first token,"
+        f" {1000 * (tpot[1] - tpot[0]):+.2f} ms per token"
         f" ({100 * (tpot[1] / tpot[0] - 1):+.0f} %)"
     )
     print(

@@ -276,16 +276,28 @@ def grammar_text(constraint: StructuredOutput) -> str:
         ) from None
 
 
+# A llama_token_data as numpy sees it, to fill a candidates array at C speed.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
 class SamplerChain:
     """One request's sampler chain, built as llama-cpp-python's ``Llama`` built its own (logit
-    bias and grammar added): logit bias, penalties, grammar, then greedy at temperature 0, else
-    top-k, typical (off), top-p, min-p, temperature and a seeded draw. Raises ``BadRequest`` when
-    a part cannot be built (a token id out of the vocabulary, a grammar that does not compile)."""
+    bias and grammar added): logit bias, penalties, then greedy at temperature 0, else top-k,
+    typical (off), top-p, min-p, temperature and a seeded draw. Raises ``BadRequest`` when a part
+    cannot be built (a token id out of the vocabulary, a grammar that does not compile).
+
+    A structured output adds the request's grammar sampler, applied as llama.cpp's own common
+    sampler applies it (``common_sampler_sample``): the chain picks a token; if the grammar allows
+    it, it stands; else the grammar masks every candidate and the chain picks again. Checking one
+    token instead of masking the whole vocabulary (49,152 tokens) at every step is what keeps
+    constrained decoding cheap; for greedy decoding the result is the same token, and for
+    sampling without truncation the same distribution."""
 
     def __init__(self, model: Model, sampling: EngineSampling) -> None:
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         self.ptr = llama_cpp.llama_sampler_chain_init(params)
+        self.grammar: Any = None
         try:
             self._build(model, sampling)
         except BaseException:
@@ -324,10 +336,13 @@ class SamplerChain:
         )
         if s.structured_outputs is not None:
             text = grammar_text(s.structured_outputs)
-            grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, text.encode(), b"root")
-            if not grammar:
+            self.grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, text.encode(), b"root")
+            if not self.grammar:
                 raise BadRequest("structured_outputs: its grammar is not valid")
-            self._add(grammar, "this grammar")
+            self._n_vocab = model.n_vocab
+            self._candidates = (llama_cpp.llama_token_data * model.n_vocab)()
+            self._view = np.frombuffer(memoryview(self._candidates), dtype=_TOKEN_DATA)
+            self._ids = np.arange(model.n_vocab, dtype=np.int32)
         if s.temperature == 0.0:
             self._add(llama_cpp.llama_sampler_init_greedy(), "greedy sampling")
             return
@@ -341,9 +356,38 @@ class SamplerChain:
 
     def sample(self, context: Context, index: int) -> int:
         """Sample (and accept) the next token from the batch's ``index``-th logits."""
-        return int(llama_cpp.llama_sampler_sample(self.ptr, context.ptr, index))
+        if self.grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self.ptr, context.ptr, index))
+        logits = llama_cpp.llama_get_logits_ith(context.ptr, index)
+        token = self._pick(logits, constrained=False)
+        single = llama_cpp.llama_token_data(token, 1.0, 0.0)
+        one = llama_cpp.llama_token_data_array(ctypes.pointer(single), 1, -1, False)
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(one))
+        if one.data[0].logit == float("-inf"):  # the grammar does not allow it
+            token = self._pick(logits, constrained=True)
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        llama_cpp.llama_sampler_accept(self.ptr, token)
+        return token
+
+    def _pick(self, logits: Any, constrained: bool) -> int:
+        """The chain's choice among every token (only those the grammar allows if
+        ``constrained``), without accepting it."""
+        view = self._view
+        view["id"] = self._ids
+        view["logit"] = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
+        view["p"] = 0.0
+        candidates = llama_cpp.llama_token_data_array(
+            ctypes.cast(self._candidates, llama_cpp.llama_token_data_p), self._n_vocab, -1, False
+        )
+        if constrained:
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(candidates))
+        llama_cpp.llama_sampler_apply(self.ptr, ctypes.byref(candidates))
+        return int(candidates.data[candidates.selected].id)
 
     def close(self) -> None:
+        if self.grammar:
+            llama_cpp.llama_sampler_free(self.grammar)
+            self.grammar = None
         if self.ptr:
             llama_cpp.llama_sampler_free(self.ptr)
             self.ptr = None
