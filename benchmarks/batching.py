@@ -8,7 +8,9 @@ It starts a stack of its own (tritonserver with ``smollm2``, orchestrator, edge 
 ports) from this checkout and, with ``--before DIR``, a second one from another checkout of the
 repository (``git archive <commit> | tar -x -C DIR``): every process of that stack imports
 tokenrelay from ``DIR/services``. Each ``--also NAME:KEY=VALUE,...`` adds a stack of this
-checkout whose smollm2 model config has those parameters (``weights=q8_0``, ``n_threads=1`` …).
+checkout whose smollm2 model config has those parameters (``weights=q8_0``, ``n_threads=1`` …;
+``env.NAME=VALUE`` sets an environment variable of its processes instead, ``tree=DIR`` takes
+another checkout).
 Each level runs closed loop: that many clients, each sending ``--requests`` streamed chat
 completions one after the other (different story prompts, temperature 0, ``max_tokens``), stacks
 alternating level by level and round by round so that a comparison holds on a noisy machine.
@@ -224,18 +226,23 @@ def _repository(tree: Path, workdir: Path, name: str, parameters: dict[str, str]
 
 
 def _start(tree: Path, config: Path, workdir: Path, name: str, parameters: dict[str, str]) -> Stack:
-    """A stack whose every process imports tokenrelay from ``tree/services``."""
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(tree / "services")
+    """A stack whose every process imports tokenrelay from ``tree/services``; parameters named
+    ``env.X`` are environment variables of its processes, the others model-config parameters."""
+    env = {k.removeprefix("env."): v for k, v in parameters.items() if k.startswith("env.")}
+    env["PYTHONPATH"] = str(tree / "services")
+    model = {k: v for k, v in parameters.items() if not k.startswith("env.")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # Triton's environment is this process's (stack._triton)
     try:
-        repository = _repository(tree, workdir, name, parameters)
+        repository = _repository(tree, workdir, name, model)
         stack = Stack(repository, StackPorts.free(), models=("smollm2",), config=config)
         stack.start()
     finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return stack
 
 
@@ -303,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         for also in args.also:
             name, _, settings = also.partition(":")
             pairs = dict(item.split("=", 1) for item in settings.split(",") if item)
-            variants[name] = (REPO, pairs)
+            tree = Path(pairs.pop("tree")).resolve() if "tree" in pairs else REPO
+            variants[name] = (tree, pairs)
         stacks = {}
         try:
             for code, (tree, parameters) in variants.items():

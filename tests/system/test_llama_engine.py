@@ -1,6 +1,9 @@
 """The batched llama.cpp engine on the real SmolLM2 GGUF, without Triton: sequences decode
 together, give the text they give alone, wait their turn in order, and leave their slot the
-moment they end, whatever happens to the others."""
+moment they end, whatever happens to the others.
+
+It needs no server, but decoding real tokens takes a minute on two cores, so it lives with the
+slow (system) tier rather than in ``make test-fast``."""
 
 from __future__ import annotations
 
