@@ -12,24 +12,29 @@ import threading
 from pathlib import Path
 from typing import Any
 
-# llama.cpp's CPU backend is built with OpenMP here, whose threads spin at every barrier of the
-# graph (hundreds per decoding step) by default. When the cores are shared (the stack's other
-# processes, anything else on the machine), a spinning thread burns the time slice its partner
-# needs, and decoding slowed down 3-10x in measurements on a shared 2-core machine; passive
-# waiting kept it steady. libgomp reads this when it loads (with llama_cpp, below), so it is set
-# here; a value already in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# llama.cpp's CPU backend is built with OpenMP here, whose threads spin at every barrier of a
+# decoding step (hundreds of them) before they sleep. On a machine with cores to spare that is
+# the fastest way to wait; when llama.cpp's two threads share the cores with the rest of the
+# stack (a 2-core machine), a spinning thread burns the time slice its partner needs: decoding
+# slowed down 3-10x on a shared 2-core machine, and waiting passively kept it steady (at a cost
+# of about a third when the cores happened to be free). So with fewer than four cores the threads
+# wait passively. libgomp reads this when it loads (with llama_cpp, below); a value already in
+# the environment wins.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+if (_CORES or 1) < 4:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import llama_cpp
-import numpy as np
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+# (Imported after the setting above, on purpose.)
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf  # noqa: E402
 
-from tokenrelay.triton_python._contract import (
+from tokenrelay.triton_python._contract import (  # noqa: E402
     BadRequest,
     EngineSampling,
     StructuredOutput,
 )
-from tokenrelay.triton_python._engine import TokenLogprob
+from tokenrelay.triton_python._engine import TokenLogprob  # noqa: E402
 
 __all__ = ["Batch", "Context", "Model", "SamplerChain", "convert_weights", "grammar_text"]
 
