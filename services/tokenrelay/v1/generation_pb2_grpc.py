@@ -79,8 +79,10 @@ class GenerationServiceServicer:
         the client side needs no stream.
 
         The first message carries `start` (which model and node serve the request); the last one
-        carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
-        carry text together with `start` or `end`.
+        carries `end` (finish reason and usage). Messages in between carry text deltas, pieces of
+        tool calls and, when asked for, log probabilities. A message may carry text together with
+        `start` or `end`. With n > 1 every message names its choice (`index`), the choices'
+        messages interleave, and each choice ends with its own `end`; the stream ends after the last.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

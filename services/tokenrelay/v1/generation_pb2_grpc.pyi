@@ -63,8 +63,10 @@ class GenerationServiceStub:
     the client side needs no stream.
 
     The first message carries `start` (which model and node serve the request); the last one
-    carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
-    carry text together with `start` or `end`.
+    carries `end` (finish reason and usage). Messages in between carry text deltas, pieces of
+    tool calls and, when asked for, log probabilities. A message may carry text together with
+    `start` or `end`. With n > 1 every message names its choice (`index`), the choices'
+    messages interleave, and each choice ends with its own `end`; the stream ends after the last.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]
     """ListModels lists the callable models (the catalog's, and the embedding model) and whether
@@ -94,8 +96,10 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     the client side needs no stream.
 
     The first message carries `start` (which model and node serve the request); the last one
-    carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
-    carry text together with `start` or `end`.
+    carries `end` (finish reason and usage). Messages in between carry text deltas, pieces of
+    tool calls and, when asked for, log probabilities. A message may carry text together with
+    `start` or `end`. With n > 1 every message names its choice (`index`), the choices'
+    messages interleave, and each choice ends with its own `end`; the stream ends after the last.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the callable models (the catalog's, and the embedding model) and whether
@@ -134,8 +138,10 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         the client side needs no stream.
 
         The first message carries `start` (which model and node serve the request); the last one
-        carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
-        carry text together with `start` or `end`.
+        carries `end` (finish reason and usage). Messages in between carry text deltas, pieces of
+        tool calls and, when asked for, log probabilities. A message may carry text together with
+        `start` or `end`. With n > 1 every message names its choice (`index`), the choices'
+        messages interleave, and each choice ends with its own `end`; the stream ends after the last.
         """
 
     @_abc_1.abstractmethod
