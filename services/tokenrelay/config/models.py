@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic.dataclasses import dataclass
 
 from tokenrelay.config._fields import SECTION, AtLeastOne, Name
@@ -30,6 +32,14 @@ class ModelSpec:
     """``owned_by`` in ``GET /v1/models``."""
     fallback: str = ""
     """A catalog model that answers when no node of this one can; "" for none."""
+    tool_parser: Literal["", "hermes", "llama3_json"] = ""
+    """The tool-call format its template renders and it writes; "" refuses tools."""
+    structured_outputs: bool = True
+    """Constrained decoding: JSON response formats and forced tool calls (vLLM: yes)."""
+    logprobs: bool = True
+    """Returns log probabilities when asked (vLLM: yes)."""
+    logit_bias: bool = True
+    """Applies logit_bias (vLLM: yes); false: such requests get a 400, never ignored."""
 
     def __post_init__(self) -> None:
         if self.default_max_tokens > self.context_window:
@@ -51,6 +61,10 @@ DEFAULT_MODELS = (
         ),
         context_window=2048,
         default_max_tokens=256,
+        tool_parser="hermes",
+        structured_outputs=False,
+        logprobs=False,
+        logit_bias=False,
     ),
     ModelSpec(
         id="synthetic",
@@ -58,6 +72,10 @@ DEFAULT_MODELS = (
         chat_template="chatml",
         context_window=4096,
         default_max_tokens=64,
+        tool_parser="hermes",
+        structured_outputs=False,
+        logprobs=False,
+        logit_bias=False,
     ),
 )
 """The catalog when the file has no ``[[models]]``: the two CPU models of ``triton_models/``."""
