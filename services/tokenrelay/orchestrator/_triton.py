@@ -3,7 +3,8 @@
 Each generation is one ``ModelStreamInfer`` stream carrying one request, so cancelling the stream
 cancels exactly that Triton request (Triton then tells the model, which stops decoding). The
 vLLM backend's contract is spoken as it is: ``exclude_input_in_output`` is always true, token
-counts and the finish reason are asked for.
+counts and the finish reason are asked for; log probabilities only when the request wants them
+(``return_logprobs`` → the ``logprobs`` output, JSON text per response).
 
 ``stream_infer`` fails three ways, all translated here by ``_translate``: an exception when the
 call is set up, ``(result, error)`` pairs while streaming, and a raw ``grpc.RpcError`` out of
@@ -36,7 +37,7 @@ from tokenrelay.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from tokenrelay.generation import Delta, FinishReason, Sampling
+from tokenrelay.generation import Delta, FinishReason, Logprob, Sampling, TokenLogprob
 
 __all__ = ["TritonNode", "TritonTLS"]
 
@@ -179,6 +180,7 @@ class TritonNode:
             ],
         )
         self._outputs = [InferRequestedOutput(name) for name in _OUTPUTS]
+        self._outputs_with_logprobs = [*self._outputs, InferRequestedOutput("logprobs")]
         self._embed_outputs = [
             InferRequestedOutput("embedding"),
             InferRequestedOutput("num_tokens"),
@@ -199,20 +201,20 @@ class TritonNode:
             return False
 
     def _request(self, model: str, prompt: str, sampling: Sampling, request_id: str) -> Any:
-        return {
-            "model_name": model,
-            "request_id": request_id,
-            "outputs": self._outputs,
-            "inputs": [
-                _bytes_input("text_input", prompt),
-                _bool_input("stream", True),
-                _bytes_input("sampling_parameters", json.dumps(sampling.to_engine_json())),
-                _bool_input("exclude_input_in_output", True),
-                _bool_input("return_finish_reason", True),
-                _bool_input("return_num_input_tokens", True),
-                _bool_input("return_num_output_tokens", True),
-            ],
-        }
+        inputs = [
+            _bytes_input("text_input", prompt),
+            _bool_input("stream", True),
+            _bytes_input("sampling_parameters", json.dumps(sampling.to_engine_json())),
+            _bool_input("exclude_input_in_output", True),
+            _bool_input("return_finish_reason", True),
+            _bool_input("return_num_input_tokens", True),
+            _bool_input("return_num_output_tokens", True),
+        ]
+        outputs = self._outputs
+        if sampling.top_logprobs is not None:  # a model may not declare these: only when asked
+            inputs.append(_bool_input("return_logprobs", True))
+            outputs = self._outputs_with_logprobs
+        return {"model_name": model, "request_id": request_id, "outputs": outputs, "inputs": inputs}
 
     async def generate(
         self,
@@ -241,7 +243,7 @@ class TritonNode:
                         ) from None
                 if error is not None:  # a backend that ignores triton_grpc_error
                     raise _rpc_error(error, self._address)
-                delta, final = _decode(result)
+                delta, final = _decode(result, sampling.top_logprobs)
                 yield delta
                 if final:
                     return
@@ -287,7 +289,32 @@ def _first_raw(datatype: str, raw: bytes) -> Any:
     return None
 
 
-def _decode(result: Any) -> tuple[Delta, bool]:
+def _logprobs(raw: bytes, top: int) -> tuple[TokenLogprob, ...]:
+    """The ``logprobs`` output of one response: JSON text of a list, one entry per new token, of
+    ``{"<token id>": {"logprob", "rank", "decoded_token"}}`` with the sampled token first and the
+    ``top`` most likely (rank 1 …) among the rest (vLLM's ``create_response``). Anything
+    malformed raises ``GenerationFailed``."""
+    try:
+        entries = json.loads(raw)
+        if entries is None:
+            return ()
+        out = []
+        for entry in entries:
+            candidates = [
+                (str(c.get("decoded_token") or ""), float(c["logprob"]), int(c.get("rank") or 0))
+                for c in entry.values()
+            ]
+            token, logprob, _ = candidates[0]
+            ranked = sorted((c for c in candidates if c[2] > 0), key=lambda c: c[2])
+            out.append(
+                TokenLogprob(token, logprob, tuple(Logprob(t, lp) for t, lp, _ in ranked[:top]))
+            )
+        return tuple(out)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        raise GenerationFailed("The model sent malformed log probabilities.") from None
+
+
+def _decode(result: Any, top_logprobs: int | None = None) -> tuple[Delta, bool]:
     """One response of the stream as a ``Delta``, and whether it is the last.
 
     Reads the response's raw output contents directly: through ``InferResult.as_numpy`` every
@@ -308,10 +335,16 @@ def _decode(result: Any) -> tuple[Delta, bool]:
     reason = _FINISH.get(finish_text.lower())
     if final and reason is None:
         reason = FinishReason.STOP
+    logprobs = values.get("logprobs")
     delta = Delta(
         text=text.decode("utf-8", errors="replace") if isinstance(text, bytes) else "",
         output_tokens=int(output_tokens or 0),
         prompt_tokens=None if prompt_tokens is None else int(prompt_tokens),
         finish_reason=reason,
+        logprobs=(
+            _logprobs(logprobs, top_logprobs)
+            if top_logprobs is not None and isinstance(logprobs, bytes)
+            else ()
+        ),
     )
     return delta, final or reason is not None
