@@ -12,12 +12,13 @@ import grpc
 
 from tokenrelay.config import Embeddings
 from tokenrelay.errors import GenerationFailed
-from tokenrelay.generation import StreamStart
+from tokenrelay.generation import Chunk, StreamStart, TokenLogprob, Usage
 from tokenrelay.orchestrator._admission import AdmissionControl
 from tokenrelay.orchestrator._auth import current_identity
 from tokenrelay.orchestrator._convert import (
     chunk_to_pb,
     finish_to_pb,
+    logprobs_to_pb,
     model_to_pb,
     node_to_pb,
     report_to_pb,
@@ -44,6 +45,39 @@ async def _announce(context: Context, start: StreamStart) -> None:
     """Initial metadata: says when a fallback model answers."""
     if start.fallback:
         await context.send_initial_metadata((("tokenrelay-fallback", start.model),))
+
+
+class _Answer:
+    """One choice of a unary answer, put together from its chunks."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.texts: list[str] = []
+        self.calls: dict[int, pb.ToolCall] = {}
+        self.logprobs: list[TokenLogprob] = []
+        self.finish: pb.FinishReason.ValueType = pb.FINISH_REASON_UNSPECIFIED
+        self.completion_tokens = 0
+
+    def add(self, chunk: Chunk) -> None:
+        self.texts.append(chunk.text)
+        for piece in chunk.tool_calls:
+            call = self.calls.setdefault(piece.index, pb.ToolCall())
+            call.id = call.id or piece.id
+            call.name = call.name or piece.name
+            call.arguments += piece.arguments
+        self.logprobs.extend(chunk.logprobs)
+        if chunk.end is not None:
+            self.finish = finish_to_pb(chunk.end.finish_reason)
+            self.completion_tokens = chunk.end.usage.completion_tokens
+
+    def to_pb(self) -> pb.Choice:
+        return pb.Choice(
+            index=self.index,
+            text="".join(self.texts),
+            tool_calls=[self.calls[i] for i in sorted(self.calls)],
+            finish_reason=self.finish,
+            logprobs=logprobs_to_pb(tuple(self.logprobs)),
+        )
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
@@ -74,13 +108,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         response = pb.GenerateResponse()
-        texts = []
-        chunks = self._relay.stream(
-            request_from_pb(request), _budget(context), current_identity.get()
-        )
+        generation = request_from_pb(request)
+        answers: dict[int, _Answer] = {}  # by choice index, as they come (n is checked later)
+        prompt_tokens = 0
+        chunks = self._relay.stream(generation, _budget(context), current_identity.get())
         async with aclosing(chunks):
             async for chunk in chunks:
-                texts.append(chunk.text)
+                answers.setdefault(chunk.index, _Answer(chunk.index)).add(chunk)
                 if chunk.start is not None:
                     await _announce(context, chunk.start)
                     response.request_id = chunk.start.request_id
@@ -88,11 +122,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     if chunk.start.retrieval is not None:
                         response.retrieval.CopyFrom(report_to_pb(chunk.start.retrieval))
                 if chunk.end is not None:
-                    response.finish_reason = finish_to_pb(chunk.end.finish_reason)
-                    response.usage.CopyFrom(usage_to_pb(chunk.end.usage))
-        if not response.finish_reason:
+                    prompt_tokens = chunk.end.usage.prompt_tokens
+        if len(answers) != generation.n or any(not a.finish for a in answers.values()):
             raise GenerationFailed("The model ended without finishing its answer.")
-        response.text = "".join(texts)
+        choices = [answers[i].to_pb() for i in sorted(answers)]
+        first = choices[0]
+        response.text = first.text
+        response.finish_reason = first.finish_reason
+        response.tool_calls.extend(first.tool_calls)
+        response.logprobs.extend(first.logprobs)
+        response.choices.extend(choices)
+        completion_tokens = sum(answer.completion_tokens for answer in answers.values())
+        response.usage.CopyFrom(usage_to_pb(Usage(prompt_tokens, completion_tokens)))
         return response
 
     def _models(self) -> list[pb.Model]:
