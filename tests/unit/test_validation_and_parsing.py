@@ -74,7 +74,7 @@ def test_openai_chat_body_becomes_a_stream_request() -> None:
             "seed": 2**40,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "tools": [{"type": "function"}],  # unknown to tokenrelay: ignored
+            "metadata": {"trace": "x"},  # unknown to tokenrelay: ignored
         },
         "rid",
     )
@@ -105,7 +105,7 @@ def test_openai_chat_body_becomes_a_stream_request() -> None:
             {"model": "m", "messages": [], "stream_options": {"include_usage": "yes"}},
             "stream_options.include_usage",
         ),
-        ({"model": "m", "messages": [], "logprobs": True}, "logprobs"),
+        ({"model": "m", "messages": [], "logprobs": "yes"}, "logprobs"),
     ],
 )
 def test_openai_chat_body_type_errors(body: dict[str, object], param: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -22,6 +22,7 @@ from opentelemetry import trace
 
 from tokenrelay._readahead import ReadAhead
 from tokenrelay.edge import _openai as oa
+from tokenrelay.edge._choices import Answer, Piece, chat_logprobs
 from tokenrelay.edge._errors import error_body
 from tokenrelay.edge._request import budget, read_json
 from tokenrelay.edge._sse import SSEWriter
@@ -43,10 +44,10 @@ class _Shape(Protocol):
     def model(self) -> str: ...
 
     def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]: ...
-    def text(self, text: str) -> dict[str, Any]: ...
-    def end(self, finish: str) -> dict[str, Any]: ...
+    def piece(self, piece: Piece) -> dict[str, Any]: ...
+    def end(self, index: int, finish: str) -> dict[str, Any]: ...
     def usage(self, usage: pb.Usage) -> dict[str, Any]: ...
-    def whole(self, text: str, finish: str, usage: pb.Usage) -> dict[str, Any]: ...
+    def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,21 +56,28 @@ class _Chat:
     created: int
     model: str
     with_usage: bool
+    n: int = 1
+    logprobs: bool = False
 
-    def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
-        delta = {"role": "assistant", "content": ""}
-        chunk = oa.chat_chunk(self.id, self.created, self.model, delta, None, self.with_usage)
-        if retrieval is not None:
-            chunk["retrieval"] = retrieval
-        return [chunk]
-
-    def text(self, text: str) -> dict[str, Any]:
+    def _chunk(self, delta: dict[str, Any], index: int = 0, **fields: Any) -> dict[str, Any]:
         return oa.chat_chunk(
-            self.id, self.created, self.model, {"content": text}, None, self.with_usage
+            self.id, self.created, self.model, delta, None, self.with_usage, index, **fields
         )
 
-    def end(self, finish: str) -> dict[str, Any]:
-        return oa.chat_chunk(self.id, self.created, self.model, {}, finish, self.with_usage)
+    def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
+        chunks = [self._chunk({"role": "assistant", "content": ""}, i) for i in range(self.n)]
+        if retrieval is not None:
+            chunks[0]["retrieval"] = retrieval
+        return chunks
+
+    def piece(self, piece: Piece) -> dict[str, Any]:
+        index = piece.index
+        text, calls, logprobs = piece.take()
+        entries = chat_logprobs(logprobs) if self.logprobs else None
+        return self._chunk(Piece.chat_delta(text, calls), index, logprobs=entries)
+
+    def end(self, index: int, finish: str) -> dict[str, Any]:
+        return oa.chat_chunk(self.id, self.created, self.model, {}, finish, self.with_usage, index)
 
     def usage(self, usage: pb.Usage) -> dict[str, Any]:
         chunk = oa.chat_chunk(self.id, self.created, self.model, {}, None, True)
@@ -77,8 +85,9 @@ class _Chat:
         chunk["usage"] = oa.usage(usage)
         return chunk
 
-    def whole(self, text: str, finish: str, usage: pb.Usage) -> dict[str, Any]:
-        return oa.chat_completion(self.id, self.created, self.model, text, finish, usage)
+    def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]:
+        choices = [a.chat(_finish(a.end), self.logprobs) for a in answers]
+        return oa.chat_completion(self.id, self.created, self.model, choices, usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,10 @@ class _Completion:
     created: int
     model: str
     with_usage: bool
+    n: int = 1
+    logprobs: bool = False
+    # Characters of each choice's text so far: logprobs' text_offset counts from its start.
+    offsets: dict[int, int] = field(default_factory=dict)
 
     def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
         if retrieval is None:
@@ -95,19 +108,25 @@ class _Completion:
         chunk["retrieval"] = retrieval
         return [chunk]
 
-    def text(self, text: str) -> dict[str, Any]:
-        return oa.completion_chunk(self.id, self.created, self.model, text, None)
+    def piece(self, piece: Piece) -> dict[str, Any]:
+        index = piece.index
+        text, _, logprobs = piece.take()
+        entries = None
+        if self.logprobs:
+            offset = self.offsets.get(index, 0)
+            entries = Piece.completion_logprobs(logprobs, offset)
+            self.offsets[index] = offset + sum(len(e.token) for e in logprobs)
+        return oa.completion_chunk(self.id, self.created, self.model, text, None, index, entries)
 
-    def end(self, finish: str) -> dict[str, Any]:
-        return oa.completion_chunk(self.id, self.created, self.model, "", finish)
+    def end(self, index: int, finish: str) -> dict[str, Any]:
+        return oa.completion_chunk(self.id, self.created, self.model, "", finish, index)
 
     def usage(self, usage: pb.Usage) -> dict[str, Any]:
-        chunk = oa.completion(self.id, self.created, self.model, "", None, usage)
-        chunk["choices"] = []
-        return chunk
+        return oa.completion(self.id, self.created, self.model, [], usage)
 
-    def whole(self, text: str, finish: str, usage: pb.Usage) -> dict[str, Any]:
-        return oa.completion(self.id, self.created, self.model, text, finish, usage)
+    def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]:
+        choices = [a.completion(_finish(a.end), self.logprobs) for a in answers]
+        return oa.completion(self.id, self.created, self.model, choices, usage)
 
 
 def _genai_request(parsed: oa.ParsedRequest, chat: bool) -> dict[str, Any]:
@@ -124,20 +143,29 @@ def _genai_request(parsed: oa.ParsedRequest, chat: bool) -> dict[str, Any]:
     return attributes
 
 
-def _genai_response(model: str, end: pb.StreamEnd) -> dict[str, Any]:
+def _genai_response(model: str, ends: list[pb.StreamEnd], usage: pb.Usage) -> dict[str, Any]:
     return {
         "gen_ai.response.model": model,
-        "gen_ai.response.finish_reasons": [oa.finish_reason(end) or "cancelled"],
-        "gen_ai.usage.input_tokens": end.usage.prompt_tokens,
-        "gen_ai.usage.output_tokens": end.usage.completion_tokens,
+        "gen_ai.response.finish_reasons": [oa.finish_reason(e) or "cancelled" for e in ends],
+        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": usage.completion_tokens,
     }
 
 
-def _finish(end: pb.StreamEnd) -> str:
-    finish = oa.finish_reason(end)
+def _finish(end: pb.StreamEnd | None) -> str:
+    finish = oa.finish_reason(end) if end is not None else None
     if finish is None:
         raise UpstreamUnavailable("The inference server cancelled the generation.")
     return finish
+
+
+def _total(ends: list[pb.StreamEnd]) -> pb.Usage:
+    """The request's usage: the prompt once, every choice's completion tokens."""
+    prompt = ends[0].usage.prompt_tokens if ends else 0
+    completion = sum(e.usage.completion_tokens for e in ends)
+    return pb.Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 async def _next(
@@ -173,6 +201,7 @@ async def _stream(
     headers: dict[str, str],
     include_usage: bool,
     retrieval: dict[str, Any] | None,
+    n: int,
 ) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     sse = await SSEWriter.open(request, headers)
@@ -182,32 +211,36 @@ async def _stream(
     # reading), so that messages that arrive together go out as one event, in one write; nothing
     # waits for company, so the first token is never delayed (when the client or the loop is
     # slower than the model, several deltas pile up and cost one event instead of one each).
+    # Consecutive messages of one choice merge; a message of another choice starts a new event.
     reader = ReadAhead(messages, limit=32)
     reader.start()
     frames = [sse.frame(chunk) for chunk in shape.opening(retrieval)]
-    texts: list[str] = []
+    piece = Piece()
+    ends: list[pb.StreamEnd] = []
 
     def flush() -> None:
-        if texts:
-            frames.append(sse.frame(shape.text("".join(texts))))
-            texts.clear()
+        if piece:
+            frames.append(sse.frame(shape.piece(piece)))
 
     try:
         batch = [first]
         while True:
-            end = None
             for message in batch:
-                if message.text:
-                    texts.append(message.text)
+                if message.index != piece.index:
+                    flush()
+                    piece.index = message.index
+                piece.add(message)
                 if message.HasField("end"):
-                    end = message.end
-                    break
-            if end is not None:
-                flush()
-                trace.get_current_span().set_attributes(_genai_response(shape.model, end))
-                frames.append(sse.frame(shape.end(_finish(end))))
+                    flush()
+                    ends.append(message.end)
+                    frames.append(sse.frame(shape.end(message.index, _finish(message.end))))
+                    if len(ends) == n:
+                        break
+            if len(ends) == n:
+                usage = _total(ends)
+                trace.get_current_span().set_attributes(_genai_response(shape.model, ends, usage))
                 if include_usage:
-                    frames.append(sse.frame(shape.usage(end.usage)))
+                    frames.append(sse.frame(shape.usage(usage)))
                 await sse.write(frames)
                 break
             batch = reader.ready()
@@ -260,7 +293,14 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
             model = first.start.served_by.model or parsed.request.model
             kind = _Chat if chat else _Completion
             prefix = "chatcmpl-" if chat else "cmpl-"
-            shape = kind(prefix + request_id, int(time.time()), model, parsed.include_usage)
+            shape = kind(
+                prefix + request_id,
+                int(time.time()),
+                model,
+                parsed.include_usage,
+                parsed.n,
+                parsed.logprobs,
+            )
             headers = {}
             if first.start.served_by.fallback:
                 headers["x-tokenrelay-fallback"] = model
@@ -270,19 +310,30 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
                 headers["x-tokenrelay-retrieval"] = retrieval["status"]
             if parsed.stream:
                 return await _stream(
-                    request, messages, shape, first, headers, parsed.include_usage, retrieval
+                    request,
+                    messages,
+                    shape,
+                    first,
+                    headers,
+                    parsed.include_usage,
+                    retrieval,
+                    parsed.n,
                 )
-            texts = []
+            answers: dict[int, Answer] = {}
+            ends: list[pb.StreamEnd] = []
             message = first
             while True:
-                texts.append(message.text)
+                answers.setdefault(message.index, Answer(message.index)).add(message)
                 if message.HasField("end"):
-                    break
+                    ends.append(message.end)
+                    if len(ends) == parsed.n:
+                        break
                 message = await _next(messages)
-            answer = shape.whole("".join(texts), _finish(message.end), message.end.usage)
+            usage = _total(ends)
+            answer = shape.whole([answers[i] for i in sorted(answers)], usage)
             if retrieval is not None:
                 answer["retrieval"] = retrieval
-            span.set_attributes(_genai_response(model, message.end))
+            span.set_attributes(_genai_response(model, ends, usage))
             return web.json_response(answer, headers=headers)
         finally:
             await messages.aclose()
