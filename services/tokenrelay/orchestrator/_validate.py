@@ -215,17 +215,17 @@ def _check_response_format(request: GenerationRequest, spec: ModelSpec, limits: 
     response_format = request.response_format
     if response_format.type is ResponseFormatType.TEXT:
         return
+    if response_format.type is ResponseFormatType.JSON_SCHEMA:
+        param = "response_format.json_schema.schema"
+        if not response_format.schema:
+            raise InvalidRequest(f"'{param}' is required.", param)
+        parse_schema(response_format.schema, param, limits.max_schema_chars, object_only=False)
     if not spec.structured_outputs:
         raise InvalidRequest(
             f"The model '{spec.id}' does not support response_format"
             f" {response_format.type.value!r} (it has no constrained decoding).",
             "response_format",
         )
-    if response_format.type is ResponseFormatType.JSON_SCHEMA:
-        param = "response_format.json_schema.schema"
-        if not response_format.schema:
-            raise InvalidRequest(f"'{param}' is required.", param)
-        parse_schema(response_format.schema, param, limits.max_schema_chars, object_only=False)
 
 
 def validate(request: GenerationRequest, spec: ModelSpec, limits: Limits) -> None:
