@@ -340,3 +340,21 @@ async def test_the_log_line_of_a_closed_stream_says_cancelled(
         await stream.aclose()
     ended = [r for r in caplog.records if r.getMessage() == "generation ended"]
     assert [r.fields["outcome"] for r in ended] == ["cancelled"]  # type: ignore[attr-defined]
+
+
+async def test_a_caller_that_leaves_after_the_last_chunk_had_a_whole_answer() -> None:
+    source = FakeSource()
+    relay, pool = _relay(source)
+    await pool.probe_once()
+    stream = relay.stream(_request())
+    async for chunk in stream:
+        if chunk.end is not None:
+            break  # the edge closes the call as soon as it holds the end
+    await stream.aclose()
+    samples = {
+        s.labels["outcome"]: s.value
+        for metric in relay.metrics.requests.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+    assert samples == {"stop": 1.0}

@@ -41,6 +41,9 @@ class Record:
     # What the caller was told it used, when the request ended on a token limit (the usage of
     # the pieces delivered; the one withheld is not counted).
     delivered: tuple[int, int] | None = None
+    # Every choice's last chunk has been handed to the caller: a caller that goes away after
+    # that (a client reading up to the end, then closing) had its whole answer.
+    complete: bool = False
 
     def __post_init__(self) -> None:
         self.label = self.metrics.model(self.model)
@@ -48,6 +51,8 @@ class Record:
     def fail(self, exc: BaseException) -> None:
         """Record how the request ended when it did not finish."""
         cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+        if cancelled and self.complete:
+            return
         self.outcome = "cancelled" if cancelled else outcome_of(exc)
 
     @property

@@ -224,8 +224,13 @@ class Relay:
                         )
                         # aclosing: closing this stream must close the inner one too, which
                         # cancels the generation at the node now, not when the GC runs.
+                        ended = 0
                         async with aclosing(choices) as chunks:
                             async for chunk in chunks:
+                                if chunk.end is not None:
+                                    ended += 1
+                                    record.outcome = chunk.end.finish_reason.value
+                                    record.complete = ended == request.n
                                 yield chunk
                 except BaseException as exc:
                     record.fail(exc)
@@ -404,6 +409,7 @@ class Relay:
                 if finish is not None:
                     usage = Usage(attempt.prompt_tokens, attempt.completion_tokens)
                     end = StreamEnd(finish, usage)
+                    outcome = Outcome.SUCCESS  # the node answered in full, caller there or not
                 if text or end is not None or calls or delta.logprobs or pending_start:
                     handed = loop.time()
                     yield Chunk(text, pending_start, end, index, calls, delta.logprobs)
@@ -413,7 +419,6 @@ class Relay:
                         # falls behind, so read ahead and merge what piles up meanwhile.
                         reader.start()
                 if end is not None:
-                    outcome, record.outcome = Outcome.SUCCESS, end.finish_reason.value
                     return
                 wait = min(between_s, deadline - loop.time())
                 try:
