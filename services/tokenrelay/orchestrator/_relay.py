@@ -334,7 +334,9 @@ class Relay:
                     running -= 1
                     continue
                 if isinstance(item, Exception):
-                    if isinstance(item, RelayError):
+                    # A token limit's refusal carries what was delivered (of the choice it
+                    # stopped); any other failure what all the choices generated.
+                    if isinstance(item, RelayError) and record.delivered is None:
                         item.usage = Usage(record.prompt_tokens, record.completion_tokens)
                     raise item
                 if item.start is not None:
