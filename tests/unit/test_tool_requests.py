@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import pytest
 
@@ -331,3 +332,39 @@ def test_the_vllm_backends_logprobs_are_decoded_with_the_top_ones_by_rank() -> N
         TokenLogprob(" cat", -0.1, (Logprob(" cat", -0.1),)),
     )
     assert _logprobs(b"null", 2) == ()
+
+
+async def test_schema_checks_run_off_the_event_loop_once_per_schema(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A schema's meta-check costs CPU in proportion to its size (about a second for 250 KB):
+    it runs on a worker thread, and its verdict is remembered for the next turn of the agent."""
+    from collections import OrderedDict
+
+    from jsonschema import Draft202012Validator
+
+    from tokenrelay.orchestrator import _schemas
+
+    monkeypatch.setattr(_schemas, "_verdicts", OrderedDict())  # nothing remembered yet
+    threads: list[str] = []
+    check = Draft202012Validator.check_schema
+
+    def recording(schema: object) -> None:
+        threads.append(threading.current_thread().name)
+        check(schema)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Draft202012Validator, "check_schema", recording)
+    relay, pool = _relay(FakeSource())
+    await pool.probe_once()
+    tool = Tool(
+        "lookup", "", json.dumps({"type": "object", "properties": {"q": {"type": "integer"}}})
+    )
+    for _ in range(3):
+        await _collect(relay, _chat(tools=(tool,)))
+    assert len(threads) == 1 and threads[0] != threading.main_thread().name
+    bad = Tool("lookup", "", json.dumps({"type": "object", "properties": {"q": {"type": 7}}}))
+    for _ in range(2):
+        with pytest.raises(InvalidRequest) as caught:
+            await _collect(relay, _chat(tools=(bad,)))
+        assert caught.value.param == "tools[0].function.parameters"
+    assert len(threads) == 2 and threading.main_thread().name not in threads

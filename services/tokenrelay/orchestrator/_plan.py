@@ -29,6 +29,7 @@ from tokenrelay.generation import (
     StructuredOutput,
     ToolChoiceMode,
 )
+from tokenrelay.orchestrator._schemas import precheck
 from tokenrelay.orchestrator._tools import FORMATS, ToolCallParser, ToolFormat
 from tokenrelay.orchestrator._validate import validate
 from tokenrelay.templates import ChatTemplate
@@ -87,6 +88,14 @@ class Planner:
                 raise InvalidRequest("'model' is required.", "model")
             raise ModelNotFound(model)
         return spec
+
+    def precheck(self, request: GenerationRequest) -> None:
+        """Check the request's schemas (tool parameters, response format) ahead of ``plans``,
+        which then finds their verdicts remembered: the checks cost CPU in proportion to the
+        schemas, so the relay runs this on a worker thread. Never raises."""
+        limits = self._limits
+        texts = [t.parameters for t in request.tools[: limits.max_tools]]
+        precheck([*texts, request.response_format.schema], limits.max_schema_chars)
 
     def plans(self, request: GenerationRequest) -> list[Plan]:
         """The primary plan, then the fallback's (if any, and if the request fits it). Gives the

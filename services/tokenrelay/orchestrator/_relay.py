@@ -191,6 +191,9 @@ class Relay:
         )
         try:
             with tracer().start_as_current_span("tokenrelay.validate"):
+                if request.tools or request.response_format.schema:
+                    # Schema checks take CPU in proportion to the schemas: off the event loop.
+                    await asyncio.to_thread(self._planner.precheck, request)
                 plans = self._planner.plans(request)
                 if request.retrieval is not None:
                     if self._retriever is None:

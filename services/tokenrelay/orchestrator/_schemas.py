@@ -5,11 +5,20 @@ model time is spent: it must be JSON, an object, valid against the JSON Schema (
 meta-schema, and refer only to its own definitions (``$ref`` starting with ``#``): a grammar
 compiler must never be asked to fetch a URL. Each refusal is an ``InvalidRequest`` naming the
 field.
+
+The meta-schema check is the costly part (about 1 ms for a small schema, a second for 250 KB),
+so its verdicts are remembered by the schema's digest (agents send the same tools every turn),
+and ``precheck`` lets the orchestrator run the checks of a new request on a worker thread before
+it plans it on the event loop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -17,7 +26,33 @@ from jsonschema.exceptions import SchemaError
 
 from tokenrelay.errors import InvalidRequest
 
-__all__ = ["parse_schema"]
+__all__ = ["parse_schema", "precheck"]
+
+_REMEMBERED = 1024  # verdicts kept (16-byte digests, so a few dozen KiB)
+_verdicts: OrderedDict[bytes, str] = OrderedDict()  # digest → "" (valid) or what is wrong
+_lock = threading.Lock()  # precheck runs on worker threads
+
+
+def _meta_check(text: str, schema: dict[str, Any]) -> str:
+    """What is wrong with ``schema`` by the 2020-12 meta-schema ("" if nothing), remembered."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    with _lock:
+        verdict = _verdicts.get(digest)
+        if verdict is not None:
+            _verdicts.move_to_end(digest)
+            return verdict
+    try:
+        Draft202012Validator.check_schema(schema)
+        verdict = ""
+    except SchemaError as exc:
+        verdict = f"is not a valid JSON Schema: {exc.message[:200]}"
+    except RecursionError:
+        verdict = "nests too deeply"
+    with _lock:
+        _verdicts[digest] = verdict
+        while len(_verdicts) > _REMEMBERED:
+            _verdicts.popitem(last=False)
+    return verdict
 
 
 def _refs(node: Any) -> list[str]:
@@ -49,14 +84,9 @@ def parse_schema(text: str, param: str, max_chars: int, *, object_only: bool) ->
         raise InvalidRequest(f"'{param}' must be a JSON Schema object.", param)
     if object_only and schema.get("type", "object") != "object":
         raise InvalidRequest(f"'{param}' must describe an object (type 'object').", param)
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as exc:
-        raise InvalidRequest(
-            f"'{param}' is not a valid JSON Schema: {exc.message[:200]}", param
-        ) from None
-    except RecursionError:
-        raise InvalidRequest(f"'{param}' nests too deeply.", param) from None
+    verdict = _meta_check(text, schema)
+    if verdict:
+        raise InvalidRequest(f"'{param}' {verdict}.", param)
     outside = [ref for ref in _refs(schema) if not ref.startswith("#")]
     if outside:
         raise InvalidRequest(
@@ -65,3 +95,17 @@ def parse_schema(text: str, param: str, max_chars: int, *, object_only: bool) ->
             param,
         )
     return schema
+
+
+def precheck(texts: Iterable[str], max_chars: int) -> None:
+    """Check ``texts`` (schemas as JSON text) so that ``parse_schema`` finds their verdicts
+    remembered. Never raises: refusals are ``parse_schema``'s, with the field's name."""
+    for text in texts:
+        if not text or len(text) > max_chars:
+            continue
+        try:
+            schema = json.loads(text)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(schema, dict):
+            _meta_check(text, schema)

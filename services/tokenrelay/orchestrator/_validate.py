@@ -88,7 +88,8 @@ def _check_sampling(sampling: Sampling, spec: ModelSpec, limits: Limits) -> None
             _check_range("logit_bias", bias, -100.0, 100.0)
 
 
-def _check_messages(messages: tuple[ChatMessage, ...], spec: ModelSpec, limits: Limits) -> None:
+def _check_messages(messages: tuple[ChatMessage, ...], spec: ModelSpec, limits: Limits) -> int:
+    """The messages' checks; returns their characters (tool calls included)."""
     if not messages:
         raise InvalidRequest("'messages' must hold at least one message.", "messages")
     if len(messages) > limits.max_messages:
@@ -150,6 +151,7 @@ def _check_messages(messages: tuple[ChatMessage, ...], spec: ModelSpec, limits: 
             f"The messages may have at most {limits.max_prompt_chars} characters in all.",
             "messages",
         )
+    return total
 
 
 def _check_tools(request: GenerationRequest, spec: ModelSpec, limits: Limits) -> None:
@@ -249,7 +251,15 @@ def validate(request: GenerationRequest, spec: ModelSpec, limits: Limits) -> Non
                 f"'prompt' may have at most {limits.max_prompt_chars} characters.", "prompt"
             )
     if request.messages is not None:
-        _check_messages(request.messages, spec, limits)
+        total = _check_messages(request.messages, spec, limits)
+        # The tools go into the prompt too.
+        total += sum(len(t.name) + len(t.description) + len(t.parameters) for t in request.tools)
+        if total > limits.max_prompt_chars:
+            raise InvalidRequest(
+                f"The messages and tools may have at most {limits.max_prompt_chars} characters"
+                " in all.",
+                "tools",
+            )
     _check_tools(request, spec, limits)
     _check_response_format(request, spec, limits)
     _check_sampling(request.sampling, spec, limits)
