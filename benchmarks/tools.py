@@ -7,9 +7,10 @@ Without ``--base-url`` it starts a stack of its own (Triton with SmolLM2, orches
 repository's tokenrelay.toml). Then, through the edge:
 
 1. ``--calls`` forced tool calls (``tool_choice`` required, three tools, sampled at temperature
-   0.8 with a different seed each time and questions that name different tools), streamed; a
-   call is well-formed when it names one of the tools and its arguments parse as JSON and
-   validate against that tool's schema. The share must be 100 %.
+   0.8 with a different seed each time and questions that name different tools, the model's
+   default max_tokens), streamed; a call is well-formed when it names one of the tools and its
+   arguments parse as JSON and validate against that tool's schema. The share must be 100 %.
+   Each call's result goes to stderr as it comes.
 2. The same question answered with and without a JSON-schema ``response_format`` (alternating,
    ``--pairs`` times each, greedy, 48 tokens): time to first token and time per output token
    (the rest of the stream over the tokens after the first), medians.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import statistics
 import sys
 import time
@@ -162,7 +164,6 @@ def _forced_calls(client: httpx.Client, base: str, count: int) -> dict[str, Any]
             "tool_choice": "required",
             "temperature": 0.8,
             "seed": i,
-            "max_tokens": 128,
         }
         chunks, times = _stream(client, base, body)
         name, arguments = _call(chunks)
@@ -171,6 +172,12 @@ def _forced_calls(client: httpx.Client, base: str, count: int) -> dict[str, Any]
             failures.append({"seed": i, "problem": problem})
         names.append(name)
         seconds.append(times[-1])
+        print(
+            f"call {i + 1}/{count}: {name} {arguments[:60]} — {problem or 'well-formed'}"
+            f" ({times[-1]:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     return {
         "calls": count,
         "well_formed": count - len(failures),
@@ -233,6 +240,8 @@ def main() -> int:
     parser.add_argument("--base-url", help="an edge that is already running")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    # A SIGTERM (from timeout, say) unwinds like Ctrl-C, so the stack stops its processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with contextlib.ExitStack() as stack:
         base = args.base_url
         if base is None:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import threading
 
+import jsonschema
 import pytest
 
 from _support import FakeSource, Ordered, relay_for
@@ -32,6 +33,7 @@ from tokenrelay.generation import (
 from tokenrelay.orchestrator._plan import Planner
 from tokenrelay.orchestrator._pool import NodePool, Placement
 from tokenrelay.orchestrator._relay import Relay
+from tokenrelay.orchestrator._schemas import bounded
 from tokenrelay.orchestrator._triton import _logprobs
 from tokenrelay.orchestrator._validate import validate
 
@@ -172,7 +174,9 @@ def test_a_forced_call_is_constrained_to_the_calls_schema_and_the_prompt_offers_
     assert structured is not None and plan.tools is not None and plan.tools.forced
     schema = json.loads(structured.schema)
     assert schema["properties"]["name"] == {"type": "string", "enum": ["get_weather"]}
-    assert schema["properties"]["arguments"] == json.loads(WEATHER.parameters)
+    arguments = schema["properties"]["arguments"]
+    assert arguments["properties"]["city"] == {"type": "string", "maxLength": 128}  # bounded
+    assert arguments["required"] == ["city"]
     assert "<tools>" in plan.prompt and '"name": "get_weather"' in plan.prompt
     engine = plan.request.sampling.to_engine_json()
     # As Triton's vLLM backend reads it: a JSON string of StructuredOutputsParams' fields.
@@ -193,6 +197,38 @@ def test_tool_choice_none_hides_the_tools_and_auto_reads_calls_without_constrain
     assert auto.request.sampling.structured is None and "<tools>" in auto.prompt
 
 
+def test_constraints_bound_what_the_schema_leaves_unbounded() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "many": {"type": "array", "minItems": 20},
+            "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "color": {"type": ["string", "null"], "enum": ["red", None]},
+            "day": {"type": "string", "format": "date"},
+            "note": {"type": "string", "maxLength": 1000, "default": "x"},
+            "fixed": {"const": {"type": "array"}},  # data, not a schema: untouched
+        },
+    }
+    out = bounded(schema)
+    props = out["properties"]
+    assert props["tags"] == {
+        "type": "array",
+        "items": {"type": "string", "maxLength": 128},
+        "maxItems": 8,
+    }
+    assert props["many"]["maxItems"] == 20
+    assert props["code"] == schema["properties"]["code"]  # type: ignore[index]
+    assert props["color"] == schema["properties"]["color"]  # type: ignore[index]
+    assert props["day"] == schema["properties"]["day"]  # type: ignore[index]
+    assert props["note"] == schema["properties"]["note"]  # type: ignore[index]
+    assert props["fixed"] == {"const": {"type": "array"}}
+    validate_original = jsonschema.Draft202012Validator(schema).is_valid
+    bounded_instance = {"tags": ["a"] * 8, "many": [0] * 20, "note": "x" * 1000}
+    assert jsonschema.Draft202012Validator(out).is_valid(bounded_instance)
+    assert validate_original(bounded_instance)  # what the bounds allow, the schema allows
+
+
 def test_json_response_formats_become_constraints() -> None:
     (plan,) = _planner().plans(
         _chat(response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT))
@@ -203,7 +239,7 @@ def test_json_response_formats_become_constraints() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     (plan,) = _planner().plans(_chat(response_format=_schema(schema)))
     engine = plan.request.sampling.to_engine_json()
-    assert json.loads(engine["structured_outputs"]) == {"json": schema}  # type: ignore[arg-type]
+    assert json.loads(engine["structured_outputs"]) == {"json": bounded(schema)}  # type: ignore[arg-type]
 
 
 def test_a_fallback_without_tools_is_dropped_for_a_tool_request() -> None:

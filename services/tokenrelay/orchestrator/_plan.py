@@ -7,8 +7,9 @@ one) gets a plan of its own when the request fits it. Retrieval adds context to 
 
 Tools and response formats are planned here too: the template offers the tools (unless
 ``tool_choice`` is none); a forced tool choice becomes a constraint on the answer (a JSON schema
-of one call in the model's tool-call format), as does a JSON response format; and the plan says
-how its answer is read for tool calls (``ToolPlan``).
+of one call in the model's tool-call format), as does a JSON response format — both with bounds
+where the schema has none (``_schemas.bounded``); and the plan says how its answer is read for
+tool calls (``ToolPlan``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tokenrelay.generation import (
     StructuredOutput,
     ToolChoiceMode,
 )
-from tokenrelay.orchestrator._schemas import precheck
+from tokenrelay.orchestrator._schemas import bounded, precheck
 from tokenrelay.orchestrator._tools import FORMATS, ToolCallParser, ToolFormat
 from tokenrelay.orchestrator._validate import validate
 from tokenrelay.templates import ChatTemplate
@@ -167,7 +168,8 @@ def _constraints(
     if response_format.type == ResponseFormatType.JSON_OBJECT:
         structured = StructuredOutput(json_object=True)
     elif response_format.type == ResponseFormatType.JSON_SCHEMA:
-        structured = StructuredOutput(schema=response_format.schema)
+        schema = bounded(json.loads(response_format.schema))
+        structured = StructuredOutput(schema=json.dumps(schema, separators=(",", ":")))
     choice = request.tool_choice
     if not request.tools or choice.mode == ToolChoiceMode.NONE:
         return None, structured
@@ -179,6 +181,6 @@ def _constraints(
             if choice.mode == ToolChoiceMode.REQUIRED
             else tuple(t for t in request.tools if t.name == choice.function)
         )
-        schema = tool_format.call_schema(chosen)
+        schema = bounded(tool_format.call_schema(chosen))
         structured = StructuredOutput(schema=json.dumps(schema, separators=(",", ":")))
     return ToolPlan(tool_format, forced, request.parallel_tool_calls), structured

@@ -26,7 +26,14 @@ from jsonschema.exceptions import SchemaError
 
 from tokenrelay.errors import InvalidRequest
 
-__all__ = ["parse_schema", "precheck"]
+__all__ = ["MAX_ITEMS", "MAX_LENGTH", "bounded", "parse_schema", "precheck"]
+
+# What a constraint allows where its schema sets no bound: a small model that starts repeating
+# itself (the same array item, the same words in a string) must still close the JSON well within
+# a default max_tokens, rather than be cut off mid-object.
+MAX_ITEMS = 8
+MAX_LENGTH = 128
+_DATA = frozenset({"enum", "const", "default", "examples", "required"})  # values, not schemas
 
 _REMEMBERED = 1024  # verdicts kept (16-byte digests, so a few dozen KiB)
 _verdicts: OrderedDict[bytes, str] = OrderedDict()  # digest → "" (valid) or what is wrong
@@ -109,3 +116,26 @@ def precheck(texts: Iterable[str], max_chars: int) -> None:
             continue
         if isinstance(schema, dict):
             _meta_check(text, schema)
+
+
+def bounded(schema: Any) -> Any:
+    """A copy of ``schema`` whose arrays and free strings have an upper bound: ``maxItems``
+    (``MAX_ITEMS``, or ``minItems`` if more) where an array has none, ``maxLength``
+    (``MAX_LENGTH``, or ``minLength`` if more) where a string has none and no ``enum``,
+    ``const``, ``format`` or ``pattern``. Every instance of the copy is an instance of
+    ``schema``."""
+    if isinstance(schema, list):
+        return [bounded(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in _DATA else bounded(v)) for k, v in schema.items()}
+    kinds = out.get("type")
+    kinds = set(kinds) if isinstance(kinds, list) else {kinds}
+    if "array" in kinds and "maxItems" not in out:
+        low = out.get("minItems")
+        out["maxItems"] = max(MAX_ITEMS, low if isinstance(low, int) else 0)
+    free = not any(key in out for key in ("enum", "const", "format", "pattern"))
+    if "string" in kinds and "maxLength" not in out and free:
+        low = out.get("minLength")
+        out["maxLength"] = max(MAX_LENGTH, low if isinstance(low, int) else 0)
+    return out
