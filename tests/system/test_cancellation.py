@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
 import httpx
@@ -64,3 +66,54 @@ def test_disconnect_cancels_generation_in_triton(
         == generated
     )
     assert 3 <= generated < max_tokens / 10
+
+
+async def test_a_client_that_goes_away_leaves_the_others_in_the_batch_unharmed(
+    stack: Stack,
+) -> None:
+    """Three streams decode together; the one whose client leaves ends in Triton, the other two
+    finish with exactly the text they give alone."""
+
+    def body(question: str) -> dict[str, object]:
+        return {
+            "model": "smollm2-135m-instruct",
+            "stream": True,
+            "max_tokens": 48,
+            "temperature": 0.8,
+            "seed": 5,
+            "messages": [{"role": "user", "content": question}],
+        }
+
+    async def text_of(client: httpx.AsyncClient, question: str, leave_after: int = 0) -> str:
+        parts = []
+        async with client.stream(
+            "POST", f"{stack.edge_url}/v1/chat/completions", json=body(question)
+        ) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choices = json.loads(line[6:])["choices"]
+                if choices:
+                    parts.append(choices[0]["delta"].get("content") or "")
+                if leave_after and len(parts) == leave_after:
+                    break  # leaving the block closes the connection mid-stream
+        return "".join(parts)
+
+    questions = ("Name three colours.", "Why is the sky blue?")
+    cancelled_before = triton_metric(
+        stack.triton_metrics_url, REQUESTS, model="smollm2", outcome="cancelled"
+    )
+    async with httpx.AsyncClient(timeout=120) as client:
+        alone = [await text_of(client, q) for q in questions]
+        results = await asyncio.gather(
+            text_of(client, "Write a very long story about a dragon.", leave_after=4),
+            *(text_of(client, q) for q in questions),
+        )
+    assert list(results[1:]) == alone
+    assert wait_until(
+        lambda: (
+            triton_metric(stack.triton_metrics_url, REQUESTS, model="smollm2", outcome="cancelled")
+            == cancelled_before + 1
+        )
+    )

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
-from tokenrelay.triton_python._contract import BadRequest, StopMatcher, parse_sampling
+from tokenrelay.triton_python._contract import (
+    BadRequest,
+    StopMatcher,
+    StructuredOutput,
+    parse_sampling,
+)
+from tokenrelay.triton_python._engine import as_engine, refuse_unsupported
 from tokenrelay.triton_python.synthetic import SyntheticEngine
 
 
@@ -72,3 +81,86 @@ def test_synthetic_engine_counts_and_cancels() -> None:
     calls = iter([False, False, True])
     cancelled = list(engine.stream("a", parse_sampling(""), lambda: next(calls, True)))
     assert all(s.finish_reason is None for s in cancelled) and len(cancelled) < 5
+
+
+def test_structured_outputs_are_read_as_the_vllm_backend_reads_them() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    # A JSON string inside sampling_parameters, holding StructuredOutputsParams' fields; the
+    # schema itself may be an object or JSON text.
+    for inner in (schema, json.dumps(schema)):
+        text = json.dumps({"structured_outputs": json.dumps({"json": inner})})
+        parsed = parse_sampling(text).structured_outputs
+        assert parsed == StructuredOutput("json", value=json.dumps(schema))
+    choice = json.dumps({"structured_outputs": json.dumps({"choice": ["yes", "no"]})})
+    assert parse_sampling(choice).structured_outputs == StructuredOutput(
+        "choice", choices=("yes", "no")
+    )
+    whole = parse_sampling(
+        json.dumps(
+            {
+                "structured_outputs": json.dumps(
+                    {"json_object": True, "disable_additional_properties": True}
+                )
+            }
+        )
+    )
+    assert whole.structured_outputs == StructuredOutput("json_object")
+    assert whole.features() == ("structured_outputs",)
+    assert parse_sampling("").features() == ()
+
+
+@pytest.mark.parametrize(
+    ("structured", "message"),
+    [
+        ({"json": {"type": "object"}}, "must be a string holding a JSON object"),
+        ("{", "structured_outputs is not valid JSON"),
+        ("[1]", "must be a JSON object"),
+        (json.dumps({}), "exactly one of json, json_object, choice"),
+        (json.dumps({"json": {}, "choice": ["a"]}), "(it holds json, choice)"),
+        (json.dumps({"json_object": False}), "exactly one of"),
+        (json.dumps({"choice": []}), "list of non-empty strings"),
+        (json.dumps({"choice": ["a", 1]}), "list of non-empty strings"),
+        (json.dumps({"json": "{not json"}), "'json' is not valid JSON"),
+        (json.dumps({"json": [1]}), "must be a JSON schema"),
+        (json.dumps({"regex": "[a-z]+"}), "'regex' is not supported by this model"),
+        (json.dumps({"grammar": "root ::= x"}), "EBNF/Lark, llama.cpp's are GBNF"),
+        (json.dumps({"json": {}, "disable_any_whitespace": True}), "'disable_any_whitespace'"),
+        (json.dumps({"json": {}, "backend": "xgrammar"}), "field 'backend' is not supported"),
+    ],
+)
+def test_structured_outputs_refused_with_a_clear_message(structured: object, message: str) -> None:
+    with pytest.raises(BadRequest, match=re.escape(message)):
+        parse_sampling(json.dumps({"structured_outputs": structured}))
+
+
+def test_logprobs_and_logit_bias_are_parsed_and_bounded() -> None:
+    parsed = parse_sampling('{"logprobs": "3", "logit_bias": {"42": -100, "7": 2.5}}')
+    assert parsed.logprobs == 3
+    assert parsed.logit_bias == ((42, -100.0), (7, 2.5))
+    assert parsed.features() == ("logprobs", "logit_bias")
+    assert parse_sampling('{"logprobs": 0}').logprobs == 0
+    assert parse_sampling('{"logprobs": null, "logit_bias": null}').features() == ()
+    for text, message in (
+        ('{"logprobs": 21}', "between 0 and 20"),
+        ('{"logprobs": -1}', "between 0 and 20"),
+        ('{"logit_bias": [1]}', "object of token id"),
+        ('{"logit_bias": {"x": 1}}', "keys must be token ids, got 'x'"),
+        ('{"logit_bias": {"-3": 1}}', "keys must be token ids"),
+        ('{"logit_bias": {"5": 101}}', "in [-100, 100]"),
+        ('{"logit_bias": {"5": "lots"}}', "must be a number"),
+    ):
+        with pytest.raises(BadRequest, match=re.escape(message)):
+            parse_sampling(text)
+
+
+def test_an_engine_without_a_feature_refuses_requests_that_need_it() -> None:
+    engine = as_engine(SyntheticEngine(default_tokens=2, token_interval_s=0.0))
+    assert engine.features == frozenset()
+    for text, name in (
+        ('{"logprobs": 1}', "logprobs"),
+        ('{"logit_bias": {"1": 5}}', "logit_bias"),
+        (json.dumps({"structured_outputs": json.dumps({"choice": ["a"]})}), "structured_outputs"),
+    ):
+        with pytest.raises(BadRequest, match=f"'{name}' is not supported by this model"):
+            refuse_unsupported(parse_sampling(text), engine.features)
+    refuse_unsupported(parse_sampling('{"max_tokens": 3}'), engine.features)

@@ -56,9 +56,9 @@ DEFAULT_MODELS = (
         id="smollm2-135m-instruct",
         triton_model="smollm2",
         chat_template="chatml",
-        default_system_prompt=(
-            "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-        ),
+        # No system prompt: it scored best on benchmarks/eval (26 of 36 against 21 with
+        # SmolLM2's own "You are a helpful AI assistant named SmolLM, trained by Hugging Face").
+        default_system_prompt="",
         context_window=2048,
         default_max_tokens=256,
         tool_parser="hermes",

@@ -12,11 +12,32 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BadRequest", "EngineSampling", "StopMatcher", "parse_sampling"]
+__all__ = [
+    "MAX_LOGPROBS",
+    "BadRequest",
+    "EngineSampling",
+    "StopMatcher",
+    "StructuredOutput",
+    "parse_sampling",
+]
+
+# vLLM's default max_logprobs: the most candidates per token a request may ask for.
+MAX_LOGPROBS = 20
 
 
 class BadRequest(ValueError):
     """The request breaks the contract; the message is sent back to the client as it is."""
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """One constraint of vLLM's ``StructuredOutputsParams``: ``json`` (``value``: the JSON schema
+    as JSON text), ``json_object`` (any JSON object) or ``choice`` (``choices``: the output is
+    exactly one of them)."""
+
+    kind: str
+    value: str = ""
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +53,18 @@ class EngineSampling:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    structured_outputs: StructuredOutput | None = None
+    logprobs: int | None = None  # candidates per token besides the sampled one
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+
+    def features(self) -> tuple[str, ...]:
+        """The optional engine features this request needs (see ``Engine.features``)."""
+        needs = (
+            ("structured_outputs", self.structured_outputs is not None),
+            ("logprobs", self.logprobs is not None),
+            ("logit_bias", bool(self.logit_bias)),
+        )
+        return tuple(name for name, needed in needs if needed)
 
 
 _FLOATS = {
@@ -46,7 +79,24 @@ _FLOATS = {
 _ABOVE_LOW = frozenset({"top_p", "repetition_penalty"})
 _INTS = {"max_tokens": (1, 2**31 - 1), "top_k": (-1, 2**31 - 1), "seed": (-(2**63), 2**63 - 1)}
 # vLLM fields the CPU engines accept only at their neutral value.
-_NEUTRAL = {"n": 1, "best_of": 1, "logprobs": None, "prompt_logprobs": None}
+_NEUTRAL = {"n": 1, "best_of": 1, "prompt_logprobs": None}
+# StructuredOutputsParams: the constraints (vLLM takes exactly one), and the options the CPU
+# engines take only at their default.
+_CONSTRAINTS = ("json", "json_object", "choice", "regex", "grammar", "structural_tag")
+_OPTIONS: dict[str, tuple[object, ...]] = {
+    "disable_any_whitespace": (False,),
+    "whitespace_pattern": (),
+    # Which backend vLLM falls back to changes nothing here.
+    "disable_fallback": (False, True),
+    # llama.cpp's JSON-schema grammars never allow properties a schema does not list, so either
+    # value gives outputs that satisfy the schema.
+    "disable_additional_properties": (False, True),
+}
+_REFUSED = {
+    "regex": "llama.cpp's grammars here are built from JSON schemas; use json or choice",
+    "grammar": "vLLM's grammars are EBNF/Lark, llama.cpp's are GBNF; use json or choice",
+    "structural_tag": "use json or choice",
+}
 
 
 def _number(name: str, value: Any, kind: type) -> Any:
@@ -98,12 +148,105 @@ def parse_sampling(text: str | None) -> EngineSampling:
             if not isinstance(value, bool):
                 raise BadRequest("sampling parameter 'ignore_eos' must be a boolean")
             fields[name] = value
+        elif name == "logprobs":
+            if value is None:
+                continue
+            number = _number(name, value, int)
+            if not 0 <= number <= MAX_LOGPROBS:
+                raise BadRequest(
+                    f"sampling parameter 'logprobs' must be between 0 and {MAX_LOGPROBS}"
+                )
+            fields[name] = number
+        elif name == "logit_bias":
+            fields[name] = _logit_bias(value)
+        elif name == "structured_outputs":
+            fields[name] = _structured_outputs(value)
         elif name in _NEUTRAL:
             if value not in (_NEUTRAL[name], str(_NEUTRAL[name])):
                 raise BadRequest(f"sampling parameter '{name}' is not supported by this model")
         else:
             raise BadRequest(f"unknown sampling parameter '{name}'")
     return EngineSampling(**fields)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise BadRequest("sampling parameter 'logit_bias' must be an object of token id → bias")
+    biases = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise BadRequest(f"logit_bias keys must be token ids, got {key!r}") from None
+        if token < 0:
+            raise BadRequest(f"logit_bias keys must be token ids, got {key!r}")
+        number = _number(f"logit_bias[{key}]", bias, float)
+        if not -100.0 <= number <= 100.0:
+            raise BadRequest(f"logit_bias: the bias of token {token} must be in [-100, 100]")
+        biases.append((token, number))
+    return tuple(biases)
+
+
+def _structured_outputs(value: Any) -> StructuredOutput | None:
+    """Read ``structured_outputs`` as Triton's vLLM backend does: JSON text of the fields of
+    ``StructuredOutputsParams``, holding exactly one constraint."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(
+            "sampling parameter 'structured_outputs' must be a string holding a JSON object"
+        )
+    try:
+        raw = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"structured_outputs is not valid JSON: {exc.msg}") from None
+    if not isinstance(raw, dict):
+        raise BadRequest("structured_outputs must be a JSON object")
+    unknown = sorted(set(raw) - set(_CONSTRAINTS) - set(_OPTIONS))
+    if unknown:
+        raise BadRequest(f"structured_outputs field '{unknown[0]}' is not supported")
+    for option, allowed in _OPTIONS.items():
+        chosen = raw.get(option)
+        if chosen is not None and not any(chosen is a for a in allowed):
+            raise BadRequest(
+                f"structured_outputs option '{option}' = {json.dumps(chosen)} is not supported"
+                " by this model"
+            )
+    given = [c for c in _CONSTRAINTS if raw.get(c) is not None and raw.get(c) is not False]
+    if len(given) != 1:
+        raise BadRequest(
+            "structured_outputs must hold exactly one of json, json_object, choice"
+            + (f" (it holds {', '.join(given)})" if given else "")
+        )
+    (kind,) = given
+    constraint = raw[kind]
+    if kind in _REFUSED:
+        raise BadRequest(
+            f"structured_outputs '{kind}' is not supported by this model: " + _REFUSED[kind]
+        )
+    if kind == "json_object":
+        if constraint is not True:
+            raise BadRequest("structured_outputs 'json_object' must be true")
+        return StructuredOutput("json_object")
+    if kind == "choice":
+        if (
+            not isinstance(constraint, list)
+            or not constraint
+            or not all(isinstance(c, str) and c for c in constraint)
+        ):
+            raise BadRequest("structured_outputs 'choice' must be a list of non-empty strings")
+        return StructuredOutput("choice", choices=tuple(constraint))
+    schema = constraint
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"structured_outputs 'json' is not valid JSON: {exc.msg}") from None
+    if not isinstance(schema, dict):
+        raise BadRequest("structured_outputs 'json' must be a JSON schema (an object)")
+    return StructuredOutput("json", value=json.dumps(schema))
 
 
 class StopMatcher:
