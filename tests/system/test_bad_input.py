@@ -41,7 +41,7 @@ CASES = [
     (_with(stream="yes"), 400, "stream"),
     (_with(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     (_with(n=17), 400, "n"),
-    (_with(response_format={"type": "json_object"}), 400, "response_format"),
+    (_with(response_format={"type": "xml"}), 400, "response_format"),
 ]
 
 

@@ -6,6 +6,7 @@ SmolLM2 is forced to well-formed calls and JSON by constrained decoding."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -180,6 +181,86 @@ def test_n_choices_have_their_own_seeds_and_summed_usage(
     assert indexes == {0, 1} and finishes == ["length", "length"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "get_time"}}]
+)
+def test_a_forced_call_on_the_synthetic_model(stack: Stack, choice: Any, stream: bool) -> None:
+    body = {
+        "model": "synthetic",
+        "messages": [{"role": "user", "content": "What now?"}],  # names no tool
+        "tools": [WEATHER, TIME],
+        "tool_choice": choice,
+        "stream": stream,
+    }
+    with httpx.stream("POST", f"{stack.edge_url}/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        if stream:
+            calls = _streamed_calls(_sse(r))
+        else:
+            answer = json.loads(r.read())
+            assert_openai("CreateChatCompletionResponse", answer)
+            assert answer["choices"][0]["finish_reason"] == "tool_calls"
+            calls = {
+                i: {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                for i, c in enumerate(answer["choices"][0]["message"]["tool_calls"])
+            }
+    # Constrained to one call: of the first tool for "required" (the minimal instance of the
+    # calls' schema takes its first alternative), of the named one otherwise.
+    (call,) = calls.values()
+    assert call["name"] == ("get_weather" if choice == "required" else "get_time")
+    schema = WEATHER_PARAMETERS if choice == "required" else TIME["function"]["parameters"]  # type: ignore[index]
+    jsonschema.validate(json.loads(call["arguments"]), schema)
+
+
+def test_a_json_schema_answer_on_the_synthetic_model(client: openai.OpenAI) -> None:
+    class Point(pydantic.BaseModel):
+        x: int
+        label: str
+
+    completion = client.beta.chat.completions.parse(
+        model="synthetic", messages=[{"role": "user", "content": "A point."}], response_format=Point
+    )
+    assert completion.choices[0].message.parsed == Point(x=0, label="")
+
+
+def test_logprobs_on_the_synthetic_model_are_those_of_its_uniform_choice(
+    stack: Stack, client: openai.OpenAI
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="synthetic",
+        messages=[{"role": "user", "content": "Say something."}],
+        max_tokens=5,
+        seed=2,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    assert_openai("CreateChatCompletionResponse", json.loads(raw.http_response.text))
+    choice = raw.parse().choices[0]
+    content = choice.logprobs.content  # type: ignore[union-attr]
+    assert "".join(e.token for e in content) == choice.message.content
+    for entry in content:
+        assert entry.logprob == pytest.approx(-math.log(23), abs=1e-6)
+        # All 23 words are tied: the three shown are the drawn one and two others.
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.bytes == list(entry.token.encode())
+    body = {
+        "model": "synthetic",
+        "prompt": "one two",
+        "max_tokens": 4,
+        "logprobs": 1,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{stack.edge_url}/v1/completions", json=body, timeout=30) as r:
+        payloads = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    entries = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert "".join(t for e in entries for t in e["tokens"]) == text
+    offsets = [o for e in entries for o in e["text_offset"]]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+
+
 # --- bad input: 400 naming the field, and nothing reaches Triton --------------------------------
 
 SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 3}}}
@@ -223,10 +304,13 @@ BAD = [
         "messages[1].tool_call_id",
     ),
     ({"model": SMOL, "response_format": SCHEMA_FORMAT}, "response_format.json_schema.schema"),
-    ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),  # synthetic: unconstrained
-    ({"response_format": {"type": "json_object"}}, "response_format"),  # synthetic
-    ({"logprobs": True}, "logprobs"),  # synthetic returns none
-    ({"logit_bias": {"42": 5}}, "logit_bias"),  # synthetic applies none
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        "response_format.json_schema.schema",
+    ),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ({"logit_bias": {"42": 5}}, "logit_bias"),  # the synthetic model applies none
     ({"n": 17}, "n"),
 ]
 
@@ -306,8 +390,12 @@ def test_grpc_tool_calls_are_typed(stub: pb_grpc.GenerationServiceStub) -> None:
 
 def test_grpc_lists_what_each_model_can_do(stub: pb_grpc.GenerationServiceStub) -> None:
     models = {m.id: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=5).models}
-    assert models["synthetic"].capabilities == pb.Capabilities(tool_parser="hermes")
-    assert models[SMOL].capabilities.tool_parser == "hermes"
+    assert models["synthetic"].capabilities == pb.Capabilities(
+        tool_parser="hermes", structured_outputs=True, logprobs=True
+    )
+    assert models[SMOL].capabilities == pb.Capabilities(
+        tool_parser="hermes", structured_outputs=True, logprobs=True, logit_bias=True
+    )
 
 
 # --- LiteLLM and Google ADK --------------------------------------------------------------------

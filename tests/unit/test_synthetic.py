@@ -4,6 +4,7 @@ uses the tool's result after it, and minimal instances of JSON schemas (no Trito
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import jsonschema
@@ -12,7 +13,7 @@ import pytest
 from tokenrelay.generation import ChatMessage, Role, Tool, ToolCall
 from tokenrelay.orchestrator._tools import FORMATS
 from tokenrelay.templates import ChatTemplate
-from tokenrelay.triton_python._contract import EngineSampling
+from tokenrelay.triton_python._contract import EngineSampling, StructuredOutput
 from tokenrelay.triton_python.synthetic import SyntheticEngine, minimal_instance, scripted_answer
 
 WEATHER = Tool(
@@ -30,9 +31,13 @@ TOOLS = [Tool("get_time"), WEATHER]
 CHATML = ChatTemplate("chatml", "You are helpful.")
 
 
-def _answer(prompt: str, **sampling: Any) -> tuple[str, list[str], str | None]:
+def _steps(prompt: str, **sampling: Any) -> list[Any]:
     engine = SyntheticEngine(token_interval_s=0)
-    steps = list(engine.stream(prompt, EngineSampling(**sampling), lambda: False))
+    return list(engine.stream(prompt, EngineSampling(**sampling), lambda: False))
+
+
+def _answer(prompt: str, **sampling: Any) -> tuple[str, list[str], str | None]:
+    steps = _steps(prompt, **sampling)
     return "".join(s.text for s in steps), [s.text for s in steps], steps[-1].finish_reason
 
 
@@ -111,3 +116,37 @@ def test_minimal_instances_validate(schema: dict[str, Any]) -> None:
         instance, schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
     assert minimal_instance(schema) == instance  # deterministic
+
+
+def test_a_constraint_is_answered_with_its_minimal_instance_and_wins_over_the_tools() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 2}},
+        "required": ["n"],
+    }
+    prompt = CHATML.render([ChatMessage(Role.USER, "get_weather?")], TOOLS)  # would call a tool
+    text, _, finish = _answer(
+        prompt, structured_outputs=StructuredOutput("json", json.dumps(schema))
+    )
+    assert json.loads(text) == {"n": 2} and finish == "stop"
+    assert _answer("x", structured_outputs=StructuredOutput("json_object"))[0] == "{}"
+    choice = StructuredOutput("choice", choices=("maybe so", "no"))
+    assert _answer("x", structured_outputs=choice)[0] == "maybe so"
+
+
+def test_logprobs_are_those_of_its_uniform_choice() -> None:
+    steps = _steps("a prompt", max_tokens=6, seed=3, logprobs=2)
+    text = "".join(s.text for s in steps)
+    assert text == _answer("a prompt", max_tokens=6, seed=3)[0]  # asking changes nothing
+    for step in steps:
+        (candidates,) = step.logprobs
+        sampled = candidates[0]
+        assert sampled.decoded_token == step.text  # the sampled token first
+        assert len(candidates) == 2 and len({c.token_id for c in candidates}) == 2
+        assert all(c.logprob == pytest.approx(-math.log(23)) and c.rank == 1 for c in candidates)
+    scripted = _steps(CHATML.render([ChatMessage(Role.USER, "x")], TOOLS), logprobs=3)
+    assert all(s.logprobs[0][0].logprob == 0.0 and len(s.logprobs[0]) == 1 for s in scripted)
+    assert "".join(s.logprobs[0][0].decoded_token for s in scripted) == "".join(
+        s.text for s in scripted
+    )
+    assert all(not s.logprobs for s in _steps("a prompt", max_tokens=3))

@@ -62,9 +62,6 @@ DEFAULT_MODELS = (
         context_window=2048,
         default_max_tokens=256,
         tool_parser="hermes",
-        structured_outputs=False,
-        logprobs=False,
-        logit_bias=False,
     ),
     ModelSpec(
         id="synthetic",
@@ -73,8 +70,6 @@ DEFAULT_MODELS = (
         context_window=4096,
         default_max_tokens=64,
         tool_parser="hermes",
-        structured_outputs=False,
-        logprobs=False,
         logit_bias=False,
     ),
 )

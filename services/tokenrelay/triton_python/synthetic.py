@@ -23,6 +23,18 @@ prompt as the ``chatml`` template writes it:
 
 Either answer streams at the same pace, a whitespace-separated piece per token, and ends with
 "stop" when complete (or "length" when max_tokens cuts it first).
+
+**Structured outputs** (``sampling_parameters["structured_outputs"]``, as Triton's vLLM backend
+takes it): ``json`` → the minimal instance of the schema (``minimal_instance``), ``json_object``
+→ ``{}``, ``choice`` → the first choice; the constraint wins over the tool trigger (a forced tool
+call is a ``json`` schema of the call object). ``regex`` and ``grammar`` are refused by the
+shared contract.
+
+**Logprobs** (``logprobs`` k with ``return_logprobs``) are honest about how it chooses: a word is
+drawn uniformly from its vocabulary of 23, so every candidate has log probability -ln 23 and rank
+1 (the k returned: the drawn word and the first words of the vocabulary, all tied); a scripted or
+constrained piece is certain (0.0, the only candidate). ``logit_bias`` is not supported (the
+shared shell refuses it).
 """
 
 from __future__ import annotations
@@ -35,10 +47,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tokenrelay.triton_python._contract import EngineSampling, StopMatcher
-from tokenrelay.triton_python._engine import Step
+from tokenrelay.triton_python._contract import EngineSampling, StopMatcher, StructuredOutput
+from tokenrelay.triton_python._engine import Step, TokenLogprob
 
-__all__ = ["SyntheticEngine", "minimal_instance", "scripted_answer"]
+__all__ = ["SyntheticEngine", "constrained_answer", "minimal_instance", "scripted_answer"]
 
 _WORDS = (
     "the quick brown fox jumps over a lazy dog while streams of tokens flow through"
@@ -199,8 +211,38 @@ def scripted_answer(prompt: str) -> str | None:
     return f"<tool_call>\n{call}\n</tool_call>"
 
 
+def constrained_answer(constraint: StructuredOutput) -> str:
+    """What the synthetic model writes under a structured-output constraint: the minimal
+    instance of a ``json`` schema, ``{}`` for ``json_object``, the first ``choice``."""
+    if constraint.kind == "json":
+        return json.dumps(minimal_instance(json.loads(constraint.value)), ensure_ascii=False)
+    if constraint.kind == "choice":
+        return constraint.choices[0]
+    return "{}"
+
+
+_UNIFORM = -math.log(len(_WORDS))  # each word is drawn with probability 1/23
+
+
+def _logprobs(piece: str, drawn: int | None, position: int, top: int) -> tuple[TokenLogprob, ...]:
+    """One token's candidates as vLLM returns them, the sampled one first. A drawn word: the
+    top ``top`` of a uniform choice (all tied at rank 1, the first words of the vocabulary).
+    A piece it was bound to write (scripted or constrained): certain, the only candidate (its
+    id is past the vocabulary's, one per position)."""
+    if drawn is None:
+        return (TokenLogprob(len(_WORDS) + position, 0.0, 1, piece),)
+    lead = piece[: len(piece) - len(_WORDS[drawn])]  # the space before every word but the first
+    sampled = TokenLogprob(drawn, _UNIFORM, 1, piece)
+    others = [
+        TokenLogprob(i, _UNIFORM, 1, lead + _WORDS[i]) for i in range(len(_WORDS)) if i != drawn
+    ]
+    return (sampled, *others[: max(top - 1, 0)]) if top else (sampled,)
+
+
 class SyntheticEngine:
     max_concurrency: int | None = None
+    # The optional sampling features it implements (the shared shell refuses the others).
+    features = frozenset({"structured_outputs", "logprobs"})
 
     def __init__(
         self, default_tokens: int = 64, token_interval_s: float = 0.02, first_delay_s: float = 0.0
@@ -221,38 +263,51 @@ class SyntheticEngine:
                 return False
         return not cancelled()
 
-    def _pieces(self, prompt: str, sampling: EngineSampling) -> tuple[list[str], bool]:
-        """The answer's tokens, and whether it ends by itself ("stop") rather than by length."""
-        scripted = scripted_answer(prompt)
+    def _pieces(
+        self, prompt: str, sampling: EngineSampling
+    ) -> tuple[list[str], list[int | None], bool]:
+        """The answer's tokens, the vocabulary index of each drawn word (None for a certain
+        piece), and whether it ends by itself ("stop") rather than by length."""
+        constraint = sampling.structured_outputs
+        scripted = (
+            constrained_answer(constraint) if constraint is not None else scripted_answer(prompt)
+        )
         if scripted is not None:
-            pieces = _PIECE.findall(scripted)
-            if sampling.max_tokens is not None and sampling.max_tokens < len(pieces):
-                return pieces[: sampling.max_tokens], False
-            return pieces, True
+            pieces = _PIECE.findall(scripted) or [scripted]
+            cut = sampling.max_tokens is not None and sampling.max_tokens < len(pieces)
+            pieces = pieces[: sampling.max_tokens] if cut else pieces
+            return pieces, [None] * len(pieces), not cut
         rng = random.Random(sampling.seed)
         limited = sampling.max_tokens is not None
         count = sampling.max_tokens if sampling.max_tokens is not None else self._default_tokens
-        words = [("" if i == 0 else " ") + rng.choice(_WORDS) for i in range(count)]
-        return words, not limited
+        drawn = [rng.randrange(len(_WORDS)) for _ in range(count)]  # as rng.choice draws
+        words = [("" if i == 0 else " ") + _WORDS[w] for i, w in enumerate(drawn)]
+        return words, list[int | None](drawn), not limited
 
     def stream(
         self, prompt: str, sampling: EngineSampling, cancelled: Callable[[], bool]
     ) -> Iterator[Step]:
-        pieces, complete = self._pieces(prompt, sampling)
+        pieces, drawn, complete = self._pieces(prompt, sampling)
         stops = StopMatcher(sampling.stop)
         if not self._pause(self._first_delay, cancelled):
             return
         for i, piece in enumerate(pieces):
             if i and not self._pause(self._interval, cancelled):
                 return
+            logprobs = (
+                (_logprobs(piece, drawn[i], i, sampling.logprobs),)
+                if sampling.logprobs is not None
+                else ()
+            )
             text, hit = stops.feed(piece)
             if hit:
-                yield Step(text, 1, "stop")
+                yield Step(text, 1, "stop", logprobs)
                 return
             if i == len(pieces) - 1:
-                yield Step(text + stops.flush(), 1, "stop" if complete else "length")
+                finish = "stop" if complete else "length"
+                yield Step(text + stops.flush(), 1, finish, logprobs)
                 return
-            yield Step(text, 1)
+            yield Step(text, 1, None, logprobs)
 
     def close(self) -> None:
         self._closed.set()
