@@ -2,11 +2,18 @@
 
 These plain dataclasses are what the orchestrator's logic works with; protobuf types stop at the
 gRPC border (``orchestrator/_convert.py``).
+
+Beyond text, a request may offer the model tools (``Tool``, with a ``ToolChoice``), constrain the
+answer's form (``ResponseFormat``), ask for log probabilities (``Sampling.top_logprobs``) and for
+several answers (``GenerationRequest.n``, each a *choice* with its own ``Chunk.index``). JSON
+values that the orchestrator passes on without interpreting (a tool's parameter schema, a call's
+arguments, a response schema) stay JSON text, as OpenAI carries them.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,7 +26,10 @@ __all__ = [
     "Delta",
     "FinishReason",
     "GenerationRequest",
+    "Logprob",
     "OnFailure",
+    "ResponseFormat",
+    "ResponseFormatType",
     "RetrievalOptions",
     "RetrievalReport",
     "RetrievalStatus",
@@ -27,7 +37,14 @@ __all__ = [
     "Sampling",
     "StreamEnd",
     "StreamStart",
+    "StructuredOutput",
+    "TokenLogprob",
     "TokenSource",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolChoice",
+    "ToolChoiceMode",
     "Usage",
     "merge_deltas",
 ]
@@ -37,6 +54,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"
+    TOOL_CALLS = "tool_calls"  # the answer ends with tool calls
 
 
 class Role(enum.StrEnum):
@@ -45,6 +63,7 @@ class Role(enum.StrEnum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
+    TOOL = "tool"  # the result of a tool call (``ChatMessage.tool_call_id`` names the call)
 
 
 class OnFailure(enum.StrEnum):
@@ -61,14 +80,91 @@ class RetrievalStatus(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call of a function, as the model wrote it: ``arguments`` is JSON text (an object)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
+    """One turn. An assistant turn may call tools (``tool_calls``; its content may then be
+    empty); a tool turn answers the call whose id is ``tool_call_id``."""
+
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call; ``parameters`` is the JSON Schema of its arguments as JSON
+    text ("" when it takes none)."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""
+
+
+class ToolChoiceMode(enum.StrEnum):
+    AUTO = "auto"  # the model decides
+    NONE = "none"  # no call: the tools are not offered
+    REQUIRED = "required"  # at least one call
+    FUNCTION = "function"  # a call of ``ToolChoice.function``
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    mode: ToolChoiceMode = ToolChoiceMode.AUTO
+    function: str = ""  # with FUNCTION: the function that must be called
+
+
+class ResponseFormatType(enum.StrEnum):
+    TEXT = "text"
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # an instance of ``ResponseFormat.schema``
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    type: ResponseFormatType = ResponseFormatType.TEXT
+    schema: str = ""  # with JSON_SCHEMA: the JSON Schema, as JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the text a model may produce: the fields of vLLM's
+    ``StructuredOutputsParams`` that tokenrelay uses (set exactly one)."""
+
+    schema: str = ""  # a JSON Schema, as JSON text (vLLM's ``json``)
+    json_object: bool = False  # any JSON object
+    choice: tuple[str, ...] = ()  # one of these strings
+
+    def to_engine_json(self) -> str:
+        """The ``structured_outputs`` value of ``sampling_parameters``: JSON text, as Triton's
+        vLLM backend reads it (``StructuredOutputsParams(**json.loads(value))``)."""
+        params: dict[str, object] = {}
+        if self.schema:
+            params["json"] = json.loads(self.schema)
+        if self.json_object:
+            params["json_object"] = True
+        if self.choice:
+            params["choice"] = list(self.choice)
+        return json.dumps(params, separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)
 class Sampling:
-    """Decoding parameters; ``None`` means the model's default."""
+    """Decoding parameters; ``None`` means the model's default.
+
+    ``top_logprobs`` asks for log probabilities: of each generated token, and of this many most
+    likely tokens at each position (0: the generated token's only). ``logit_bias`` maps token ids
+    to a bias added to their logits. ``structured`` is set by the orchestrator (from the
+    request's response format or forced tool choice), never by callers directly.
+    """
 
     max_tokens: int | None = None
     temperature: float | None = None
@@ -78,6 +174,9 @@ class Sampling:
     stop: tuple[str, ...] = ()
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    top_logprobs: int | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    structured: StructuredOutput | None = None
 
     def to_engine_json(self) -> dict[str, object]:
         """The set fields, named as vLLM's ``SamplingParams`` names them."""
@@ -96,6 +195,12 @@ class Sampling:
                 out[name] = value
         if self.stop:
             out["stop"] = list(self.stop)
+        if self.top_logprobs is not None:
+            out["logprobs"] = self.top_logprobs
+        if self.logit_bias:
+            out["logit_bias"] = {str(token): bias for token, bias in self.logit_bias.items()}
+        if self.structured is not None:
+            out["structured_outputs"] = self.structured.to_engine_json()
         return out
 
 
@@ -132,7 +237,12 @@ class RetrievalReport:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """One request, as the caller stated it (before the chat template is applied)."""
+    """One request, as the caller stated it (before the chat template is applied).
+
+    ``tools`` (chat only) are offered to the model as ``tool_choice`` says; with
+    ``parallel_tool_calls`` false an answer holds at most one call. ``n`` answers are generated
+    (choices 0 to n-1), each with its own seed derived from ``sampling.seed``.
+    """
 
     model: str
     messages: tuple[ChatMessage, ...] | None = None
@@ -144,6 +254,11 @@ class GenerationRequest:
     # Tokens arriving within this many ms of the previous chunk ride in the next one; None:
     # the model's default.
     stream_interval_ms: int | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat = field(default_factory=ResponseFormat)
+    n: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,23 +272,41 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class Logprob:
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log probability, and the most likely tokens at its position (most
+    likely first; as many as the request asked for, the generated one among them if it is)."""
+
+    token: str
+    logprob: float
+    top: tuple[Logprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
     """One step of a generation as a token source reports it.
 
     ``output_tokens`` counts the tokens behind ``text`` (text may be empty while a token is held
     back, e.g. as a possible start of a stop sequence). ``prompt_tokens`` is set when the source
-    knows it. ``finish_reason`` is set on the last delta only.
+    knows it. ``finish_reason`` is set on the last delta only. ``logprobs`` (when asked for) has
+    one entry per token behind the delta.
     """
 
     text: str
     output_tokens: int = 0
     prompt_tokens: int | None = None
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 def merge_deltas(deltas: Sequence[Delta]) -> Delta:
-    """Consecutive deltas of one answer as one (text joined, tokens summed, the last one's
-    finish reason)."""
+    """Consecutive deltas of one answer as one (text joined, tokens summed, logprobs in order,
+    the last one's finish reason)."""
     if len(deltas) == 1:
         return deltas[0]
     prompt_tokens = [d.prompt_tokens for d in deltas if d.prompt_tokens is not None]
@@ -182,6 +315,7 @@ def merge_deltas(deltas: Sequence[Delta]) -> Delta:
         sum(d.output_tokens for d in deltas),
         prompt_tokens[-1] if prompt_tokens else None,
         deltas[-1].finish_reason,
+        tuple(entry for d in deltas for entry in d.logprobs),
     )
 
 
@@ -209,8 +343,9 @@ class Continued:
 
 @dataclass(frozen=True, slots=True)
 class StreamEnd:
-    """How the answer ended; ``usage`` counts every attempt that produced it (``continued``
-    says how much of it went to continuations, when there were any)."""
+    """How one choice ended; ``usage`` counts the prompt and that choice's completion tokens,
+    over every attempt that produced it (``continued`` says how much of it went to
+    continuations, when there were any)."""
 
     finish_reason: FinishReason
     usage: Usage
@@ -218,13 +353,30 @@ class StreamEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call as it is generated: the first piece of call ``index`` (0, 1, …
+    within one answer) carries its ``id`` and ``name``, later ones more of its ``arguments``
+    (JSON text; the pieces joined are the whole)."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
-    """One message of a stream: the text since the previous one; ``start`` on the first only,
-    ``end`` on the last only."""
+    """One message of a stream: choice ``index``'s text since its previous chunk, pieces of its
+    tool calls, and the log probabilities of the tokens behind them. ``start`` is on the
+    stream's first chunk only; ``end`` on each choice's last chunk only (with n = 1: the
+    stream's last)."""
 
     text: str
     start: StreamStart | None = None
     end: StreamEnd | None = None
+    index: int = 0
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class TokenSource(Protocol):

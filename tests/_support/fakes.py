@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tokenrelay.errors import UpstreamUnavailable
-from tokenrelay.generation import Delta, FinishReason, Sampling
+from tokenrelay.generation import Delta, FinishReason, Logprob, Sampling, TokenLogprob
 
 
 class FakeSource:
@@ -20,7 +20,8 @@ class FakeSource:
 
     Streams ``words`` one per ``interval_s``; records each generation's prompt and whether it was
     closed early (cancelled). ``fail_with`` raises instead of streaming; ``first_delay_s`` delays
-    the first token.
+    the first token. With ``sampling.top_logprobs`` set each word comes with a log probability
+    of -(its position + 1), and that many alternatives (``alt0`` …, less likely than it).
     """
 
     def __init__(
@@ -75,7 +76,15 @@ class FakeSource:
                 reason = None
                 if last:
                     reason = FinishReason.LENGTH if limit < len(self.words) else FinishReason.STOP
-                yield Delta(word, 1, len(prompt.split()), reason)
+                logprobs: tuple[TokenLogprob, ...] = ()
+                if sampling.top_logprobs is not None:
+                    top = [Logprob(word, -(i + 1.0))] + [
+                        Logprob(f"alt{k}", -(i + 2.0 + k)) for k in range(sampling.top_logprobs)
+                    ]
+                    logprobs = (
+                        TokenLogprob(word, -(i + 1.0), tuple(top[: sampling.top_logprobs])),
+                    )
+                yield Delta(word, 1, len(prompt.split()), reason, logprobs)
             done = True
         finally:
             if done:

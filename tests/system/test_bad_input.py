@@ -40,8 +40,8 @@ CASES = [
     (_with(temperature=7), 400, "temperature"),
     (_with(stream="yes"), 400, "stream"),
     (_with(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
-    (_with(n=3), 400, "n"),
-    (_with(response_format={"type": "json_object"}), 400, "response_format"),
+    (_with(n=17), 400, "n"),
+    (_with(response_format={"type": "xml"}), 400, "response_format"),
 ]
 
 

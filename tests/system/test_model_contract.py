@@ -221,7 +221,7 @@ async def test_a_choice_forces_one_of_the_alternatives(stack: Stack) -> None:
         ("smollm2", {"json": {"$ref": "#/$defs/missing"}}, "this schema is not supported"),
         ("smollm2", {"regex": "[a-z]+"}, "'regex' is not supported by this model"),
         ("smollm2", {"json": {}, "choice": ["a"]}, "exactly one of"),
-        ("synthetic", {"choice": ["a"]}, "'structured_outputs' is not supported by this model"),
+        ("synthetic", {"grammar": 'root ::= "a"'}, "'grammar' is not supported by this model"),
     ],
 )
 async def test_a_constraint_that_cannot_be_used_is_refused_before_decoding(

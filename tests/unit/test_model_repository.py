@@ -54,10 +54,15 @@ def _type(value: int) -> str:
 
 
 def _used_by_the_orchestrator() -> tuple[set[str], set[str]]:
-    """The inputs TritonNode sends and the outputs it asks for."""
+    """The inputs TritonNode sends and the outputs it asks for (with every option asked)."""
     source = inspect.getsource(_triton.TritonNode._request)
     inputs = set(re.findall(r'_(?:bytes|bool)_input\("(\w+)"', source))
-    return inputs, set(_triton._OUTPUTS)
+    return inputs, {*_triton._OUTPUTS, "logprobs"}
+
+
+# Inputs and outputs the orchestrator uses only for what a request asks (and the catalog entry
+# says the model does): the model must declare them when its catalog entry says so.
+OPTIONAL_IO = {"logprobs": ({"return_logprobs"}, {"logprobs"})}
 
 
 @pytest.mark.parametrize("name", ["smollm2", "synthetic"])
@@ -79,9 +84,15 @@ def test_cpu_models_declare_exactly_the_vllm_backends_io(name: str) -> None:
         "return_finish_reason",
         "return_num_input_tokens",
         "return_num_output_tokens",
+        "return_logprobs",
     }
-    assert inputs <= {t.name for t in config.input} and inputs <= set(VLLM_INPUTS)
-    assert outputs <= {t.name for t in config.output} and outputs <= set(VLLM_OUTPUTS)
+    assert inputs <= set(VLLM_INPUTS) and outputs <= set(VLLM_OUTPUTS)
+    (spec,) = [m for m in load_settings({}).models if m.triton_model == name]
+    for capability, (extra_inputs, extra_outputs) in OPTIONAL_IO.items():
+        if not getattr(spec, capability):
+            inputs, outputs = inputs - extra_inputs, outputs - extra_outputs
+    assert inputs <= {t.name for t in config.input}
+    assert outputs <= {t.name for t in config.output}
 
 
 def test_gpu_model_is_a_vllm_backend_model_the_cpu_stack_never_loads() -> None:

@@ -402,3 +402,21 @@ async def test_the_stream_interval_comes_from_the_catalog_and_is_bounded_there()
         await _collect(relay, dataclasses.replace(_request(), stream_interval_ms=51))
     assert refused.value.param == "stream_interval_ms"
     assert len(source.prompts) == 2  # refused before anything reached the node
+
+
+async def test_a_caller_that_leaves_after_the_last_chunk_had_a_whole_answer() -> None:
+    source = FakeSource()
+    relay, pool = _relay(source)
+    await pool.probe_once()
+    stream = relay.stream(_request())
+    async for chunk in stream:
+        if chunk.end is not None:
+            break  # the edge closes the call as soon as it holds the end
+    await stream.aclose()
+    samples = {
+        s.labels["outcome"]: s.value
+        for metric in relay.metrics.requests.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+    assert samples == {"stop": 1.0}

@@ -74,7 +74,7 @@ def test_openai_chat_body_becomes_a_stream_request() -> None:
             "seed": 2**40,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "tools": [{"type": "function"}],  # unknown to tokenrelay: ignored
+            "metadata": {"trace": "x"},  # unknown to tokenrelay: ignored
         },
         "rid",
     )
@@ -113,7 +113,7 @@ def test_the_stream_interval_extension_reaches_the_grpc_request() -> None:
             {"model": "m", "messages": [], "stream_options": {"include_usage": "yes"}},
             "stream_options.include_usage",
         ),
-        ({"model": "m", "messages": [], "logprobs": True}, "logprobs"),
+        ({"model": "m", "messages": [], "logprobs": "yes"}, "logprobs"),
         ({"model": "m", "messages": [], "stream_interval_ms": -1}, "stream_interval_ms"),
         ({"model": "m", "messages": [], "stream_interval_ms": "10"}, "stream_interval_ms"),
     ],

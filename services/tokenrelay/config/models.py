@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic.dataclasses import dataclass
@@ -44,6 +44,14 @@ class ModelSpec:
     """Whether the fallback may also continue a stream of this model whose node failed after
     tokens went out, when no node of this model can (the text so far rendered in the
     fallback's own template). Off: only this model's nodes continue its streams."""
+    tool_parser: Literal["", "hermes", "llama3_json"] = ""
+    """The tool-call format its template renders and it writes; "" refuses tools."""
+    structured_outputs: bool = True
+    """Constrained decoding: JSON response formats and forced tool calls (vLLM: yes)."""
+    logprobs: bool = True
+    """Returns log probabilities when asked (vLLM: yes)."""
+    logit_bias: bool = True
+    """Applies logit_bias (vLLM: yes); false: such requests get a 400, never ignored."""
 
     def __post_init__(self) -> None:
         if self.stream_interval_ms > self.max_stream_interval_ms:
@@ -72,6 +80,7 @@ DEFAULT_MODELS = (
         default_system_prompt="",
         context_window=2048,
         default_max_tokens=256,
+        tool_parser="hermes",
     ),
     ModelSpec(
         id="synthetic",
@@ -79,6 +88,8 @@ DEFAULT_MODELS = (
         chat_template="chatml",
         context_window=4096,
         default_max_tokens=64,
+        tool_parser="hermes",
+        logit_bias=False,
     ),
 )
 """The catalog when the file has no ``[[models]]``: the two CPU models of ``triton_models/``."""

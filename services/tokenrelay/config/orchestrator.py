@@ -62,6 +62,12 @@ class Limits:
     max_request_id_chars: AtLeastOne = 128
     max_labels: AtLeastZero = 32
     """0: requests may not carry labels."""
+    max_n: AtLeastOne = 16
+    """Answers (choices) one request may ask for."""
+    max_tools: AtLeastZero = 128
+    """Tools one request may offer; 0: none."""
+    max_schema_chars: AtLeastOne = 100_000
+    """A tool's parameters, or a response format's schema, as JSON text."""
 
 
 @dataclass(frozen=True, slots=True, config=SECTION)

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
@@ -28,6 +28,7 @@ from opentelemetry import trace
 
 from tokenrelay._readahead import ReadAhead
 from tokenrelay.edge import _openai as oa
+from tokenrelay.edge._choices import Answer, Piece, chat_logprobs
 from tokenrelay.edge._errors import error_body
 from tokenrelay.edge._request import budget, read_json
 from tokenrelay.edge._resume import ResumableStream, new_stream_id
@@ -49,18 +50,20 @@ F = TypeVar("F")
 
 
 class Shape(Protocol):
-    """How one endpoint spells its answer."""
+    """How one endpoint spells its answer (of ``n`` choices)."""
 
     @property
     def id(self) -> str: ...
     @property
     def model(self) -> str: ...
+    @property
+    def n(self) -> int: ...
 
     def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]: ...
-    def text(self, text: str) -> dict[str, Any]: ...
-    def end(self, finish: str) -> dict[str, Any]: ...
+    def piece(self, piece: Piece) -> dict[str, Any]: ...
+    def end(self, index: int, finish: str) -> dict[str, Any]: ...
     def usage(self, usage: pb.Usage) -> dict[str, Any]: ...
-    def whole(self, text: str, finish: str, usage: pb.Usage) -> dict[str, Any]: ...
+    def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,21 +72,28 @@ class _Chat:
     created: int
     model: str
     with_usage: bool
+    n: int = 1
+    logprobs: bool = False
 
-    def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
-        delta = {"role": "assistant", "content": ""}
-        chunk = oa.chat_chunk(self.id, self.created, self.model, delta, None, self.with_usage)
-        if retrieval is not None:
-            chunk["retrieval"] = retrieval
-        return [chunk]
-
-    def text(self, text: str) -> dict[str, Any]:
+    def _chunk(self, delta: dict[str, Any], index: int = 0, **fields: Any) -> dict[str, Any]:
         return oa.chat_chunk(
-            self.id, self.created, self.model, {"content": text}, None, self.with_usage
+            self.id, self.created, self.model, delta, None, self.with_usage, index, **fields
         )
 
-    def end(self, finish: str) -> dict[str, Any]:
-        return oa.chat_chunk(self.id, self.created, self.model, {}, finish, self.with_usage)
+    def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
+        chunks = [self._chunk({"role": "assistant", "content": ""}, i) for i in range(self.n)]
+        if retrieval is not None:
+            chunks[0]["retrieval"] = retrieval
+        return chunks
+
+    def piece(self, piece: Piece) -> dict[str, Any]:
+        index = piece.index
+        text, calls, logprobs = piece.take()
+        entries = chat_logprobs(logprobs) if self.logprobs else None
+        return self._chunk(Piece.chat_delta(text, calls), index, logprobs=entries)
+
+    def end(self, index: int, finish: str) -> dict[str, Any]:
+        return oa.chat_chunk(self.id, self.created, self.model, {}, finish, self.with_usage, index)
 
     def usage(self, usage: pb.Usage) -> dict[str, Any]:
         chunk = oa.chat_chunk(self.id, self.created, self.model, {}, None, True)
@@ -91,8 +101,9 @@ class _Chat:
         chunk["usage"] = oa.usage(usage)
         return chunk
 
-    def whole(self, text: str, finish: str, usage: pb.Usage) -> dict[str, Any]:
-        return oa.chat_completion(self.id, self.created, self.model, text, finish, usage)
+    def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]:
+        choices = [a.chat(_finish(a.end), self.logprobs) for a in answers]
+        return oa.chat_completion(self.id, self.created, self.model, choices, usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +112,10 @@ class _Completion:
     created: int
     model: str
     with_usage: bool
+    n: int = 1
+    logprobs: bool = False
+    # Characters of each choice's text so far: logprobs' text_offset counts from its start.
+    offsets: dict[int, int] = field(default_factory=dict)
 
     def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
         if retrieval is None:
@@ -109,19 +124,25 @@ class _Completion:
         chunk["retrieval"] = retrieval
         return [chunk]
 
-    def text(self, text: str) -> dict[str, Any]:
-        return oa.completion_chunk(self.id, self.created, self.model, text, None)
+    def piece(self, piece: Piece) -> dict[str, Any]:
+        index = piece.index
+        text, _, logprobs = piece.take()
+        entries = None
+        if self.logprobs:
+            offset = self.offsets.get(index, 0)
+            entries = Piece.completion_logprobs(logprobs, offset)
+            self.offsets[index] = offset + sum(len(e.token) for e in logprobs)
+        return oa.completion_chunk(self.id, self.created, self.model, text, None, index, entries)
 
-    def end(self, finish: str) -> dict[str, Any]:
-        return oa.completion_chunk(self.id, self.created, self.model, "", finish)
+    def end(self, index: int, finish: str) -> dict[str, Any]:
+        return oa.completion_chunk(self.id, self.created, self.model, "", finish, index)
 
     def usage(self, usage: pb.Usage) -> dict[str, Any]:
-        chunk = oa.completion(self.id, self.created, self.model, "", None, usage)
-        chunk["choices"] = []
-        return chunk
+        return oa.completion(self.id, self.created, self.model, [], usage)
 
-    def whole(self, text: str, finish: str, usage: pb.Usage) -> dict[str, Any]:
-        return oa.completion(self.id, self.created, self.model, text, finish, usage)
+    def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]:
+        choices = [a.completion(_finish(a.end), self.logprobs) for a in answers]
+        return oa.completion(self.id, self.created, self.model, choices, usage)
 
 
 def _genai_request(parsed: oa.ParsedRequest, chat: bool) -> dict[str, Any]:
@@ -138,20 +159,29 @@ def _genai_request(parsed: oa.ParsedRequest, chat: bool) -> dict[str, Any]:
     return attributes
 
 
-def _genai_response(model: str, end: pb.StreamEnd) -> dict[str, Any]:
+def _genai_response(model: str, ends: list[pb.StreamEnd], usage: pb.Usage) -> dict[str, Any]:
     return {
         "gen_ai.response.model": model,
-        "gen_ai.response.finish_reasons": [oa.finish_reason(end) or "cancelled"],
-        "gen_ai.usage.input_tokens": end.usage.prompt_tokens,
-        "gen_ai.usage.output_tokens": end.usage.completion_tokens,
+        "gen_ai.response.finish_reasons": [oa.finish_reason(e) or "cancelled" for e in ends],
+        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": usage.completion_tokens,
     }
 
 
-def _finish(end: pb.StreamEnd) -> str:
-    finish = oa.finish_reason(end)
+def _finish(end: pb.StreamEnd | None) -> str:
+    finish = oa.finish_reason(end) if end is not None else None
     if finish is None:
         raise UpstreamUnavailable("The inference server cancelled the generation.")
     return finish
+
+
+def _total(ends: list[pb.StreamEnd]) -> pb.Usage:
+    """The request's usage: the prompt once, every choice's completion tokens."""
+    prompt = ends[0].usage.prompt_tokens if ends else 0
+    completion = sum(e.usage.completion_tokens for e in ends)
+    return pb.Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 async def _next(
@@ -195,10 +225,25 @@ async def _wait(
         return taken
 
 
-def _continued(chunk: dict[str, Any], end: pb.StreamEnd) -> dict[str, Any]:
+def _continued(ends: list[pb.StreamEnd]) -> pb.Continued | None:
+    """How the answer outlived its nodes, over all its choices (None: it did not)."""
+    continued = [e.continued for e in ends if e.HasField("continued")]
+    if not continued:
+        return None
+    prompt = sum(c.usage.prompt_tokens for c in continued)
+    completion = sum(c.usage.completion_tokens for c in continued)
+    return pb.Continued(
+        count=sum(c.count for c in continued),
+        usage=pb.Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        ),
+    )
+
+
+def _with_continued(chunk: dict[str, Any], continued: pb.Continued | None) -> dict[str, Any]:
     """``chunk`` with the ``continued`` extension when the answer outlived its node."""
-    if end.HasField("continued"):
-        chunk["continued"] = oa.continued_json(end.continued)
+    if continued is not None:
+        chunk["continued"] = oa.continued_json(continued)
     return chunk
 
 
@@ -226,32 +271,39 @@ async def pump(
     # reading), so that messages that arrive together go out as one event, in one write; nothing
     # waits for company, so the first token is never delayed (when the client or the loop is
     # slower than the model, several deltas pile up and cost one event instead of one each).
+    # Consecutive messages of one choice merge; a message of another choice starts a new event.
     reader = ReadAhead(messages, limit=32)
     reader.start()
     frames = [sink.frame(chunk) for chunk in shape.opening(retrieval)]
-    texts: list[str] = []
+    piece = Piece()
+    ends: list[pb.StreamEnd] = []
 
     def flush() -> None:
-        if texts:
-            frames.append(sink.frame(shape.text("".join(texts))))
-            texts.clear()
+        if piece:
+            frames.append(sink.frame(shape.piece(piece)))
 
     try:
         batch = [first]
         while True:
-            end = None
             for message in batch:
-                if message.text:
-                    texts.append(message.text)
+                if message.index != piece.index:
+                    flush()
+                    piece.index = message.index
+                piece.add(message)
                 if message.HasField("end"):
+                    flush()
                     end = message.end
-                    break
-            if end is not None:
-                flush()
-                trace.get_current_span().set_attributes(_genai_response(shape.model, end))
-                frames.append(sink.frame(_continued(shape.end(_finish(end)), end)))
+                    ends.append(end)
+                    chunk = shape.end(message.index, _finish(end))
+                    frames.append(sink.frame(_with_continued(chunk, _continued([end]))))
+                    if len(ends) == shape.n:
+                        break
+            if len(ends) == shape.n:
+                usage = _total(ends)
+                trace.get_current_span().set_attributes(_genai_response(shape.model, ends, usage))
                 if include_usage:
-                    frames.append(sink.frame(_continued(shape.usage(end.usage), end)))
+                    chunk = _with_continued(shape.usage(usage), _continued(ends))
+                    frames.append(sink.frame(chunk))
                 await sink.write(frames)
                 break
             batch = reader.ready()
@@ -318,7 +370,9 @@ async def open_answer(
     kind = _Chat if chat else _Completion
     # A chat completion's id is random: it is what a client resumes its stream by.
     answer_id = new_stream_id(request_id) if chat else "cmpl-" + request_id
-    shape = kind(answer_id, int(time.time()), model, parsed.include_usage)
+    shape = kind(
+        answer_id, int(time.time()), model, parsed.include_usage, parsed.n, parsed.logprobs
+    )
     headers = {}
     if first.start.served_by.fallback:
         headers["x-tokenrelay-fallback"] = model
@@ -405,20 +459,25 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
                 return await _stream(
                     request, messages, shape, first, headers, parsed.include_usage, retrieval
                 )
-            texts = []
+            answers: dict[int, Answer] = {}
+            ends: list[pb.StreamEnd] = []
             message = first
             while True:
-                texts.append(message.text)
+                answers.setdefault(message.index, Answer(message.index)).add(message)
                 if message.HasField("end"):
-                    break
+                    ends.append(message.end)
+                    if len(ends) == parsed.n:
+                        break
                 message = await _next(messages)
-            answer = shape.whole("".join(texts), _finish(message.end), message.end.usage)
+            usage = _total(ends)
+            answer = shape.whole([answers[i] for i in sorted(answers)], usage)
             if retrieval is not None:
                 answer["retrieval"] = retrieval
-            if message.end.HasField("continued"):
-                _continued(answer, message.end)
-                headers["x-tokenrelay-continued"] = str(message.end.continued.count)
-            span.set_attributes(_genai_response(model, message.end))
+            continued = _continued(ends)
+            if continued is not None:
+                _with_continued(answer, continued)
+                headers["x-tokenrelay-continued"] = str(continued.count)
+            span.set_attributes(_genai_response(model, ends, usage))
             return web.json_response(answer, headers=headers)
         finally:
             if not handed_over:

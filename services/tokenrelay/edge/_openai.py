@@ -6,7 +6,9 @@ orchestrator's to check, so gRPC and HTTP callers meet the same rules and messag
 
 Unknown-field policy: fields this edge does not know are ignored, as OpenAI-compatible servers do
 (clients such as LiteLLM and ADK add their own). Known fields that ask for something tokenrelay
-does not do (``n`` > 1, ``logprobs``, a non-text ``response_format``) are refused with a 400.
+does not do (``echo``, ``best_of`` > 1, ``suffix``) are refused with a 400, and so is what a
+model's catalog entry says it cannot do (tools, constrained decoding, logprobs, logit_bias; the
+orchestrator's checks) — never ignored. Tools and structured outputs: ``_openai_tools``.
 
 Extension: ``retrieval`` (an object: ``collection``, ``top_k``, ``min_score``, ``on_failure``)
 asks for retrieval-augmented generation; the answer then carries a ``retrieval`` object (status
@@ -24,6 +26,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from tokenrelay.edge import _openai_tools as tools
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import retrieval_pb2 as rpb
@@ -53,8 +56,13 @@ _ROLES = {
     "developer": pb.ROLE_SYSTEM,
     "user": pb.ROLE_USER,
     "assistant": pb.ROLE_ASSISTANT,
+    "tool": pb.ROLE_TOOL,
 }
-_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+_FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,14 @@ class ParsedRequest:
     request: pb.GenerateStreamRequest
     stream: bool
     include_usage: bool
+
+    @property
+    def n(self) -> int:
+        return self.request.n if self.request.HasField("n") else 1
+
+    @property
+    def logprobs(self) -> bool:
+        return self.request.sampling.HasField("top_logprobs")
 
 
 def _reject_constant(name: str) -> Any:
@@ -162,6 +178,8 @@ def _sampling(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> pb.Sam
     seed = _integer(body, "seed", _INT64)
     if seed is not None:
         sampling.seed = seed
+    for token, bias in tools.logit_bias(body).items():
+        sampling.logit_bias[token] = bias
     stop = body.get("stop")
     if isinstance(stop, str):
         sampling.stop.append(stop)
@@ -298,20 +316,30 @@ def embeddings_response(model: str, response: rpb.EmbedResponse, as_base64: bool
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    n = _integer(body, "n", _INT32)
-    if n is not None and n != 1:
-        raise InvalidRequest("Only n=1 is supported.", "n")
-    if body.get("logprobs") not in (None, False, 0):
-        raise InvalidRequest("logprobs are not supported.", "logprobs")
     if body.get("echo") not in (None, False):
         raise InvalidRequest("echo is not supported.", "echo")
     if body.get("best_of") not in (None, 1):
         raise InvalidRequest("Only best_of=1 is supported.", "best_of")
-    response_format = body.get("response_format")
-    if response_format is not None and (
-        not isinstance(response_format, dict) or response_format.get("type") != "text"
-    ):
-        raise InvalidRequest("Only the 'text' response_format is supported.", "response_format")
+
+
+def _choices_and_logprobs(
+    body: dict[str, Any], request: pb.GenerateStreamRequest, chat: bool
+) -> None:
+    """``n``, and logprobs as each endpoint spells them: chat ``logprobs`` (a boolean) with
+    ``top_logprobs``; completions ``logprobs`` (how many alternatives)."""
+    n = _integer(body, "n", _INT32)
+    if n is not None:
+        request.n = n  # its bounds are the orchestrator's
+    if chat:
+        top = _integer(body, "top_logprobs", _INT32)
+        if _bool(body, "logprobs"):
+            request.sampling.top_logprobs = top or 0
+        elif top is not None:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+    else:
+        count = _integer(body, "logprobs", _INT32)
+        if count is not None:
+            request.sampling.top_logprobs = count
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -361,12 +389,18 @@ def _messages(body: dict[str, Any]) -> list[pb.ChatMessage]:
         role = message.get("role")
         if role not in _ROLES:
             raise InvalidRequest(
-                f"messages[{i}].role must be one of system, developer, user, assistant.",
+                f"messages[{i}].role must be one of system, developer, user, assistant, tool.",
                 f"messages[{i}].role",
             )
-        messages.append(
-            pb.ChatMessage(role=_ROLES[role], content=_content(message.get("content"), i))
-        )
+        converted = pb.ChatMessage(role=_ROLES[role], content=_content(message.get("content"), i))
+        if role == "assistant":
+            converted.tool_calls.extend(tools.message_tool_calls(message, i))
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise _type_error(f"messages[{i}].tool_call_id", "a string")
+            converted.tool_call_id = call_id or ""
+        messages.append(converted)
     return messages
 
 
@@ -382,8 +416,14 @@ def parse_chat(body: dict[str, Any], request_id: str) -> ParsedRequest:
         sampling=_sampling(body, ("max_completion_tokens", "max_tokens")),
         request_id=request_id,
         retrieval=_retrieval(body),
+        tools=tools.tools(body),
+        tool_choice=tools.tool_choice(body),
+        response_format=tools.response_format(body),
     )
     _stream_interval(body, request)
+    if body.get("parallel_tool_calls") is not None:
+        request.parallel_tool_calls = _bool(body, "parallel_tool_calls")
+    _choices_and_logprobs(body, request, chat=True)
     return ParsedRequest(request, stream, include_usage)
 
 
@@ -407,6 +447,7 @@ def parse_completion(body: dict[str, Any], request_id: str) -> ParsedRequest:
         retrieval=_retrieval(body),
     )
     _stream_interval(body, request)
+    _choices_and_logprobs(body, request, chat=False)
     return ParsedRequest(request, stream, include_usage)
 
 
@@ -424,21 +465,15 @@ def usage(value: pb.Usage) -> dict[str, int]:
 
 
 def chat_completion(
-    id_: str, created: int, model: str, text: str, finish: str, use: pb.Usage
+    id_: str, created: int, model: str, choices: list[dict[str, Any]], use: pb.Usage
 ) -> dict[str, Any]:
+    """A chat completion of ``choices`` (see ``_choices.Answer.chat``)."""
     return {
         "id": id_,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "finish_reason": finish,
-                "logprobs": None,
-            }
-        ],
+        "choices": choices,
         "usage": usage(use),
     }
 
@@ -450,13 +485,17 @@ def chat_chunk(
     delta: dict[str, Any],
     finish: str | None = None,
     with_usage: bool = False,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": id_,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [
+            {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        ],
     }
     if with_usage:
         chunk["usage"] = None
@@ -464,15 +503,16 @@ def chat_chunk(
 
 
 def completion(
-    id_: str, created: int, model: str, text: str, finish: str | None, use: pb.Usage | None
+    id_: str, created: int, model: str, choices: list[dict[str, Any]], use: pb.Usage | None
 ) -> dict[str, Any]:
-    """A text completion; also each chunk of a streamed one (``finish`` None until the last)."""
+    """A text completion of ``choices``; also each chunk of a streamed one (one choice, whose
+    ``finish_reason`` is None until its last)."""
     body: dict[str, Any] = {
         "id": id_,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        "choices": choices,
     }
     if use is not None:
         body["usage"] = usage(use)
@@ -480,6 +520,13 @@ def completion(
 
 
 def completion_chunk(
-    id_: str, created: int, model: str, text: str, finish: str | None
+    id_: str,
+    created: int,
+    model: str,
+    text: str,
+    finish: str | None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return completion(id_, created, model, text, finish, None)
+    choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+    return completion(id_, created, model, [choice], None)

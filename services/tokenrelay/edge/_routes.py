@@ -50,7 +50,8 @@ _KINDS = {pb.MODEL_KIND_CHAT: "chat", pb.MODEL_KIND_EMBEDDING: "embedding"}
 
 def _model_json(model: pb.Model) -> dict[str, Any]:
     """OpenAI's model object, plus ``kind`` (``chat`` or ``embedding``: what it is called for)
-    and, for chat models, ``context_window`` — extensions, as vLLM adds ``max_model_len``."""
+    and, for chat models, ``context_window`` and ``capabilities`` (tools and their format,
+    structured outputs, logprobs, logit_bias) — extensions, as vLLM adds ``max_model_len``."""
     body: dict[str, Any] = {
         "id": model.id,
         "object": "model",
@@ -60,6 +61,15 @@ def _model_json(model: pb.Model) -> dict[str, Any]:
     }
     if model.context_window:
         body["context_window"] = model.context_window
+    if model.kind == pb.MODEL_KIND_CHAT:
+        caps = model.capabilities
+        body["capabilities"] = {
+            "tools": bool(caps.tool_parser),
+            "tool_parser": caps.tool_parser or None,
+            "structured_outputs": caps.structured_outputs,
+            "logprobs": caps.logprobs,
+            "logit_bias": caps.logit_bias,
+        }
     return body
 
 

@@ -100,12 +100,16 @@ class Continuer:
         first: Delta,
         deadline: float,
         record: Record,
+        index: int = 0,
+        resumable: Callable[[], bool] = lambda: True,
     ) -> AsyncGenerator[Chunk, None]:
-        """``follow``'s chunks for ``attempt`` (the winner of the race over ``plans``), then, each
-        time it is interrupted and may be continued, those of a continuation: one stream, whose
-        only ``start`` is the first attempt's and whose ``end`` counts them all. Raises the
-        interruption's ``RelayError`` (with the usage of the whole chain) when the answer cannot
-        be continued. Closing it closes the attempt that runs (cancelling it at its node)."""
+        """``follow``'s chunks for ``attempt`` (the winner of the race over ``plans``; choice
+        ``index`` of the request), then, each time it is interrupted and may be continued, those
+        of a continuation: one stream, whose only ``start`` is the first attempt's and whose
+        ``end`` counts them all. ``resumable`` says whether the answer so far may be continued
+        from its text (not under a constraint, no tool call begun). Raises the interruption's
+        ``RelayError`` (with the usage of the whole chain) when the answer cannot be continued.
+        Closing it closes the attempt that runs (cancelling it at its node)."""
         loop = asyncio.get_running_loop()
         chain = [attempt]
         texts: list[str] = []
@@ -131,16 +135,15 @@ class Continuer:
                 exc.usage = _add(_usage(chain[:-1]), last)
                 reason = _reason(attempt, exc)
                 failed.add(attempt.node)
-                if not self._may_continue(exc, chain, deadline):
+                if not (resumable() and self._may_continue(exc, chain, deadline)):
                     raise
                 base = _base_plans(plans, chain[0].plan)
                 limit = base[0].request.sampling.max_tokens or base[0].spec.default_max_tokens
                 produced = sum(a.completion_tokens for a in chain)
                 if produced >= limit:
                     # The node went away with the answer's last token: it ended by length.
-                    record.complete(FinishReason.LENGTH.value)
                     end = StreamEnd(FinishReason.LENGTH, _usage(chain), _continued(chain))
-                    yield Chunk("", None, end)
+                    yield Chunk("", None, end, index)
                     return
                 text = "".join(texts)
                 number = len(chain)
@@ -189,7 +192,7 @@ class Continuer:
         end = chunk.end
         if end is not None:
             end = dataclasses.replace(end, usage=_usage(chain), continued=_continued(chain))
-        elif not chunk.text:
+        elif not (chunk.text or chunk.tool_calls or chunk.logprobs):
             return None
         return dataclasses.replace(chunk, start=None, end=end)
 

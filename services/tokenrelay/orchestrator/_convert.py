@@ -10,12 +10,19 @@ from tokenrelay.generation import (
     FinishReason,
     GenerationRequest,
     OnFailure,
+    ResponseFormat,
+    ResponseFormatType,
     RetrievalOptions,
     RetrievalReport,
     RetrievalStatus,
     Role,
     Sampling,
     StreamStart,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
     Usage,
 )
 from tokenrelay.orchestrator._breaker import BreakerState
@@ -28,6 +35,7 @@ __all__ = [
     "chunk_to_pb",
     "continued_to_pb",
     "finish_to_pb",
+    "logprobs_to_pb",
     "model_to_pb",
     "node_to_pb",
     "report_to_pb",
@@ -37,11 +45,30 @@ __all__ = [
     "usage_to_pb",
 ]
 
-_ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}
+_ROLES = {
+    pb.ROLE_SYSTEM: Role.SYSTEM,
+    pb.ROLE_USER: Role.USER,
+    pb.ROLE_ASSISTANT: Role.ASSISTANT,
+    pb.ROLE_TOOL: Role.TOOL,
+}
 _FINISH = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
+}
+_TOOL_CHOICE = {
+    pb.TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.AUTO,
+    pb.TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.AUTO,
+    pb.TOOL_CHOICE_MODE_NONE: ToolChoiceMode.NONE,
+    pb.TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.REQUIRED,
+    pb.TOOL_CHOICE_MODE_FUNCTION: ToolChoiceMode.FUNCTION,
+}
+_RESPONSE_FORMAT = {
+    pb.RESPONSE_FORMAT_TYPE_UNSPECIFIED: ResponseFormatType.TEXT,
+    pb.RESPONSE_FORMAT_TYPE_TEXT: ResponseFormatType.TEXT,
+    pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType.JSON_OBJECT,
+    pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.JSON_SCHEMA,
 }
 
 
@@ -93,22 +120,43 @@ def _opt(message: pb.SamplingParams, name: str) -> float | int | None:
     return value
 
 
+def _message_from_pb(message: pb.ChatMessage, i: int) -> ChatMessage:
+    role = _ROLES.get(message.role)
+    if role is None:
+        raise InvalidRequest(
+            f"messages[{i}].role must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL.",
+            f"messages[{i}].role",
+        )
+    return ChatMessage(
+        role,
+        message.content,
+        tuple(ToolCall(c.id, c.name, c.arguments) for c in message.tool_calls),
+        message.tool_call_id,
+    )
+
+
+def _tool_choice_from_pb(choice: pb.ToolChoice) -> ToolChoice:
+    mode = _TOOL_CHOICE.get(choice.mode)
+    if mode is None:
+        raise InvalidRequest("tool_choice.mode is not a defined mode.", "tool_choice")
+    return ToolChoice(mode, choice.function)
+
+
+def _response_format_from_pb(response_format: pb.ResponseFormat) -> ResponseFormat:
+    kind = _RESPONSE_FORMAT.get(response_format.type)
+    if kind is None:
+        raise InvalidRequest("response_format.type is not a defined type.", "response_format")
+    return ResponseFormat(kind, response_format.schema)
+
+
 def request_from_pb(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> GenerationRequest:
-    """Raises ``InvalidRequest`` for a role the API does not define."""
+    """Raises ``InvalidRequest`` for a role, tool choice or response format the API does not
+    define."""
     messages = None
     prompt = None
     kind = request.WhichOneof("input")
     if kind == "chat":
-        converted = []
-        for i, m in enumerate(request.chat.messages):
-            role = _ROLES.get(m.role)
-            if role is None:
-                raise InvalidRequest(
-                    f"messages[{i}].role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT.",
-                    f"messages[{i}].role",
-                )
-            converted.append(ChatMessage(role, m.content))
-        messages = tuple(converted)
+        messages = tuple(_message_from_pb(m, i) for i, m in enumerate(request.chat.messages))
     elif kind == "prompt":
         prompt = request.prompt
     s = request.sampling
@@ -122,6 +170,8 @@ def request_from_pb(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> G
         stop=tuple(s.stop),
         presence_penalty=_opt(s, "presence_penalty"),
         frequency_penalty=_opt(s, "frequency_penalty"),
+        top_logprobs=s.top_logprobs if s.HasField("top_logprobs") else None,
+        logit_bias=dict(s.logit_bias),
     )
     return GenerationRequest(
         model=request.model,
@@ -137,6 +187,13 @@ def request_from_pb(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> G
             and request.HasField("stream_interval_ms")
             else None
         ),
+        tools=tuple(Tool(t.name, t.description, t.parameters) for t in request.tools),
+        tool_choice=_tool_choice_from_pb(request.tool_choice),
+        parallel_tool_calls=(
+            request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+        ),
+        response_format=_response_format_from_pb(request.response_format),
+        n=request.n if request.HasField("n") else 1,
     )
 
 
@@ -167,8 +224,25 @@ def finish_to_pb(reason: FinishReason) -> pb.FinishReason.ValueType:
     return _FINISH[reason]
 
 
+def logprobs_to_pb(logprobs: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token=entry.token,
+            logprob=entry.logprob,
+            top_logprobs=[pb.Logprob(token=t.token, logprob=t.logprob) for t in entry.top],
+        )
+        for entry in logprobs
+    ]
+
+
 def chunk_to_pb(chunk: Chunk) -> pb.GenerateStreamResponse:
-    message = pb.GenerateStreamResponse(text=chunk.text)
+    message = pb.GenerateStreamResponse(text=chunk.text, index=chunk.index)
+    for call in chunk.tool_calls:
+        message.tool_calls.add(
+            index=call.index, id=call.id, name=call.name, arguments=call.arguments
+        )
+    if chunk.logprobs:
+        message.logprobs.extend(logprobs_to_pb(chunk.logprobs))
     if chunk.start is not None:
         message.start.CopyFrom(start_to_pb(chunk.start))
     if chunk.end is not None:
@@ -180,13 +254,20 @@ def chunk_to_pb(chunk: Chunk) -> pb.GenerateStreamResponse:
 
 
 def model_to_pb(status: ModelStatus) -> pb.Model:
+    spec = status.spec
     return pb.Model(
-        id=status.spec.id,
-        owned_by=status.spec.owned_by,
-        context_window=status.spec.context_window,
+        id=spec.id,
+        owned_by=spec.owned_by,
+        context_window=spec.context_window,
         ready=status.ready,
         created=status.created,
         kind=pb.MODEL_KIND_CHAT,
+        capabilities=pb.Capabilities(
+            tool_parser=spec.tool_parser,
+            structured_outputs=spec.structured_outputs,
+            logprobs=spec.logprobs,
+            logit_bias=spec.logit_bias,
+        ),
     )
 
 

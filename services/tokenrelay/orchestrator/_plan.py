@@ -4,12 +4,20 @@
 the chat template and fills the model's defaults, once; the fallback model (if the catalog names
 one) gets a plan of its own when the request fits it. Retrieval adds context to those plans
 (``Planner.with_context``) instead of planning again, and a stream that lost its node goes on
-from a continuation of its plan (``Planner.continuation``).
+from a continuation of its plan (``Planner.continuation``; never for a plan under a constraint,
+see ``Plan.continuable``).
+
+Tools and response formats are planned here too: the template offers the tools (unless
+``tool_choice`` is none); a forced tool choice becomes a constraint on the answer (a JSON schema
+of one call in the model's tool-call format), as does a JSON response format — both with bounds
+where the schema has none (``_schemas.bounded``); and the plan says how its answer is read for
+tool calls (``ToolPlan``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import uuid
 from collections.abc import Iterable
@@ -17,13 +25,35 @@ from dataclasses import dataclass
 
 from tokenrelay.config import Limits, ModelSpec
 from tokenrelay.errors import InvalidRequest, ModelNotFound
-from tokenrelay.generation import GenerationRequest, RetrievalReport
+from tokenrelay.generation import (
+    GenerationRequest,
+    ResponseFormatType,
+    RetrievalReport,
+    StructuredOutput,
+    ToolChoiceMode,
+)
+from tokenrelay.orchestrator._schemas import bounded, precheck
+from tokenrelay.orchestrator._tools import FORMATS, ToolCallParser, ToolFormat
 from tokenrelay.orchestrator._validate import validate
 from tokenrelay.templates import ChatTemplate
 
-__all__ = ["Plan", "Planner"]
+__all__ = ["Plan", "Planner", "ToolPlan"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPlan:
+    """How a plan's answer is read for tool calls: in ``format``; ``forced``: the answer is one
+    call, constrained; ``parallel`` false: at most one call."""
+
+    format: ToolFormat
+    forced: bool = False
+    parallel: bool = True
+
+    def parser(self) -> ToolCallParser:
+        """A parser for one answer (each choice needs its own)."""
+        return self.format.parser(forced=self.forced, parallel=self.parallel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +65,7 @@ class Plan:
     request: GenerationRequest
     fallback: bool = False
     retrieval: RetrievalReport | None = None
+    tools: ToolPlan | None = None  # None: the answer is text
 
     @property
     def stream_interval_s(self) -> float:
@@ -42,6 +73,13 @@ class Plan:
         default)."""
         asked = self.request.stream_interval_ms
         return (self.spec.stream_interval_ms if asked is None else asked) / 1000
+
+    @property
+    def continuable(self) -> bool:
+        """Whether another node may continue this plan's answer from its text so far: not under
+        a constraint (a response format, a forced call), whose grammar would start over after
+        the partial text rather than go on from it."""
+        return self.request.sampling.structured is None
 
 
 class Planner:
@@ -67,6 +105,14 @@ class Planner:
                 raise InvalidRequest("'model' is required.", "model")
             raise ModelNotFound(model)
         return spec
+
+    def precheck(self, request: GenerationRequest) -> None:
+        """Check the request's schemas (tool parameters, response format) ahead of ``plans``,
+        which then finds their verdicts remembered: the checks cost CPU in proportion to the
+        schemas, so the relay runs this on a worker thread. Never raises."""
+        limits = self._limits
+        texts = [t.parameters for t in request.tools[: limits.max_tools]]
+        precheck([*texts, request.response_format.schema], limits.max_schema_chars)
 
     def plans(self, request: GenerationRequest) -> list[Plan]:
         """The primary plan, then the fallback's (if any, and if the request fits it). Gives the
@@ -128,7 +174,8 @@ class Planner:
 
     def _render(self, spec: ModelSpec, request: GenerationRequest) -> str:
         if request.messages is not None:
-            return self._templates[spec.id].render(request.messages)
+            offered = request.tools if request.tool_choice.mode != ToolChoiceMode.NONE else ()
+            return self._templates[spec.id].render(request.messages, offered)
         return request.prompt or ""
 
     def _plan(self, spec: ModelSpec, request: GenerationRequest, fallback: bool) -> Plan:
@@ -136,5 +183,36 @@ class Planner:
         sampling = request.sampling
         if sampling.max_tokens is None:
             sampling = dataclasses.replace(sampling, max_tokens=spec.default_max_tokens)
+        tools, structured = _constraints(spec, request)
+        if structured is not None:
+            sampling = dataclasses.replace(sampling, structured=structured)
         request = dataclasses.replace(request, sampling=sampling)
-        return Plan(spec, self._render(spec, request), request, fallback)
+        return Plan(spec, self._render(spec, request), request, fallback, tools=tools)
+
+
+def _constraints(
+    spec: ModelSpec, request: GenerationRequest
+) -> tuple[ToolPlan | None, StructuredOutput | None]:
+    """How the answer is read for tool calls, and the constraint on its text (a validated
+    request: the model has a tool format when tools are offered)."""
+    structured = None
+    response_format = request.response_format
+    if response_format.type == ResponseFormatType.JSON_OBJECT:
+        structured = StructuredOutput(json_object=True)
+    elif response_format.type == ResponseFormatType.JSON_SCHEMA:
+        schema = bounded(json.loads(response_format.schema))
+        structured = StructuredOutput(schema=json.dumps(schema, separators=(",", ":")))
+    choice = request.tool_choice
+    if not request.tools or choice.mode == ToolChoiceMode.NONE:
+        return None, structured
+    tool_format = FORMATS[spec.tool_parser]
+    forced = choice.mode in (ToolChoiceMode.REQUIRED, ToolChoiceMode.FUNCTION)
+    if forced:
+        chosen = (
+            request.tools
+            if choice.mode == ToolChoiceMode.REQUIRED
+            else tuple(t for t in request.tools if t.name == choice.function)
+        )
+        schema = bounded(tool_format.call_schema(chosen))
+        structured = StructuredOutput(schema=json.dumps(schema, separators=(",", ":")))
+    return ToolPlan(tool_format, forced, request.parallel_tool_calls), structured

@@ -27,8 +27,9 @@ class Record:
     began: float  # on the loop's clock
     outcome: str = "failed"
     attempts: list[Attempt] = field(default_factory=list)
-    winner: Attempt | None = None
-    continuations: list[Attempt] = field(default_factory=list)  # the answer's later winners
+    winner: Attempt | None = None  # the first choice's to produce a token
+    winners: list[Attempt] = field(default_factory=list)  # every choice's, as they came
+    continuations: list[Attempt] = field(default_factory=list)  # the answers' later winners
     ttft_s: float | None = None
     retries: int = 0
     hedges: int = 0
@@ -43,6 +44,7 @@ class Record:
     # What the caller was told it used, when the request ended on a token limit (the usage of
     # the pieces delivered; the one withheld is not counted).
     delivered: tuple[int, int] | None = None
+    short: Attempt | None = None  # the attempt whose tokens were ``delivered`` in part
 
     def __post_init__(self) -> None:
         self.label = self.metrics.model(self.model)
@@ -61,10 +63,11 @@ class Record:
 
     @property
     def prompt_tokens(self) -> int:
-        """The prompt tokens of the answer's attempts: the winner's and its continuations'."""
-        if self.winner is None:
+        """The prompt tokens of the answer's attempts: the prompt once (all choices share it),
+        and each continuation's."""
+        if not self.winners:
             return 0
-        return self.winner.prompt_tokens + sum(c.prompt_tokens for c in self.continuations)
+        return self.winners[0].prompt_tokens + sum(c.prompt_tokens for c in self.continuations)
 
     @property
     def completion_tokens(self) -> int:
@@ -72,16 +75,20 @@ class Record:
         return sum(a.completion_tokens for a in self.attempts)
 
     def _usage(self) -> tuple[int, int]:
-        """(prompt, completion) tokens of the answer the caller got: its winner's and its
-        continuations', the last of them counting only what was delivered before a token limit
-        ended it."""
-        if self.winner is None:
+        """(prompt, completion) tokens of the answers the caller got: their winners' (the
+        prompt once) and continuations', the one a token limit ended counting only what was
+        delivered before it."""
+        if not self.winners:
             return self.delivered or (0, 0)
-        *before, last = [self.winner, *self.continuations]
-        prompt = sum(a.prompt_tokens for a in before)
-        completion = sum(a.completion_tokens for a in before)
-        tail = self.delivered or (last.prompt_tokens, last.completion_tokens)
-        return prompt + tail[0], completion + tail[1]
+        prompt, completion = 0, 0
+        for attempt in [*self.winners, *self.continuations]:
+            used = (attempt.prompt_tokens, attempt.completion_tokens)
+            if attempt is self.short and self.delivered is not None:
+                used = self.delivered
+            if attempt in self.winners[1:]:
+                used = (0, used[1])  # the choices share one prompt
+            prompt, completion = prompt + used[0], completion + used[1]
+        return prompt, completion
 
     def _tenant(self) -> None:
         identity = self.identity

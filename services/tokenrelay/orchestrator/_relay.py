@@ -11,13 +11,21 @@ One request goes through these stages, each in a module of its own:
 3. the first-token race (``_race``): attempts on nodes, with retry, hedging, the first-token
    watchdog and the deadline;
 4. following the winner (here): the rest of its stream under the between-tokens watchdog and the
-   deadline, counted as it comes — and charged to the caller's token limits before each piece
-   goes out: a piece the limits cannot cover is withheld, and the stream ends there with the
-   limit's error (429) and the usage delivered so far;
+   deadline, counted as it comes, read for tool calls when the plan offers tools (``_tools``) —
+   and charged to the caller's token limits before each piece goes out: a piece the limits
+   cannot cover is withheld, and the stream ends there with the limit's error (429) and the
+   usage delivered so far;
 5. continuation (``_continue``): once a token has gone out, a node that fails, is found hung or
    stalls does not end the answer — another node continues it (the prompt plus the text so far)
-   and its stream is spliced in. When it cannot be continued, the stream ends with an error
-   that carries the usage so far.
+   and its stream is spliced in. When it cannot be continued (also: an answer under a
+   constraint, or one whose tool call has begun), the stream ends with an error that carries
+   the usage so far.
+
+A request for n > 1 answers runs steps 3 to 5 once per choice, concurrently (each choice its own
+race, so choices spread over the least busy nodes, each from its own seed, derived from the
+request's); their chunks interleave as they come, each with its choice's index. The request
+holds one admission slot whatever its n (``limits.max_n`` bounds it), and its prompt is charged
+once.
 
 A caller that keeps up gets every delta as it comes, read straight from the node. Once a caller
 takes longer over a chunk than the model over a token (a busy loop, a slow client), the rest of
@@ -36,6 +44,7 @@ Transport-free: the gRPC servicer converts to and from protobuf.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -55,9 +64,11 @@ from tokenrelay.errors import (
 from tokenrelay.generation import (
     Chunk,
     Delta,
+    FinishReason,
     GenerationRequest,
     StreamEnd,
     StreamStart,
+    ToolCallDelta,
     Usage,
     merge_deltas,
 )
@@ -71,6 +82,7 @@ from tokenrelay.orchestrator._plan import Plan, Planner
 from tokenrelay.orchestrator._pool import NodePool
 from tokenrelay.orchestrator._race import FirstTokenRace
 from tokenrelay.orchestrator._record import Record
+from tokenrelay.orchestrator._tools import ToolCallParser
 from tokenrelay.retrieval import Retriever
 from tokenrelay.tenancy import (
     Identity,
@@ -198,6 +210,9 @@ class Relay:
         )
         try:
             with tracer().start_as_current_span("tokenrelay.validate"):
+                if request.tools or request.response_format.schema:
+                    # Schema checks take CPU in proportion to the schemas: off the event loop.
+                    await asyncio.to_thread(self._planner.precheck, request)
                 plans = self._planner.plans(request)
                 if request.retrieval is not None:
                     if self._retriever is None:
@@ -224,32 +239,23 @@ class Relay:
                         # search either.
                         if self._retriever is not None and request.retrieval is not None:
                             plans = await self._retrieve(plans, deadline - loop.time())
-                        race = FirstTokenRace(
-                            plans,
-                            self._pool,
-                            self._orchestrator.routing,
-                            self._orchestrator.timeouts.first_token_s,
-                            deadline,
-                            record.attempts,
+                        choices = (
+                            self._choice(plans, 0, deadline, record, meter)
+                            if request.n == 1
+                            else self._choices(plans, request.n, deadline, record, meter)
                         )
-                        try:
-                            attempt, first = await race.run()
-                        finally:
-                            record.retries, record.hedges = race.retries, race.hedges
-                        record.winner = attempt
-                        record.ttft_s = loop.time() - record.began
                         # aclosing: closing this stream must close the inner one too, which
                         # cancels the generation at the node now, not when the GC runs.
-                        rest = self._continuer.stream(
-                            lambda a, f, d, r: self._follow(a, f, d, r, meter),
-                            plans,
-                            attempt,
-                            first,
-                            deadline,
-                            record,
-                        )
-                        async with aclosing(rest):
-                            async for chunk in rest:
+                        ended = 0
+                        async with aclosing(choices) as chunks:
+                            async for chunk in chunks:
+                                if chunk.end is not None:
+                                    ended += 1
+                                    if ended == request.n:
+                                        # Complete once its last chunk is handed over: a caller
+                                        # that leaves right after it (the edge closes the call
+                                        # on the end) did not cancel anything.
+                                        record.complete(chunk.end.finish_reason.value)
                                 yield chunk
                 except BaseException as exc:
                     record.fail(exc)
@@ -290,6 +296,103 @@ class Relay:
             )
         return self._planner.with_context(plans, augmented, report)
 
+    async def _choice(
+        self,
+        plans: list[Plan],
+        index: int,
+        deadline: float,
+        record: Record,
+        meter: TokenMeter | None,
+    ) -> AsyncGenerator[Chunk, None]:
+        """One answer: its first-token race, then the winner's stream."""
+        loop = asyncio.get_running_loop()
+        race = FirstTokenRace(
+            plans,
+            self._pool,
+            self._orchestrator.routing,
+            self._orchestrator.timeouts.first_token_s,
+            deadline,
+            record.attempts,
+        )
+        try:
+            attempt, first = await race.run()
+        finally:
+            record.retries += race.retries
+            record.hedges += race.hedges
+        record.winners.append(attempt)
+        if record.winner is None:  # the request's first token (of any choice)
+            record.winner = attempt
+            record.ttft_s = loop.time() - record.began
+        # One parser for the answer, across its continuations: a continuation goes on from the
+        # text that went out, which the parser has read.
+        plan = attempt.plan
+        parser = plan.tools.parser() if plan.tools is not None else None
+        opening = attempt
+
+        def follow(a: Attempt, f: Delta, d: float, r: Record) -> AsyncGenerator[Chunk, None]:
+            # Choice 0's first attempt charges the prompt; a continuation charges its own.
+            paid = index > 0 and a is opening
+            return self._follow(a, f, d, r, meter, index, parser, paid)
+
+        def resumable() -> bool:
+            return plan.continuable and (parser is None or parser.resumable)
+
+        rest = self._continuer.stream(
+            follow, plans, attempt, first, deadline, record, index, resumable
+        )
+        # aclosing: closing this stream must close the inner one too, which cancels the
+        # generation at the node now, not when the GC runs.
+        async with aclosing(rest):
+            async for chunk in rest:
+                yield chunk
+
+    async def _choices(
+        self,
+        plans: list[Plan],
+        n: int,
+        deadline: float,
+        record: Record,
+        meter: TokenMeter | None,
+    ) -> AsyncGenerator[Chunk, None]:
+        """``n`` answers at once, each in a task of its own; their chunks as they come. The
+        stream's start goes out once (with the first choice to answer); the first failure ends
+        every choice, and carries the usage of all of them so far."""
+        queue: asyncio.Queue[Chunk | Exception | None] = asyncio.Queue()
+
+        async def run(index: int) -> None:
+            try:
+                choice = self._choice(_seeded(plans, index), index, deadline, record, meter)
+                async with aclosing(choice) as chunks:
+                    async for chunk in chunks:
+                        queue.put_nowait(chunk)
+                queue.put_nowait(None)
+            except Exception as exc:  # handed to the consumer; a cancellation just ends it
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(run(index)) for index in range(n)]
+        try:
+            started, running = False, n
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, Exception):
+                    # A token limit's refusal carries what was delivered (of the choice it
+                    # stopped); any other failure what all the choices generated.
+                    if isinstance(item, RelayError) and record.delivered is None:
+                        item.usage = Usage(record.prompt_tokens, record.completion_tokens)
+                    raise item
+                if item.start is not None:
+                    if started:
+                        item = dataclasses.replace(item, start=None)
+                    started = True
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()  # each closes its choice, which cancels its Triton request
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _follow(
         self,
         attempt: Attempt,
@@ -297,10 +400,17 @@ class Relay:
         deadline: float,
         record: Record,
         meter: TokenMeter | None,
+        index: int = 0,
+        parser: ToolCallParser | None = None,
+        prompt_paid: bool = False,
     ) -> AsyncGenerator[Chunk, None]:
-        """The winning attempt's stream, from its first content on. An error raised once tokens
-        went out carries the usage so far (``RelayError.usage``); ``meter`` is charged before
-        each piece goes out."""
+        """The winning attempt's stream, from its first content on, as choice ``index``. An
+        error raised once tokens went out carries the usage so far (``RelayError.usage``);
+        ``meter`` is charged before each piece goes out (the prompt with choice 0's only).
+
+        With tools, the text goes through the plan's tool-call parser: what it holds back (a
+        possible call) goes out later or as tool-call pieces, and an answer that may hold only
+        one call ends as soon as it is complete (the generation is cancelled)."""
         between_s = self._orchestrator.timeouts.between_tokens_s
         gaps = self._metrics.itl.labels(record.label)
         loop = asyncio.get_running_loop()
@@ -324,9 +434,9 @@ class Relay:
         interval = plan.stream_interval_s
         hold_until: float | None = None
         delta = first
-        # What went out so far: the prompt once, then each piece's tokens (the first piece also
-        # counts the empty deltas read before it).
-        sent_prompt, sent_completion = 0, 0
+        # What went out so far: the prompt once (with choice 0), then each piece's tokens (the
+        # first piece also counts the empty deltas read before it).
+        sent_prompt, sent_completion = (attempt.prompt_tokens if prompt_paid else 0), 0
         cost = attempt.completion_tokens
         try:
             while True:
@@ -337,21 +447,22 @@ class Relay:
                         outcome = Outcome.NEUTRAL  # the caller's limit, not the node's fault
                         self._refused(record, _limit_of(exc))
                         record.delivered = (sent_prompt, sent_completion)
+                        record.short = attempt
                         exc.usage = Usage(sent_prompt, sent_completion)
                         raise
                 sent_prompt, sent_completion = attempt.prompt_tokens, sent_completion + cost
                 end = None
-                if delta.finish_reason is not None:
+                calls: tuple[ToolCallDelta, ...] = ()
+                text, finish = delta.text, delta.finish_reason
+                if parser is not None:
+                    text, calls, finish = _parse(parser, delta)
+                if finish is not None:
                     usage = Usage(attempt.prompt_tokens, attempt.completion_tokens)
-                    end = StreamEnd(delta.finish_reason, usage)
-                if end is not None:
-                    # Complete once its last chunk is handed over: a caller that leaves right
-                    # after it (the edge closes the call on the end) did not cancel anything.
-                    outcome = Outcome.SUCCESS
-                    record.complete(end.finish_reason.value)
-                if delta.text or end is not None:
+                    end = StreamEnd(finish, usage)
+                    outcome = Outcome.SUCCESS  # the node answered in full, caller there or not
+                if text or end is not None or calls or delta.logprobs or pending_start:
                     handed = loop.time()
-                    yield Chunk(delta.text, pending_start, end)
+                    yield Chunk(text, pending_start, end, index, calls, delta.logprobs)
                     pending_start = None
                     taken_at = loop.time()
                     if interval:
@@ -394,3 +505,35 @@ class Relay:
             raise
         finally:
             await attempt.stop(outcome, node_down)
+
+
+def _parse(
+    parser: ToolCallParser, delta: Delta
+) -> tuple[str, tuple[ToolCallDelta, ...], FinishReason | None]:
+    """A delta through the tool-call parser: its text, tool-call pieces and finish reason (the
+    answer ends early once the parser has all the calls the answer may hold)."""
+    parsed = parser.feed(delta.text)
+    finish = delta.finish_reason
+    if finish is None and not parser.done:
+        return parsed.text, parsed.calls, None
+    rest = parser.close()
+    if parser.calls and (finish is None or finish is FinishReason.STOP):
+        finish = FinishReason.TOOL_CALLS
+    return parsed.text + rest.text, parsed.calls + rest.calls, finish
+
+
+def _seeded(plans: list[Plan], index: int) -> list[Plan]:
+    """The plans of choice ``index``: the request's seed plus ``index`` (wrapped to int64), so
+    that choices differ and a seeded request repeats; an unseeded one stays unseeded."""
+    out = []
+    for plan in plans:
+        sampling = plan.request.sampling
+        if index == 0 or sampling.seed is None:
+            out.append(plan)
+            continue
+        seed = (sampling.seed + index + 2**63) % 2**64 - 2**63
+        request = dataclasses.replace(
+            plan.request, sampling=dataclasses.replace(sampling, seed=seed)
+        )
+        out.append(dataclasses.replace(plan, request=request))
+    return out

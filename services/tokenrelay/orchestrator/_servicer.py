@@ -12,13 +12,14 @@ import grpc
 
 from tokenrelay.config import Embeddings
 from tokenrelay.errors import GenerationFailed
-from tokenrelay.generation import StreamEnd, StreamStart
+from tokenrelay.generation import Chunk, Continued, StreamStart, TokenLogprob, Usage
 from tokenrelay.orchestrator._admission import Slots
 from tokenrelay.orchestrator._auth import current_identity
 from tokenrelay.orchestrator._convert import (
     chunk_to_pb,
     continued_to_pb,
     finish_to_pb,
+    logprobs_to_pb,
     model_to_pb,
     node_to_pb,
     report_to_pb,
@@ -47,10 +48,44 @@ async def _announce(context: Context, start: StreamStart) -> None:
         await context.send_initial_metadata((("tokenrelay-fallback", start.model),))
 
 
-def _say_continued(context: Context, end: StreamEnd) -> None:
-    """Trailing metadata: says when the answer was continued on another node."""
-    if end.continued is not None:
-        context.set_trailing_metadata((("tokenrelay-continued", str(end.continued.count)),))
+def _say_continued(context: Context, count: int) -> None:
+    """Trailing metadata: says when the answer was continued on another node (``count`` times,
+    over all its choices)."""
+    if count:
+        context.set_trailing_metadata((("tokenrelay-continued", str(count)),))
+
+
+class _Answer:
+    """One choice of a unary answer, put together from its chunks."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.texts: list[str] = []
+        self.calls: dict[int, pb.ToolCall] = {}
+        self.logprobs: list[TokenLogprob] = []
+        self.finish: pb.FinishReason.ValueType = pb.FINISH_REASON_UNSPECIFIED
+        self.completion_tokens = 0
+
+    def add(self, chunk: Chunk) -> None:
+        self.texts.append(chunk.text)
+        for piece in chunk.tool_calls:
+            call = self.calls.setdefault(piece.index, pb.ToolCall())
+            call.id = call.id or piece.id
+            call.name = call.name or piece.name
+            call.arguments += piece.arguments
+        self.logprobs.extend(chunk.logprobs)
+        if chunk.end is not None:
+            self.finish = finish_to_pb(chunk.end.finish_reason)
+            self.completion_tokens = chunk.end.usage.completion_tokens
+
+    def to_pb(self) -> pb.Choice:
+        return pb.Choice(
+            index=self.index,
+            text="".join(self.texts),
+            tool_calls=[self.calls[i] for i in sorted(self.calls)],
+            finish_reason=self.finish,
+            logprobs=logprobs_to_pb(tuple(self.logprobs)),
+        )
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
@@ -73,23 +108,26 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         chunks = self._relay.stream(
             request_from_pb(request), _budget(context), current_identity.get()
         )
+        continued = 0
         async with aclosing(chunks):  # a cancelled call closes the relay, which cancels Triton
             async for chunk in chunks:
                 if chunk.start is not None:
                     await _announce(context, chunk.start)
-                if chunk.end is not None:
-                    _say_continued(context, chunk.end)
+                if chunk.end is not None and chunk.end.continued is not None:
+                    continued += chunk.end.continued.count
+                    _say_continued(context, continued)
                 yield chunk_to_pb(chunk)
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         response = pb.GenerateResponse()
-        texts = []
-        chunks = self._relay.stream(
-            request_from_pb(request), _budget(context), current_identity.get()
-        )
+        generation = request_from_pb(request)
+        answers: dict[int, _Answer] = {}  # by choice index, as they come (n is checked later)
+        prompt_tokens = 0
+        continued: list[Continued] = []
+        chunks = self._relay.stream(generation, _budget(context), current_identity.get())
         async with aclosing(chunks):
             async for chunk in chunks:
-                texts.append(chunk.text)
+                answers.setdefault(chunk.index, _Answer(chunk.index)).add(chunk)
                 if chunk.start is not None:
                     await _announce(context, chunk.start)
                     response.request_id = chunk.start.request_id
@@ -97,14 +135,28 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     if chunk.start.retrieval is not None:
                         response.retrieval.CopyFrom(report_to_pb(chunk.start.retrieval))
                 if chunk.end is not None:
-                    response.finish_reason = finish_to_pb(chunk.end.finish_reason)
-                    response.usage.CopyFrom(usage_to_pb(chunk.end.usage))
+                    prompt_tokens = chunk.end.usage.prompt_tokens
                     if chunk.end.continued is not None:
-                        response.continued.CopyFrom(continued_to_pb(chunk.end.continued))
-                    _say_continued(context, chunk.end)
-        if not response.finish_reason:
+                        continued.append(chunk.end.continued)
+        if len(answers) != generation.n or any(not a.finish for a in answers.values()):
             raise GenerationFailed("The model ended without finishing its answer.")
-        response.text = "".join(texts)
+        choices = [answers[i].to_pb() for i in sorted(answers)]
+        first = choices[0]
+        response.text = first.text
+        response.finish_reason = first.finish_reason
+        response.tool_calls.extend(first.tool_calls)
+        response.logprobs.extend(first.logprobs)
+        response.choices.extend(choices)
+        completion_tokens = sum(answer.completion_tokens for answer in answers.values())
+        response.usage.CopyFrom(usage_to_pb(Usage(prompt_tokens, completion_tokens)))
+        if continued:
+            count = sum(c.count for c in continued)
+            usage = Usage(
+                sum(c.usage.prompt_tokens for c in continued),
+                sum(c.usage.completion_tokens for c in continued),
+            )
+            response.continued.CopyFrom(continued_to_pb(Continued(count, usage)))
+            _say_continued(context, count)
         return response
 
     def _models(self) -> list[pb.Model]:

@@ -3,7 +3,8 @@
 Each generation is one ``ModelStreamInfer`` stream carrying one request, so cancelling the stream
 cancels exactly that Triton request (Triton then tells the model, which stops decoding). The
 vLLM backend's contract is spoken as it is: ``exclude_input_in_output`` is always true, token
-counts and the finish reason are asked for.
+counts and the finish reason are asked for; log probabilities only when the request wants them
+(``return_logprobs`` → the ``logprobs`` output, JSON text per response).
 
 The node talks to Triton through ``grpc.aio`` and ``tritonclient``'s generated messages
 (``service_pb2``), not through ``tritonclient.grpc.aio``'s client: that one wraps every response
@@ -42,7 +43,7 @@ from tokenrelay.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from tokenrelay.generation import Delta, FinishReason, Sampling
+from tokenrelay.generation import Delta, FinishReason, Logprob, Sampling, TokenLogprob
 
 __all__ = ["TritonNode", "TritonTLS"]
 
@@ -55,6 +56,7 @@ _FINISH = {
     "cancelled": FinishReason.CANCELLED,
 }
 _OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
+_OUTPUTS_WITH_LOGPROBS = (*_OUTPUTS, "logprobs")
 _LENGTH = struct.Struct("<I")
 _NUMBERS = {
     "UINT32": struct.Struct("<I"),
@@ -250,7 +252,11 @@ class TritonNode:
             _bool_input("return_num_input_tokens", True),
             _bool_input("return_num_output_tokens", True),
         ]
-        return _infer_request(model, request_id, inputs, _OUTPUTS)
+        outputs: Sequence[str] = _OUTPUTS
+        if sampling.top_logprobs is not None:  # a model may not declare these: only when asked
+            inputs.append(_bool_input("return_logprobs", True))
+            outputs = _OUTPUTS_WITH_LOGPROBS
+        return _infer_request(model, request_id, inputs, outputs)
 
     async def generate(
         self,
@@ -275,7 +281,7 @@ class TritonNode:
                     raise UpstreamUnavailable("The inference node closed the stream early.")
                 if message.error_message:  # a backend that ignores triton_grpc_error
                     raise _classify(None, message.error_message, self._address)
-                delta, final = _decode(message.infer_response)
+                delta, final = _decode(message.infer_response, sampling.top_logprobs)
                 yield delta
                 if final:
                     return
@@ -342,7 +348,32 @@ def _first_raw(datatype: str, raw: bytes) -> Any:
     return None
 
 
-def _decode(response: Any) -> tuple[Delta, bool]:
+def _logprobs(raw: bytes, top: int) -> tuple[TokenLogprob, ...]:
+    """The ``logprobs`` output of one response: JSON text of a list, one entry per new token, of
+    ``{"<token id>": {"logprob", "rank", "decoded_token"}}`` with the sampled token first and the
+    ``top`` most likely (rank 1 …) among the rest (vLLM's ``create_response``). Anything
+    malformed raises ``GenerationFailed``."""
+    try:
+        entries = json.loads(raw)
+        if entries is None:
+            return ()
+        out = []
+        for entry in entries:
+            candidates = [
+                (str(c.get("decoded_token") or ""), float(c["logprob"]), int(c.get("rank") or 0))
+                for c in entry.values()
+            ]
+            token, logprob, _ = candidates[0]
+            ranked = sorted((c for c in candidates if c[2] > 0), key=lambda c: c[2])
+            out.append(
+                TokenLogprob(token, logprob, tuple(Logprob(t, lp) for t, lp, _ in ranked[:top]))
+            )
+        return tuple(out)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        raise GenerationFailed("The model sent malformed log probabilities.") from None
+
+
+def _decode(response: Any, top_logprobs: int | None = None) -> tuple[Delta, bool]:
     """One response of the stream (a ``ModelInferResponse``) as a ``Delta``, and whether it is
     the last.
 
@@ -363,10 +394,16 @@ def _decode(response: Any) -> tuple[Delta, bool]:
     reason = _FINISH.get(finish_text.lower())
     if final and reason is None:
         reason = FinishReason.STOP
+    logprobs = values.get("logprobs")
     delta = Delta(
         text=text.decode("utf-8", errors="replace") if isinstance(text, bytes) else "",
         output_tokens=int(output_tokens or 0),
         prompt_tokens=None if prompt_tokens is None else int(prompt_tokens),
         finish_reason=reason,
+        logprobs=(
+            _logprobs(logprobs, top_logprobs)
+            if top_logprobs is not None and isinstance(logprobs, bytes)
+            else ()
+        ),
     )
     return delta, final or reason is not None

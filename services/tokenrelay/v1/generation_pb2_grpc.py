@@ -79,13 +79,16 @@ class GenerationServiceServicer:
         the client side needs no stream.
 
         The first message carries `start` (which model and node serve the request); the last one
-        carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
-        carry text together with `start` or `end`.
+        carries `end` (finish reason and usage). Messages in between carry text deltas, pieces of
+        tool calls and, when asked for, log probabilities. A message may carry text together with
+        `start` or `end`. With n > 1 every message names its choice (`index`), the choices'
+        messages interleave, and each choice ends with its own `end`; the stream ends after the last.
 
         When the serving node fails, is found hung or stalls after tokens went out, another node
         continues the answer (the prompt plus the text so far) and the stream goes on without a gap
         or an error: `end.continued` then says so, and the trailing metadata carries
-        `tokenrelay-continued: <count>`.
+        `tokenrelay-continued: <count>`. Answers under a constraint (a response format, a forced
+        tool call) and answers that started a tool call are not continued.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

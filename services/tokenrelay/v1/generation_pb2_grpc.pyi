@@ -63,13 +63,16 @@ class GenerationServiceStub:
     the client side needs no stream.
 
     The first message carries `start` (which model and node serve the request); the last one
-    carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
-    carry text together with `start` or `end`.
+    carries `end` (finish reason and usage). Messages in between carry text deltas, pieces of
+    tool calls and, when asked for, log probabilities. A message may carry text together with
+    `start` or `end`. With n > 1 every message names its choice (`index`), the choices'
+    messages interleave, and each choice ends with its own `end`; the stream ends after the last.
 
     When the serving node fails, is found hung or stalls after tokens went out, another node
     continues the answer (the prompt plus the text so far) and the stream goes on without a gap
     or an error: `end.continued` then says so, and the trailing metadata carries
-    `tokenrelay-continued: <count>`.
+    `tokenrelay-continued: <count>`. Answers under a constraint (a response format, a forced
+    tool call) and answers that started a tool call are not continued.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]
     """ListModels lists the callable models (the catalog's, and the embedding model) and whether
@@ -99,13 +102,16 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     the client side needs no stream.
 
     The first message carries `start` (which model and node serve the request); the last one
-    carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
-    carry text together with `start` or `end`.
+    carries `end` (finish reason and usage). Messages in between carry text deltas, pieces of
+    tool calls and, when asked for, log probabilities. A message may carry text together with
+    `start` or `end`. With n > 1 every message names its choice (`index`), the choices'
+    messages interleave, and each choice ends with its own `end`; the stream ends after the last.
 
     When the serving node fails, is found hung or stalls after tokens went out, another node
     continues the answer (the prompt plus the text so far) and the stream goes on without a gap
     or an error: `end.continued` then says so, and the trailing metadata carries
-    `tokenrelay-continued: <count>`.
+    `tokenrelay-continued: <count>`. Answers under a constraint (a response format, a forced
+    tool call) and answers that started a tool call are not continued.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the callable models (the catalog's, and the embedding model) and whether
@@ -144,13 +150,16 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         the client side needs no stream.
 
         The first message carries `start` (which model and node serve the request); the last one
-        carries `end` (finish reason and usage). Messages in between carry text deltas. A message may
-        carry text together with `start` or `end`.
+        carries `end` (finish reason and usage). Messages in between carry text deltas, pieces of
+        tool calls and, when asked for, log probabilities. A message may carry text together with
+        `start` or `end`. With n > 1 every message names its choice (`index`), the choices'
+        messages interleave, and each choice ends with its own `end`; the stream ends after the last.
 
         When the serving node fails, is found hung or stalls after tokens went out, another node
         continues the answer (the prompt plus the text so far) and the stream goes on without a gap
         or an error: `end.continued` then says so, and the trailing metadata carries
-        `tokenrelay-continued: <count>`.
+        `tokenrelay-continued: <count>`. Answers under a constraint (a response format, a forced
+        tool call) and answers that started a tool call are not continued.
         """
 
     @_abc_1.abstractmethod
