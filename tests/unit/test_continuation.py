@@ -22,9 +22,13 @@ from tokenrelay.generation import (
     Chunk,
     FinishReason,
     GenerationRequest,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
     Sampling,
+    Tool,
 )
+from tokenrelay.orchestrator._admission import AdmissionControl
 from tokenrelay.orchestrator._metrics import RelayMetrics
 from tokenrelay.orchestrator._plan import Planner
 from tokenrelay.orchestrator._pool import NodePool, Placement
@@ -288,3 +292,120 @@ def test_a_continuation_plan_is_the_prompt_and_the_text_so_far() -> None:
 def test_fallback_continues_needs_a_fallback() -> None:
     with pytest.raises(ValueError, match="needs a fallback"):
         ModelSpec("m", "m", fallback_continues=True)
+
+
+TOOLS_MODEL = ModelSpec(id="synthetic", triton_model="synthetic", tool_parser="hermes")
+WEATHER = Tool("get_weather", "The weather in a city", '{"type": "object"}')
+CALL_WORDS = (
+    "Let",
+    " me",
+    " check.",
+    "\n<tool_call>",
+    '\n{"name": "get_weather",',
+    ' "arguments": {}}',
+    "\n</tool_call>",
+)
+
+
+async def test_a_text_answer_of_a_request_with_tools_is_continued_through_its_parser() -> None:
+    # The parser read " w0 … w4" from a:1; the continuation's words go through the same parser
+    # and the answer reads as one.
+    a = ContinuingSource("a:1", WORDS, fail_after=5)
+    b = ContinuingSource("b:1", WORDS)
+    relay, pool, _ = _relay(a, b, models=(TOOLS_MODEL,))
+    await pool.probe_once()
+    request = dataclasses.replace(_request(max_tokens=10), tools=(WEATHER,))
+    chunks = await _collect(relay, request)
+    assert "".join(c.text for c in chunks) == "".join(WORDS[:10])
+    end = chunks[-1].end
+    assert end is not None and end.continued is not None and end.continued.count == 1
+    assert end.finish_reason is FinishReason.LENGTH
+    assert b.prompts == [a.prompts[0] + "".join(WORDS[:5])]
+
+
+async def test_an_answer_whose_tool_call_began_is_not_continued() -> None:
+    # A continuation would restart the call (or its arguments) from text the caller never saw.
+    a = ContinuingSource("a:1", CALL_WORDS, fail_after=5)
+    b = ContinuingSource("b:1", CALL_WORDS)
+    relay, pool, metrics = _relay(a, b, models=(TOOLS_MODEL,))
+    await pool.probe_once()
+    request = dataclasses.replace(_request(), tools=(WEATHER,))
+    got: list[Chunk] = []
+    with pytest.raises(UpstreamUnavailable) as failure:
+        async for chunk in relay.stream(request):
+            got.append(chunk)
+    assert "".join(c.text for c in got) == "Let me check.\n"
+    assert [p.name for c in got for p in c.tool_calls if p.id] == ["get_weather"]
+    assert failure.value.usage is not None and failure.value.usage.completion_tokens == 5
+    assert b.prompts == [] and _count(metrics, "node_failed") == 0
+
+
+async def test_an_answer_under_a_constraint_is_not_continued() -> None:
+    # The grammar would start over after the partial text instead of going on from it.
+    words = ('{"a":', " 1,", ' "b":', " 2}")
+    a = ContinuingSource("a:1", words, fail_after=2)
+    b = ContinuingSource("b:1", words)
+    relay, pool, _ = _relay(a, b, models=(TOOLS_MODEL,))
+    await pool.probe_once()
+    request = dataclasses.replace(
+        _request(), response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT)
+    )
+    with pytest.raises(UpstreamUnavailable) as failure:
+        await _collect(relay, request)
+    assert failure.value.usage is not None and failure.value.usage.completion_tokens == 2
+    assert b.prompts == []
+
+
+async def test_each_of_n_choices_is_continued_on_its_own() -> None:
+    # Choice 0 and choice 1 race on a:1 first (ties go to it); a:1 fails once, in whichever
+    # generation comes first, and that choice alone is continued on b:1.
+    a = ContinuingSource("a:1", WORDS, fail_after=4)
+    b = ContinuingSource("b:1", WORDS)
+    relay, pool, metrics = _relay(a, b, models=(TOOLS_MODEL,))
+    await pool.probe_once()
+    chunks = await _collect(relay, dataclasses.replace(_request(max_tokens=8), n=2))
+    ends = {c.index: c.end for c in chunks if c.end is not None}
+    assert sorted(ends) == [0, 1]
+    for index in (0, 1):
+        assert "".join(c.text for c in chunks if c.index == index) == "".join(WORDS[:8])
+    continued = [e for e in ends.values() if e is not None and e.continued is not None]
+    assert len(continued) == 1 and continued[0].continued is not None
+    assert continued[0].continued.count == 1
+    assert _count(metrics, "node_failed") == 1
+    assert len([c for c in chunks if c.start is not None]) == 1
+
+
+class _Ledger:
+    """Takes what a ``UsageLedger`` would write."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, int, int]] = []
+
+    def record(self, key_id: str, model: str, outcome: str, prompt: int, completion: int) -> None:
+        self.rows.append((key_id, model, outcome, prompt, completion))
+
+
+async def test_the_ledger_counts_every_choice_and_continuation_and_the_prompt_once() -> None:
+    a = ContinuingSource("a:1", WORDS, fail_after=4)
+    b = ContinuingSource("b:1", WORDS)
+    settings = Settings(
+        orchestrator=OrchestratorSettings(triton=("a:1", "b:1")), models=(TOOLS_MODEL,)
+    )
+    placement = {m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in settings.models}
+    pool = NodePool({"a:1": a, "b:1": b}, placement, rng=Ordered())
+    ledger = _Ledger()
+    relay = Relay(
+        settings,
+        Planner(settings.models, settings.orchestrator.limits),
+        pool,
+        AdmissionControl(settings.orchestrator.admission),
+        RelayMetrics(m.id for m in settings.models),
+        ledger=ledger,  # type: ignore[arg-type]
+    )
+    await pool.probe_once()
+    chunks = await _collect(relay, dataclasses.replace(_request(max_tokens=8), n=2))
+    prompts = sorted((len(p.split()) for p in a.prompts + b.prompts), reverse=True)
+    assert len(prompts) == 3  # two choices, one continuation (the longest prompt)
+    continuation, prompt = prompts[0], prompts[1]
+    assert [e.usage.completion_tokens for c in chunks if (e := c.end) is not None] == [8, 8]
+    assert [row[2:] for row in ledger.rows] == [("length", prompt + continuation, 16)]
