@@ -78,8 +78,8 @@ def test_disconnect_cancels_generation_in_triton(
 async def test_a_client_that_goes_away_leaves_the_others_in_the_batch_unharmed(
     stack: Stack,
 ) -> None:
-    """Three streams decode together; the one whose client leaves ends in Triton, the other two
-    finish with exactly the text they give alone."""
+    """Three streams decode together; the one whose client stops and leaves ends in Triton, the
+    other two finish with exactly the text they give alone."""
 
     def body(question: str) -> dict[str, object]:
         return {
@@ -100,10 +100,14 @@ async def test_a_client_that_goes_away_leaves_the_others_in_the_batch_unharmed(
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                choices = json.loads(line[6:])["choices"]
-                if choices:
-                    parts.append(choices[0]["delta"].get("content") or "")
+                chunk = json.loads(line[6:])
+                if chunk["choices"]:
+                    parts.append(chunk["choices"][0]["delta"].get("content") or "")
                 if leave_after and len(parts) == leave_after:
+                    # Stop, as the chat page's button does (a dropped connection alone would
+                    # wait for its grace period: the stream is resumable), then go away.
+                    cancel = f"{stack.edge_url}/v1/chat/completions/{chunk['id']}/cancel"
+                    assert (await client.post(cancel)).status_code == 200
                     break  # leaving the block closes the connection mid-stream
         return "".join(parts)
 

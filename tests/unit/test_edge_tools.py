@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestServer
 
 from _support import assert_openai
 from tokenrelay.config import EdgeSettings
+from tokenrelay.edge import _generate, create_app
 from tokenrelay.edge import _openai as oa
-from tokenrelay.edge import create_app
 from tokenrelay.edge._upstream import OrchestratorClient
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.v1 import generation_pb2 as pb
@@ -340,3 +340,30 @@ async def test_completion_logprobs_streamed_and_not(
         if chunk["choices"][0]["finish_reason"] is None:  # see test_openai_sdk: the one deviation
             chunk["choices"][0]["finish_reason"] = "length"
         assert_openai("CreateCompletionResponse", chunk)
+
+
+def _length_end(prompt: int, completion: int, continued_prompt: int = 0) -> pb.StreamEnd:
+    end = pb.StreamEnd(
+        finish_reason=pb.FINISH_REASON_LENGTH,
+        usage=pb.Usage(prompt_tokens=prompt, completion_tokens=completion),
+    )
+    if continued_prompt:
+        end.continued.count = 1
+        end.continued.usage.prompt_tokens = continued_prompt
+        end.continued.usage.completion_tokens = 4
+    return end
+
+
+@pytest.mark.parametrize("continued_first", [True, False])
+def test_the_usage_of_n_choices_counts_the_prompt_once_and_every_continuation(
+    continued_first: bool,
+) -> None:
+    # Choice 0 was continued (its end counts the prompt 4 and the continuation's prompt 8).
+    ends = [_length_end(12, 8, continued_prompt=8), _length_end(4, 8)]
+    if not continued_first:
+        ends.reverse()
+    usage = _generate._total(ends)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (12, 16, 28)
+    continued = _generate._continued(ends)
+    assert continued is not None and continued.count == 1
+    assert continued.usage.prompt_tokens == 8

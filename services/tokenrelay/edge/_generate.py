@@ -131,7 +131,7 @@ class _Completion:
         if self.logprobs:
             offset = self.offsets.get(index, 0)
             entries = Piece.completion_logprobs(logprobs, offset)
-            self.offsets[index] = offset + sum(len(e.token) for e in logprobs)
+            self.offsets[index] = offset + len(text)  # the next piece starts after its text
         return oa.completion_chunk(self.id, self.created, self.model, text, None, index, entries)
 
     def end(self, index: int, finish: str) -> dict[str, Any]:
@@ -176,8 +176,13 @@ def _finish(end: pb.StreamEnd | None) -> str:
 
 
 def _total(ends: list[pb.StreamEnd]) -> pb.Usage:
-    """The request's usage: the prompt once, every choice's completion tokens."""
-    prompt = ends[0].usage.prompt_tokens if ends else 0
+    """The request's usage: the prompt once, every choice's completion tokens, and the prompts
+    of every continuation (each in its own choice's end only)."""
+    if not ends:
+        return pb.Usage()
+    first = ends[0]
+    prompt = first.usage.prompt_tokens - first.continued.usage.prompt_tokens
+    prompt += sum(e.continued.usage.prompt_tokens for e in ends)
     completion = sum(e.usage.completion_tokens for e in ends)
     return pb.Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -18,7 +19,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tokenrelay._readahead import ReadAhead
 from tokenrelay.errors import GenerationFailed, InvalidRequest, UpstreamUnavailable
-from tokenrelay.generation import Delta
+from tokenrelay.generation import Delta, TokenLogprob
 from tokenrelay.orchestrator._breaker import Outcome
 from tokenrelay.orchestrator._plan import Plan
 from tokenrelay.orchestrator._pool import Lease
@@ -102,6 +103,9 @@ class Attempt:
         return _Watch(self)
 
     async def _first_content(self) -> Delta:
+        # Deltas without text (a token that ends inside a UTF-8 character, or is held for a
+        # stop string) are counted; their logprobs ride with the first delta that has text.
+        skipped: tuple[TokenLogprob, ...] = ()
         async with self.watch():
             while True:
                 try:
@@ -112,7 +116,10 @@ class Attempt:
                     ) from None
                 self.count(delta)
                 if delta.text or delta.finish_reason is not None:
+                    if skipped:
+                        delta = dataclasses.replace(delta, logprobs=skipped + delta.logprobs)
                     return delta
+                skipped += delta.logprobs
 
     def follow(self, arrived: Callable[[Delta], None]) -> ReadAhead[Delta]:
         """The reader of the rest of the stream, once ``first`` has returned; each ``take``
@@ -182,8 +189,16 @@ class _Watched(ReadAhead[Delta]):
         self._attempt = attempt
 
     async def take(self, *args: Any, **kwargs: Any) -> list[Delta]:
-        async with self._attempt.watch():
-            return await super().take(*args, **kwargs)
+        try:
+            async with self._attempt.watch():
+                return await super().take(*args, **kwargs)
+        except UpstreamUnavailable:
+            # The node was lost while deltas waited for company (a stream interval's hold):
+            # they were counted, so they go out first; the next take raises at once.
+            held = self.ready()
+            if held:
+                return held
+            raise
 
 
 def _last(delta: Delta) -> bool:

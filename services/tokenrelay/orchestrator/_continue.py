@@ -225,11 +225,19 @@ class Continuer:
 
 def _base_plans(plans: list[Plan], serving: Plan) -> list[Plan]:
     """The plans a continuation may use: the one that served the answer, and after it the
-    fallback's when the catalog lets the fallback continue the primary's answers."""
+    fallback's when the catalog lets the fallback continue the primary's answers (and it
+    writes tool calls in the same format)."""
     base = [p for p in plans if p.spec.id == serving.spec.id]
     primary = plans[0]
     if not serving.fallback and primary.spec.fallback_continues:
-        base += [p for p in plans if p.fallback]
+        # Only a fallback that writes tool calls as the serving model does: the answer's one
+        # parser reads the continuation too.
+        tools = serving.tools.format if serving.tools is not None else None
+        base += [
+            p
+            for p in plans
+            if p.fallback and (p.tools.format if p.tools is not None else None) == tools
+        ]
     return base
 
 

@@ -44,7 +44,10 @@ class Record:
     # What the caller was told it used, when the request ended on a token limit (the usage of
     # the pieces delivered; the one withheld is not counted).
     delivered: tuple[int, int] | None = None
-    short: Attempt | None = None  # the attempt whose tokens were ``delivered`` in part
+    # What went out so far, over every choice and attempt (the prompt once, and each
+    # continuation's).
+    sent_prompt: int = 0
+    sent_completion: int = 0
 
     def __post_init__(self) -> None:
         self.label = self.metrics.model(self.model)
@@ -76,19 +79,14 @@ class Record:
 
     def _usage(self) -> tuple[int, int]:
         """(prompt, completion) tokens of the answers the caller got: their winners' (the
-        prompt once) and continuations', the one a token limit ended counting only what was
+        prompt once) and continuations' — or, when a token limit ended the request, what was
         delivered before it."""
+        if self.delivered is not None:
+            return self.delivered
         if not self.winners:
-            return self.delivered or (0, 0)
-        prompt, completion = 0, 0
-        for attempt in [*self.winners, *self.continuations]:
-            used = (attempt.prompt_tokens, attempt.completion_tokens)
-            if attempt is self.short and self.delivered is not None:
-                used = self.delivered
-            if attempt in self.winners[1:]:
-                used = (0, used[1])  # the choices share one prompt
-            prompt, completion = prompt + used[0], completion + used[1]
-        return prompt, completion
+            return (0, 0)
+        chain = [*self.winners, *self.continuations]
+        return self.prompt_tokens, sum(a.completion_tokens for a in chain)
 
     def _tenant(self) -> None:
         identity = self.identity

@@ -357,17 +357,19 @@ class Relay:
         """``n`` answers at once, each in a task of its own; their chunks as they come. The
         stream's start goes out once (with the first choice to answer); the first failure ends
         every choice, and carries the usage of all of them so far."""
-        queue: asyncio.Queue[Chunk | Exception | None] = asyncio.Queue()
+        # Bounded: a choice's hand-over waits while the caller is behind, so each choice sees
+        # its caller lag and reads ahead, merging what piles up (as a single answer does).
+        queue: asyncio.Queue[Chunk | Exception | None] = asyncio.Queue(maxsize=n)
 
         async def run(index: int) -> None:
             try:
                 choice = self._choice(_seeded(plans, index), index, deadline, record, meter)
                 async with aclosing(choice) as chunks:
                     async for chunk in chunks:
-                        queue.put_nowait(chunk)
-                queue.put_nowait(None)
+                        await queue.put(chunk)
+                await queue.put(None)
             except Exception as exc:  # handed to the consumer; a cancellation just ends it
-                queue.put_nowait(exc)
+                await queue.put(exc)
 
         tasks = [asyncio.create_task(run(index)) for index in range(n)]
         try:
@@ -378,10 +380,15 @@ class Relay:
                     running -= 1
                     continue
                 if isinstance(item, Exception):
-                    # A token limit's refusal carries what was delivered (of the choice it
-                    # stopped); any other failure what all the choices generated.
-                    if isinstance(item, RelayError) and record.delivered is None:
-                        item.usage = Usage(record.prompt_tokens, record.completion_tokens)
+                    # A token limit's refusal carries what was delivered (of every choice);
+                    # any other failure what all the choices generated.
+                    if isinstance(item, RelayError):
+                        delivered = record.delivered
+                        item.usage = (
+                            Usage(record.prompt_tokens, record.completion_tokens)
+                            if delivered is None
+                            else Usage(*delivered)
+                        )
                     raise item
                 if item.start is not None:
                     if started:
@@ -446,10 +453,12 @@ class Relay:
                     except (QuotaExceeded, Overloaded) as exc:
                         outcome = Outcome.NEUTRAL  # the caller's limit, not the node's fault
                         self._refused(record, _limit_of(exc))
-                        record.delivered = (sent_prompt, sent_completion)
-                        record.short = attempt
+                        record.delivered = (record.sent_prompt, record.sent_completion)
+                        # This attempt's; the continuation chain adds its earlier attempts'.
                         exc.usage = Usage(sent_prompt, sent_completion)
                         raise
+                record.sent_prompt += attempt.prompt_tokens - sent_prompt
+                record.sent_completion += cost
                 sent_prompt, sent_completion = attempt.prompt_tokens, sent_completion + cost
                 end = None
                 calls: tuple[ToolCallDelta, ...] = ()

@@ -135,9 +135,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     if chunk.start.retrieval is not None:
                         response.retrieval.CopyFrom(report_to_pb(chunk.start.retrieval))
                 if chunk.end is not None:
+                    # The prompt once (every choice's end counts it), and each continuation's
+                    # own prompt (in its choice's end only).
                     prompt_tokens = chunk.end.usage.prompt_tokens
                     if chunk.end.continued is not None:
                         continued.append(chunk.end.continued)
+                        prompt_tokens -= chunk.end.continued.usage.prompt_tokens
         if len(answers) != generation.n or any(not a.finish for a in answers.values()):
             raise GenerationFailed("The model ended without finishing its answer.")
         choices = [answers[i].to_pb() for i in sorted(answers)]
@@ -148,6 +151,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         response.logprobs.extend(first.logprobs)
         response.choices.extend(choices)
         completion_tokens = sum(answer.completion_tokens for answer in answers.values())
+        prompt_tokens += sum(c.usage.prompt_tokens for c in continued)
         response.usage.CopyFrom(usage_to_pb(Usage(prompt_tokens, completion_tokens)))
         if continued:
             count = sum(c.count for c in continued)

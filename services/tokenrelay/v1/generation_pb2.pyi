@@ -876,8 +876,9 @@ class StreamEnd(_message.Message):
     @_builtins.property
     def usage(self) -> Global___Usage:
         """The prompt's tokens and this choice's completion tokens, over every attempt that produced
-        it (continuations included). With n > 1 the request's usage is the prompt's tokens once
-        plus every choice's completion tokens (GenerateResponse sums them).
+        it (continuations included). With n > 1 the request's usage is the prompt's tokens once,
+        every choice's completion tokens and every continuation's prompt (GenerateResponse sums
+        them).
         """
 
     @_builtins.property
@@ -1116,8 +1117,8 @@ class GenerateResponse(_message.Message):
 
     @_builtins.property
     def continued(self) -> Global___Continued:
-        """Set when the answer was continued on another node (the trailing metadata also carries
-        `tokenrelay-continued: <count>`).
+        """Set when the answer was continued on another node, summed over its choices (the trailing
+        metadata also carries `tokenrelay-continued: <count>`).
         """
 
     def __init__(
