@@ -3,22 +3,25 @@ architecture section is written from it).
 
     .venv/bin/python scripts/request_path.py
 
-Runs an orchestrator and an edge in this process over a fake token source, sends one streamed
-chat completion through the edge, and records (with ``sys.setprofile``) every call into a
-``tokenrelay`` module in the tasks that serve it. Prints, per process side, the modules in the
-order they are first entered and how many times control came back into each from another module
-while the request was being set up (until its first token) — the measure of a hub — and then for
-each token.
+Runs an orchestrator and an edge in this process over a fake token source (a word every 20 ms),
+waits until the edge is ready, sends one streamed chat completion through the edge, and records
+(with ``sys.setprofile``) every call into a ``tokenrelay`` module while it is served. Prints the
+modules in the order they are first entered (logs, tracing, metrics, config and the generated
+``v1`` left out) and how many times control came into each from another module while the
+request was being set up (until its first token reached the client) — the measure of a hub —
+and then per token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dis
+import functools
 import inspect
 import sys
 from collections import Counter
 from pathlib import Path
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +45,13 @@ def _module(frame: FrameType) -> str | None:
     if not path.startswith(_PACKAGE) or "/v1/" in path:
         return None
     name = path[len(_PACKAGE) :]
-    return None if name.endswith(_CROSS_CUTTING) or "/config/" in name else name
+    return None if name.endswith(_CROSS_CUTTING) or name.startswith("config/") else name
+
+
+@functools.cache
+def _start(code: CodeType) -> int:
+    """Where a frame of ``code`` stands when it starts: its first ``RESUME``."""
+    return next(i.offset for i in dis.get_instructions(code) if i.opname == "RESUME")
 
 
 class _Path:
@@ -53,7 +62,6 @@ class _Path:
         self.entries: dict[str, Counter[str]] = {"setup": Counter(), "tokens": Counter()}
         self.phase = "setup"
         self.functions: dict[str, set[str]] = {}
-        self._started: set[int] = set()
 
     def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
         if event != "call":
@@ -61,10 +69,10 @@ class _Path:
         module = _module(frame)
         if module is None:
             return
-        if frame.f_code.co_flags & _SUSPENDABLE:
-            if id(frame) in self._started:
-                return  # a generator or coroutine resumed, not a new call
-            self._started.add(id(frame))
+        if frame.f_code.co_flags & _SUSPENDABLE and frame.f_lasti != _start(frame.f_code):
+            # A generator or coroutine resumed, not a new call. (Not told by the frame's id:
+            # a new frame often takes the id of one that is gone.)
+            return
         caller = frame.f_back
         if caller is not None and _module(caller) == module:
             return  # a call inside the module
@@ -75,7 +83,7 @@ class _Path:
 
 
 async def main() -> None:
-    source = FakeSource(words=tuple(f" w{i}" for i in range(8)))
+    source = FakeSource(words=tuple(f" w{i}" for i in range(8)), interval_s=0.02)
     # The node probe stays out of the way: it is not part of the request.
     settings = Settings(
         orchestrator=OrchestratorSettings(
@@ -95,6 +103,12 @@ async def main() -> None:
     path = _Path()
     try:
         async with ClientSession() as session:
+            # Not the request's: the edge's readiness watch and the nodes' first probe.
+            while True:
+                async with session.get(server.make_url("/readyz")) as ready:
+                    if ready.status == 200:
+                        break
+                await asyncio.sleep(0.01)
             sys.setprofile(path)
             asyncio.get_running_loop().set_debug(False)
             async with session.post(server.make_url("/v1/chat/completions"), json=body) as r:
