@@ -7,6 +7,9 @@ import asyncio
 import dataclasses
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from _support import ContinuingSource, Ordered, relay_for
 from tokenrelay.config import (
@@ -409,3 +412,29 @@ async def test_the_ledger_counts_every_choice_and_continuation_and_the_prompt_on
     continuation, prompt = prompts[0], prompts[1]
     assert [e.usage.completion_tokens for c in chunks if (e := c.end) is not None] == [8, 8]
     assert [row[2:] for row in ledger.rows] == [("length", prompt + continuation, 16)]
+
+
+async def test_a_continuation_is_an_event_on_the_requests_span() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    a = ContinuingSource("a:1", WORDS, fail_after=5)
+    b = ContinuingSource("b:1", WORDS)
+    relay, pool, _ = _relay(a, b)
+    await pool.probe_once()
+    with provider.get_tracer("test").start_as_current_span("GenerateStream"):
+        await _collect(relay, _request(max_tokens=10))
+    (span,) = exporter.get_finished_spans()
+    (event,) = [e for e in span.events if e.name == "tokenrelay.continued"]
+    assert event.attributes is not None
+    attributes = dict(event.attributes)
+    gap = attributes.pop("tokenrelay.gap_s")
+    assert isinstance(gap, float) and 0 <= gap < 5
+    assert attributes == {
+        "tokenrelay.from_node": "a:1",
+        "tokenrelay.to_node": "b:1",
+        "tokenrelay.served_model": "synthetic",
+        "tokenrelay.reason": "node_failed",
+        "tokenrelay.after_tokens": 5,
+    }
+    assert span.attributes is not None and span.attributes["tokenrelay.continuations"] == 1
