@@ -208,10 +208,18 @@ def test_constraints_bound_what_the_schema_leaves_unbounded() -> None:
             "day": {"type": "string", "format": "date"},
             "note": {"type": "string", "maxLength": 1000, "default": "x"},
             "fixed": {"const": {"type": "array"}},  # data, not a schema: untouched
+            "count": {"type": "integer"},
+            "age": {"type": "integer", "minimum": 0},
+            "huge": {"type": "integer", "exclusiveMinimum": 10**16},
+            "pick": {"type": "integer", "enum": [1, 2]},
         },
     }
     out = bounded(schema)
     props = out["properties"]
+    assert props["count"] == {"type": "integer", "maximum": 10**15 - 1, "minimum": -(10**15 - 1)}
+    assert props["age"] == {"type": "integer", "minimum": 0, "maximum": 10**15 - 1}
+    assert props["huge"]["maximum"] == 10**16 + 1 and "minimum" not in props["huge"]
+    assert props["pick"] == {"type": "integer", "enum": [1, 2]}
     assert props["tags"] == {
         "type": "array",
         "items": {"type": "string", "maxLength": 128},
@@ -224,7 +232,13 @@ def test_constraints_bound_what_the_schema_leaves_unbounded() -> None:
     assert props["note"] == schema["properties"]["note"]  # type: ignore[index]
     assert props["fixed"] == {"const": {"type": "array"}}
     validate_original = jsonschema.Draft202012Validator(schema).is_valid
-    bounded_instance = {"tags": ["a"] * 8, "many": [0] * 20, "note": "x" * 1000}
+    bounded_instance = {
+        "tags": ["a"] * 8,
+        "many": [0] * 20,
+        "note": "x" * 1000,
+        "count": -(10**15 - 1),
+        "age": 10**15 - 1,
+    }
     assert jsonschema.Draft202012Validator(out).is_valid(bounded_instance)
     assert validate_original(bounded_instance)  # what the bounds allow, the schema allows
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -33,6 +34,10 @@ __all__ = ["MAX_ITEMS", "MAX_LENGTH", "bounded", "parse_schema", "precheck"]
 # a default max_tokens, rather than be cut off mid-object.
 MAX_ITEMS = 8
 MAX_LENGTH = 128
+# Integers with no bound get ±(10^15 - 1): an engine's grammar may let a small model write digits
+# until max_tokens runs out (vLLM's xgrammar honours minimum/maximum; llama.cpp's grammar already
+# stops at 16 digits).
+MAX_INTEGER = 10**15 - 1
 _DATA = frozenset({"enum", "const", "default", "examples", "required"})  # values, not schemas
 
 _REMEMBERED = 1024  # verdicts kept (16-byte digests, so a few dozen KiB)
@@ -119,11 +124,12 @@ def precheck(texts: Iterable[str], max_chars: int) -> None:
 
 
 def bounded(schema: Any) -> Any:
-    """A copy of ``schema`` whose arrays and free strings have an upper bound: ``maxItems``
+    """A copy of ``schema`` whose arrays, free strings and integers have bounds: ``maxItems``
     (``MAX_ITEMS``, or ``minItems`` if more) where an array has none, ``maxLength``
     (``MAX_LENGTH``, or ``minLength`` if more) where a string has none and no ``enum``,
-    ``const``, ``format`` or ``pattern``. Every instance of the copy is an instance of
-    ``schema``."""
+    ``const``, ``format`` or ``pattern``, ``minimum``/``maximum`` (±``MAX_INTEGER``, moved out
+    to the other bound where that lies beyond) where an integer has neither bound on that side
+    and no ``enum`` or ``const``. Every instance of the copy is an instance of ``schema``."""
     if isinstance(schema, list):
         return [bounded(item) for item in schema]
     if not isinstance(schema, dict):
@@ -138,4 +144,28 @@ def bounded(schema: Any) -> Any:
     if "string" in kinds and "maxLength" not in out and free:
         low = out.get("minLength")
         out["maxLength"] = max(MAX_LENGTH, low if isinstance(low, int) else 0)
+    if "integer" in kinds and not any(key in out for key in ("enum", "const")):
+        low, high = _integer_bounds(out)
+        if high is None:
+            out["maximum"] = max(MAX_INTEGER, low if low is not None else 0)
+        if low is None:
+            out["minimum"] = min(-MAX_INTEGER, high if high is not None else 0)
     return out
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The least and greatest integer the schema's bounds allow (None: unbounded that side)."""
+    low, high = None, None
+    if (value := _number(schema.get("minimum"))) is not None:
+        low = math.ceil(value)
+    if (value := _number(schema.get("exclusiveMinimum"))) is not None:
+        low = math.floor(value) + 1 if low is None else max(low, math.floor(value) + 1)
+    if (value := _number(schema.get("maximum"))) is not None:
+        high = math.floor(value)
+    if (value := _number(schema.get("exclusiveMaximum"))) is not None:
+        high = math.ceil(value) - 1 if high is None else min(high, math.ceil(value) - 1)
+    return low, high
