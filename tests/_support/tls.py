@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def make_certificates(folder: Path) -> dict[str, Path]:
+def make_certificates(
+    folder: Path, clients: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, Path]:
     """A test CA and certificates it signs, as PEM files in ``folder``: ``ca``; ``server`` (for
     127.0.0.1 and localhost) and the clients ``edge`` and ``orchestrator`` (``*.crt``/``*.key``
-    pairs, keys by name + ``_key``); and ``rogue`` (a client certificate from another CA)."""
+    pairs, keys by name + ``_key``); and ``rogue`` (a client certificate from another CA).
+    ``clients``: more client certificates of the CA, by name, each carrying these subject
+    alternative names (a URI where the name has ``://``, else a DNS name)."""
     import datetime
     import ipaddress
 
@@ -49,7 +54,10 @@ def make_certificates(folder: Path) -> dict[str, Path]:
         return cert, key
 
     def leaf(
-        name: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], server: bool
+        name: str,
+        ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+        server: bool,
+        sans: Sequence[str] = (),
     ) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
@@ -70,6 +78,11 @@ def make_certificates(folder: Path) -> dict[str, Path]:
         if server:
             names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        elif sans:
+            general: list[x509.GeneralName] = [
+                x509.UniformResourceIdentifier(s) if "://" in s else x509.DNSName(s) for s in sans
+            ]
+            builder = builder.add_extension(x509.SubjectAlternativeName(general), critical=False)
         write(name, builder.sign(ca[1], hashes.SHA256()), key)
 
     ca = authority("tokenrelay test CA")
@@ -78,4 +91,6 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     leaf("edge", ca, server=False)
     leaf("orchestrator", ca, server=False)
     leaf("rogue", authority("someone else"), server=False)
+    for name, sans in (clients or {}).items():
+        leaf(name, ca, server=False, sans=sans)
     return paths

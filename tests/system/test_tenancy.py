@@ -306,6 +306,7 @@ async def test_a_flooding_key_cannot_starve_another_one(replicas: Replicas) -> N
             *(client_loop(client, "quiet") for _ in range(4)),
         )
     share = served["quiet"] / served.total()
+    print(f"fair share under a flood (24 flooder clients, 4 quiet): quiet {share:.2f} of {served}")
     # Equal weights: each busy key gets half the slots (FIFO would give the quiet key ~1/7).
     assert share == pytest.approx(0.5, abs=0.10), served
 

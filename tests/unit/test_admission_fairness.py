@@ -75,6 +75,7 @@ async def test_busy_keys_share_the_slots_by_weight_however_many_requests_they_qu
     await stop.wait()
     share = served["quiet"] / served.total()
     await flood
+    print(f"quiet ({quiet_tier}, {quiet_clients} clients vs {flooder_clients}): {share:.2f}")
     assert share == pytest.approx(quiet_share, abs=0.10), served
 
 
