@@ -29,7 +29,6 @@ from tokenrelay.tenancy import (
     read_usage,
 )
 
-
 # These tests are about what the limits count, not about a slow store: on a loaded machine a burst
 # of 60 calls can wait longer than the production timeout (0.5 s) for the pool's connections.
 _PATIENT = 5.0
