@@ -419,7 +419,7 @@ def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
             worker_command("tokenrelay.orchestrator"),
             orchestrator.workers,
             env,
-            admission=orchestrator.admission,
+            admission=AdmissionControl(orchestrator.admission),
         )
         return _loop.run(supervisor.run(), settings.event_loop)
     finally:
