@@ -5,6 +5,7 @@ hosts file the test rewrites), and an orchestrator whose only node is the DNS na
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 import time
@@ -15,8 +16,17 @@ import grpc
 import pytest
 
 from _support import REPO
+from tokenrelay.config import (
+    Discovery,
+    ModelSpec,
+    OrchestratorSettings,
+    Retrieval,
+    Settings,
+    to_toml,
+)
 from tokenrelay.stack import Stack, TritonPorts, TritonProcess, free_port
 from tokenrelay.stack._dns import DnsServer
+from tokenrelay.stack._stack import _spawn
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 
@@ -35,6 +45,19 @@ def _free_udp_and_tcp_port() -> int:
             except OSError:
                 continue
         return port
+
+
+def _settings(node: str) -> Settings:
+    """An orchestrator whose only node entry is ``node`` (a DNS name), resolved every 0.5 s."""
+    return Settings(
+        orchestrator=OrchestratorSettings(
+            triton=(node,),
+            probe_interval_s=0.2,
+            discovery=Discovery(interval_s=0.5, timeout_s=1.0),
+        ),
+        models=(ModelSpec("synthetic", "synthetic", context_window=4096, default_max_tokens=64),),
+        retrieval=Retrieval(store="none"),
+    )
 
 
 class Cluster:
@@ -60,23 +83,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with DnsServer(_free_udp_and_tcp_port()) as dns:
         dns.set({NAME: [HOSTS[0]]})
         config = folder / "tokenrelay.toml"
-        config.write_text(
-            f"""
-[orchestrator]
-triton = ["dns://{dns.authority}/{NAME}:{ports.grpc}"]
-probe_interval_s = 0.2
-
-[orchestrator.discovery]
-interval_s = 0.5
-timeout_s = 1.0
-
-[[models]]
-id = "synthetic"
-triton_model = "synthetic"
-context_window = 4096
-default_max_tokens = 64
-"""
-        )
+        config.write_text(to_toml(_settings(f"dns://{dns.authority}/{NAME}:{ports.grpc}")))
         orchestrator = free_port()
         try:
             for node in nodes:
@@ -84,15 +91,12 @@ default_max_tokens = 64
             for node in nodes:
                 node.wait_ready()
             env = {
-                **__import__("os").environ,
+                **os.environ,
                 "TOKENRELAY_CONFIG": str(config),
                 "TOKENRELAY_ORCHESTRATOR_LISTEN": f"127.0.0.1:{orchestrator}",
                 "TOKENRELAY_ORCHESTRATOR_METRICS": "",
-                "TOKENRELAY_VECTOR_STORE": "none",
             }
             log = folder / "logs" / "orchestrator.log"
-            from tokenrelay.stack._stack import _spawn
-
             process = _spawn(log, [sys.executable, "-m", "tokenrelay.orchestrator"], env)
             try:
                 _wait_serving(f"127.0.0.1:{orchestrator}", 60)

@@ -17,12 +17,22 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
 
 from _support import REPO, triton_metric
+from tokenrelay.config import (
+    Admission,
+    EdgeSettings,
+    ModelSpec,
+    OrchestratorSettings,
+    Settings,
+    Tenancy,
+    Tier,
+    to_toml,
+)
 from tokenrelay.security import hash_key, new_key
 from tokenrelay.stack import Stack, StackPorts, free_port
 from tokenrelay.stack._redis import Redis
@@ -52,50 +62,34 @@ def _keys_file(path: Path) -> Path:
     return path
 
 
-def _config(path: Path, keys: Path, policy: str, slots: int) -> Path:
-    path.write_text(
-        f"""
-[orchestrator]
-probe_interval_s = 0.5
+SYNTHETIC = ModelSpec("synthetic", "synthetic", context_window=4096, default_max_tokens=64)
+TIERS = (
+    Tier("standard"),
+    Tier("small", tokens_per_minute=TPM),
+    Tier("batch", priority="low", max_priority="low"),
+    Tier("interactive", max_priority="high"),
+)
 
-[orchestrator.admission]
-max_concurrent = {slots}
-max_queue = 256
-queue_timeout_s = 30.0
 
-[edge]
-api_keys_file = "{keys}"
-
-[tenancy]
-store = "redis"
-on_store_failure = "{policy}"
-store_timeout_s = 1.0                   # two shared cores under a burst of 60
-store_retry_s = 0.5
-metered_keys = ["metered", "limited"]
-
-[[tenancy.tiers]]
-name = "standard"
-
-[[tenancy.tiers]]
-name = "small"
-tokens_per_minute = {TPM}
-
-[[tenancy.tiers]]
-name = "batch"
-priority = "low"
-max_priority = "low"
-
-[[tenancy.tiers]]
-name = "interactive"
-max_priority = "high"
-
-[[models]]
-id = "synthetic"
-triton_model = "synthetic"
-context_window = 4096
-default_max_tokens = 64
-"""
+def _config(path: Path, keys: Path, policy: Literal["open", "closed"], slots: int) -> Path:
+    """One replica's settings: ``policy`` when Redis is gone, ``slots`` generation slots."""
+    settings = Settings(
+        orchestrator=OrchestratorSettings(
+            probe_interval_s=0.5,
+            admission=Admission(max_concurrent=slots, max_queue=256, queue_timeout_s=30.0),
+        ),
+        edge=EdgeSettings(api_keys_file=str(keys)),
+        tenancy=Tenancy(
+            store="redis",
+            on_store_failure=policy,
+            store_timeout_s=1.0,  # two shared cores under a burst of 60
+            store_retry_s=0.5,
+            metered_keys=("metered", "limited"),
+            tiers=TIERS,
+        ),
+        models=(SYNTHETIC,),
     )
+    path.write_text(to_toml(settings))
     return path
 
 
