@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from _support import REPO
+from _support import REPO, eventually
 from tokenrelay.config import (
     Discovery,
     ModelSpec,
@@ -105,6 +105,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 Stack.terminate(process, 15)
         finally:
             for node in nodes:
+                node.request_stop()  # each takes seconds to unload its models: all at once
+            for node in nodes:
                 node.stop()
 
 
@@ -128,11 +130,19 @@ def _request(max_tokens: int = 2) -> pb.GenerateStreamRequest:
     )
 
 
-async def _served_by(stub: pb_grpc.GenerationServiceStub, max_tokens: int = 2) -> tuple[str, str]:
+async def _served_by(
+    stub: pb_grpc.GenerationServiceStub,
+    max_tokens: int = 2,
+    started: asyncio.Future[str] | None = None,
+) -> tuple[str, str]:
+    """The node that served one stream, and its finish reason; ``started`` is given the node
+    as soon as the stream starts."""
     node, finish = "", ""
     async for message in stub.GenerateStream(_request(max_tokens), timeout=30):
         if message.HasField("start"):
             node = message.start.served_by.node
+            if started is not None:
+                started.set_result(node)
         if message.HasField("end"):
             finish = pb.FinishReason.Name(message.end.finish_reason)
     return node, finish
@@ -157,23 +167,35 @@ async def test_discovery_adds_new_nodes_and_drains_removed_ones(cluster: Cluster
         # Removed: a long stream on the first node finishes; new requests go to the second.
         long = None
         for _ in range(20):
-            task = asyncio.create_task(_served_by(stub, max_tokens=150))  # ~3 s
-            await asyncio.sleep(0.3)
-            status = await stub.Status(pb.StatusRequest(), timeout=5)
-            if any(n.address == first and n.in_flight for n in status.nodes):
+            started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(_served_by(stub, 150, started))  # ~3 s
+            await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)
+            if started.done() and started.result() == first:
                 long = task
                 break
-            await task
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         assert long is not None, "no stream landed on the first node"
         cluster.point(HOSTS[1])
-        await asyncio.sleep(1.5)  # past the resolution interval and a probe
+        # Once the name is resolved again, the first node drains: it takes no new requests.
+        assert await eventually(
+            lambda: any(
+                "node draining" in line and first in line
+                for line in cluster.log.read_text().splitlines()
+            ),
+            timeout_s=10,
+            step_s=0.05,
+        ), "the first node was never drained"
         assert {(await _served_by(stub))[0] for _ in range(6)} == {second}
         status = await stub.Status(pb.StatusRequest(), timeout=5)
         assert first in {n.address for n in status.nodes}  # draining, its stream in flight
         node, finish = await long
         assert (node, finish) == (first, "FINISH_REASON_LENGTH")  # it finished
-        await asyncio.sleep(1.0)
-        status = await stub.Status(pb.StatusRequest(), timeout=5)
-        assert [n.address for n in status.nodes] == [second]  # drained, then forgotten
+
+        async def forgotten() -> bool:  # drained, then forgotten
+            status = await stub.Status(pb.StatusRequest(), timeout=5)
+            return [n.address for n in status.nodes] == [second]
+
+        assert await eventually(forgotten, timeout_s=10), "the drained node was never removed"
     log = cluster.log.read_text()
     assert "node added" in log and "node drained and removed" in log
