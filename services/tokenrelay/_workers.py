@@ -13,13 +13,14 @@ with ``SO_REUSEPORT`` (never listening: it takes no connections) for the supervi
 the workers may join it, and another supervisor's plain bind fails.
 
 **Limits that span workers** live in the coordinator, which holds the one ``AdmissionControl``
-of an orchestrator and, when the tenancy's store is ``local``, the one ``LocalLimits`` of a
-service's keys (requests per minute, concurrent streams, tokens; a Redis store is shared by the
-workers as by replicas, and needs no coordinator). A worker asks over a connection of its own
-per ask (``RemoteAdmission``, ``CoordinatorLimits``); a slot or a stream lasts as long as that
-connection stays open: closing it (the request ended, or the worker died) gives it back. The
-cost is a local connection per request (and per token ask of a metered key), nothing per
-token.
+of an orchestrator (which the orchestrator builds and hands to its ``Supervisor``: this module
+is below the services and imports none of them) and, when the tenancy's store is ``local``, the
+one ``LocalLimits`` of a service's keys (requests per minute, concurrent streams, tokens; a Redis
+store is shared by the workers as by replicas, and needs no coordinator). A worker asks over a
+connection of its own per ask (``RemoteAdmission``, ``CoordinatorLimits``); a slot or a stream
+lasts as long as that connection stays open: closing it (the request ended, or the worker died)
+gives it back. The cost is a local connection per request (and per token ask of a metered key),
+nothing per token.
 
 **Metrics** stay per process and are labelled ``worker="i"``: each worker also serves its own
 exposition on a Unix socket beside the coordinator's, and whichever worker is scraped gathers its
@@ -41,9 +42,10 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -64,6 +66,7 @@ from tokenrelay.tenancy import (
 __all__ = [
     "Coordinator",
     "CoordinatorLimits",
+    "GroupAdmission",
     "RemoteAdmission",
     "Supervisor",
     "WorkerContext",
@@ -142,17 +145,34 @@ def _ask_json(ask: TokenAsk) -> dict[str, object]:
     return dataclasses.asdict(ask)
 
 
+class GroupAdmission(Protocol):
+    """What the coordinator needs of the group's admission control: the orchestrator's
+    ``AdmissionControl``, which the orchestrator builds (from ``[orchestrator.admission]``) and
+    hands over, so that this module needs nothing of the orchestrator."""
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        ...
+
+    def slot(
+        self, budget_s: float | None = None, identity: Identity | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold one generation slot for the block; raises ``Overloaded`` when none comes in
+        time (or the request is shed)."""
+        ...
+
+
 class Coordinator:
     """Serves the workers' asks on a Unix socket: ``slot`` (admission, the group's one
     ``AdmissionControl``), and ``request``, ``stream``, ``take_tokens``, ``give_back`` (the
     group's one ``LocalLimits``). A line of JSON asks, a line of JSON answers; a slot or a
-    stream lasts until the asking connection closes."""
+    stream lasts until the asking connection closes. ``admission``: the group's admission
+    control; without one (the edge's group) a ``slot`` ask is closed unanswered."""
 
-    def __init__(self, path: Path, admission: Admission | None = None) -> None:
-        from tokenrelay.orchestrator._admission import AdmissionControl
-
+    def __init__(self, path: Path, admission: GroupAdmission | None = None) -> None:
         self._path = path
-        self._admission = AdmissionControl(admission) if admission is not None else None
+        self._admission = admission
         self._limits = LocalLimits()
         self._server: asyncio.AbstractServer | None = None
 
@@ -461,7 +481,8 @@ async def gather(context: WorkerContext, registry: CollectorRegistry) -> bytes:
 class Supervisor:
     """Runs ``count`` copies of ``command`` (each given ``--worker I N DIR``) beside a
     coordinator, until SIGTERM/SIGINT. The caller reserves the ports first (``reserve``) and
-    holds them while this runs."""
+    holds them while this runs. ``admission``: the group's one admission control, which the
+    coordinator serves to the workers (the orchestrator's; None for the edge)."""
 
     def __init__(
         self,
@@ -469,7 +490,7 @@ class Supervisor:
         command: Sequence[str],
         count: int,
         env: dict[str, str] | None = None,
-        admission: Admission | None = None,
+        admission: GroupAdmission | None = None,
         restart_delay_s: float = 1.0,
     ) -> None:
         self._name = name

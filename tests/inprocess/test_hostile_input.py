@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
+from google.protobuf.descriptor import FieldDescriptor
+from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from _support import FakeSource, assert_openai
-from tokenrelay.config import EdgeSettings, OrchestratorSettings, Settings
+from _support import FakeEmbedder, FakeSource, assert_openai
+from tokenrelay.config import EdgeSettings, Embeddings, OrchestratorSettings, Settings
 from tokenrelay.edge import create_app
 from tokenrelay.orchestrator import Orchestrator
+from tokenrelay.retrieval._qdrant import QdrantStore
 from tokenrelay.v1 import generation_pb2, retrieval_pb2
 
 _VALID = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -38,9 +42,18 @@ async def source() -> FakeSource:
 
 
 @pytest.fixture
-async def orchestrator(source: FakeSource) -> AsyncIterator[Orchestrator]:
-    settings = Settings(orchestrator=OrchestratorSettings(triton=(source.name,), metrics_listen=""))
-    orchestrator = Orchestrator(settings, sources={source.name: source})
+async def orchestrator(source: FakeSource, tmp_path: Path) -> AsyncIterator[Orchestrator]:
+    """With retrieval on (an embedder and an embedded Qdrant), so that every service is served."""
+    settings = Settings(
+        orchestrator=OrchestratorSettings(triton=(source.name,), metrics_listen=""),
+        embeddings=Embeddings(dimensions=8),
+    )
+    orchestrator = Orchestrator(
+        settings,
+        sources={source.name: source},
+        embedding_sources=[FakeEmbedder()],
+        store=QdrantStore(path=str(tmp_path / "qdrant")),
+    )
     await orchestrator.start("127.0.0.1:0")
     yield orchestrator
     await orchestrator.stop(grace_s=0)
@@ -128,15 +141,27 @@ async def test_no_body_gets_a_server_error(edge: str, raw: bytes, path: str) -> 
 
 # ---- the gRPC border ------------------------------------------------------------------------
 
-_GENERATION = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"]
-_METHODS = [
-    (f"/{_GENERATION.full_name}/{m.name}", m.server_streaming) for m in _GENERATION.methods
-] + [
-    ("/grpc.health.v1.Health/Check", False),
-    ("/grpc.health.v1.Health/Watch", True),
+# Every service of tokenrelay.v1 (generation, embeddings, retrieval) and gRPC health.
+_SERVICES = [
+    service
+    for module in (generation_pb2, retrieval_pb2, health_pb2)
+    for service in module.DESCRIPTOR.services_by_name.values()
 ]
+# Every RPC the orchestrator serves (with retrieval on), and whether its request message has a
+# string field 1 (one that bytes which are not UTF-8 cannot decode into).
+_METHODS = [
+    (
+        f"/{service.full_name}/{m.name}",
+        m.server_streaming,
+        1 in m.input_type.fields_by_number
+        and m.input_type.fields_by_number[1].type == FieldDescriptor.TYPE_STRING,
+    )
+    for service in _SERVICES
+    for m in service.methods
+]
+_SERVER_FAULTS = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 _NESTED_GROUPS = b"\x7b" * 20_000  # start-group of field 15, 20,000 deep, never closed
-_BAD_UTF8 = b"\x0a\x02\xff\xfe"  # field 1 (model): a string that is not UTF-8
+_BAD_UTF8 = b"\x0a\x02\xff\xfe"  # field 1 (model, name, …): a string that is not UTF-8
 _CESU8 = b"\x0a\x03\xed\xa0\x80"  # field 1: a lone surrogate in CESU-8
 _TRUNCATED = generation_pb2.GenerateRequest(model="synthetic", prompt="hello").SerializeToString()[
     :-3
@@ -164,17 +189,19 @@ async def test_undecodable_messages_get_invalid_argument_on_every_rpc(
 ) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{orchestrator.port}") as channel:
         for raw in (_NESTED_GROUPS, _BAD_UTF8, _CESU8, _TRUNCATED):
-            for method, streaming in _METHODS:
+            for method, streaming, string_field_1 in _METHODS:
                 error = await _call(channel, method, streaming, raw)
-                if method.endswith(("/ListModels", "/Status")) and raw in (_BAD_UTF8, _CESU8):
-                    # Their request messages have no fields: an unknown field decodes.
+                if raw in (_BAD_UTF8, _CESU8) and not string_field_1:
+                    # Field 1 is unknown to their request messages (ListModels, Status,
+                    # ListCollections have no fields): an unknown field decodes.
+                    assert error is None or error.code() not in _SERVER_FAULTS, error
                     continue
                 assert error is not None, (method, raw[:8])
                 assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, error)
                 assert "class" not in (error.details() or ""), error.details()
         # And it keeps serving.
         stub = channel.unary_unary(
-            f"/{_GENERATION.full_name}/Generate",
+            "/tokenrelay.v1.GenerationService/Generate",
             request_serializer=generation_pb2.GenerateRequest.SerializeToString,
             response_deserializer=generation_pb2.GenerateResponse.FromString,
         )
@@ -195,10 +222,8 @@ async def test_undecodable_messages_get_invalid_argument_on_every_rpc(
 async def test_random_wire_bytes_never_get_unknown_or_internal(
     orchestrator: Orchestrator, raw: bytes
 ) -> None:
-    retrieval = retrieval_pb2.DESCRIPTOR.services_by_name["EmbeddingService"]
-    methods = [*_METHODS, (f"/{retrieval.full_name}/Embed", False)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{orchestrator.port}") as channel:
-        for method, streaming in methods:
+        for method, streaming, _ in _METHODS:
             error = await _call(channel, method, streaming, raw)
             if error is None:
                 continue

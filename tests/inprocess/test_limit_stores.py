@@ -175,7 +175,7 @@ async def test_redis_killed_fail_open_counts_per_process_then_goes_back() -> Non
             assert asyncio.get_running_loop().time() - began < 1.0  # one timeout, not three
             assert limits.down and waits[:2] == [0.0, 0.0] and waits[2] > 0  # local bucket
             server.start()
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25)  # past retry_s (a timer): the store is tried again
             assert await limits.take_request("k", 2) == 0.0  # Redis again: its first request
             assert not limits.down
         finally:
@@ -194,7 +194,7 @@ async def test_redis_killed_fail_closed_refuses_with_503_then_serves_again() -> 
             with pytest.raises(LimitsUnavailable):
                 await limits.open_stream("k", 1)
             server.start()
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25)  # past retry_s (a timer): the store is tried again
             assert await limits.take_request("k", 5) == 0.0
         finally:
             await limits.close()

@@ -126,26 +126,31 @@ async def test_interrupted_stream_reports_its_usage_before_the_error_event(
     assert _value(samples, "tokenrelay_edge_streams_open") == 0
 
 
+async def _lag_samples(url: str, at_least: int) -> bool:
+    """Whether the loop-lag histogram at ``url`` holds ``at_least`` samples."""
+    return _value(await _samples(url), "tokenrelay_event_loop_lag_seconds_count") >= at_least
+
+
 async def test_event_loop_lag_shows_a_blocked_loop(orchestrator: Orchestrator) -> None:
     url = f"http://127.0.0.1:{orchestrator.metrics_port}/metrics"
     name = "tokenrelay_event_loop_lag_seconds_bucket"
-    await asyncio.sleep(0.2)  # a few samples of an idle loop
+    assert await eventually(lambda: _lag_samples(url, 2))  # a few samples of an idle loop
     before = await _samples(url)
-    assert _value(before, "tokenrelay_event_loop_lag_seconds_count") >= 2
     assert _value(before, name, le="0.25") == _value(before, name, le="+Inf")  # all short
     time.sleep(0.3)  # noqa: ASYNC251 - the point: a blocking call on the loop
-    await asyncio.sleep(0.1)
-    after = await _samples(url)
-    slow = _value(after, name, le="+Inf") - _value(after, name, le="0.25")
-    assert slow == 1  # the one sample that spanned the block
+
+    async def slow_samples() -> float:
+        after = await _samples(url)
+        return _value(after, name, le="+Inf") - _value(after, name, le="0.25")
+
+    assert await eventually(slow_samples)  # recorded once the loop runs again...
+    assert await slow_samples() == 1  # ... the one sample that spanned the block
 
 
 async def test_the_edge_reports_its_event_loop_lag(orchestrator: Orchestrator) -> None:
     server = TestServer(create_app(EdgeSettings(orchestrator=f"127.0.0.1:{orchestrator.port}")))
     await server.start_server()
     try:
-        await asyncio.sleep(0.2)
-        samples = await _samples(str(server.make_url("/metrics")))
+        assert await eventually(lambda: _lag_samples(str(server.make_url("/metrics")), 2))
     finally:
         await server.close()
-    assert _value(samples, "tokenrelay_event_loop_lag_seconds_count") >= 2

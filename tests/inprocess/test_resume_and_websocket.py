@@ -129,7 +129,7 @@ async def test_a_dropped_stream_resumes_from_last_event_id_and_reads_as_one(
         assert [int(e["id"]) for e in before] == list(range(1, len(before) + 1))
         stream_id = json.loads(before[0]["data"])["id"]
         assert stream_id.startswith("chatcmpl-") and len(stream_id) > 25
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # away for a while: what it misses is generated meanwhile
         async with http.get(
             f"{edge}/v1/chat/completions/{stream_id}/stream",
             headers={"Last-Event-ID": before[-1]["id"]},
@@ -180,7 +180,9 @@ async def test_resuming_a_wrong_id_another_key_or_too_late_is_a_clear_4xx(edge: 
                 body = await refused.json()
             assert refused.status == status, (where, key, last, body)
             assert_openai("ErrorResponse", body)
-        await asyncio.sleep(GRACE_S + 0.2)  # nobody resumed: cancelled and forgotten
+        # Nobody resumed: cancelled and forgotten once the grace period is over. A timer, with
+        # nothing to watch from outside: asking for the stream meanwhile would resume it.
+        await asyncio.sleep(GRACE_S + 0.2)
         async with http.get(url, headers=_auth(ALICE)) as late:
             body = await late.json()
         assert late.status == 404 and body["error"]["code"] == "stream_not_found"

@@ -14,6 +14,7 @@ from _support import eventually
 from tokenrelay._workers import Coordinator, CoordinatorLimits, RemoteAdmission
 from tokenrelay.config import Admission
 from tokenrelay.errors import Overloaded
+from tokenrelay.orchestrator._admission import AdmissionControl
 from tokenrelay.tenancy import Identity, Priority, TokenAsk
 
 ADMISSION = Admission(max_concurrent=1, max_queue=2, queue_timeout_s=5.0)
@@ -21,7 +22,7 @@ ADMISSION = Admission(max_concurrent=1, max_queue=2, queue_timeout_s=5.0)
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[Coordinator]:
-    coordinator = Coordinator(tmp_path / "coordinator.sock", ADMISSION)
+    coordinator = Coordinator(tmp_path / "coordinator.sock", AdmissionControl(ADMISSION))
     await coordinator.start()
     yield coordinator
     await coordinator.close()

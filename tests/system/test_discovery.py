@@ -5,6 +5,7 @@ hosts file the test rewrites), and an orchestrator whose only node is the DNS na
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 import time
@@ -14,9 +15,18 @@ from pathlib import Path
 import grpc
 import pytest
 
-from _support import REPO
+from _support import REPO, eventually
+from tokenrelay.config import (
+    Discovery,
+    ModelSpec,
+    OrchestratorSettings,
+    Retrieval,
+    Settings,
+    to_toml,
+)
 from tokenrelay.stack import Stack, TritonPorts, TritonProcess, free_port
 from tokenrelay.stack._dns import DnsServer
+from tokenrelay.stack._stack import _spawn
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 
@@ -35,6 +45,19 @@ def _free_udp_and_tcp_port() -> int:
             except OSError:
                 continue
         return port
+
+
+def _settings(node: str) -> Settings:
+    """An orchestrator whose only node entry is ``node`` (a DNS name), resolved every 0.5 s."""
+    return Settings(
+        orchestrator=OrchestratorSettings(
+            triton=(node,),
+            probe_interval_s=0.2,
+            discovery=Discovery(interval_s=0.5, timeout_s=1.0),
+        ),
+        models=(ModelSpec("synthetic", "synthetic", context_window=4096, default_max_tokens=64),),
+        retrieval=Retrieval(store="none"),
+    )
 
 
 class Cluster:
@@ -60,23 +83,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with DnsServer(_free_udp_and_tcp_port()) as dns:
         dns.set({NAME: [HOSTS[0]]})
         config = folder / "tokenrelay.toml"
-        config.write_text(
-            f"""
-[orchestrator]
-triton = ["dns://{dns.authority}/{NAME}:{ports.grpc}"]
-probe_interval_s = 0.2
-
-[orchestrator.discovery]
-interval_s = 0.5
-timeout_s = 1.0
-
-[[models]]
-id = "synthetic"
-triton_model = "synthetic"
-context_window = 4096
-default_max_tokens = 64
-"""
-        )
+        config.write_text(to_toml(_settings(f"dns://{dns.authority}/{NAME}:{ports.grpc}")))
         orchestrator = free_port()
         try:
             for node in nodes:
@@ -84,15 +91,12 @@ default_max_tokens = 64
             for node in nodes:
                 node.wait_ready()
             env = {
-                **__import__("os").environ,
+                **os.environ,
                 "TOKENRELAY_CONFIG": str(config),
                 "TOKENRELAY_ORCHESTRATOR_LISTEN": f"127.0.0.1:{orchestrator}",
                 "TOKENRELAY_ORCHESTRATOR_METRICS": "",
-                "TOKENRELAY_VECTOR_STORE": "none",
             }
             log = folder / "logs" / "orchestrator.log"
-            from tokenrelay.stack._stack import _spawn
-
             process = _spawn(log, [sys.executable, "-m", "tokenrelay.orchestrator"], env)
             try:
                 _wait_serving(f"127.0.0.1:{orchestrator}", 60)
@@ -100,6 +104,8 @@ default_max_tokens = 64
             finally:
                 Stack.terminate(process, 15)
         finally:
+            for node in nodes:
+                node.request_stop()  # each takes seconds to unload its models: all at once
             for node in nodes:
                 node.stop()
 
@@ -124,11 +130,19 @@ def _request(max_tokens: int = 2) -> pb.GenerateStreamRequest:
     )
 
 
-async def _served_by(stub: pb_grpc.GenerationServiceStub, max_tokens: int = 2) -> tuple[str, str]:
+async def _served_by(
+    stub: pb_grpc.GenerationServiceStub,
+    max_tokens: int = 2,
+    started: asyncio.Future[str] | None = None,
+) -> tuple[str, str]:
+    """The node that served one stream, and its finish reason; ``started`` is given the node
+    as soon as the stream starts."""
     node, finish = "", ""
     async for message in stub.GenerateStream(_request(max_tokens), timeout=30):
         if message.HasField("start"):
             node = message.start.served_by.node
+            if started is not None:
+                started.set_result(node)
         if message.HasField("end"):
             finish = pb.FinishReason.Name(message.end.finish_reason)
     return node, finish
@@ -153,23 +167,35 @@ async def test_discovery_adds_new_nodes_and_drains_removed_ones(cluster: Cluster
         # Removed: a long stream on the first node finishes; new requests go to the second.
         long = None
         for _ in range(20):
-            task = asyncio.create_task(_served_by(stub, max_tokens=150))  # ~3 s
-            await asyncio.sleep(0.3)
-            status = await stub.Status(pb.StatusRequest(), timeout=5)
-            if any(n.address == first and n.in_flight for n in status.nodes):
+            started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(_served_by(stub, 150, started))  # ~3 s
+            await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)
+            if started.done() and started.result() == first:
                 long = task
                 break
-            await task
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         assert long is not None, "no stream landed on the first node"
         cluster.point(HOSTS[1])
-        await asyncio.sleep(1.5)  # past the resolution interval and a probe
+        # Once the name is resolved again, the first node drains: it takes no new requests.
+        assert await eventually(
+            lambda: any(
+                "node draining" in line and first in line
+                for line in cluster.log.read_text().splitlines()
+            ),
+            timeout_s=10,
+            step_s=0.05,
+        ), "the first node was never drained"
         assert {(await _served_by(stub))[0] for _ in range(6)} == {second}
         status = await stub.Status(pb.StatusRequest(), timeout=5)
         assert first in {n.address for n in status.nodes}  # draining, its stream in flight
         node, finish = await long
         assert (node, finish) == (first, "FINISH_REASON_LENGTH")  # it finished
-        await asyncio.sleep(1.0)
-        status = await stub.Status(pb.StatusRequest(), timeout=5)
-        assert [n.address for n in status.nodes] == [second]  # drained, then forgotten
+
+        async def forgotten() -> bool:  # drained, then forgotten
+            status = await stub.Status(pb.StatusRequest(), timeout=5)
+            return [n.address for n in status.nodes] == [second]
+
+        assert await eventually(forgotten, timeout_s=10), "the drained node was never removed"
     log = cluster.log.read_text()
     assert "node added" in log and "node drained and removed" in log

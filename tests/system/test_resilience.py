@@ -337,7 +337,7 @@ async def test_sigkill_continues_every_stream_of_the_node_and_new_requests_go_el
                 for started in starts
             ]
             await asyncio.wait_for(asyncio.gather(*(s.wait() for s in starts)), 10)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # ~15 tokens each: the kill lands well inside the streams
             victim.kill()
             fresh = [asyncio.create_task(_stream(stub, _request())) for _ in range(10)]
             outcomes = await asyncio.wait_for(asyncio.gather(*streams), 15)

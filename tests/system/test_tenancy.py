@@ -17,21 +17,36 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import grpc
 import httpx
 import pytest
 
-from _support import REPO, triton_metric
+from _support import REPO, eventually, triton_metric
+from tokenrelay.config import (
+    Admission,
+    EdgeSettings,
+    ModelSpec,
+    OrchestratorSettings,
+    Settings,
+    Tenancy,
+    Tier,
+    to_toml,
+)
 from tokenrelay.security import hash_key, new_key
 from tokenrelay.stack import Stack, StackPorts, free_port
 from tokenrelay.stack._redis import Redis
+from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.replicas
 
 KEYS = {name: new_key() for name in ("limited", "metered", "flooder", "quiet", "bulk", "urgent")}
 TOKENS = "tokenrelay_model_generated_tokens_total"
+REQUESTS = "tokenrelay_model_requests_total"
 TPM = 40
+STORE_RETRY_S = 0.5
 
 
 def _keys_file(path: Path) -> Path:
@@ -52,50 +67,34 @@ def _keys_file(path: Path) -> Path:
     return path
 
 
-def _config(path: Path, keys: Path, policy: str, slots: int) -> Path:
-    path.write_text(
-        f"""
-[orchestrator]
-probe_interval_s = 0.5
+SYNTHETIC = ModelSpec("synthetic", "synthetic", context_window=4096, default_max_tokens=64)
+TIERS = (
+    Tier("standard"),
+    Tier("small", tokens_per_minute=TPM),
+    Tier("batch", priority="low", max_priority="low"),
+    Tier("interactive", max_priority="high"),
+)
 
-[orchestrator.admission]
-max_concurrent = {slots}
-max_queue = 256
-queue_timeout_s = 30.0
 
-[edge]
-api_keys_file = "{keys}"
-
-[tenancy]
-store = "redis"
-on_store_failure = "{policy}"
-store_timeout_s = 1.0                   # two shared cores under a burst of 60
-store_retry_s = 0.5
-metered_keys = ["metered", "limited"]
-
-[[tenancy.tiers]]
-name = "standard"
-
-[[tenancy.tiers]]
-name = "small"
-tokens_per_minute = {TPM}
-
-[[tenancy.tiers]]
-name = "batch"
-priority = "low"
-max_priority = "low"
-
-[[tenancy.tiers]]
-name = "interactive"
-max_priority = "high"
-
-[[models]]
-id = "synthetic"
-triton_model = "synthetic"
-context_window = 4096
-default_max_tokens = 64
-"""
+def _config(path: Path, keys: Path, policy: Literal["open", "closed"], slots: int) -> Path:
+    """One replica's settings: ``policy`` when Redis is gone, ``slots`` generation slots."""
+    settings = Settings(
+        orchestrator=OrchestratorSettings(
+            probe_interval_s=0.5,
+            admission=Admission(max_concurrent=slots, max_queue=256, queue_timeout_s=30.0),
+        ),
+        edge=EdgeSettings(api_keys_file=str(keys)),
+        tenancy=Tenancy(
+            store="redis",
+            on_store_failure=policy,
+            store_timeout_s=1.0,  # two shared cores under a burst of 60
+            store_retry_s=STORE_RETRY_S,
+            metered_keys=("metered", "limited"),
+            tiers=TIERS,
+        ),
+        models=(SYNTHETIC,),
     )
+    path.write_text(to_toml(settings))
     return path
 
 
@@ -104,6 +103,7 @@ class Replicas:
     stack: Stack  # triton, orchestrator A, edge A
     redis: Redis
     edges: list[str]
+    orchestrators: list[str]  # their gRPC addresses
     orchestrator_logs: list[Path]
     edge_logs: list[Path]
 
@@ -143,6 +143,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                     stack,
                     redis,
                     [stack.edge_url, f"http://127.0.0.1:{b_edge}"],
+                    [stack.orchestrator_address, f"127.0.0.1:{b_orchestrator}"],
                     [stack.logs / "orchestrator.log", stack.logs / "orchestrator-b.log"],
                     [stack.logs / "edge.log", stack.logs / "edge-b.log"],
                 )
@@ -230,6 +231,7 @@ async def test_a_tpm_limit_ends_a_stream_mid_way_with_the_error_and_the_usage_so
 ) -> None:
     metrics = replicas.stack.triton_metrics_url
     generated_before = triton_metric(metrics, TOKENS, model="synthetic")
+    cancelled_before = triton_metric(metrics, REQUESTS, model="synthetic", outcome="cancelled")
     async with httpx.AsyncClient(timeout=30) as client:
         first = await _stream(client, replicas.edges[0], "metered", 200)
         # The other replica shares the bucket: nothing is left for it.
@@ -242,14 +244,32 @@ async def test_a_tpm_limit_ends_a_stream_mid_way_with_the_error_and_the_usage_so
     assert len(first["text"].split()) <= usage["completion_tokens"]
     assert second["status"] == 429 and second["error"]["code"] == "rate_limit_exceeded"
     # The Triton request was cancelled where the stream ended, not run to its 200 tokens.
-    await asyncio.sleep(0.5)
+    assert await eventually(
+        lambda: (
+            triton_metric(metrics, REQUESTS, model="synthetic", outcome="cancelled")
+            == cancelled_before + 1
+        ),
+        step_s=0.05,
+    ), "Triton did not count the request cancelled"
     generated = triton_metric(metrics, TOKENS, model="synthetic") - generated_before
     assert generated < TPM + 10, generated
 
 
+async def _at_orchestrator(address: str) -> int:
+    """Requests the orchestrator at ``address`` runs or queues now."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        status = await pb_grpc.GenerationServiceStub(channel).Status(pb.StatusRequest(), timeout=5)
+    return int(status.running + status.queued)
+
+
 async def _completion_order(
-    client: httpx.AsyncClient, url: str, requests: list[tuple[str, str | None]]
+    client: httpx.AsyncClient,
+    url: str,
+    orchestrator: str,
+    requests: list[tuple[str, str | None]],
 ) -> list[str]:
+    """The order in which ``requests`` (key, priority) sent to the edge at ``url`` complete;
+    one with a priority is sent once all before it run or wait at ``orchestrator``."""
     order: list[str] = []
 
     async def one(tag: str, key: str, priority: str | None) -> None:
@@ -264,7 +284,11 @@ async def _completion_order(
     for i, (key, priority) in enumerate(requests):
         tag = f"{priority or 'default'}-{i}"
         if priority:  # the others queue first
-            await asyncio.sleep(0.3)
+
+            async def all_there(sent: int = len(tasks)) -> bool:
+                return await _at_orchestrator(orchestrator) + len(order) == sent
+
+            assert await eventually(all_there), "the requests before it never arrived"
         tasks.append(asyncio.create_task(one(tag, key, priority)))
     await asyncio.gather(*tasks)
     return order
@@ -276,6 +300,7 @@ async def test_a_high_priority_request_overtakes_a_queue_of_low_ones(replicas: R
         order = await _completion_order(
             client,
             replicas.edges[1],
+            replicas.orchestrators[1],
             [("bulk", None)] * 8 + [("urgent", "high")],
         )
     # The high one arrived last, while one low one ran and 7 waited: it went next (or after
@@ -334,9 +359,16 @@ async def test_redis_killed_replica_a_fails_open_and_replica_b_fails_closed(
             assert warning in replicas.edge_logs[0].read_text()
     finally:
         replicas.redis.start()
-    await asyncio.sleep(0.6)  # past store_retry_s: the store is tried again
+    back = time.monotonic()
     async with httpx.AsyncClient(timeout=30) as client:
-        b = await client.post(
-            f"{replicas.edges[1]}/v1/chat/completions", json=_chat(1), headers=_auth("limited")
-        )
-    assert b.status_code == 200, b.text
+
+        async def served() -> bool:
+            b = await client.post(
+                f"{replicas.edges[1]}/v1/chat/completions", json=_chat(1), headers=_auth("limited")
+            )
+            assert b.status_code in (200, 503), b.text  # refused until the store is tried again
+            return b.status_code == 200
+
+        assert await eventually(served, timeout_s=10, step_s=0.1), "replica B never came back"
+    # Tried again past store_retry_s (with a margin for two shared cores).
+    assert time.monotonic() - back < STORE_RETRY_S + 2.0

@@ -9,10 +9,13 @@ the tests check that both workers served.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +26,7 @@ import aiohttp
 import grpc
 import pytest
 
-from _support import REPO
+from _support import REPO, wait_until
 from tokenrelay.config import (
     Admission,
     EdgeSettings,
@@ -194,10 +197,37 @@ def test_a_port_the_workers_hold_is_refused(workers: Stack, tmp_path: Path, coun
     assert len(_children(workers.orchestrator.pid)) == 2
 
 
+class _Refuser:
+    """Listens on ``port`` and closes each connection at once, noting when it came: a gRPC
+    channel pointed here fails to connect, and tries again when its backoff says."""
+
+    def __init__(self, port: int) -> None:
+        self._socket = socket.create_server(("127.0.0.1", port))
+        self._socket.settimeout(0.05)
+        self.attempts: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            self.attempts.append(time.monotonic())
+            connection.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
+
+
 def test_an_edge_started_before_its_orchestrator_finds_it_within_a_second_or_two(
     workers: Stack, tmp_path: Path
 ) -> None:
-    # gRPC's default backoff after refused connections reaches seconds (up to 120 s), with
+    # gRPC's default backoff after failed connections reaches seconds (up to 120 s), with
     # every call failing meanwhile; the edge's channel tries again within a second.
     from tokenrelay.stack import free_port
 
@@ -214,24 +244,32 @@ def test_an_edge_started_before_its_orchestrator_finds_it_within_a_second_or_two
         "TOKENRELAY_TRITON": ",".join(workers.triton_addresses),
     }
     log = (tmp_path / "services.log").open("wb")
+    refuser = _Refuser(orchestrator_port)
     edge = subprocess.Popen(
         [sys.executable, "-m", "tokenrelay.edge"], env=env, stdout=log, stderr=log
     )
     orchestrator = None
     try:
-        time.sleep(8)  # the edge's channel has been refused for a while
+        # The edge's channel fails to connect again and again. With gRPC's default backoff
+        # (1 s, then 1.6 times longer each time) its 8th attempt would come 43 s after the
+        # first; the edge's, capped at 1 s, within a few seconds.
+        attempts = refuser.attempts
+        reached = wait_until(lambda: len(attempts) >= 8, timeout_s=30, step_s=0.05)
+        gaps = [round(b - a, 2) for a, b in itertools.pairwise(attempts)]
+        assert reached and max(gaps[-3:]) < 2.0, f"attempts {len(attempts)}, gaps {gaps}"
+        refuser.close()
         orchestrator = subprocess.Popen(
             [sys.executable, "-m", "tokenrelay.orchestrator"], env=env, stdout=log, stderr=log
         )
-        deadline = time.monotonic() + 30
-        while not _serving(f"127.0.0.1:{orchestrator_port}"):
-            assert time.monotonic() < deadline, "the orchestrator did not start"
-            time.sleep(0.05)
+        assert wait_until(
+            lambda: _serving(f"127.0.0.1:{orchestrator_port}"), timeout_s=30, step_s=0.05
+        ), "the orchestrator did not start"
         serving = time.monotonic()
         while _status(f"http://127.0.0.1:{edge_port}/readyz") != 200:
             assert time.monotonic() - serving < 2.5, "the edge did not find its orchestrator"
             time.sleep(0.05)
     finally:
+        refuser.close()
         for process in (edge, orchestrator):
             if process is not None:
                 process.terminate()

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from _support import eventually
 from tokenrelay.config import Admission, Tenancy, Tier
 from tokenrelay.errors import Overloaded
 from tokenrelay.orchestrator._admission import AdmissionControl
@@ -70,7 +71,7 @@ async def test_busy_keys_share_the_slots_by_weight_however_many_requests_they_qu
         _flood(admission, _who("flooder"), flooder_clients, served, measuring, stop),
         _flood(admission, _who("quiet", quiet_tier), quiet_clients, served, measuring, stop),
     )
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # past the start, when every client queues at once
     measuring.set()  # the steady state only
     await stop.wait()
     share = served["quiet"] / served.total()
@@ -94,10 +95,9 @@ async def test_a_high_priority_request_overtakes_a_queue_of_low_ones() -> None:
     low = [
         asyncio.create_task(one(f"low-{i}", _who("bulk", priority=Priority.LOW))) for i in range(10)
     ]
-    await asyncio.sleep(0.01)
+    assert await eventually(lambda: admission.queued == 10)
     high = asyncio.create_task(one("high", _who("interactive", priority=Priority.HIGH)))
-    await asyncio.sleep(0.01)
-    assert admission.queued == 11
+    assert await eventually(lambda: admission.queued == 11)
     hold.set()
     await asyncio.gather(first, high, *low)
     assert order[:2] == ["running", "high"]
@@ -143,11 +143,10 @@ async def test_a_full_queue_sheds_the_lowest_class_first_with_retry_after() -> N
     running = asyncio.create_task(one(_who("a")))
     await asyncio.sleep(0)
     lows = [asyncio.create_task(one(_who("bulk", priority=Priority.LOW))) for _ in range(3)]
-    await asyncio.sleep(0.01)
-    assert admission.queued == 3
+    assert await eventually(lambda: admission.queued == 3)
     high = asyncio.create_task(one(_who("b", priority=Priority.HIGH)))  # sheds one low
-    await asyncio.sleep(0.01)
-    assert admission.shed == 1 and admission.queued == 3
+    assert await eventually(lambda: admission.shed == 1)
+    assert admission.queued == 3
     # A low newcomer cannot shed anything (nothing lower, and its key is the busiest).
     assert await one(_who("bulk", priority=Priority.LOW)) == "refused"
     hold.set()
@@ -170,9 +169,9 @@ async def test_within_a_class_the_busiest_key_gives_up_a_waiter_to_a_newcomer() 
             outcomes[f"{key} refused"] += 1
 
     tasks = [asyncio.create_task(one("flooder")) for _ in range(5)]  # 1 running, 4 queued
-    await asyncio.sleep(0.01)
+    assert await eventually(lambda: admission.queued == 4)
     tasks.append(asyncio.create_task(one("quiet")))
-    await asyncio.sleep(0.01)
+    assert await eventually(lambda: admission.shed == 1)  # a flooder's waiter, for the quiet one
     hold.set()
     await asyncio.gather(*tasks)
     assert outcomes == Counter({"flooder served": 4, "flooder refused": 1, "quiet served": 1})
@@ -192,7 +191,7 @@ async def test_a_waiter_that_gives_up_leaves_no_trace() -> None:
         async with admission.slot(None, _who("b")):
             pass
     waiter = asyncio.create_task(admission.slot(None, _who("c")).__aenter__())
-    await asyncio.sleep(0.01)
+    assert await eventually(lambda: admission.queued == 1)
     waiter.cancel()
     await asyncio.gather(waiter, return_exceptions=True)
     assert admission.queued == 0 and admission.running == 1

@@ -102,7 +102,7 @@ async def test_deltas_held_by_a_stream_interval_go_out_when_their_node_is_lost()
     stream = relay.stream(_request(max_tokens=10))
     chunks = [await anext(stream)]  # w0 alone; the relay now holds for 80 ms
     following = asyncio.create_task(anext(stream))
-    await asyncio.sleep(0.04)
+    await asyncio.sleep(0.04)  # into the hold: a:1 is found hung while w1-w3 wait in it
     a.is_ready = False
     await pool.probe_once()
     chunks.append(await following)

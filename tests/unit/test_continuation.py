@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from _support import ContinuingSource, Ordered, relay_for
+from _support import ContinuingSource, Ordered, eventually, relay_for
 from tokenrelay.config import (
     Continuation,
     ModelSpec,
@@ -119,8 +119,8 @@ async def test_a_hung_node_found_by_the_probe_moves_its_streams_at_once() -> Non
     stream = relay.stream(_request())
     texts = [(await anext(stream)).text for _ in range(3)]
     waiting = asyncio.create_task(anext(stream))
-    await asyncio.sleep(0.05)
-    assert not waiting.done()  # a:1 is silent, and nothing has noticed yet
+    await asyncio.sleep(0.05)  # a while of silence...
+    assert not waiting.done()  # ... which nothing notices by itself (between_tokens_s is 30 s)
     a.is_ready = False
     noticed = loop.time()
     await pool.probe_once()
@@ -140,7 +140,7 @@ async def test_a_hung_node_found_by_the_probe_moves_its_waiters_at_once() -> Non
     await pool.probe_once()
     loop = asyncio.get_running_loop()
     waiting = asyncio.create_task(_collect(relay, _request()))
-    await asyncio.sleep(0.05)
+    assert await eventually(lambda: pool.in_flight("a:1") == 1)  # waiting for a first token
     a.is_ready = False
     noticed = loop.time()
     await pool.probe_once()
@@ -158,7 +158,7 @@ async def test_a_failed_probe_with_nowhere_else_to_go_leaves_the_requests_be() -
     relay, pool, _ = _relay(slow)
     await pool.probe_once()
     streaming = asyncio.create_task(_collect(relay, _request()))
-    await asyncio.sleep(0.05)
+    assert await eventually(lambda: pool.in_flight("a:1") == 1)
     slow.is_ready = False  # a probe that timed out on a node that was only slow
     await pool.probe_once()
     chunks = await streaming  # moving it would only have failed it

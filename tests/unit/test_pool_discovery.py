@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from _support import FakeSource
+from tokenrelay.config import DnsName, parse_dns
 from tokenrelay.orchestrator._breaker import Outcome
-from tokenrelay.orchestrator._discovery import Discovery, DnsName, parse_dns
+from tokenrelay.orchestrator._discovery import Discovery
 from tokenrelay.orchestrator._pool import NodePool, Placement
 
 GROUP = "dns:///triton.test:8001"

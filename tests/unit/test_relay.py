@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from _support import FakeSource, Ordered, relay_for, unavailable
+from _support import FakeSource, Ordered, eventually, relay_for, unavailable
 from tokenrelay.config import (
     Admission,
     ModelSpec,
@@ -99,7 +99,7 @@ async def test_routes_to_the_least_busy_ready_node_and_drops_a_failed_one() -> N
     relay, pool = _relay(slow, fast)
     await pool.probe_once()
     first = asyncio.create_task(_collect(relay, _request()))
-    await asyncio.sleep(0.05)  # the first request is in flight on a:1
+    assert await eventually(lambda: pool.in_flight("a:1") == 1)  # the first request is on a:1
     second = await _collect(relay, _request())
     assert second[0].start is not None and second[0].start.node == "b:1"
     await first
@@ -190,7 +190,7 @@ async def test_a_failure_reaches_a_lagging_caller_after_the_text_before_it() -> 
     await anext(stream), await anext(stream)
     await asyncio.sleep(0.05)  # falls behind: the relay reads ahead from here on
     await anext(stream)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # still slow: the rest, and the failure, arrive meanwhile
     received = []
     with pytest.raises(UpstreamUnavailable) as failure:
         async for chunk in stream:
@@ -284,9 +284,9 @@ async def test_admission_queue_then_refusal_with_retry_after() -> None:
     relay, pool = _relay(source, admission=admission)
     await pool.probe_once()
     running = asyncio.create_task(_collect(relay, _request()))
-    await asyncio.sleep(0.02)
+    assert await eventually(lambda: relay.admission.running == 1)
     queued = asyncio.create_task(_collect(relay, _request()))
-    await asyncio.sleep(0.02)
+    assert await eventually(lambda: relay.admission.queued == 1)
     assert (relay.admission.running, relay.admission.queued) == (1, 1)
     with pytest.raises(Overloaded) as refused:
         await _collect(relay, _request())
@@ -301,11 +301,11 @@ async def test_admission_wait_is_bounded_and_a_gone_waiter_frees_its_place() -> 
     relay, pool = _relay(source, admission=admission)
     await pool.probe_once()
     running = asyncio.create_task(_collect(relay, _request()))
-    await asyncio.sleep(0.02)
+    assert await eventually(lambda: relay.admission.running == 1)
     with pytest.raises(Overloaded, match="in time"):
         await _collect(relay, _request())
     leaving = asyncio.create_task(_collect(relay, _request()))
-    await asyncio.sleep(0.02)
+    assert await eventually(lambda: relay.admission.queued == 1)
     leaving.cancel()
     await asyncio.gather(leaving, return_exceptions=True)
     assert relay.admission.queued == 0

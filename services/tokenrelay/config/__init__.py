@@ -29,7 +29,7 @@ loopback refuses to start without them (``check_exposure``): the edge without AP
 orchestrator without the internal secret or mutual TLS.
 """
 
-from tokenrelay.config._fields import join_hostport, split_hostport
+from tokenrelay.config._fields import DnsName, join_hostport, parse_dns, split_hostport
 from tokenrelay.config.edge import EdgeSettings, Resume, WebSocket
 from tokenrelay.config.embeddings import Embeddings
 from tokenrelay.config.environment import ENVIRONMENT, EnvVar
@@ -58,6 +58,7 @@ __all__ = [
     "ConfigError",
     "Continuation",
     "Discovery",
+    "DnsName",
     "EdgeSettings",
     "Embeddings",
     "EnvVar",
@@ -77,6 +78,7 @@ __all__ = [
     "check_exposure",
     "join_hostport",
     "load_settings",
+    "parse_dns",
     "split_hostport",
     "to_toml",
 ]

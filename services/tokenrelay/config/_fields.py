@@ -1,8 +1,12 @@
 """What the sections are made of: the pydantic configuration of their dataclasses and the field
-types that carry their bounds, so that a field's check is written where the field is."""
+types that carry their bounds, so that a field's check is written where the field is; and the
+parsing of the values that name places (``host:port``, a ``dns:`` node entry), which the
+settings check and the services use."""
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import AfterValidator, ConfigDict, Field
@@ -37,6 +41,47 @@ def split_hostport(address: str) -> tuple[str, int]:
 def join_hostport(host: str, port: int) -> str:
     """``("::1", 80)`` → ``"[::1]:80"``; the inverse of ``split_hostport``."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_DNS_SCHEME = "dns:"
+
+
+@dataclass(frozen=True, slots=True)
+class DnsName:
+    """A node entry that names a DNS name: the entry as written, the DNS server to ask (None:
+    the system's), the name and the nodes' port."""
+
+    entry: str
+    server: tuple[str, int] | None
+    host: str
+    port: int
+
+
+def parse_dns(entry: str) -> DnsName | None:
+    """The ``DnsName`` of a ``dns:`` entry, None for a plain ``host:port``; raises
+    ``ValueError`` for a malformed ``dns:`` entry (``dns://[server[:port]]/host:port``)."""
+    if not entry.startswith(_DNS_SCHEME):
+        return None
+    rest = entry[len(_DNS_SCHEME) :]
+    if not rest.startswith("//"):
+        raise ValueError(f"{entry!r}: expected dns:///host:port or dns://server/host:port")
+    authority, slash, target = rest[2:].partition("/")
+    host, colon, port = target.rpartition(":")
+    if not slash or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{entry!r}: expected dns:///host:port or dns://server/host:port")
+    server = None
+    if authority:
+        name, sep, server_port = authority.rpartition(":")
+        if not sep:
+            name, server_port = authority, "53"
+        if not server_port.isdigit():
+            raise ValueError(f"{entry!r}: the DNS server's port is not a number")
+        try:
+            ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            raise ValueError(f"{entry!r}: the DNS server must be an IP address") from None
+        server = (name.strip("[]"), int(server_port))
+    return DnsName(entry, server, host.strip("[]"), int(port))
 
 
 def _host_port(value: str) -> str:

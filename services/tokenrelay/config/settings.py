@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator
 from pydantic.dataclasses import dataclass
 
-from tokenrelay.config._fields import SECTION, split_hostport
+from tokenrelay.config._fields import SECTION, parse_dns, split_hostport
 from tokenrelay.config.edge import EdgeSettings
 from tokenrelay.config.embeddings import Embeddings
 from tokenrelay.config.models import DEFAULT_MODELS, ModelSpec
@@ -64,8 +64,7 @@ class Settings:
                 raise ValueError("embeddings.nodes: host:port entries only (dns: is for models)")
         for model in self.models:
             for entry in self.nodes_for(model):
-                if entry.startswith("dns:"):
-                    _check_dns(entry)
+                parse_dns(entry)  # ValueError when a dns: entry is malformed
             if not self.nodes_for(model):
                 raise ValueError(
                     f"models: {model.id!r} has no Triton nodes (its nodes and"
@@ -76,12 +75,6 @@ class Settings:
                     f"models: {model.id!r}: fallback must name another catalog model,"
                     f" not {model.fallback!r}"
                 )
-
-
-def _check_dns(entry: str) -> None:
-    from tokenrelay.orchestrator._discovery import parse_dns  # ValueError when malformed
-
-    parse_dns(entry)
 
 
 def check_exposure(settings: Settings, service: str) -> None:

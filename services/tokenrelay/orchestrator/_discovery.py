@@ -2,7 +2,8 @@
 
 A node entry ``dns:///triton-headless:8001`` (the system's resolver) or
 ``dns://10.0.0.10:53/triton-headless:8001`` (that DNS server; gRPC's naming) is a group whose
-members are the name's A and AAAA records, each with the port. ``Discovery`` resolves every such
+members are the name's A and AAAA records, each with the port (``tokenrelay.config.parse_dns``
+reads an entry: the settings check entries with it). ``Discovery`` resolves every such
 name every ``interval_s`` on the event loop (dnspython's async resolver) and hands the
 addresses to the pool (``NodePool.set_members``): a new address gets a source and is probed
 before it takes requests; an address that is gone is drained. A resolution that fails (timeout,
@@ -13,62 +14,21 @@ records — says which nodes there are.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
+from tokenrelay.config import DnsName
 from tokenrelay.generation import TokenSource
 from tokenrelay.orchestrator._pool import NodePool
 
-__all__ = ["Discovery", "DnsName", "DnsResolver", "Resolver", "parse_dns"]
+__all__ = ["Discovery", "DnsResolver", "Resolver"]
 
 log = logging.getLogger(__name__)
-
-_SCHEME = "dns:"
-
-
-@dataclass(frozen=True, slots=True)
-class DnsName:
-    """A node entry that names a DNS name: the entry as written, the DNS server to ask (None:
-    the system's), the name and the nodes' port."""
-
-    entry: str
-    server: tuple[str, int] | None
-    host: str
-    port: int
-
-
-def parse_dns(entry: str) -> DnsName | None:
-    """The ``DnsName`` of a ``dns:`` entry, None for a plain ``host:port``; raises
-    ``ValueError`` for a malformed ``dns:`` entry (``dns://[server[:port]]/host:port``)."""
-    if not entry.startswith(_SCHEME):
-        return None
-    rest = entry[len(_SCHEME) :]
-    if not rest.startswith("//"):
-        raise ValueError(f"{entry!r}: expected dns:///host:port or dns://server/host:port")
-    authority, slash, target = rest[2:].partition("/")
-    host, colon, port = target.rpartition(":")
-    if not slash or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{entry!r}: expected dns:///host:port or dns://server/host:port")
-    server = None
-    if authority:
-        name, sep, server_port = authority.rpartition(":")
-        if not sep:
-            name, server_port = authority, "53"
-        if not server_port.isdigit():
-            raise ValueError(f"{entry!r}: the DNS server's port is not a number")
-        try:
-            ipaddress.ip_address(name.strip("[]"))
-        except ValueError:
-            raise ValueError(f"{entry!r}: the DNS server must be an IP address") from None
-        server = (name.strip("[]"), int(server_port))
-    return DnsName(entry, server, host.strip("[]"), int(port))
 
 
 class Resolver(Protocol):

@@ -44,13 +44,13 @@ from tokenrelay._workers import (
     serve_own_metrics,
     worker_command,
 )
-from tokenrelay.config import Settings, join_hostport, split_hostport
+from tokenrelay.config import Settings, join_hostport, parse_dns, split_hostport
 from tokenrelay.generation import TokenSource
 from tokenrelay.metrics import CONTENT_TYPE, exposition
 from tokenrelay.orchestrator._admission import AdmissionControl, Slots
 from tokenrelay.orchestrator._auth import CallerInterceptor
 from tokenrelay.orchestrator._border import BorderInterceptor
-from tokenrelay.orchestrator._discovery import Discovery, parse_dns
+from tokenrelay.orchestrator._discovery import Discovery
 from tokenrelay.orchestrator._health import HealthServicer
 from tokenrelay.orchestrator._metrics import RelayMetrics
 from tokenrelay.orchestrator._plan import Planner
@@ -419,7 +419,7 @@ def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
             worker_command("tokenrelay.orchestrator"),
             orchestrator.workers,
             env,
-            admission=orchestrator.admission,
+            admission=AdmissionControl(orchestrator.admission),
         )
         return _loop.run(supervisor.run(), settings.event_loop)
     finally:
