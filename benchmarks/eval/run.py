@@ -2,17 +2,20 @@
 ``questions.json`` get an accepted answer, for several system prompts.
 
     .venv/bin/python benchmarks/eval/run.py [--out results/eval] [--max-tokens 64]
-        [--prompts catalog,none,"You are a helpful assistant."] [--url http://127.0.0.1:8080]
-        [--show-failures]
+        [--prompts none,smollm2,catalog,"You are a helpful assistant."]
+        [--url http://127.0.0.1:8080] [--show-failures]
 
 Without ``--url`` it starts a stack of its own (tritonserver with ``smollm2``, orchestrator, edge
 on free loopback ports) whose catalog entry has no default system prompt, and asks every question
 once per system prompt in ``--prompts`` (sent as the conversation's system message): ``none`` asks
-with no system prompt at all, ``catalog`` with the default system prompt of this checkout's
-catalog (``Settings``), anything else is used as the text. With ``--url`` it asks a running edge
-(e.g. ``make run``) as it is, under the name ``served``. Temperature 0, so a run is repeatable;
-an answer is correct when the question's ``accept`` expression matches it (case-insensitive).
-Prints a table and writes ``results.json`` (every answer) to ``--out``. Figures only.
+with no system prompt at all, ``smollm2`` with SmolLM2's own (its Hugging Face chat template's
+default, which has a comma and so cannot be given as text here), ``catalog`` with the default
+system prompt of this checkout's catalog (``Settings``), anything else is used as the text.
+The default, ``none,smollm2``, is the comparison that chose the catalog's default. With ``--url``
+it asks a running edge (e.g. ``make run``) as it is, under the name ``served``. Temperature 0, so
+a run is repeatable; an answer is correct when the question's ``accept`` expression matches it
+(case-insensitive). Prints a table and writes ``results.json`` (every answer) to ``--out``.
+Figures only.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from tokenrelay.config import Settings  # noqa: E402
 from tokenrelay.stack import Stack, StackPorts  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
+# The default system prompt of SmolLM2-Instruct's own chat template (tokenizer_config.json).
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def load_questions(path: Path = HERE / "questions.json") -> list[dict[str, Any]]:
@@ -95,7 +100,8 @@ def _prompt_table(names: list[str]) -> dict[str, str | None]:
     catalog = next(m for m in Settings().models if m.id == MODEL).default_system_prompt
     table: dict[str, str | None] = {}
     for name in names:
-        table[name] = {"none": None, "catalog": catalog or None}.get(name, name)
+        named = {"none": None, "smollm2": SMOLLM2_SYSTEM, "catalog": catalog or None}
+        table[name] = named.get(name, name)
     return table
 
 
@@ -105,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(
         "--prompts",
-        default="none,catalog",
-        help="comma-separated: none, catalog, or system prompt texts",
+        default="none,smollm2",
+        help="comma-separated: none, smollm2, catalog, or system prompt texts",
     )
     parser.add_argument("--url", help="a running edge to ask as it is")
     parser.add_argument("--show-failures", action="store_true")
