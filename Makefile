@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test check lint format typecheck protos protos-check test-fast clean
+.PHONY: run test check lint format typecheck protos protos-check test-fast test-stack clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ test: $(VENV)/.dev-deps $(CHROMIUM) $(REDIS) $(DNSMASQ)
 # Unit and in-process tiers only (no tritonserver).
 test-fast: $(VENV)/.dev-deps
 	$(BIN)/pytest -m 'not system'
+
+# The tests that hold on any backend (marker any_backend) against a running stack, e.g. a GPU one:
+#   make test-stack TOKENRELAY_TEST_STACK=edge=http://H:8080,orchestrator=H:50051,triton=H:8001,triton_model=smollm2_vllm
+test-stack: $(VENV)/.dev-deps
+	@test -n "$$TOKENRELAY_TEST_STACK" || { echo "set TOKENRELAY_TEST_STACK (tests/_support/target.py)"; exit 2; }
+	$(BIN)/pytest -m any_backend tests/system
 
 check: lint typecheck protos-check
 

@@ -6,7 +6,9 @@
 - ``composition``: ``relay_for`` (the relay composed as the orchestrator composes it);
 - ``triton``: ``triton_metric`` (a real tritonserver's metrics);
 - ``tls``: ``make_certificates``; ``spans``: ``SpanSink``; ``waiting``: ``wait_until``,
-  ``eventually`` (instead of fixed sleeps).
+  ``eventually`` (instead of fixed sleeps);
+- ``target``: ``TOKENRELAY_TEST_STACK``, the running stack the ``any_backend`` tests target
+  (imported from the module: it reads the environment).
 
 Tests import from the package itself, which re-exports every helper.
 """

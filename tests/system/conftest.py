@@ -1,4 +1,5 @@
-"""The system tier's stack: real processes on free loopback ports, started once per session."""
+"""The system tier's stack: real processes on free loopback ports, started once per session —
+or, with ``TOKENRELAY_TEST_STACK`` set, the running stack it names (``_support.target``)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import openai
 import pytest
 
 from _support import REPO
+from _support.target import StackUnderTest, TargetStack, target_from_env
 from tokenrelay.stack import Stack, StackPorts
 
 
 @pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
+def stack() -> Iterator[Stack | TargetStack]:
+    target = target_from_env()
+    if target is not None:
+        yield target
+        return
     with Stack(
         REPO / "triton_models", StackPorts.free(), config=REPO / "tokenrelay.toml"
     ) as running:
@@ -20,6 +26,6 @@ def stack() -> Iterator[Stack]:
 
 
 @pytest.fixture
-def client(stack: Stack) -> Iterator[openai.OpenAI]:
+def client(stack: StackUnderTest) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=f"{stack.edge_url}/v1", api_key="unused", max_retries=0) as sdk:
         yield sdk

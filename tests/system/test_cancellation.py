@@ -1,6 +1,7 @@
 """A client that is done with a stream stops the generation inside Triton: a chat completion's by
 saying so (its stream is resumable, so a dropped connection alone waits for its grace period:
-tests/system/test_streams.py), a text completion's by going away."""
+tests/system/test_streams.py), a text completion's by going away. SmolLM2's cases hold on any
+backend (marked ``any_backend``: Triton's vLLM model counts the same metrics)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 import pytest
 
 from _support import triton_metric, wait_until
-from tokenrelay.stack import Stack
+from _support.target import MODELS, StackUnderTest
 
 TOKENS = "tokenrelay_model_generated_tokens_total"
 REQUESTS = "tokenrelay_model_requests_total"
@@ -23,20 +24,21 @@ REQUESTS = "tokenrelay_model_requests_total"
     [
         ("synthetic", "synthetic", {"messages": [{"role": "user", "content": "go"}]}),
         ("synthetic", "synthetic", {"prompt": "go"}),
-        (
-            "smollm2-135m-instruct",
-            "smollm2",
+        pytest.param(
+            MODELS.chat,
+            MODELS.triton,
             {
                 "messages": [
                     {"role": "user", "content": "Write a very long story about a dragon."}
                 ],
                 "temperature": 0.8,
             },
+            marks=pytest.mark.any_backend,
         ),
     ],
 )
 def test_disconnect_cancels_generation_in_triton(
-    stack: Stack, model: str, triton_model: str, body: dict[str, object]
+    stack: StackUnderTest, model: str, triton_model: str, body: dict[str, object]
 ) -> None:
     max_tokens = 1500
     cancelled_before = triton_metric(
@@ -75,15 +77,17 @@ def test_disconnect_cancels_generation_in_triton(
     assert 3 <= generated < max_tokens / 10
 
 
+@pytest.mark.any_backend
 async def test_a_client_that_goes_away_leaves_the_others_in_the_batch_unharmed(
-    stack: Stack,
+    stack: StackUnderTest,
 ) -> None:
-    """Three streams decode together; the one whose client stops and leaves ends in Triton, the
-    other two finish with exactly the text they give alone."""
+    """Three streams decode together; the one whose client leaves (a text completion's: a chat
+    completion's stream would wait for a resume) ends in Triton, the other two finish with
+    exactly the text they give alone."""
 
     def body(question: str) -> dict[str, object]:
         return {
-            "model": "smollm2-135m-instruct",
+            "model": MODELS.chat,
             "stream": True,
             "max_tokens": 48,
             "temperature": 0.8,
@@ -91,7 +95,7 @@ async def test_a_client_that_goes_away_leaves_the_others_in_the_batch_unharmed(
             "messages": [{"role": "user", "content": question}],
         }
 
-    async def text_of(client: httpx.AsyncClient, question: str, leave_after: int = 0) -> str:
+    async def text_of(client: httpx.AsyncClient, question: str) -> str:
         parts = []
         async with client.stream(
             "POST", f"{stack.edge_url}/v1/chat/completions", json=body(question)
@@ -100,31 +104,40 @@ async def test_a_client_that_goes_away_leaves_the_others_in_the_batch_unharmed(
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[6:])
-                if chunk["choices"]:
-                    parts.append(chunk["choices"][0]["delta"].get("content") or "")
-                if leave_after and len(parts) == leave_after:
-                    # Stop, as the chat page's button does (a dropped connection alone would
-                    # wait for its grace period: the stream is resumable), then go away.
-                    cancel = f"{stack.edge_url}/v1/chat/completions/{chunk['id']}/cancel"
-                    assert (await client.post(cancel)).status_code == 200
-                    break  # leaving the block closes the connection mid-stream
+                choices = json.loads(line[6:])["choices"]
+                if choices:
+                    parts.append(choices[0]["delta"].get("content") or "")
         return "".join(parts)
+
+    async def leave(client: httpx.AsyncClient) -> str:
+        story = {
+            "model": MODELS.chat,
+            "stream": True,
+            "max_tokens": 1500,  # far more than it gets to write before its client leaves
+            "prompt": "Once upon a time, a dragon",
+        }
+        chunks = 0
+        async with client.stream("POST", f"{stack.edge_url}/v1/completions", json=story) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                chunks += line.startswith("data: ")
+                if chunks == 4:
+                    break  # leaving the block closes the connection mid-stream
+        return ""
 
     questions = ("Name three colours.", "Why is the sky blue?")
     cancelled_before = triton_metric(
-        stack.triton_metrics_url, REQUESTS, model="smollm2", outcome="cancelled"
+        stack.triton_metrics_url, REQUESTS, model=MODELS.triton, outcome="cancelled"
     )
     async with httpx.AsyncClient(timeout=120) as client:
         alone = [await text_of(client, q) for q in questions]
-        results = await asyncio.gather(
-            text_of(client, "Write a very long story about a dragon.", leave_after=4),
-            *(text_of(client, q) for q in questions),
-        )
+        results = await asyncio.gather(leave(client), *(text_of(client, q) for q in questions))
     assert list(results[1:]) == alone
     assert wait_until(
         lambda: (
-            triton_metric(stack.triton_metrics_url, REQUESTS, model="smollm2", outcome="cancelled")
+            triton_metric(
+                stack.triton_metrics_url, REQUESTS, model=MODELS.triton, outcome="cancelled"
+            )
             == cancelled_before + 1
         )
     )

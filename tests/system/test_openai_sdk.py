@@ -1,4 +1,5 @@
-"""The openai SDK against the running stack; every body validated against OpenAI's schemas."""
+"""The openai SDK against the running stack; every body validated against OpenAI's schemas. The
+tests marked ``any_backend`` hold for Triton's vLLM model too (``_support.target``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import re
 
 import httpx
 import openai
+import pytest
 
 from _support import assert_openai
+from _support.target import MODELS, StackUnderTest
 from tokenrelay.stack import Stack
 
-SMOL = "smollm2-135m-instruct"
+SMOL = MODELS.chat
+ANY = pytest.mark.any_backend
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -24,6 +28,7 @@ def _sse_payloads(response: httpx.Response) -> list[str]:
     return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
 
 
+@ANY
 def test_chat_answer_is_english_with_consistent_usage(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model=SMOL, messages=QUESTION, max_tokens=48, temperature=0
@@ -42,7 +47,10 @@ def test_chat_answer_is_english_with_consistent_usage(client: openai.OpenAI) -> 
     assert raw.http_response.headers["x-request-id"] in completion.id
 
 
-def test_streamed_chat_matches_usage_and_schema(stack: Stack, client: openai.OpenAI) -> None:
+@ANY
+def test_streamed_chat_matches_usage_and_schema(
+    stack: StackUnderTest, client: openai.OpenAI
+) -> None:
     stream = client.chat.completions.create(
         model=SMOL,
         messages=QUESTION,
@@ -81,7 +89,8 @@ def test_streamed_chat_matches_usage_and_schema(stack: Stack, client: openai.Ope
     assert json.loads(payloads[-2])["choices"] == []  # the usage chunk
 
 
-def test_completions_streaming_and_not(stack: Stack, client: openai.OpenAI) -> None:
+@ANY
+def test_completions_streaming_and_not(stack: StackUnderTest, client: openai.OpenAI) -> None:
     raw = client.completions.with_raw_response.create(
         model=SMOL, prompt="The capital of France is", max_tokens=12, temperature=0
     )
@@ -97,7 +106,7 @@ def test_completions_streaming_and_not(stack: Stack, client: openai.OpenAI) -> N
         if c.choices
     )
     assert streamed == completion.choices[0].text  # greedy: the same tokens either way
-    body = {"model": "synthetic", "prompt": "one two", "max_tokens": 5, "stream": True}
+    body = {"model": SMOL, "prompt": "one two", "max_tokens": 5, "stream": True}
     with httpx.stream("POST", f"{stack.edge_url}/v1/completions", json=body, timeout=30) as r:
         payloads = _sse_payloads(r)
     assert payloads[-1] == "[DONE]"
@@ -127,6 +136,7 @@ def test_model_list(stack: Stack, client: openai.OpenAI) -> None:
     assert_openai("Model", httpx.get(f"{stack.edge_url}/v1/models/{SMOL}", timeout=10).json())
 
 
+@ANY
 def test_fixed_seed_at_temperature_zero_repeats(client: openai.OpenAI) -> None:
     def ask(temperature: float) -> str:
         completion = client.chat.completions.create(
@@ -144,7 +154,8 @@ def test_fixed_seed_at_temperature_zero_repeats(client: openai.OpenAI) -> None:
     assert ask(0.9) == sampled  # the seed also fixes sampling at a higher temperature
 
 
-def test_health_and_readiness(stack: Stack) -> None:
+@ANY
+def test_health_and_readiness(stack: StackUnderTest) -> None:
     assert httpx.get(f"{stack.edge_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{stack.edge_url}/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"

@@ -1,7 +1,9 @@
 """Tools, structured outputs, logprobs and n on the running stack, driven by the clients agents
 use: the openai SDK, LiteLLM, Google ADK and a gRPC client. The synthetic model gives the
 deterministic agent loop (it calls a tool when offered one, and answers from the result);
-SmolLM2 is forced to well-formed calls and JSON by constrained decoding."""
+SmolLM2 is forced to well-formed calls and JSON by constrained decoding — on any backend: its
+tests are marked ``any_backend`` (``_support.target``: Triton's vLLM model constrains with its own
+grammar backends)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import pydantic
 import pytest
 
 from _support import assert_openai, triton_metric
+from _support.target import MODELS, StackUnderTest
 from tokenrelay.stack import Stack
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
@@ -27,7 +30,8 @@ from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
-SMOL = "smollm2-135m-instruct"
+SMOL = MODELS.chat
+ANY = pytest.mark.any_backend
 WEATHER_PARAMETERS = {
     "type": "object",
     "properties": {
@@ -440,7 +444,7 @@ async def test_litellm_tool_round_trip(stack: Stack, provider: str, stream: bool
 
 
 async def _run_agent(
-    stack: Stack,
+    stack: StackUnderTest,
     model: str,
     provider: str,
     streaming: bool,
@@ -521,9 +525,10 @@ async def test_adk_agent_calls_a_python_function_and_answers_from_it(
 # --- SmolLM2: constrained decoding (the CPU engine's grammars) ----------------------------------
 
 
+@ANY
 @pytest.mark.parametrize("stream", [False, True])
 def test_smollm2_forced_to_call_returns_a_schema_valid_call(
-    stack: Stack, client: openai.OpenAI, stream: bool
+    stack: StackUnderTest, client: openai.OpenAI, stream: bool
 ) -> None:
     body = {"model": SMOL, "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "required"}
     if stream:
@@ -547,6 +552,7 @@ def test_smollm2_forced_to_call_returns_a_schema_valid_call(
     jsonschema.validate(json.loads(arguments), parameters)
 
 
+@ANY
 def test_smollm2_two_turns_a_named_call_then_an_answer(client: openai.OpenAI) -> None:
     first = client.chat.completions.create(
         model=SMOL,
@@ -579,6 +585,7 @@ class City(pydantic.BaseModel):
     population: int
 
 
+@ANY
 def test_smollm2_parses_into_a_pydantic_model(client: openai.OpenAI) -> None:
     # Greedy: sampled at temperature 1, SmolLM2-135M may ramble in the whitespace the JSON
     # grammar allows until max_tokens cuts the object short.
@@ -605,7 +612,8 @@ def test_smollm2_parses_into_a_pydantic_model(client: openai.OpenAI) -> None:
     assert isinstance(json.loads(loose.choices[0].message.content or ""), dict)
 
 
-def test_smollm2_logprobs_streamed_and_not(stack: Stack, client: openai.OpenAI) -> None:
+@ANY
+def test_smollm2_logprobs_streamed_and_not(stack: StackUnderTest, client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(
         model=SMOL, messages=ASK, logprobs=True, top_logprobs=3, max_tokens=8, temperature=0
     )
@@ -629,9 +637,10 @@ def test_smollm2_logprobs_streamed_and_not(stack: Stack, client: openai.OpenAI) 
     assert len(tokens) == 6
 
 
+@ANY
 @_quiet
 @pytest.mark.timeout(300)  # two SmolLM2 turns on a shared CPU, and litellm's import
-async def test_smollm2_adk_agent_with_a_forced_first_call(stack: Stack) -> None:
+async def test_smollm2_adk_agent_with_a_forced_first_call(stack: StackUnderTest) -> None:
     calls, answer = await _run_agent(
         stack, SMOL, "hosted_vllm", False, force_first=True, max_tokens=64
     )
