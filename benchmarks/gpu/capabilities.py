@@ -10,6 +10,11 @@ reason and token counts, a stop sequence, the same seed giving the same text, lo
 parameter, a non-streaming request repeating the prompt, and cancellation reaching vLLM (the
 engine's generated-token counter stops growing). Writes ``OUT/capabilities.json`` and prints a
 PASS/FAIL line per check; exits 0 either way (figures, not a gate).
+
+With ``--edge URL`` (a running stack's OpenAI API) the same goes through the edge, as agents use
+it: a tool call left to the model (``tool_choice: auto``: whatever it writes, no unparsed Hermes
+``<tool_call>`` text may reach the client), a forced call (``required``, and a named one streamed),
+a ``json_schema`` response format, logprobs, ``n`` = 2, and ``/v1/embeddings`` (MiniLM).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import re
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -339,7 +345,236 @@ async def check_server(name: str, grpc: str, metrics: str) -> list[dict[str, Any
     return checks
 
 
-def run_all(work: Path, out: Path) -> list[dict[str, Any]]:
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris? Use get_weather."}]
+
+
+def _post(url: str, body: dict[str, Any], stream: bool = False) -> tuple[int, Any]:
+    """(status, JSON body) or, streamed, (status, the SSE payloads decoded, [DONE] left out)."""
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            if not stream:
+                return response.status, json.loads(response.read())
+            payloads = [
+                line[6:].decode().strip()
+                for line in response
+                if line.startswith(b"data: ") and line.strip() != b"data: [DONE]"
+            ]
+            return response.status, [json.loads(p) for p in payloads]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _weather_ok(arguments: str) -> bool:
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return False
+    return (
+        isinstance(value, dict)
+        and set(value) == {"city", "unit"}
+        and isinstance(value["city"], str)
+        and value["unit"] in ("celsius", "fahrenheit")
+    )
+
+
+def check_edge(edge: str, model: str = "smollm2-135m-instruct") -> list[dict[str, Any]]:
+    """The agents' capabilities through a running stack's edge (see the module docstring)."""
+    chat = f"{edge}/v1/chat/completions"
+    checks: list[dict[str, Any]] = []
+
+    def record(check: str, ok: bool, detail: Any) -> None:
+        checks.append({"server": "edge", "check": check, "ok": bool(ok), "detail": detail})
+        print(f"{'PASS' if ok else 'FAIL'} {'edge':16} {check:22} {str(detail)[:150]}", flush=True)
+
+    def attempt(check: str, body: Any) -> None:
+        try:
+            body()
+        except Exception as exc:
+            record(check, False, f"raised {exc!r}")
+
+    def auto() -> None:
+        status, answer = _post(
+            chat, {"model": model, "messages": ASK, "tools": [WEATHER], "temperature": 0}
+        )
+        choice = answer["choices"][0]
+        message = choice["message"]
+        calls = message.get("tool_calls") or []
+        parsed = bool(calls) and all(_weather_ok(c["function"]["arguments"]) for c in calls)
+        leaked = "<tool_call>" in (message.get("content") or "")
+        record(
+            "tool auto (hermes)",
+            status == 200 and not leaked and (parsed or not calls),
+            {
+                "finish": choice["finish_reason"],
+                "calls": [c["function"] for c in calls],
+                "content": (message.get("content") or "")[:120],
+            },
+        )
+
+    def required() -> None:
+        body = {"model": model, "messages": ASK, "tools": [WEATHER], "tool_choice": "required"}
+        status, answer = _post(chat, body)
+        choice = answer["choices"][0]
+        calls = choice["message"].get("tool_calls") or []
+        record(
+            "tool required",
+            status == 200
+            and choice["finish_reason"] == "tool_calls"
+            and len(calls) == 1
+            and calls[0]["function"]["name"] == "get_weather"
+            and _weather_ok(calls[0]["function"]["arguments"]),
+            {"finish": choice["finish_reason"], "calls": [c["function"] for c in calls]},
+        )
+
+    def named_streamed() -> None:
+        body = {
+            "model": model,
+            "messages": ASK,
+            "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "stream": True,
+        }
+        status, chunks = _post(chat, body, stream=True)
+        name, arguments, finishes = None, "", []
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                for piece in choice["delta"].get("tool_calls") or []:
+                    name = name or piece["function"].get("name")
+                    arguments += piece["function"].get("arguments", "")
+                if choice.get("finish_reason"):
+                    finishes.append(choice["finish_reason"])
+        record(
+            "tool named, streamed",
+            status == 200
+            and name == "get_weather"
+            and _weather_ok(arguments)
+            and finishes == ["tool_calls"],
+            {"name": name, "arguments": arguments, "chunks": len(chunks)},
+        )
+
+    def schema() -> None:
+        city = {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "country": {"type": "string"},
+                "population": {"type": "integer"},
+            },
+            "required": ["name", "country", "population"],
+            "additionalProperties": False,
+        }
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "Describe Paris as JSON."}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "City", "schema": city, "strict": True},
+            },
+            "max_tokens": 200,
+            "temperature": 0,
+        }
+        status, answer = _post(chat, body)
+        text = answer["choices"][0]["message"]["content"] or ""
+        try:
+            value = json.loads(text)
+            ok = (
+                set(value) == {"name", "country", "population"}
+                and isinstance(value["population"], int)
+                and all(isinstance(value[k], str) for k in ("name", "country"))
+            )
+        except (ValueError, TypeError):
+            ok = False
+        record("json_schema", status == 200 and ok, {"text": text[:150]})
+
+    def logprobs() -> None:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "logprobs": True,
+            "top_logprobs": 3,
+            "max_tokens": 8,
+            "temperature": 0,
+        }
+        status, answer = _post(chat, body)
+        content = (answer["choices"][0].get("logprobs") or {}).get("content") or []
+        tokens = answer.get("usage", {}).get("completion_tokens")
+        record(
+            "logprobs",
+            status == 200
+            and len(content) == tokens
+            and all(1 <= len(e["top_logprobs"]) <= 3 and e["logprob"] <= 0 for e in content),
+            {"tokens": tokens, "entries": len(content), "first": content[:1]},
+        )
+
+    def two() -> None:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "n": 2,
+            "max_tokens": 16,
+            "temperature": 0.9,
+            "seed": 3,
+        }
+        status, answer = _post(chat, body)
+        choices = answer.get("choices", [])
+        record(
+            "n=2",
+            status == 200
+            and [c["index"] for c in choices] == [0, 1]
+            and answer["usage"]["completion_tokens"] >= 2,
+            {
+                "texts": [c["message"]["content"] for c in choices],
+                "usage": answer.get("usage"),
+            },
+        )
+
+    def embeddings() -> None:
+        body = {"model": "all-minilm-l6-v2", "input": ["The sea is salty.", "Paris"]}
+        status, answer = _post(f"{edge}/v1/embeddings", body)
+        vectors = [d["embedding"] for d in answer.get("data", [])]
+        norms = [sum(v * v for v in vector) ** 0.5 for vector in vectors]
+        record(
+            "embeddings (MiniLM)",
+            status == 200
+            and len(vectors) == 2
+            and all(len(v) == 384 for v in vectors)
+            and all(abs(n - 1) < 1e-3 for n in norms),
+            {"status": status, "dims": [len(v) for v in vectors], "norms": norms},
+        )
+
+    for check, body in (
+        ("tool auto (hermes)", auto),
+        ("tool required", required),
+        ("tool named, streamed", named_streamed),
+        ("json_schema", schema),
+        ("logprobs", logprobs),
+        ("n=2", two),
+        ("embeddings (MiniLM)", embeddings),
+    ):
+        attempt(check, body)
+    return checks
+
+
+def run_all(work: Path, out: Path, edge: str | None = None) -> list[dict[str, Any]]:
     state = json.loads((work / "state.json").read_text())
     results: list[dict[str, Any]] = []
     for name, server in state["servers"].items():
@@ -348,6 +583,10 @@ def run_all(work: Path, out: Path) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         results += asyncio.run(check_server(name, server["grpc"], server["metrics"]))
         print(f"{name}: checks took {time.perf_counter() - t0:.1f} s", flush=True)
+    if edge:
+        t0 = time.perf_counter()
+        results += check_edge(edge.rstrip("/"))
+        print(f"edge: checks took {time.perf_counter() - t0:.1f} s", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "capabilities.json").write_text(json.dumps(results, indent=1))
     return results
@@ -357,9 +596,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--edge", default=None, help="a running stack's edge, e.g. http://h:8080")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "services"))
-    run_all(args.work.resolve(), args.out)
+    run_all(args.work.resolve(), args.out, args.edge)
 
 
 if __name__ == "__main__":

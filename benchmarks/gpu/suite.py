@@ -25,6 +25,10 @@ the orchestrator and the edge, side by side on one GPU host.
   edge's ``/healthz`` p99 during the load. ``OUT/runs.jsonl`` grows run by run (a run cut short
   keeps what was measured); ``OUT/results.md`` is the table.
 - ``stop``: stops everything by process group (vLLM's EngineCore included).
+- ``attach``: instead of ``start``, for a stack that ``tokenrelay-stack --gpu`` started
+  (``--attach-ports EDGE ORCHESTRATOR TRITON_HTTP``, its defaults 8080 50051 8000): finds its
+  processes, pins them as ``start`` would and writes ``DIR/state.json`` (server ``tokenrelay``,
+  no ceiling), so that ``caps`` and ``bench`` measure what a user runs.
 
 Figures only: nothing here asserts a target.
 """
@@ -277,6 +281,66 @@ def start(args: argparse.Namespace) -> None:
         print(f"relay ready in front of {relay} (edge {stack.edge_url})", flush=True)
     (work / "state.json").write_text(json.dumps(state, indent=1))
     _gpu_memory()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with contextlib.suppress(OSError):
+        items = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+        return dict(item.split("=", 1) for item in items if "=" in item)
+    return {}
+
+
+def attach(args: argparse.Namespace) -> None:
+    work: Path = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    edge_port, orchestrator_port, http_port = args.attach_ports
+    found: dict[str, int] = {}
+    pids = [int(p.name) for p in Path("/proc").glob("[0-9]*")]
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            if argv[0].endswith("tritonserver") and f"--grpc-port={http_port + 1}" in argv:
+                found["triton"] = pid
+            elif argv[1:3] in (["-m", "tokenrelay.edge"], ["-m", "tokenrelay.orchestrator"]):
+                # The launcher tells each service its address in the environment.
+                env = _environ(pid)
+                if argv[2] == "tokenrelay.edge":
+                    if env.get("TOKENRELAY_EDGE_LISTEN", "").endswith(f":{edge_port}"):
+                        found["edge"] = pid
+                elif env.get("TOKENRELAY_ORCHESTRATOR_LISTEN", "").endswith(
+                    f":{orchestrator_port}"
+                ):
+                    found["orchestrator"] = pid
+    missing = {"triton", "edge", "orchestrator"} - set(found)
+    if missing:
+        raise SystemExit(f"no running tokenrelay-stack: {', '.join(sorted(missing))} not found")
+    # Triton's whole group (its stubs and vLLM's EngineCore) on the server cores, as start does.
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == found["triton"]:
+                _pin(pid, _cores(args.server_cores))
+    for name in ("edge", "orchestrator"):
+        _pin(found[name], _cores(args.relay_cores))
+    state = {
+        "servers": {
+            "tokenrelay": {
+                "pid": found["triton"],
+                "grpc": f"127.0.0.1:{http_port + 1}",
+                "http": http_port,
+                "metrics": f"http://127.0.0.1:{http_port + 2}/metrics",
+            }
+        },
+        "relay": {
+            "server": "tokenrelay",
+            "edge_pid": found["edge"],
+            "orchestrator_pid": found["orchestrator"],
+            "edge_url": f"http://127.0.0.1:{edge_port}",
+            "orchestrator": f"127.0.0.1:{orchestrator_port}",
+        },
+        "started": time.time(),
+    }
+    (work / "state.json").write_text(json.dumps(state, indent=1))
+    print(f"attached to tokenrelay-stack: {found}", flush=True)
 
 
 def _gpu_memory() -> None:
@@ -670,7 +734,7 @@ def stop(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("start", "caps", "bench", "stop", "all"))
+    parser.add_argument("phase", choices=("start", "attach", "caps", "bench", "stop", "all"))
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/gpu"))
     parser.add_argument("--wheelhouse", type=Path, default=None)
@@ -691,6 +755,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--targets", default="", help="only these (comma-separated)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting runs after this")
+    parser.add_argument(
+        "--attach-ports",
+        type=int,
+        nargs=3,
+        default=(8080, 50051, 8000),
+        metavar=("EDGE", "ORCH", "HTTP"),
+    )
     args = parser.parse_args(argv)
     args.servers = [s for s in args.servers.split(",") if s]
     unknown = set(args.servers) - set(SERVERS)
@@ -699,6 +770,8 @@ def main(argv: list[str] | None = None) -> None:
     args.streams = [int(s) for s in args.streams.split(",")]
     if args.phase in ("start", "all"):
         start(args)
+    if args.phase == "attach":
+        attach(args)
     if args.phase in ("caps", "all"):
         import capabilities
 
