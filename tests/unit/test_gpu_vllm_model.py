@@ -174,6 +174,7 @@ class _SamplingParams:
     n: int
     structured_outputs: Any
     output_kind: Any
+    logit_bias: dict[int, float] | None
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = set(kwargs) - set(type(self).__annotations__)
@@ -324,6 +325,8 @@ def test_cancellation_aborts_the_engine_request(model: Any, vllm_fakes: _Engine)
         ({"n": 2}, "'n'"),
         ({"temperature": -1}, "sampling parameters refused"),
         ({"lora_name": "x"}, "no LoRA adapters"),
+        ({"logit_bias": {"x": 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {"7": 101}}, "must be in [-100, 100]"),
     ],
 )
 def test_refuses_bad_parameters_before_the_engine(
@@ -347,7 +350,13 @@ def test_passes_structured_outputs_logprobs_and_counts_through(
         [
             _stream_request(
                 sender,
-                {"max_tokens": 3, "logprobs": 1, "structured_outputs": constraint, "seed": "7"},
+                {
+                    "max_tokens": 3,
+                    "logprobs": 1,
+                    "structured_outputs": constraint,
+                    "seed": "7",
+                    "logit_bias": {"12": -100},
+                },
                 return_logprobs=True,
                 return_cumulative_logprob=True,
             )
@@ -356,6 +365,7 @@ def test_passes_structured_outputs_logprobs_and_counts_through(
     _wait(sender)
     params = vllm_fakes.seen[0].kwargs
     assert params["structured_outputs"] == ("structured", {"json": {"type": "object"}})
+    assert params["logit_bias"] == {12: -100.0}  # JSON's string keys as the token ids vLLM takes
     assert params["seed"] == 7
     entries = [e for r, _ in sender.responses for e in json.loads(r.outputs["logprobs"][0])]
     assert len(entries) == 3 and entries[0]["0"]["decoded_token"] == " t0"

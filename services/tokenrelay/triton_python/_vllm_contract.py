@@ -10,7 +10,9 @@ What the sampling parameters accept is what Triton's vLLM backend accepts
 JSON object of ``SamplingParams`` fields, numbers written as strings converted to the field's
 type, and ``structured_outputs`` as a JSON object *written as a string*. The differences, each a
 clear refusal where the backend would fail later or silently: unknown fields, ``lora_name`` (no
-adapters here), ``output_kind`` (the model streams deltas itself) and ``n`` other than 1.
+adapters here), ``output_kind`` (the model streams deltas itself) and ``n`` other than 1; and
+``logit_bias``'s keys are read as token ids (the backend hands JSON's string keys to vLLM, whose
+engine then fails the request), checked as the CPU models check them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenrelay.triton_python._contract import BadRequest
+from tokenrelay.triton_python._contract import _logit_bias as logit_bias_pairs
 
 __all__ = [
     "CONTEXT_PHRASES",
@@ -118,6 +121,11 @@ def parse_vllm_sampling(text: str | None, fields: Mapping[str, Any]) -> dict[str
             continue
         if name not in fields or name.startswith("_"):
             raise BadRequest(f"unknown sampling parameter '{name}'")
+        if name == "logit_bias":
+            # JSON's keys are strings; SamplingParams takes token ids (vLLM's OpenAI server
+            # converts them too), and an engine handed strings fails the request.
+            out[name] = dict(logit_bias_pairs(value)) or None
+            continue
         kind = _scalar_type(fields[name])
         out[name] = value if kind is None else _coerce(name, value, kind)
     if out.get("n", 1) not in (1, None):
