@@ -37,7 +37,7 @@ def _errors_since(stack: Stack, sizes: dict[str, int]) -> list[str]:
                 except ValueError:
                     level = "unparsable"  # a traceback or stray print is as bad as an error
                 if level not in ("debug", "info", "warning"):
-                    found.append(f"{name}: {line[:300]}")
+                    found.append(f"{name}: {line[:3000]}")
     return found
 
 

@@ -106,6 +106,11 @@ def _scope(method: str, request: Any, context: Context) -> Iterator[Span]:
         yield span
 
 
+# How long a handler whose caller's deadline has passed waits for gRPC to cancel it before it
+# sends the status itself.
+_DEADLINE_WAIT_S = 1.0
+
+
 async def _fail(context: Context, span: Span, exc: Exception) -> None:
     """Map ``exc`` to the call's status (see the module docstring)."""
     if context.done():
@@ -115,6 +120,13 @@ async def _fail(context: Context, span: Span, exc: Exception) -> None:
     if isinstance(exc, RelayError):
         mark_error(span, outcome_of(exc), exc.message)
         code = status_of(exc)
+        remaining = context.time_remaining()
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED and remaining is not None and remaining < 0.01:
+            # The caller's own deadline has passed: gRPC ends the call with DEADLINE_EXCEEDED
+            # itself and cancels this handler in a moment. A status sent now races that (and
+            # fails inside gRPC, which logs it as an error); wait to be cancelled instead.
+            log.info("deadline passed", extra={"fields": {"error": exc.message}})
+            await asyncio.sleep(_DEADLINE_WAIT_S)
         log.info(
             "request refused", extra={"fields": {"grpc_code": code.name, "error": exc.message}}
         )
