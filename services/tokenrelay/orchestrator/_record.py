@@ -27,7 +27,6 @@ class Record:
     began: float  # on the loop's clock
     outcome: str = "failed"
     attempts: list[Attempt] = field(default_factory=list)
-    winner: Attempt | None = None  # the first choice's to produce a token
     winners: list[Attempt] = field(default_factory=list)  # every choice's, as they came
     continuations: list[Attempt] = field(default_factory=list)  # the answers' later winners
     ttft_s: float | None = None
@@ -63,6 +62,11 @@ class Record:
             return
         cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
         self.outcome = "cancelled" if cancelled else outcome_of(exc)
+
+    @property
+    def winner(self) -> Attempt | None:
+        """The attempt that produced the request's first token (of any choice)."""
+        return self.winners[0] if self.winners else None
 
     @property
     def prompt_tokens(self) -> int:

@@ -320,8 +320,7 @@ class Relay:
             record.retries += race.retries
             record.hedges += race.hedges
         record.winners.append(attempt)
-        if record.winner is None:  # the request's first token (of any choice)
-            record.winner = attempt
+        if record.ttft_s is None:  # the request's first token (of any choice)
             record.ttft_s = loop.time() - record.began
         # One parser for the answer, across its continuations: a continuation goes on from the
         # text that went out, which the parser has read.
@@ -330,7 +329,8 @@ class Relay:
         opening = attempt
 
         def follow(a: Attempt, f: Delta, d: float, r: Record) -> AsyncGenerator[Chunk, None]:
-            # Choice 0's first attempt charges the prompt; a continuation charges its own.
+            # The prompt is charged once, by choice 0's first attempt (the choices share it);
+            # a continuation charges its own.
             paid = index > 0 and a is opening
             return self._follow(a, f, d, r, meter, index, parser, paid)
 
