@@ -30,10 +30,27 @@ from tokenrelay.errors import (
 from tokenrelay.generation import Usage
 from tokenrelay.v1 import generation_pb2 as pb
 
-__all__ = ["DETAILS_KEY", "DOMAIN", "from_rpc_error", "status_of", "to_status", "trailers"]
+__all__ = [
+    "DETAILS_KEY",
+    "DOMAIN",
+    "from_rpc_error",
+    "status_of",
+    "to_status",
+    "trailers",
+    "usage_to_pb",
+]
 
 DOMAIN = "tokenrelay"
 DETAILS_KEY = "grpc-status-details-bin"
+
+
+def usage_to_pb(usage: Usage) -> pb.Usage:
+    """Token counts as the wire carries them (both services speak it)."""
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
 
 
 def status_of(exc: RelayError) -> grpc.StatusCode:
@@ -63,12 +80,7 @@ def to_status(exc: RelayError) -> status_pb2.Status:
         delay.FromNanoseconds(int(exc.retry_after * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     if exc.usage is not None:
-        usage = pb.Usage(
-            prompt_tokens=exc.usage.prompt_tokens,
-            completion_tokens=exc.usage.completion_tokens,
-            total_tokens=exc.usage.total_tokens,
-        )
-        details.append(_pack(pb.PartialUsage(usage=usage)))
+        details.append(_pack(pb.PartialUsage(usage=usage_to_pb(exc.usage))))
     return status_pb2.Status(code=code.value[0], message=exc.message, details=details)
 
 

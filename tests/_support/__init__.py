@@ -21,6 +21,7 @@ from _support.fakes import (
     FakeEmbedder,
     FakeSource,
     Ordered,
+    RecordingLedger,
     unavailable,
 )
 from _support.schemas import REPO, SCHEMAS, assert_openai
@@ -38,6 +39,7 @@ __all__ = [
     "FakeEmbedder",
     "FakeSource",
     "Ordered",
+    "RecordingLedger",
     "SpanSink",
     "assert_openai",
     "eventually",

@@ -215,3 +215,13 @@ class Ordered(random.Random):
 
     def sample(self, population: Sequence[T], k: int, **_: Any) -> list[T]:  # type: ignore[override]
         return list(population[:k])
+
+
+class RecordingLedger:
+    """Takes the rows a ``UsageLedger`` would write (key, model, outcome, prompt, completion)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, int, int]] = []
+
+    def record(self, key_id: str, model: str, outcome: str, prompt: int, completion: int) -> None:
+        self.rows.append((key_id, model, outcome, prompt, completion))

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 import pytest
 
-from _support import ContinuingSource, FakeSource, Ordered, relay_for
+from _support import ContinuingSource, FakeSource, Ordered, RecordingLedger, relay_for
 from tokenrelay.config import ModelSpec, OrchestratorSettings, Settings
 from tokenrelay.config.tenancy import Tenancy, Tier
 from tokenrelay.errors import Overloaded
@@ -54,20 +54,12 @@ def _request(n: int = 1, **sampling: object) -> GenerationRequest:
     )
 
 
-class _Ledger:
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str, int, int]] = []
-
-    def record(self, key_id: str, model: str, outcome: str, prompt: int, completion: int) -> None:
-        self.rows.append((key_id, model, outcome, prompt, completion))
-
-
 async def test_a_token_limit_ending_n_choices_reports_what_all_of_them_delivered() -> None:
     # 40 tokens a minute: the prompt (4) once, then 36 of the choices' tokens, wherever they went.
     settings = _settings("a:1")
     source = FakeSource("a:1", words=WORDS, interval_s=0.002)
     pool = _pool(settings, source)
-    ledger = _Ledger()
+    ledger = RecordingLedger()
     relay = Relay(
         settings,
         Planner(settings.models, settings.orchestrator.limits),

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from _support import ContinuingSource, Ordered, eventually, relay_for
+from _support import ContinuingSource, Ordered, RecordingLedger, eventually, relay_for
 from tokenrelay.config import (
     Continuation,
     ModelSpec,
@@ -378,16 +378,6 @@ async def test_each_of_n_choices_is_continued_on_its_own() -> None:
     assert len([c for c in chunks if c.start is not None]) == 1
 
 
-class _Ledger:
-    """Takes what a ``UsageLedger`` would write."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str, int, int]] = []
-
-    def record(self, key_id: str, model: str, outcome: str, prompt: int, completion: int) -> None:
-        self.rows.append((key_id, model, outcome, prompt, completion))
-
-
 async def test_the_ledger_counts_every_choice_and_continuation_and_the_prompt_once() -> None:
     a = ContinuingSource("a:1", WORDS, fail_after=4)
     b = ContinuingSource("b:1", WORDS)
@@ -396,7 +386,7 @@ async def test_the_ledger_counts_every_choice_and_continuation_and_the_prompt_on
     )
     placement = {m.id: Placement(m.triton_model, settings.nodes_for(m)) for m in settings.models}
     pool = NodePool({"a:1": a, "b:1": b}, placement, rng=Ordered())
-    ledger = _Ledger()
+    ledger = RecordingLedger()
     relay = Relay(
         settings,
         Planner(settings.models, settings.orchestrator.limits),

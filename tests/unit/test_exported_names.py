@@ -121,6 +121,7 @@ PUBLIC = {
         "status_of",
         "to_status",
         "trailers",
+        "usage_to_pb",
     },
 }
 

@@ -40,6 +40,7 @@ from tokenrelay.logs import bind
 from tokenrelay.tenancy import ANONYMOUS, current_caller
 from tokenrelay.tracing import inject
 from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.wire import usage_to_pb
 
 __all__ = ["Opened", "Shape", "Sink", "open_answer", "pump", "routes"]
 
@@ -183,10 +184,7 @@ def _total(ends: list[pb.StreamEnd]) -> pb.Usage:
     first = ends[0]
     prompt = first.usage.prompt_tokens - first.continued.usage.prompt_tokens
     prompt += sum(e.continued.usage.prompt_tokens for e in ends)
-    completion = sum(e.usage.completion_tokens for e in ends)
-    return pb.Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
+    return usage_to_pb(Usage(prompt, sum(e.usage.completion_tokens for e in ends)))
 
 
 async def _next(
@@ -238,10 +236,7 @@ def _continued(ends: list[pb.StreamEnd]) -> pb.Continued | None:
     prompt = sum(c.usage.prompt_tokens for c in continued)
     completion = sum(c.usage.completion_tokens for c in continued)
     return pb.Continued(
-        count=sum(c.count for c in continued),
-        usage=pb.Usage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-        ),
+        count=sum(c.count for c in continued), usage=usage_to_pb(Usage(prompt, completion))
     )
 
 
@@ -250,14 +245,6 @@ def _with_continued(chunk: dict[str, Any], continued: pb.Continued | None) -> di
     if continued is not None:
         chunk["continued"] = oa.continued_json(continued)
     return chunk
-
-
-def _as_usage(used: Usage) -> pb.Usage:
-    return pb.Usage(
-        prompt_tokens=used.prompt_tokens,
-        completion_tokens=used.completion_tokens,
-        total_tokens=used.total_tokens,
-    )
 
 
 async def pump(
@@ -320,7 +307,7 @@ async def pump(
     except RelayError as exc:
         flush()
         if include_usage and exc.usage is not None:  # what was generated before the error
-            frames.append(sink.frame(shape.usage(_as_usage(exc.usage))))
+            frames.append(sink.frame(shape.usage(usage_to_pb(exc.usage))))
         await sink.write(frames)
         await sink.fail(error_body(exc))
         return

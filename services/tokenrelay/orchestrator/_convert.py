@@ -23,13 +23,13 @@ from tokenrelay.generation import (
     ToolCall,
     ToolChoice,
     ToolChoiceMode,
-    Usage,
 )
 from tokenrelay.orchestrator._breaker import BreakerState
 from tokenrelay.orchestrator._pool import NodeStatus
 from tokenrelay.orchestrator._relay import ModelStatus
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import retrieval_pb2 as rpb
+from tokenrelay.wire import usage_to_pb
 
 __all__ = [
     "chunk_to_pb",
@@ -42,7 +42,6 @@ __all__ = [
     "request_from_pb",
     "served_by_to_pb",
     "start_to_pb",
-    "usage_to_pb",
 ]
 
 _ROLES = {
@@ -206,14 +205,6 @@ def start_to_pb(start: StreamStart) -> pb.StreamStart:
     if start.retrieval is not None:
         message.retrieval.CopyFrom(report_to_pb(start.retrieval))
     return message
-
-
-def usage_to_pb(usage: Usage) -> pb.Usage:
-    return pb.Usage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
-    )
 
 
 def continued_to_pb(continued: Continued) -> pb.Continued:

@@ -25,12 +25,12 @@ from tokenrelay.orchestrator._convert import (
     report_to_pb,
     request_from_pb,
     served_by_to_pb,
-    usage_to_pb,
 )
 from tokenrelay.orchestrator._pool import NodePool
 from tokenrelay.orchestrator._relay import Relay
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+from tokenrelay.wire import usage_to_pb
 
 __all__ = ["GenerationServicer"]
 
