@@ -11,6 +11,8 @@ The node talks to Triton through ``grpc.aio`` and ``tritonclient``'s generated m
 in an ``InferResult`` (and a request iterator in a task of its own), which cost a measurable share
 of the orchestrator's CPU per token. A response is read as the protobuf message and its raw output
 contents are decoded here (``_decode``).
+The bidirectional ``ModelStreamInfer`` is called as a server-streaming
+call (one request, then the half-close), which sends the request in one batch.
 
 A stream fails three ways, all translated here: a ``grpc.RpcError`` when the call is set up or
 while reading, a response whose ``error_message`` is set (a backend that ignores
@@ -206,7 +208,11 @@ class TritonNode:
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         channel = self._channel
-        self._stream_infer = channel.stream_stream(
+        # ModelStreamInfer is a bidirectional method, but one generation is one request and
+        # then the client's half-close: on the wire exactly what a server-streaming call sends.
+        # Called as one, gRPC sends the metadata, the request and the half-close in one batch
+        # (one completion to wait for) instead of three awaited steps.
+        self._stream_infer = channel.unary_stream(
             _SERVICE + "ModelStreamInfer",
             request_serializer=service_pb2.ModelInferRequest.SerializeToString,
             response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
@@ -267,13 +273,9 @@ class TritonNode:
         headers: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[Delta, None]:
         request = self._request(model, prompt, sampling, request_id)
-        call = self._stream_infer(metadata=(*headers, _STREAM_ERRORS))
+        # One request, then the client half-closes; Triton keeps streaming responses.
+        call = self._stream_infer(request, metadata=(*headers, _STREAM_ERRORS))
         try:
-            with _translate(self._address):
-                # One request, then the client half-closes; Triton keeps streaming responses.
-                # Written from this task: a request iterator would cost a task of its own.
-                await call.write(request)
-                await call.done_writing()
             while True:
                 with _translate(self._address):
                     message: Any = await call.read()
