@@ -32,7 +32,7 @@ from tokenrelay.edge._choices import Answer, Piece, chat_logprobs
 from tokenrelay.edge._errors import error_body
 from tokenrelay.edge._request import budget, read_json
 from tokenrelay.edge._resume import ResumableStream, new_stream_id
-from tokenrelay.edge._sse import SSEWriter
+from tokenrelay.edge._sse import SSEWriter, TextChunk, TextFrames
 from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STREAMS, UPSTREAM
 from tokenrelay.errors import GenerationFailed, RelayError, UpstreamUnavailable
 from tokenrelay.generation import Usage
@@ -61,7 +61,7 @@ class Shape(Protocol):
     def n(self) -> int: ...
 
     def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]: ...
-    def piece(self, piece: Piece) -> dict[str, Any]: ...
+    def piece(self, piece: Piece) -> dict[str, Any] | TextChunk: ...
     def end(self, index: int, finish: str) -> dict[str, Any]: ...
     def usage(self, usage: pb.Usage) -> dict[str, Any]: ...
     def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]: ...
@@ -75,11 +75,22 @@ class _Chat:
     with_usage: bool
     n: int = 1
     logprobs: bool = False
+    # Each choice's text chunks, pre-encoded (a chunk that carries only text is the same but
+    # for its text for the whole stream).
+    texts: dict[int, TextFrames] = field(default_factory=dict)
 
     def _chunk(self, delta: dict[str, Any], index: int = 0, **fields: Any) -> dict[str, Any]:
         return oa.chat_chunk(
             self.id, self.created, self.model, delta, None, self.with_usage, index, **fields
         )
+
+    def _text(self, index: int, text: str) -> TextChunk:
+        frames = self.texts.get(index)
+        if frames is None:
+            frames = self.texts[index] = TextFrames(
+                lambda t: self._chunk(Piece.chat_delta(t, []), index, logprobs=None)
+            )
+        return TextChunk(frames, text)
 
     def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
         chunks = [self._chunk({"role": "assistant", "content": ""}, i) for i in range(self.n)]
@@ -87,9 +98,11 @@ class _Chat:
             chunks[0]["retrieval"] = retrieval
         return chunks
 
-    def piece(self, piece: Piece) -> dict[str, Any]:
+    def piece(self, piece: Piece) -> dict[str, Any] | TextChunk:
         index = piece.index
         text, calls, logprobs = piece.take()
+        if not calls and not self.logprobs:
+            return self._text(index, text)
         entries = chat_logprobs(logprobs) if self.logprobs else None
         return self._chunk(Piece.chat_delta(text, calls), index, logprobs=entries)
 
@@ -117,6 +130,7 @@ class _Completion:
     logprobs: bool = False
     # Characters of each choice's text so far: logprobs' text_offset counts from its start.
     offsets: dict[int, int] = field(default_factory=dict)
+    texts: dict[int, TextFrames] = field(default_factory=dict)  # as _Chat's
 
     def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
         if retrieval is None:
@@ -125,9 +139,16 @@ class _Completion:
         chunk["retrieval"] = retrieval
         return [chunk]
 
-    def piece(self, piece: Piece) -> dict[str, Any]:
+    def piece(self, piece: Piece) -> dict[str, Any] | TextChunk:
         index = piece.index
         text, _, logprobs = piece.take()
+        if not self.logprobs:
+            frames = self.texts.get(index)
+            if frames is None:
+                frames = self.texts[index] = TextFrames(
+                    lambda t: oa.completion_chunk(self.id, self.created, self.model, t, None, index)
+                )
+            return TextChunk(frames, text)
         entries = None
         if self.logprobs:
             offset = self.offsets.get(index, 0)
@@ -202,7 +223,7 @@ class Sink(Protocol[F]):
     generation's messages on a WebSocket (``_ws``). ``frame`` spells one chunk; ``write`` sends
     several at once."""
 
-    def frame(self, payload: dict[str, Any]) -> F: ...
+    def frame(self, payload: dict[str, Any] | TextChunk) -> F: ...
     async def write(self, frames: list[F]) -> None: ...
     async def ping(self) -> None: ...
     async def fail(self, body: dict[str, Any]) -> None:

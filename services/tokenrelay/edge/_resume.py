@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from tokenrelay.config import Resume
-from tokenrelay.edge._sse import HEADERS, SSEWriter, encode
+from tokenrelay.edge._sse import HEADERS, SSEWriter, TextChunk, encode
 from tokenrelay.errors import Gone, InvalidRequest, PermissionDenied, StreamNotFound
 
 __all__ = ["ResumableStream", "ResumableStreams", "new_stream_id"]
@@ -117,7 +117,7 @@ class ResumableStream:
     # The generation's side (a Sink).
 
     @staticmethod
-    def frame(payload: dict[str, Any]) -> bytes:
+    def frame(payload: dict[str, Any] | TextChunk) -> bytes:
         return SSEWriter.frame(payload)
 
     async def write(self, frames: list[bytes]) -> None:

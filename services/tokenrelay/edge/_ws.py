@@ -51,6 +51,7 @@ from tokenrelay.edge._errors import error_body
 from tokenrelay.edge._generate import open_answer, pump
 from tokenrelay.edge._request import budget
 from tokenrelay.edge._security import WEBSOCKET_PATH, admit, authenticate, bearer, caller_of
+from tokenrelay.edge._sse import TextChunk
 from tokenrelay.edge._state import AUTH, REQUEST_ID, SETTINGS, STATE, UPSTREAM
 from tokenrelay.errors import (
     InvalidRequest,
@@ -100,8 +101,8 @@ class _Generation:
         self._id = generation_id
 
     @staticmethod
-    def frame(payload: dict[str, Any]) -> dict[str, Any]:
-        return payload
+    def frame(payload: dict[str, Any] | TextChunk) -> dict[str, Any]:
+        return payload.payload() if isinstance(payload, TextChunk) else payload
 
     async def write(self, frames: list[dict[str, Any]]) -> None:
         for chunk in frames:
