@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["ReadAhead"]
 
@@ -93,28 +93,46 @@ class ReadAhead(Generic[T]):
             _wake(self._room)
         return taken
 
-    async def take(self, hold_until: float | None = None) -> list[T]:
+    async def take(
+        self, hold_until: float | None = None, timeout_s: float | None = None
+    ) -> list[T]:
         """The next item, or — reading ahead — every item that arrived since the last call (at
         least one). Empty once the source has ended; the source's error is raised instead, after
         the items that came before it. Cancelling a wait leaves the reader running (reading
         ahead) or cancels the source's pending step (reading straight).
 
         ``hold_until`` (a time of the running loop; reading ahead only): once an item is there,
-        wait until then for more, unless the source ends (or its last item comes) first."""
+        wait until then for more, unless the source ends (or its last item comes) first.
+
+        ``timeout_s``: raise ``TimeoutError`` when nothing has arrived that long. Reading ahead,
+        nothing is lost (what comes later, a later ``take`` returns), and the timer is armed
+        only when there is nothing to take yet: a plain timer, not a cancellation scope (one of
+        those per item cost the edge more than its JSON). Reading straight, the timeout cancels
+        the source's pending step, as cancelling the wait does."""
         if self._task is None:
             try:
-                item = await anext(self._source)
+                if timeout_s is None:
+                    item = await anext(self._source)
+                else:
+                    async with asyncio.timeout(timeout_s):
+                        item = await anext(self._source)
             except StopAsyncIteration:
                 return []
             if self._arrived is not None:
                 self._arrived(item)
             return [item]
         if not self._pending and self._ended is None:
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, waiter)
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if waiter.result() is _EXPIRED:
+                raise TimeoutError
         if hold_until is not None and self._pending and self._ended is None:
             await self._hold(hold_until)
         if self._pending:
@@ -144,6 +162,14 @@ class ReadAhead(Generic[T]):
             await asyncio.gather(self._task, return_exceptions=True)
 
 
+_EXPIRED: Any = object()  # a waiter's result when its timeout came first
+
+
 def _wake(future: asyncio.Future[None] | None) -> None:
     if future is not None and not future.done():
         future.set_result(None)
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(_EXPIRED)

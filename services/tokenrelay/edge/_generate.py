@@ -16,7 +16,6 @@ and writes them to a ``Sink``: an SSE response, a resumable stream, or a WebSock
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -239,8 +238,7 @@ async def _wait(
     """The messages that arrive next; pings the sink while none does."""
     while True:
         try:
-            async with asyncio.timeout(interval_s):
-                taken = await reader.take()
+            taken = await reader.take(timeout_s=interval_s)
         except TimeoutError:
             await sink.ping()
             continue
