@@ -18,6 +18,17 @@ With neither a secret nor mutual TLS configured (loopback only, ``check_exposure
 is let in, and a forwarded identity believed. Any caller may ask for a priority
 (``x-tokenrelay-priority``), capped by its tier. The identity of the call is
 ``current_identity`` while its handler runs.
+
+A client of the clients file (2 or 3) is held to its entry's ``requests_per_minute`` and
+``max_streams`` here, as the edge holds an API key to them: every call of tokenrelay's services
+(not health, not reflection) takes one request from its bucket and, while it runs, one of its
+concurrent calls, in the orchestrator's limits store (Redis when ``tenancy.store`` says so, shared
+by every orchestrator; else this process's, or its workers' supervisor's), under the same
+store-down policy. A refusal is RESOURCE_EXHAUSTED with a retry delay (``google.rpc.RetryInfo``),
+counted in ``tokenrelay_tenant_refused``. Its counters are named ``client:<id>``, apart from the
+edge's keys (an API key and a client of one id are two callers). The edge's own calls (the
+internal secret's, or an internal certificate's) are not counted: the edge counted them against
+their API key already. Its tokens per minute and budget are charged as anyone's, by the relay.
 """
 
 from __future__ import annotations
@@ -33,20 +44,26 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from tokenrelay.errors import Overloaded
 from tokenrelay.security import ApiKey, KeyStore, Secret
 from tokenrelay.tenancy import (
     Caller,
     Identity,
+    LimitStore,
+    StreamLease,
+    TenantMetrics,
     Tenants,
     caller_from_metadata,
     requested_priority,
 )
 
-__all__ = ["CallerInterceptor", "current_identity"]
+__all__ = ["CLIENT_PREFIX", "CallerInterceptor", "current_identity"]
 
 log = logging.getLogger(__name__)
 
 _OPEN = ("/grpc.health.v1.Health/",)
+_OURS = "/tokenrelay."  # the calls a client's limits count (not reflection's)
+CLIENT_PREFIX = "client:"
 _REFUSAL = "This call needs the internal secret or a client token (authorization metadata)."
 _INTERNAL = "internal"
 
@@ -57,10 +74,15 @@ current_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextV
 )
 
 
-def _client(key: ApiKey, metadata: Mapping[str, str | bytes]) -> Caller:
-    return Caller(
+def _client(key: ApiKey, metadata: Mapping[str, str | bytes]) -> tuple[Caller, ApiKey]:
+    caller = Caller(
         key.id, key.tier, key.tokens_per_minute, key.token_budget, requested_priority(metadata)
     )
+    return caller, key
+
+
+def _forwarded(metadata: Mapping[str, str | bytes]) -> tuple[Caller, None]:
+    return caller_from_metadata(metadata) or Caller(_INTERNAL), None
 
 
 class CallerInterceptor(grpc.aio.ServerInterceptor):
@@ -73,8 +95,14 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         secret: Secret | None = None,
         clients: KeyStore | None = None,
         mutual_tls: bool = False,
+        limits: LimitStore | None = None,
+        metrics: TenantMetrics | None = None,
     ) -> None:
+        """``limits``: where clients' requests and concurrent calls are counted (None: they
+        are not); ``metrics``: where refusals are counted."""
         self._tenants = tenants
+        self._limits = limits
+        self._metrics = metrics
         self._secret = secret
         self._clients = clients if clients is not None and clients.enabled else None
         self._mutual = mutual_tls
@@ -101,16 +129,17 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         }
         return self._clients.find_san(names) if names else None
 
-    async def _identify(self, context: Context) -> Caller | None:
-        """The caller of the call, or None when it is not known."""
+    async def _identify(self, context: Context) -> tuple[Caller, ApiKey | None] | None:
+        """The caller of the call and, for a client of the clients file, its entry; None when
+        it is not known."""
         metadata: dict[str, str | bytes] = dict(context.invocation_metadata() or ())
         raw = metadata.get("authorization", "")
         scheme, _, token = (raw if isinstance(raw, str) else "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
         if self._open:
-            return caller_from_metadata(metadata) or Caller(_INTERNAL)
+            return _forwarded(metadata)
         if token and self._secret is not None and self._secret.matches(token):
-            return caller_from_metadata(metadata) or Caller(_INTERNAL)
+            return _forwarded(metadata)
         await self._reload()
         if token and self._clients is not None:
             key = self._clients.find(token)
@@ -121,18 +150,62 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             if key is not None and not key.revoked:
                 return _client(key, metadata)
             if self._secret is None and key is None:  # an internal component, as before
-                return caller_from_metadata(metadata) or Caller(_INTERNAL)
+                return _forwarded(metadata)
         return None
 
-    async def _admit(self, method: str, context: Context) -> None:
-        caller = await self._identify(context)
-        if caller is None:
+    async def _admit(self, method: str, context: Context) -> StreamLease | None:
+        """Identify the call's caller (refused when unknown) and count it against its limits
+        when it is a client of the file; the lease of its concurrent call, to release when the
+        call ends (None when none was taken)."""
+        known = await self._identify(context)
+        if known is None:
             log.warning(
                 "call refused: no or wrong credentials", extra={"fields": {"method": method}}
             )
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, _REFUSAL)
-            return
-        current_identity.set(self._tenants.identify(caller))
+            return None
+        caller, client = known
+        identity = self._tenants.identify(caller)
+        current_identity.set(identity)
+        if client is None or self._limits is None or not method.startswith(_OURS):
+            return None
+        return await self._count(client, identity)
+
+    async def _count(self, client: ApiKey, identity: Identity) -> StreamLease | None:
+        """Take one request and (when the entry limits them) one concurrent call of
+        ``client``; raises ``Overloaded`` when a limit is reached, ``LimitsUnavailable`` when
+        the store cannot count and the policy is to fail closed."""
+        assert self._limits is not None
+        name = CLIENT_PREFIX + client.id
+        wait = await self._limits.take_request(name, client.requests_per_minute)
+        if wait > 0:
+            self._refused(identity, "requests_per_minute")
+            raise Overloaded(
+                f"Rate limit reached: {client.requests_per_minute} requests per minute for"
+                f" the client {client.id!r}.",
+                retry_after=wait,
+                code="rate_limit_exceeded",
+            )
+        if not client.max_streams:
+            return None
+        lease = await self._limits.open_stream(name, client.max_streams)
+        if lease is None:
+            self._refused(identity, "max_streams")
+            raise Overloaded(
+                f"Too many concurrent calls: at most {client.max_streams} for the client"
+                f" {client.id!r}.",
+                retry_after=1.0,
+                code="rate_limit_exceeded",
+            )
+        return lease
+
+    def _refused(self, identity: Identity, limit: str) -> None:
+        if self._metrics is not None:
+            self._metrics.refused.labels(identity.label, identity.tier, limit).inc()
+        log.info(
+            "call refused: client limit reached",
+            extra={"fields": {"key_id": identity.key_id, "limit": limit}},
+        )
 
     def _guarded(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
@@ -148,17 +221,25 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
 
             async def generates(request: Any, context: Context) -> AsyncIterator[Any]:
-                await admit(context)
-                async with aclosing(behavior(request, context)) as messages:
-                    async for message in messages:
-                        yield message
+                lease = await admit(context)
+                try:
+                    async with aclosing(behavior(request, context)) as messages:
+                        async for message in messages:
+                            yield message
+                finally:
+                    if lease is not None:
+                        await lease.release()
 
             wrapped = generates
         else:
 
             async def answers(request: Any, context: Context) -> Any:
-                await admit(context)
-                return await behavior(request, context)
+                lease = await admit(context)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    if lease is not None:
+                        await lease.release()
 
             wrapped = answers
         factory: Any = {

@@ -237,6 +237,8 @@ class Orchestrator:
                     settings.secrets.internal,
                     clients,
                     mutual_tls=bool(orchestrator.tls_client_ca),
+                    limits=self._limits,
+                    metrics=tenant_metrics,
                 ),
             ],
             maximum_concurrent_rpcs=admitted.max_concurrent + admitted.max_queue + 64,
