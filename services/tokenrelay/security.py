@@ -23,7 +23,8 @@ The keys file is TOML, reread when it changes (so a key is revoked without a res
 With a shared store (``tenancy.store = "redis"``) the limits hold across every replica; without
 one, each edge process counts for itself. The orchestrator's ``clients_file`` has the same format
 for gRPC clients, whose entries may name ``san``: the subject alternative name (URI or DNS) of the
-client's mTLS certificate, which then identifies it without a token.
+client's mTLS certificate, which then identifies it without a token; the orchestrator holds them
+to their entry's limits.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import os
+import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -471,16 +472,19 @@ async def test_a_high_priority_request_overtakes_a_queue_of_low_ones(replicas: R
 
 async def test_a_flooding_key_cannot_starve_another_one(replicas: Replicas) -> None:
     served: Counter[str] = Counter()
+    waited: dict[str, list[float]] = {"flooder": [], "quiet": []}
     stop = asyncio.Event()
     url = replicas.edges[0]  # orchestrator A: two slots
 
     async def client_loop(client: httpx.AsyncClient, key: str) -> None:
         while not stop.is_set():
+            sent = time.monotonic()
             response = await client.post(
-                f"{url}/v1/chat/completions", json=_chat(2), headers=_auth(key)
+                f"{url}/v1/chat/completions", json=_chat(6), headers=_auth(key)
             )
             if response.status_code == 200 and not stop.is_set():
                 served[key] += 1
+                waited[key].append(time.monotonic() - sent)
                 if served.total() >= 120:
                     stop.set()
 
@@ -488,14 +492,22 @@ async def test_a_flooding_key_cannot_starve_another_one(replicas: Replicas) -> N
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         await asyncio.gather(
             *(client_loop(client, "flooder") for _ in range(24)),
-            *(client_loop(client, "quiet") for _ in range(4)),
+            *(client_loop(client, "quiet") for _ in range(8)),
         )
     share = served["quiet"] / served.total()
-    print(f"fair share under a flood (24 flooder clients, 4 quiet): quiet {share:.2f} of {served}")
-    # Equal weights: each busy key gets half the slots; FIFO would give the quiet key ~1/7. Runs
-    # on a loaded 2-core machine measured 0.34-0.49 (the exact share is a benchmark's to state:
-    # the in-memory fairness tests pin it), so this asserts no starvation, not the half.
-    assert 0.3 <= share <= 0.7, served
+    latency = {key: round(statistics.median(times), 3) for key, times in waited.items()}
+    print(
+        f"fair share under a flood (24 flooder clients, 8 quiet): quiet {share:.2f} of {served};"
+        f" median latency (s) {latency}"
+    )
+    # Equal weights: each busy key gets half the slots; first come first served would give the
+    # quiet key 8/32. Admission is work-conserving: a slot that frees while the quiet key has
+    # nothing waiting goes to the flooder, as it should, so the half holds only while the quiet
+    # key keeps a request queued. Its clients must then be back (response to client, client to
+    # edge to orchestrator) before its queue empties: 8 clients of ~0.15 s requests (6 tokens
+    # at 20 ms) leave a round trip ~1 s. With 4 clients of 2 tokens (~25 ms) a round trip past
+    # ~75 ms, common on two loaded shared cores, left its queue empty: 0.34-0.49 measured.
+    assert 0.4 <= share <= 0.6, served
 
 
 async def test_redis_killed_replica_a_fails_open_and_replica_b_fails_closed(
