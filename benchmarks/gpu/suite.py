@@ -197,25 +197,7 @@ def start(args: argparse.Namespace) -> None:
         # vLLM alone, with the engine arguments of the tokenrelay layout, at vLLM's defaults.
         template = work / "gpu" / "models-tokenrelay" / MODEL / "1" / "model.json"
         engine = json.loads(template.read_text())
-        engine.pop("stream_interval", None)
-        (work / "ceiling.json").write_text(json.dumps(engine))
-        log = (logs / "ceiling.log").open("ab")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(work / "gpu" / "site"), env.get("PYTHONPATH", "")])
-        env["VLLM_NO_USAGE_STATS"] = "1"
-        ceiling = subprocess.Popen(
-            [
-                sys.executable,
-                str(Path(__file__).with_name("vllm_ceiling.py")),
-                str(work / "ceiling.json"),
-                "--port",
-                str(CEILING_PORT),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        ceiling = _spawn_ceiling(work, engine, work / "gpu" / "site")
         state["ceiling"] = {"pid": ceiling.pid, "url": f"http://127.0.0.1:{CEILING_PORT}"}
     (work / "state.json").write_text(json.dumps(state, indent=1))
     deadline = time.monotonic() + args.ready_timeout
@@ -281,6 +263,69 @@ def start(args: argparse.Namespace) -> None:
         print(f"relay ready in front of {relay} (edge {stack.edge_url})", flush=True)
     (work / "state.json").write_text(json.dumps(state, indent=1))
     _gpu_memory()
+
+
+def _spawn_ceiling(work: Path, engine: dict[str, Any], site: Path) -> subprocess.Popen[bytes]:
+    """``vllm_ceiling.py`` with these engine arguments (vLLM's own stream interval), vLLM
+    from ``site``, in a session of its own (stopped by its group, EngineCore included)."""
+    engine = dict(engine)
+    engine.pop("stream_interval", None)
+    (work / "ceiling.json").write_text(json.dumps(engine))
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    log = (work / "logs" / "ceiling.log").open("ab")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    env["VLLM_NO_USAGE_STATS"] = "1"
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("vllm_ceiling.py")),
+            str(work / "ceiling.json"),
+            "--port",
+            str(CEILING_PORT),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def ceiling(args: argparse.Namespace) -> None:
+    """vLLM alone beside a stack that ``attach`` found: the stack's own engine arguments
+    (``--gpu-root``/models/smollm2_vllm/1/model.json) and vLLM (``--gpu-root``/site), with a
+    memory share of its own (``--util``, ``--kv-gib``) on the GPU the stack already holds.
+    Returns once started; ``ttft`` and ``bench`` wait for it to be ready."""
+    work: Path = args.work.resolve()
+    state = json.loads((work / "state.json").read_text())
+    root: Path = args.gpu_root.resolve()
+    engine = json.loads((root / "models" / MODEL / "1" / "model.json").read_text())
+    engine["gpu_memory_utilization"] = args.util
+    engine["kv_cache_memory_bytes"] = int(args.kv_gib * 2**30)
+    os.sched_setaffinity(0, _cores(args.server_cores))
+    process = _spawn_ceiling(work, engine, root / "site")
+    state["ceiling"] = {"pid": process.pid, "url": f"http://127.0.0.1:{CEILING_PORT}"}
+    (work / "state.json").write_text(json.dumps(state, indent=1))
+    print(f"ceiling starting (pid {process.pid}, log {work / 'logs' / 'ceiling.log'})", flush=True)
+
+
+def _wait_ceiling(state: dict[str, Any], work: Path, timeout_s: float) -> bool:
+    """Whether the ceiling answers ``/ready`` within ``timeout_s`` (False: exited or late)."""
+    found = state.get("ceiling")
+    if not found or found.get("failed"):
+        return False
+    deadline = time.monotonic() + timeout_s
+    while _get(f"{found['url']}/ready") != 200:
+        try:
+            os.kill(found["pid"], 0)
+        except OSError:
+            print(f"ceiling EXITED:\n{_tail(work / 'logs' / 'ceiling.log')}", flush=True)
+            return False
+        if time.monotonic() > deadline:
+            print(f"ceiling NOT READY in {timeout_s:.0f} s", flush=True)
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -711,6 +756,273 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- ttft
+
+# The spans of the first token inside Triton, from tokenrelay's vLLM model's trace
+# (``trace_path``) and the client's own clock (both time.monotonic(): one clock per host).
+SPANS = (
+    ("client→execute", "call", "execute"),  # client, gRPC, Triton's core, the stub's IPC
+    ("execute→loop", "execute", "loop"),  # the model: stub thread to vLLM's loop thread
+    ("loop→vLLM text", "loop", "output"),  # vLLM: what the ceiling's TTFT times
+    ("vLLM text→sent", "output", "sent"),  # the model: to the sender thread, built, sent
+    ("sent→client", "sent", "first"),  # the stub's IPC, Triton's core, gRPC, the client
+)
+
+
+async def _ttft_one(
+    target: str, address: str, prompt: str, max_tokens: int, tag: str, clients: dict[str, Any]
+) -> dict[str, Any]:
+    """One request at one stream: the client's TTFT (first piece with text), as ``bench``
+    times it; for the ceiling, vLLM's own in its process."""
+    from tokenrelay.generation import Sampling
+    from tokenrelay.v1 import generation_pb2 as pb
+
+    sample: dict[str, Any] = {"target": target, "id": tag, "ttft_s": None, "error": None}
+    t0 = time.monotonic()
+    sample["call"] = t0
+    try:
+        if target == "vllm":
+            body = {"prompts": [prompt], "concurrency": 1, "max_tokens": max_tokens}
+            async with clients["http"].post(f"{address}/run", json=body) as response:
+                response.raise_for_status()
+                (one,) = await response.json()
+            sample["ttft_s"] = one["ttft_s"]
+            return sample
+        first = None
+        if target.startswith("triton:"):
+            node = clients[target]
+            sampling = Sampling(max_tokens=max_tokens, temperature=0)
+            async for delta in node.generate(MODEL, prompt, sampling, tag):
+                if delta.text and first is None:
+                    first = time.monotonic()
+        elif target.startswith("triton-http:"):
+            body = {
+                "text_input": prompt,
+                "stream": True,
+                "exclude_input_in_output": True,
+                "return_num_output_tokens": True,
+                "sampling_parameters": json.dumps({"max_tokens": max_tokens, "temperature": 0}),
+            }
+            url = f"{address}/v2/models/{MODEL}/generate_stream"
+            async with clients["http"].post(url, json=body) as response:
+                response.raise_for_status()
+                async for data in _sse_lines(response):
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise RuntimeError(event["error"])
+                    if event.get("text_output") and first is None:
+                        first = time.monotonic()
+        elif target == "orchestrator":
+            request = pb.GenerateStreamRequest(
+                model=CATALOG_ID,
+                prompt=prompt,
+                sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0),
+            )
+            async for message in clients["orchestrator"].GenerateStream(request, timeout=120):
+                if message.text and first is None:
+                    first = time.monotonic()
+        else:  # edge: the chat request that renders to the same prompt
+            raise AssertionError(target)
+        sample["first"] = first
+        sample["ttft_s"] = None if first is None else first - t0
+    except Exception as exc:
+        sample["error"] = repr(exc)
+    return sample
+
+
+async def _ttft_edge(address: str, i: int, max_tokens: int, session: Any) -> dict[str, Any]:
+    body = {
+        "model": CATALOG_ID,
+        "messages": [{"role": "user", "content": question(i)}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    sample: dict[str, Any] = {"target": "edge", "ttft_s": None, "error": None}
+    t0 = time.monotonic()
+    try:
+        async with session.post(f"{address}/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for data in _sse_lines(response):
+                chunk = json.loads(data)
+                text = chunk["choices"] and chunk["choices"][0]["delta"].get("content")
+                if text and sample["ttft_s"] is None:
+                    sample["ttft_s"] = time.monotonic() - t0
+    except Exception as exc:
+        sample["error"] = repr(exc)
+    return sample
+
+
+async def _ttft_rounds(
+    targets: list[tuple[str, str]], args: argparse.Namespace, out: Path
+) -> list[dict[str, Any]]:
+    import aiohttp
+    import grpc
+
+    from tokenrelay.config import Timeouts
+    from tokenrelay.orchestrator._triton import TritonNode
+    from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+    clients: dict[str, Any] = {"http": session}
+    channel = None
+    for target, address in targets:
+        if target.startswith("triton:"):
+            clients[target] = TritonNode(address, Timeouts(first_token_s=120, between_tokens_s=60))
+        elif target == "orchestrator":
+            channel = grpc.aio.insecure_channel(address)
+            clients["orchestrator"] = pb_grpc.GenerationServiceStub(channel)
+    samples: list[dict[str, Any]] = []
+    log = (out / "ttft.jsonl").open("a")
+    try:
+        for round_ in range(args.rounds):
+            # A warm-up request per target (connections, lazy set-up), not counted.
+            for t, (target, address) in enumerate(targets):
+                index = 20000 + 1000 * round_ + t
+                if target == "edge":
+                    await _ttft_edge(address, index, 4, session)
+                else:
+                    await _ttft_one(target, address, templated(index), 4, f"w{round_}-{t}", clients)
+            for i in range(args.ttft_requests):
+                # Targets alternate request by request, their order rotating; each request a
+                # prompt of its own, so that every engine sees the same (system prompt cached,
+                # the question not), and a new gRPC stream per request, as the relay sends.
+                order = targets[i % len(targets) :] + targets[: i % len(targets)]
+                for target, address in order:
+                    t = targets.index((target, address))
+                    index = 10000 + 1000 * round_ + 10 * i + t
+                    if target == "edge":
+                        sample = await _ttft_edge(address, index, args.max_tokens, session)
+                    else:
+                        sample = await _ttft_one(
+                            target,
+                            address,
+                            templated(index),
+                            args.max_tokens,
+                            f"t{round_}-{i}-{t}",
+                            clients,
+                        )
+                    sample["round"] = round_
+                    samples.append(sample)
+                    log.write(json.dumps(sample) + "\n")
+            by = {
+                t: [
+                    s["ttft_s"]
+                    for s in samples
+                    if s["target"] == t and s["round"] == round_ and s["ttft_s"] is not None
+                ]
+                for t, _ in targets
+            }
+            print(
+                f"round {round_}: "
+                + ", ".join(f"{t} {1000 * statistics.median(v):.1f}" for t, v in by.items() if v)
+                + " ms (TTFT medians)",
+                flush=True,
+            )
+    finally:
+        log.close()
+        for target, _ in targets:
+            if target.startswith("triton:"):
+                await clients[target].close()
+        if channel is not None:
+            await channel.close()
+        await session.close()
+    return samples
+
+
+def ttft(args: argparse.Namespace) -> None:
+    """TTFT at one stream, vLLM alone against each path through Triton (and the relay), in
+    alternating rounds; with the model's trace (``--trace``), where the first token waits."""
+    work: Path = args.work.resolve()
+    state = json.loads((work / "state.json").read_text())
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    os.sched_setaffinity(0, _cores(args.client_cores))
+    targets: list[tuple[str, str]] = []
+    if _wait_ceiling(state, work, args.ready_timeout):
+        targets.append(("vllm", state["ceiling"]["url"]))
+    for name, server in state["servers"].items():
+        if not server.get("failed"):
+            targets.append((f"triton:{name}", server["grpc"]))
+            targets.append((f"triton-http:{name}", f"http://127.0.0.1:{server['http']}"))
+    relay = state.get("relay")
+    if relay:
+        targets.append(("orchestrator", relay["orchestrator"]))
+        targets.append(("edge", relay["edge_url"]))
+    if args.targets:
+        targets = [t for t in targets if t[0] in args.targets.split(",")]
+    print("ttft targets:", ", ".join(t for t, _ in targets), flush=True)
+    samples = asyncio.run(_ttft_rounds(targets, args, out))
+    traces: dict[str, dict[str, float]] = {}
+    if args.trace is not None and args.trace.exists():
+        for line in args.trace.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                traces[str(entry.get("id"))] = entry
+    table = ttft_markdown(samples, traces, args)
+    (out / "ttft.md").write_text(table)
+    print("\n" + table, flush=True)
+
+
+def ttft_markdown(
+    samples: list[dict[str, Any]], traces: dict[str, dict[str, float]], args: argparse.Namespace
+) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{1000 * v:.1f}"
+
+    targets = list(dict.fromkeys(s["target"] for s in samples))
+    ok = {
+        t: [s["ttft_s"] for s in samples if s["target"] == t and s["ttft_s"] is not None]
+        for t in targets
+    }
+    base = statistics.median(ok["vllm"]) if ok.get("vllm") else None
+    lines = [
+        "| target | requests | errors | TTFT p50 | mean | min | p90 | max | p50 - vllm's |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in targets:
+        v = sorted(ok[t])
+        errors = sum(1 for s in samples if s["target"] == t and s["error"])
+        if not v:
+            lines.append(f"| {t} | 0 | {errors} | - | - | - | - | - | - |")
+            continue
+        p50 = statistics.median(v)
+        lines.append(
+            f"| {t} | {len(v)} | {errors} | {ms(p50)} | {ms(statistics.fmean(v))} | {ms(v[0])} |"
+            f" {ms(_pct(v, 0.9))} | {ms(v[-1])} |"
+            f" {'-' if base is None or t == 'vllm' else f'{1000 * (p50 - base):+.1f}'} |"
+        )
+    lines.append(
+        f"\nms; one stream, {args.rounds} rounds of {args.ttft_requests} requests per target"
+        f" (alternating request by request), max_tokens {args.max_tokens}, greedy, a prompt of"
+        " its own per request; vllm: AsyncLLM's first output with text in its own process,"
+        " the others: the client's first piece with text. Target: triton ≤ vllm + 5 ms."
+    )
+    traced = [s for s in samples if s.get("first") and s["id"] in traces]
+    if traced:
+        lines += [
+            "",
+            "| span (tokenrelay's model trace, triton gRPC) | requests | p50 | mean |",
+            "|---|---|---|---|",
+        ]
+        for name, a, b in SPANS:
+            values = []
+            for s in traced:
+                times = {**traces[s["id"]], "call": s["call"], "first": s["first"]}
+                if a in times and b in times:
+                    values.append(times[b] - times[a])
+            if values:
+                lines.append(
+                    f"| {name} | {len(values)} | {ms(statistics.median(values))} |"
+                    f" {ms(statistics.fmean(values))} |"
+                )
+        lines.append(
+            "\nloop→vLLM text is what the ceiling's TTFT times (vLLM's tokenizing, scheduling,"
+            " prefill, detokenizing); the other spans are what Triton and the model add."
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- stop
 
 
@@ -734,7 +1046,9 @@ def stop(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("start", "attach", "caps", "bench", "stop", "all"))
+    parser.add_argument(
+        "phase", choices=("start", "attach", "ceiling", "caps", "bench", "ttft", "stop", "all")
+    )
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/gpu"))
     parser.add_argument("--wheelhouse", type=Path, default=None)
@@ -756,6 +1070,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", default="", help="only these (comma-separated)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting runs after this")
     parser.add_argument(
+        "--gpu-root", type=Path, default=Path(".run/gpu"), help="ceiling: the stack's"
+    )
+    parser.add_argument("--ttft-requests", type=int, default=10, help="ttft: per target per round")
+    parser.add_argument("--trace", type=Path, default=None, help="ttft: the model's trace_path")
+    parser.add_argument(
         "--attach-ports",
         type=int,
         nargs=3,
@@ -772,6 +1091,10 @@ def main(argv: list[str] | None = None) -> None:
         start(args)
     if args.phase == "attach":
         attach(args)
+    if args.phase == "ceiling":
+        ceiling(args)
+    if args.phase == "ttft":
+        ttft(args)
     if args.phase in ("caps", "all"):
         import capabilities
 
