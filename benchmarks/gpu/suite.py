@@ -764,7 +764,8 @@ SPANS = (
     ("client→execute", "call", "execute"),  # client, gRPC, Triton's core, the stub's IPC
     ("execute→loop", "execute", "loop"),  # the model: stub thread to vLLM's loop thread
     ("loop→vLLM text", "loop", "output"),  # vLLM: what the ceiling's TTFT times
-    ("vLLM text→sent", "output", "sent"),  # the model: to the sender thread, built, sent
+    ("vLLM text→sender", "output", "build"),  # the model: the hop to the sender thread
+    ("sender→sent", "build", "sent"),  # the model: the response built, the stub's send
     ("sent→client", "sent", "first"),  # the stub's IPC, Triton's core, gRPC, the client
 )
 
@@ -873,6 +874,7 @@ async def _ttft_rounds(
             channel = grpc.aio.insecure_channel(address)
             clients["orchestrator"] = pb_grpc.GenerationServiceStub(channel)
     samples: list[dict[str, Any]] = []
+    run = f"{time.time_ns():x}"  # request ids of this run only (the trace file outlives runs)
     log = (out / "ttft.jsonl").open("a")
     try:
         for round_ in range(args.rounds):
@@ -882,7 +884,9 @@ async def _ttft_rounds(
                 if target == "edge":
                     await _ttft_edge(address, index, 4, session)
                 else:
-                    await _ttft_one(target, address, templated(index), 4, f"w{round_}-{t}", clients)
+                    await _ttft_one(
+                        target, address, templated(index), 4, f"{run}-w{round_}-{t}", clients
+                    )
             for i in range(args.ttft_requests):
                 # Targets alternate request by request, their order rotating; each request a
                 # prompt of its own, so that every engine sees the same (system prompt cached,
@@ -899,7 +903,7 @@ async def _ttft_rounds(
                             address,
                             templated(index),
                             args.max_tokens,
-                            f"t{round_}-{i}-{t}",
+                            f"{run}-t{round_}-{i}-{t}",
                             clients,
                         )
                     sample["round"] = round_
@@ -998,7 +1002,11 @@ def ttft_markdown(
         " its own per request; vllm: AsyncLLM's first output with text in its own process,"
         " the others: the client's first piece with text. Target: triton ≤ vllm + 5 ms."
     )
-    traced = [s for s in samples if s.get("first") and s["id"] in traces]
+    traced = [
+        s
+        for s in samples
+        if s["target"].startswith("triton:") and s.get("first") and s["id"] in traces
+    ]
     if traced:
         lines += [
             "",

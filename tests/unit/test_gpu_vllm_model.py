@@ -368,7 +368,7 @@ def test_the_trace_gives_each_streaming_request_its_first_token_times(
     (line,) = trace.read_text().splitlines()
     times = json.loads(line)
     assert times["id"] == "r-1"
-    order = [times[k] for k in ("execute", "loop", "output", "sent")]
+    order = [times[k] for k in ("execute", "loop", "output", "build", "sent")]
     assert order == sorted(order) and order[-1] - order[0] < 5
 
 

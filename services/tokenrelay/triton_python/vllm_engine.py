@@ -36,7 +36,8 @@ engine unloads the model and requests get UNAVAILABLE), ``response_interval_ms``
 streaming request is appended to that file when its first text has been sent, with the
 request's Triton id and ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for every process of
 the host) at ``execute`` (``execute``), on the engine's loop (``loop``), when vLLM's first
-output with text arrived (``output``) and when that response's ``send`` returned (``sent``):
+output with text arrived (``output``), when the sender thread began that response (``build``)
+and when its ``send`` returned (``sent``):
 where the first token waits inside the model (``benchmarks/gpu/suite.py ttft`` joins it with
 the client's own times).
 
@@ -302,6 +303,7 @@ class _Sender:
                 self._send(stream, pending, final=False, now=now)
 
     def _send(self, stream: _Stream, pending: Pending, final: bool, now: float) -> None:
+        began = time.monotonic() if stream.trace is not None else 0.0
         response = self._model.response(stream.req, pending)
         flags = self._model.final_flag if final else 0
         self._guard(lambda: stream.sender.send(response, flags=flags))
@@ -309,6 +311,7 @@ class _Sender:
         if not stream.text_sent and any(pending.texts):
             stream.text_sent = True
             if stream.trace is not None and self._trace is not None:
+                stream.trace["build"] = began
                 stream.trace["sent"] = time.monotonic()
                 self._guard(lambda: self._write_trace(stream.trace))
         stream.last_sent = now
