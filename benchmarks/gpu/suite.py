@@ -609,7 +609,10 @@ def bench(args: argparse.Namespace) -> None:
     deadline = time.time() + args.budget_s
     targets: list[tuple[str, str]] = []
     if "ceiling" in state and not state["ceiling"].get("failed"):
-        targets.append(("vllm", state["ceiling"]["url"]))
+        if _get(f"{state['ceiling']['url']}/ready") == 200:
+            targets.append(("vllm", state["ceiling"]["url"]))
+        else:  # one that ``ceiling`` started may still be loading, or have failed
+            print("the ceiling is not ready: left out", flush=True)
     for name, server in state["servers"].items():
         if not server.get("failed"):
             targets.append((f"triton:{name}", server["grpc"]))
