@@ -78,7 +78,7 @@ stack)
   # From a copy: each call replaces the working tree, which a running stack must not share.
   rm -rf /tmp/proj && cp -r $P /tmp/proj && cd /tmp/proj
   PYTHONPATH=$R:/tmp/proj/services PYTHONUNBUFFERED=1 setsid nohup python3 -m tokenrelay.stack --gpu --wheelhouse $H \
-    --gpu-model-parameter trace_path=$W/trace.jsonl \
+    --gpu-model-parameter trace_path=$W/trace.jsonl --triton-arg=--trace-config=triton,file=$W/triton-trace.json \
     --config deploy/tokenrelay.gpu-local.toml --workdir $W > $W/launcher.log 2>&1 < /dev/null &
   python3 - $! ${3:-420} <<'EOF'
 import os, sys, time, urllib.request
@@ -120,8 +120,9 @@ verify)
   timeout 120 python3 benchmarks/gpu/capabilities.py --work $W/suite --out $OUT --edge http://127.0.0.1:8080 2>&1 | tee $OUT/caps.log | grep -E "PASS|FAIL|took"
   echo "CAPS DONE at $(el $T0) s"
   timeout 200 python3 benchmarks/gpu/suite.py ttft --work $W/suite --out $OUT --rounds ${TTFT_ROUNDS:-3} --ttft-requests 10 \
-    --max-tokens 16 --trace $W/trace.jsonl --ready-timeout 150 2>&1 | tee $OUT/ttft.log | grep -v "^INFO"
+    --max-tokens 16 --trace $W/trace.jsonl --triton-trace $W/triton-trace.json --ready-timeout 150 2>&1 | tee $OUT/ttft.log | grep -v "^INFO"
   cp $W/trace.jsonl $OUT/ 2>/dev/null; tail -n 60 $W/suite/logs/ceiling.log > $OUT/ceiling-log.txt 2>/dev/null
+  cat $W/triton-trace.json.* > $OUT/triton-trace.txt 2>/dev/null
   echo "TTFT DONE at $(el $T0) s"
   B=$(awk "BEGIN{print int(${2:-400} - ($(t) - $T0))}"); echo "bench budget $B s"
   python3 benchmarks/gpu/suite.py bench --work $W/suite --out $OUT --budget-s $B --rounds 1 --streams 1,64 2>&1 | tee $OUT/bench.log | grep -v "^INFO" | tail -16

@@ -784,6 +784,16 @@ SPANS = (
     ("sender→sent", "build", "sent"),  # the model: the response built, the stub's send
     ("sent→client", "sent", "first"),  # the stub's IPC, Triton's core, gRPC, the client
 )
+# With Triton's own trace (--triton-trace: tritonserver started with
+# --trace-config=triton,file=PREFIX; its timestamps are CLOCK_MONOTONIC too).
+TRITON_SPANS = (
+    ("client→Triton read it", "call", "GRPC_WAITREAD_END"),  # client, HTTP/2, gRPC's read
+    ("read→compute start", "GRPC_WAITREAD_END", "COMPUTE_START"),  # Triton's core, queue
+    ("compute start→execute", "COMPUTE_START", "execute"),  # the stub's IPC to execute()
+    # (send() returns after Triton took the response: its gRPC send can start before "sent")
+    ("sender→gRPC send", "build", "GRPC_SEND_START"),  # built, the stub's IPC, Triton's core
+    ("gRPC send→client", "GRPC_SEND_START", "first"),  # gRPC, the client
+)
 
 
 async def _ttft_one(
@@ -972,16 +982,65 @@ def ttft(args: argparse.Namespace) -> None:
     if args.targets:
         targets = [t for t in targets if t[0] in args.targets.split(",")]
     print("ttft targets:", ", ".join(t for t, _ in targets), flush=True)
-    samples = asyncio.run(_ttft_rounds(targets, args, out))
+    servers = [s for s in state["servers"].values() if not s.get("failed")]
+    if args.triton_trace is not None:
+        _triton_trace_level(servers, "TIMESTAMPS")
+    try:
+        samples = asyncio.run(_ttft_rounds(targets, args, out))
+    finally:
+        if args.triton_trace is not None:
+            _triton_trace_level(servers, "OFF")
     traces: dict[str, dict[str, float]] = {}
     if args.trace is not None and args.trace.exists():
         for line in args.trace.read_text().splitlines():
             with contextlib.suppress(ValueError):
                 entry = json.loads(line)
                 traces[str(entry.get("id"))] = entry
+    if args.triton_trace is not None:
+        time.sleep(1)  # the last traces written
+        for name, stamps in _triton_traces(args.triton_trace).items():
+            traces.setdefault(name, {}).update(stamps)
     table = ttft_markdown(samples, traces, args)
     (out / "ttft.md").write_text(table)
     print("\n" + table, flush=True)
+
+
+def _triton_trace_level(servers: list[dict[str, Any]], level: str) -> None:
+    """Triton's request tracing on (every request, a file per trace) or off, at run time."""
+    body = {"trace_level": [level], "trace_rate": "1", "trace_count": "-1", "log_frequency": "1"}
+    for server in servers:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server['http']}/v2/trace/setting",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                print(f"Triton trace {level}: {response.read().decode()[:200]}", flush=True)
+        except (OSError, urllib.error.HTTPError) as exc:
+            print(f"Triton trace {level} refused: {exc}", flush=True)
+
+
+def _triton_traces(prefix: Path) -> dict[str, dict[str, float]]:
+    """Triton's trace files (``PREFIX.N``, JSON lists of entries per trace id): by the client's
+    request id, each timestamp's first occurrence in seconds of CLOCK_MONOTONIC."""
+    found: dict[str, dict[str, float]] = {}
+    for path in sorted(prefix.parent.glob(prefix.name + ".*")):
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        ids: dict[Any, str] = {}
+        stamps: dict[Any, dict[str, float]] = {}
+        for entry in entries:
+            if "request_id" in entry:
+                ids[entry["id"]] = str(entry["request_id"])
+            for stamp in entry.get("timestamps", ()):
+                mine = stamps.setdefault(entry["id"], {})
+                mine.setdefault(stamp["name"], stamp["ns"] / 1e9)
+        for key, name in ids.items():
+            found[name] = stamps.get(key, {})
+    return found
 
 
 def ttft_markdown(
@@ -1026,10 +1085,10 @@ def ttft_markdown(
     if traced:
         lines += [
             "",
-            "| span (tokenrelay's model trace, triton gRPC) | requests | p50 | mean |",
+            "| span (the model's and Triton's traces, triton gRPC) | requests | p50 | mean |",
             "|---|---|---|---|",
         ]
-        for name, a, b in SPANS:
+        for name, a, b in SPANS + TRITON_SPANS:
             values = []
             for s in traced:
                 times = {**traces[s["id"]], "call": s["call"], "first": s["first"]}
@@ -1098,6 +1157,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--ttft-requests", type=int, default=10, help="ttft: per target per round")
     parser.add_argument("--trace", type=Path, default=None, help="ttft: the model's trace_path")
+    parser.add_argument(
+        "--triton-trace", type=Path, default=None, help="ttft: tritonserver's trace file prefix"
+    )
     parser.add_argument(
         "--attach-ports",
         type=int,
