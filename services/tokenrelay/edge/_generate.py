@@ -29,7 +29,7 @@ from opentelemetry import trace
 from tokenrelay._readahead import ReadAhead
 from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._choices import Answer, Piece, chat_logprobs
-from tokenrelay.edge._errors import error_body
+from tokenrelay.edge._middlewares import error_body
 from tokenrelay.edge._request import budget, read_json
 from tokenrelay.edge._resume import ResumableStream, new_stream_id
 from tokenrelay.edge._sse import SSEWriter

@@ -47,10 +47,16 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tokenrelay.edge import _openai as oa
-from tokenrelay.edge._errors import error_body
 from tokenrelay.edge._generate import open_answer, pump
+from tokenrelay.edge._middlewares import (
+    WEBSOCKET_PATH,
+    admit,
+    authenticate,
+    bearer,
+    caller_of,
+    error_body,
+)
 from tokenrelay.edge._request import budget
-from tokenrelay.edge._security import WEBSOCKET_PATH, admit, authenticate, bearer, caller_of
 from tokenrelay.edge._state import AUTH, REQUEST_ID, SETTINGS, STATE, UPSTREAM
 from tokenrelay.errors import (
     InvalidRequest,
