@@ -31,9 +31,9 @@ from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._choices import Answer, Piece, chat_logprobs
 from tokenrelay.edge._middlewares import error_body
 from tokenrelay.edge._request import budget, read_json
-from tokenrelay.edge._resume import ResumableStream, new_stream_id
 from tokenrelay.edge._sse import SSEWriter
 from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STREAMS, UPSTREAM
+from tokenrelay.edge._stream import ResumableStream, new_stream_id
 from tokenrelay.errors import GenerationFailed, RelayError, UpstreamUnavailable
 from tokenrelay.generation import Usage
 from tokenrelay.logs import bind

@@ -10,7 +10,7 @@ from aiohttp import web
 from tokenrelay._workers import WorkerContext
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._metrics import EdgeMetrics
-from tokenrelay.edge._resume import ResumableStreams
+from tokenrelay.edge._stream import ResumableStreams
 from tokenrelay.edge._upstream import OrchestratorClient
 from tokenrelay.security import KeyStore
 from tokenrelay.tenancy import LimitStore, LocalLimits, Tenants

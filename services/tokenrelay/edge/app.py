@@ -37,7 +37,6 @@ from tokenrelay.edge._middlewares import (
     metrics_middleware,
     on_response_prepare,
 )
-from tokenrelay.edge._resume import ResumableStreams
 from tokenrelay.edge._routes import routes
 from tokenrelay.edge._state import (
     AUTH,
@@ -50,6 +49,7 @@ from tokenrelay.edge._state import (
     Auth,
     EdgeState,
 )
+from tokenrelay.edge._stream import ResumableStreams
 from tokenrelay.edge._upstream import OrchestratorClient
 from tokenrelay.edge._ws import routes as websocket_routes
 from tokenrelay.security import KeyStore, is_loopback
