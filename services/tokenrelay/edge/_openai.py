@@ -635,7 +635,7 @@ def usage(value: pb.Usage) -> dict[str, int]:
 def chat_completion(
     id_: str, created: int, model: str, choices: list[dict[str, Any]], use: pb.Usage
 ) -> dict[str, Any]:
-    """A chat completion of ``choices`` (see ``_choices.Answer.chat``)."""
+    """A chat completion of ``choices`` (see ``_stream.Answer.chat``)."""
     return {
         "id": id_,
         "object": "chat.completion",

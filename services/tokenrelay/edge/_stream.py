@@ -1,4 +1,10 @@
-"""Resumable SSE: a streamed chat completion that outlives its connection.
+"""A streamed answer, from the orchestrator's messages to the client's events: how each endpoint
+spells its chunks (``Shape``: ``Chat``, ``Completion``; a choice's pieces put together by
+``Piece``, a whole answer by ``Answer``), the pump that writes them (``pump``) to a ``Sink`` — an
+SSE response (``SSEWriter``), a resumable stream (``ResumableStream``) or a WebSocket (``_ws``) —
+and the resumable streams themselves. One module, so that a token crosses it without leaving it.
+
+Resumable SSE: a streamed chat completion that outlives its connection.
 
 A browser whose connection blips should not lose its answer. So a streamed chat completion's
 generation does not belong to the connection that asked for it: it runs in a task of its own
@@ -23,24 +29,276 @@ reconnects before the server noticed its old connection was gone); the older one
 Several edge replicas: the stream lives in the replica that serves it, so a resume must reach
 the same replica — route ``/v1/chat/completions/{id}/stream`` by the id (or by the client's
 session) to the replica that answered the POST; see the README.
+
+Server-Sent Events as OpenAI streams them: ``data: {json}`` events, ``data: [DONE]`` last.
+
+Once the headers are out an error can no longer be a status code: it is an ``event: error`` with
+the OpenAI error body, and the stream ends. Idle streams get ``: ping`` comments so proxies and
+browsers keep them open.
+
+Choices as OpenAI spells them: what the orchestrator's messages carry for one choice (text,
+tool-call pieces, logprobs) put together — into a streamed delta (``Piece``) or a whole answer
+(``Answer``) — and written the way each endpoint writes it.
+
+Chat: tool calls as ``message.tool_calls`` (content null when the answer is only calls) and, in
+a stream, ``delta.tool_calls`` (a call's first piece with ``id``, ``type`` and
+``function.name``, later ones with ``function.arguments`` only); logprobs as
+``{"content": [{"token", "logprob", "bytes", "top_logprobs"}], "refusal": null}``.
+Completions: logprobs as ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``, the
+offsets counted from the start of that choice's text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
+from opentelemetry import trace
 
+from tokenrelay._readahead import ReadAhead
 from tokenrelay.config import Resume
-from tokenrelay.edge._sse import HEADERS, SSEWriter, encode
-from tokenrelay.errors import Gone, InvalidRequest, PermissionDenied, StreamNotFound
+from tokenrelay.edge import _openai as oa
+from tokenrelay.edge._middlewares import error_body
+from tokenrelay.errors import (
+    GenerationFailed,
+    Gone,
+    InvalidRequest,
+    PermissionDenied,
+    RelayError,
+    StreamNotFound,
+    UpstreamUnavailable,
+)
+from tokenrelay.generation import Usage
+from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.wire import usage_to_pb
 
-__all__ = ["ResumableStream", "ResumableStreams", "new_stream_id"]
+__all__ = [
+    "HEADERS",
+    "Answer",
+    "Chat",
+    "Completion",
+    "Piece",
+    "ResumableStream",
+    "ResumableStreams",
+    "SSEWriter",
+    "Shape",
+    "Sink",
+    "chat_logprobs",
+    "continued_of",
+    "encode",
+    "genai_response",
+    "new_stream_id",
+    "pump",
+    "tool_call_deltas",
+    "total_usage",
+    "with_continued",
+]
+
+HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class SSEWriter:
+    def __init__(self, response: web.StreamResponse) -> None:
+        self._response = response
+
+    @classmethod
+    async def open(cls, request: web.Request, headers: dict[str, str]) -> SSEWriter:
+        response = web.StreamResponse(status=200, headers={**HEADERS, **headers})
+        await response.prepare(request)
+        return cls(response)
+
+    @property
+    def response(self) -> web.StreamResponse:
+        return self._response
+
+    @staticmethod
+    def frame(payload: dict[str, Any]) -> bytes:
+        """One ``data:`` event, for ``write``."""
+        return b"data: " + encode(payload) + b"\n\n"
+
+    async def write(self, frames: list[bytes]) -> None:
+        """Several events in one write (one chunk, one syscall) instead of one write each."""
+        if frames:
+            await self._response.write(b"".join(frames))
+
+    async def data(self, payload: dict[str, Any]) -> None:
+        await self._response.write(self.frame(payload))
+
+    async def error(self, body: dict[str, Any]) -> None:
+        await self._response.write(b"event: error\ndata: " + encode(body) + b"\n\n")
+
+    async def fail(self, body: dict[str, Any]) -> None:
+        """The error event, then the end of the stream."""
+        await self.error(body)
+        await self._response.write_eof()
+
+    async def ping(self) -> None:
+        await self._response.write(b": ping\n\n")
+
+    async def done(self) -> None:
+        await self._response.write(b"data: [DONE]\n\n")
+        await self._response.write_eof()
+
+
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(entries: Iterable[pb.TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": _bytes(e.token),
+                "top_logprobs": [
+                    {"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token)}
+                    for t in e.top_logprobs
+                ],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(entries: Iterable[pb.TokenLogprob], offset: int) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    for e in entries:
+        body["tokens"].append(e.token)
+        body["token_logprobs"].append(e.logprob)
+        body["top_logprobs"].append({t.token: t.logprob for t in e.top_logprobs})
+        body["text_offset"].append(offset)
+        offset += len(e.token)
+    return body
+
+
+def tool_call_deltas(pieces: Iterable[pb.ToolCallDelta]) -> list[dict[str, Any]]:
+    """Pieces of calls as ``delta.tool_calls``: consecutive pieces of one call merged."""
+    out: list[dict[str, Any]] = []
+    for piece in pieces:
+        last = out[-1] if out else None
+        if last is not None and last["index"] == piece.index and not piece.id:
+            last["function"]["arguments"] = last["function"].get("arguments", "") + piece.arguments
+            continue
+        item: dict[str, Any] = {"index": piece.index}
+        if piece.id:
+            item["id"] = piece.id
+            item["type"] = "function"
+            item["function"] = {"name": piece.name, "arguments": piece.arguments}
+        else:
+            item["function"] = {"arguments": piece.arguments}
+        out.append(item)
+    return out
+
+
+class Piece:
+    """What consecutive messages of one choice carry, to go out as one streamed chunk."""
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.texts: list[str] = []
+        self.calls: list[pb.ToolCallDelta] = []
+        self.logprobs: list[pb.TokenLogprob] = []
+
+    def add(self, message: pb.GenerateStreamResponse) -> None:
+        if message.text:
+            self.texts.append(message.text)
+        if message.tool_calls:
+            self.calls.extend(message.tool_calls)
+        if message.logprobs:
+            self.logprobs.extend(message.logprobs)
+
+    def __bool__(self) -> bool:
+        return bool(self.texts or self.calls or self.logprobs)
+
+    def take(self) -> tuple[str, list[pb.ToolCallDelta], list[pb.TokenLogprob]]:
+        taken = ("".join(self.texts), self.calls, self.logprobs)
+        self.texts, self.calls, self.logprobs = [], [], []
+        return taken
+
+    @staticmethod
+    def chat_delta(text: str, calls: list[pb.ToolCallDelta]) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        if text or not calls:
+            delta["content"] = text
+        if calls:
+            delta["tool_calls"] = tool_call_deltas(calls)
+        return delta
+
+    @staticmethod
+    def completion_logprobs(entries: list[pb.TokenLogprob], offset: int) -> dict[str, Any]:
+        return _completion_logprobs(entries, offset)
+
+
+class Answer:
+    """One whole choice, put together from its messages."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.texts: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: list[pb.TokenLogprob] = []
+        self.end: pb.StreamEnd | None = None
+
+    def add(self, message: pb.GenerateStreamResponse) -> None:
+        self.texts.append(message.text)
+        for piece in message.tool_calls:
+            call = self.calls.setdefault(
+                piece.index,
+                {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+            )
+            call["id"] = call["id"] or piece.id
+            call["function"]["name"] = call["function"]["name"] or piece.name
+            call["function"]["arguments"] += piece.arguments
+        self.logprobs.extend(message.logprobs)
+        if message.HasField("end"):
+            self.end = message.end
+
+    def chat(self, finish: str, logprobs: bool) -> dict[str, Any]:
+        text = "".join(self.texts)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": text if text or not self.calls else None,
+            "refusal": None,
+        }
+        if self.calls:
+            message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
+        return {
+            "index": self.index,
+            "message": message,
+            "finish_reason": finish,
+            "logprobs": chat_logprobs(self.logprobs) if logprobs else None,
+        }
+
+    def completion(self, finish: str, logprobs: bool) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "text": "".join(self.texts),
+            "finish_reason": finish,
+            "logprobs": _completion_logprobs(self.logprobs, 0) if logprobs else None,
+        }
+
 
 log = logging.getLogger(__name__)
 
@@ -339,3 +597,249 @@ class ResumableStreams:
         for stream in streams:
             stream._close()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+F = TypeVar("F")
+
+
+class Shape(Protocol):
+    """How one endpoint spells its answer (of ``n`` choices)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def n(self) -> int: ...
+
+    def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]: ...
+    def piece(self, piece: Piece) -> dict[str, Any]: ...
+    def end(self, index: int, finish: str) -> dict[str, Any]: ...
+    def usage(self, usage: pb.Usage) -> dict[str, Any]: ...
+    def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    id: str
+    created: int
+    model: str
+    with_usage: bool
+    n: int = 1
+    logprobs: bool = False
+
+    def _chunk(self, delta: dict[str, Any], index: int = 0, **fields: Any) -> dict[str, Any]:
+        return oa.chat_chunk(
+            self.id, self.created, self.model, delta, None, self.with_usage, index, **fields
+        )
+
+    def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
+        chunks = [self._chunk({"role": "assistant", "content": ""}, i) for i in range(self.n)]
+        if retrieval is not None:
+            chunks[0]["retrieval"] = retrieval
+        return chunks
+
+    def piece(self, piece: Piece) -> dict[str, Any]:
+        index = piece.index
+        text, calls, logprobs = piece.take()
+        entries = chat_logprobs(logprobs) if self.logprobs else None
+        return self._chunk(Piece.chat_delta(text, calls), index, logprobs=entries)
+
+    def end(self, index: int, finish: str) -> dict[str, Any]:
+        return oa.chat_chunk(self.id, self.created, self.model, {}, finish, self.with_usage, index)
+
+    def usage(self, usage: pb.Usage) -> dict[str, Any]:
+        chunk = oa.chat_chunk(self.id, self.created, self.model, {}, None, True)
+        chunk["choices"] = []
+        chunk["usage"] = oa.usage(usage)
+        return chunk
+
+    def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]:
+        choices = [a.chat(_finish(a.end), self.logprobs) for a in answers]
+        return oa.chat_completion(self.id, self.created, self.model, choices, usage)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    id: str
+    created: int
+    model: str
+    with_usage: bool
+    n: int = 1
+    logprobs: bool = False
+    # Characters of each choice's text so far: logprobs' text_offset counts from its start.
+    offsets: dict[int, int] = field(default_factory=dict)
+
+    def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
+        if retrieval is None:
+            return []
+        chunk = oa.completion_chunk(self.id, self.created, self.model, "", None)
+        chunk["retrieval"] = retrieval
+        return [chunk]
+
+    def piece(self, piece: Piece) -> dict[str, Any]:
+        index = piece.index
+        text, _, logprobs = piece.take()
+        entries = None
+        if self.logprobs:
+            offset = self.offsets.get(index, 0)
+            entries = Piece.completion_logprobs(logprobs, offset)
+            self.offsets[index] = offset + len(text)  # the next piece starts after its text
+        return oa.completion_chunk(self.id, self.created, self.model, text, None, index, entries)
+
+    def end(self, index: int, finish: str) -> dict[str, Any]:
+        return oa.completion_chunk(self.id, self.created, self.model, "", finish, index)
+
+    def usage(self, usage: pb.Usage) -> dict[str, Any]:
+        return oa.completion(self.id, self.created, self.model, [], usage)
+
+    def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]:
+        choices = [a.completion(_finish(a.end), self.logprobs) for a in answers]
+        return oa.completion(self.id, self.created, self.model, choices, usage)
+
+
+def genai_response(model: str, ends: list[pb.StreamEnd], usage: pb.Usage) -> dict[str, Any]:
+    return {
+        "gen_ai.response.model": model,
+        "gen_ai.response.finish_reasons": [oa.finish_reason(e) or "cancelled" for e in ends],
+        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": usage.completion_tokens,
+    }
+
+
+def _finish(end: pb.StreamEnd | None) -> str:
+    finish = oa.finish_reason(end) if end is not None else None
+    if finish is None:
+        raise UpstreamUnavailable("The inference server cancelled the generation.")
+    return finish
+
+
+def total_usage(ends: list[pb.StreamEnd]) -> pb.Usage:
+    """The request's usage: the prompt once, every choice's completion tokens, and the prompts
+    of every continuation (each in its own choice's end only)."""
+    if not ends:
+        return pb.Usage()
+    first = ends[0]
+    prompt = first.usage.prompt_tokens - first.continued.usage.prompt_tokens
+    prompt += sum(e.continued.usage.prompt_tokens for e in ends)
+    return usage_to_pb(Usage(prompt, sum(e.usage.completion_tokens for e in ends)))
+
+
+class Sink(Protocol[F]):
+    """Where a streamed answer's events go, in order: an SSE response (``SSEWriter``), a
+    resumable stream that outlives its connection (``ResumableStream``), or one
+    generation's messages on a WebSocket (``_ws``). ``frame`` spells one chunk; ``write`` sends
+    several at once."""
+
+    def frame(self, payload: dict[str, Any]) -> F: ...
+    async def write(self, frames: list[F]) -> None: ...
+    async def ping(self) -> None: ...
+    async def fail(self, body: dict[str, Any]) -> None:
+        """The error (an OpenAI error body), then the end."""
+        ...
+
+    async def done(self) -> None: ...
+
+
+async def _wait(
+    reader: ReadAhead[pb.GenerateStreamResponse], sink: Sink[F], interval_s: float
+) -> list[pb.GenerateStreamResponse]:
+    """The messages that arrive next; pings the sink while none does."""
+    while True:
+        try:
+            async with asyncio.timeout(interval_s):
+                taken = await reader.take()
+        except TimeoutError:
+            await sink.ping()
+            continue
+        if not taken:
+            raise GenerationFailed("The answer ended unexpectedly.")
+        return taken
+
+
+def continued_of(ends: list[pb.StreamEnd]) -> pb.Continued | None:
+    """How the answer outlived its nodes, over all its choices (None: it did not)."""
+    continued = [e.continued for e in ends if e.HasField("continued")]
+    if not continued:
+        return None
+    prompt = sum(c.usage.prompt_tokens for c in continued)
+    completion = sum(c.usage.completion_tokens for c in continued)
+    return pb.Continued(
+        count=sum(c.count for c in continued), usage=usage_to_pb(Usage(prompt, completion))
+    )
+
+
+def with_continued(chunk: dict[str, Any], continued: pb.Continued | None) -> dict[str, Any]:
+    """``chunk`` with the ``continued`` extension when the answer outlived its node."""
+    if continued is not None:
+        chunk["continued"] = oa.continued_json(continued)
+    return chunk
+
+
+async def pump(
+    sink: Sink[F],
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
+    shape: Shape,
+    first: pb.GenerateStreamResponse,
+    include_usage: bool,
+    retrieval: dict[str, Any] | None,
+    keepalive_s: float,
+) -> None:
+    """The orchestrator's ``messages`` (``first`` already read) as ``shape``'s chunks into
+    ``sink``, then its end (``done``), or the error that ended them (``fail``: the usage so far
+    first, when asked for). Does not close ``messages``."""
+    # The orchestrator's messages are read ahead (a bounded few: a slow client still slows the
+    # reading), so that messages that arrive together go out as one event, in one write; nothing
+    # waits for company, so the first token is never delayed (when the client or the loop is
+    # slower than the model, several deltas pile up and cost one event instead of one each).
+    # Consecutive messages of one choice merge; a message of another choice starts a new event.
+    reader = ReadAhead(messages, limit=32)
+    reader.start()
+    frames = [sink.frame(chunk) for chunk in shape.opening(retrieval)]
+    piece = Piece()
+    ends: list[pb.StreamEnd] = []
+
+    def flush() -> None:
+        if piece:
+            frames.append(sink.frame(shape.piece(piece)))
+
+    try:
+        batch = [first]
+        while True:
+            for message in batch:
+                if message.index != piece.index:
+                    flush()
+                    piece.index = message.index
+                piece.add(message)
+                if message.HasField("end"):
+                    flush()
+                    end = message.end
+                    ends.append(end)
+                    chunk = shape.end(message.index, _finish(end))
+                    frames.append(sink.frame(with_continued(chunk, continued_of([end]))))
+                    if len(ends) == shape.n:
+                        break
+            if len(ends) == shape.n:
+                usage = total_usage(ends)
+                trace.get_current_span().set_attributes(genai_response(shape.model, ends, usage))
+                if include_usage:
+                    chunk = with_continued(shape.usage(usage), continued_of(ends))
+                    frames.append(sink.frame(chunk))
+                await sink.write(frames)
+                break
+            batch = reader.ready()
+            if not batch:
+                flush()
+                await sink.write(frames)
+                frames = []
+                batch = await _wait(reader, sink, keepalive_s)
+    except RelayError as exc:
+        flush()
+        if include_usage and exc.usage is not None:  # what was generated before the error
+            frames.append(sink.frame(shape.usage(usage_to_pb(exc.usage))))
+        await sink.write(frames)
+        await sink.fail(error_body(exc))
+        return
+    finally:
+        await reader.close()
+    await sink.done()

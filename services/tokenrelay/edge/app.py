@@ -27,6 +27,7 @@ from tokenrelay._workers import (
     worker_command,
 )
 from tokenrelay.config import EdgeSettings, Secrets, Tenancy, join_hostport, split_hostport
+from tokenrelay.edge._generate import OrchestratorClient
 from tokenrelay.edge._generate import routes as generation_routes
 from tokenrelay.edge._metrics import EdgeMetrics
 from tokenrelay.edge._middlewares import (
@@ -50,7 +51,6 @@ from tokenrelay.edge._state import (
     EdgeState,
 )
 from tokenrelay.edge._stream import ResumableStreams
-from tokenrelay.edge._upstream import OrchestratorClient
 from tokenrelay.edge._ws import routes as websocket_routes
 from tokenrelay.security import KeyStore, is_loopback
 from tokenrelay.tenancy import LimitStore, Tenants, make_limits
