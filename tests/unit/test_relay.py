@@ -33,8 +33,7 @@ from tokenrelay.generation import (
     Role,
     Sampling,
 )
-from tokenrelay.orchestrator._breaker import BreakerState
-from tokenrelay.orchestrator._pool import NodePool, Placement
+from tokenrelay.orchestrator._pool import BreakerState, NodePool, Placement
 from tokenrelay.orchestrator._relay import Relay
 
 

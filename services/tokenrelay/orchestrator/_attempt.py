@@ -20,9 +20,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from tokenrelay._readahead import ReadAhead
 from tokenrelay.errors import GenerationFailed, InvalidRequest, UpstreamUnavailable
 from tokenrelay.generation import Delta, TokenLogprob
-from tokenrelay.orchestrator._breaker import Outcome
 from tokenrelay.orchestrator._plan import Plan
-from tokenrelay.orchestrator._pool import Lease
+from tokenrelay.orchestrator._pool import Lease, Outcome
 from tokenrelay.tracing import inject, tracer
 
 __all__ = ["Attempt", "judge"]

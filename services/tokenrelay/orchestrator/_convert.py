@@ -24,8 +24,7 @@ from tokenrelay.generation import (
     ToolChoice,
     ToolChoiceMode,
 )
-from tokenrelay.orchestrator._breaker import BreakerState
-from tokenrelay.orchestrator._pool import NodeStatus
+from tokenrelay.orchestrator._pool import BreakerState, NodeStatus
 from tokenrelay.orchestrator._relay import ModelStatus
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import retrieval_pb2 as rpb

@@ -19,9 +19,8 @@ from tokenrelay.config import Routing
 from tokenrelay.errors import InvalidRequest, RelayError, UpstreamTimeout, UpstreamUnavailable
 from tokenrelay.generation import Delta
 from tokenrelay.orchestrator._attempt import Attempt, judge
-from tokenrelay.orchestrator._breaker import Outcome
 from tokenrelay.orchestrator._plan import Plan
-from tokenrelay.orchestrator._pool import NodePool
+from tokenrelay.orchestrator._pool import NodePool, Outcome
 
 __all__ = ["FirstTokenRace"]
 
