@@ -43,11 +43,10 @@ from tokenrelay.errors import (
     UpstreamUnavailable,
 )
 from tokenrelay.generation import Chunk, Continued, Delta, FinishReason, StreamEnd, Usage
-from tokenrelay.orchestrator._attempt import Attempt
 from tokenrelay.orchestrator._metrics import RelayMetrics
 from tokenrelay.orchestrator._plan import Plan, Planner
 from tokenrelay.orchestrator._pool import NodePool
-from tokenrelay.orchestrator._race import FirstTokenRace
+from tokenrelay.orchestrator._race import Attempt, FirstTokenRace
 from tokenrelay.orchestrator._record import Record
 
 __all__ = ["Continuer", "Follow"]

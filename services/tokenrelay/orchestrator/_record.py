@@ -11,8 +11,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from tokenrelay.metrics import outcome_of
-from tokenrelay.orchestrator._attempt import Attempt
 from tokenrelay.orchestrator._metrics import RelayMetrics
+from tokenrelay.orchestrator._race import Attempt
 from tokenrelay.tenancy import Identity, TenantMetrics, UsageLedger
 
 __all__ = ["Record"]

@@ -74,12 +74,11 @@ from tokenrelay.generation import (
 )
 from tokenrelay.logs import bind
 from tokenrelay.orchestrator._admission import Slots
-from tokenrelay.orchestrator._attempt import Attempt, judge
 from tokenrelay.orchestrator._continue import Continuer
 from tokenrelay.orchestrator._metrics import RelayMetrics
 from tokenrelay.orchestrator._plan import Plan, Planner
 from tokenrelay.orchestrator._pool import NodePool, Outcome
-from tokenrelay.orchestrator._race import FirstTokenRace
+from tokenrelay.orchestrator._race import Attempt, FirstTokenRace, judge
 from tokenrelay.orchestrator._record import Record
 from tokenrelay.orchestrator._tools import ToolCallParser
 from tokenrelay.retrieval import Retriever
