@@ -8,7 +8,7 @@ from tokenrelay.config import Limits, ModelSpec
 from tokenrelay.edge import _openai as oa
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.generation import ChatMessage, GenerationRequest, Sampling
-from tokenrelay.orchestrator._validate import validate
+from tokenrelay.orchestrator._plan import validate
 from tokenrelay.v1 import generation_pb2 as pb
 
 SPEC = ModelSpec(id="m", triton_model="m", context_window=100, default_max_tokens=16)
