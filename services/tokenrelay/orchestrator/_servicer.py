@@ -14,7 +14,7 @@ from tokenrelay.config import Embeddings
 from tokenrelay.errors import GenerationFailed
 from tokenrelay.generation import Chunk, Continued, StreamStart, TokenLogprob, Usage
 from tokenrelay.orchestrator._admission import Slots
-from tokenrelay.orchestrator._auth import current_identity
+from tokenrelay.orchestrator._border import current_identity
 from tokenrelay.orchestrator._convert import (
     chunk_to_pb,
     continued_to_pb,
