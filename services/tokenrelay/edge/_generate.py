@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -38,26 +36,14 @@ from opentelemetry import trace
 
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge import _openai as oa
-from tokenrelay.edge._middlewares import error_body
 from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STREAMS, UPSTREAM
 from tokenrelay.edge._stream import (
-    Answer,
-    Chat,
-    Completion,
-    ResumableStream,
-    Shape,
-    SSEWriter,
-    continued_of,
-    genai_response,
-    new_stream_id,
-    pump,
-    total_usage,
-    with_continued,
+    answer,
+    owner_id,
 )
-from tokenrelay.errors import GenerationFailed, RelayError
 from tokenrelay.logs import bind
 from tokenrelay.security import Secret
-from tokenrelay.tenancy import ANONYMOUS, current_caller, forwarded_metadata
+from tokenrelay.tenancy import forwarded_metadata
 from tokenrelay.tracing import inject
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
@@ -66,10 +52,9 @@ from tokenrelay.v1 import retrieval_pb2_grpc as rpb_grpc
 from tokenrelay.wire import from_rpc_error
 
 __all__ = [
-    "Opened",
     "OrchestratorClient",
     "budget",
-    "open_answer",
+    "read_body",
     "read_json",
     "routes",
 ]
@@ -92,124 +77,10 @@ def _genai_request(parsed: oa.ParsedRequest, chat: bool) -> dict[str, Any]:
     return attributes
 
 
-async def _next(
-    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
-) -> pb.GenerateStreamResponse:
-    try:
-        return await anext(messages)
-    except StopAsyncIteration:
-        raise GenerationFailed("The answer ended unexpectedly.") from None
-
-
-async def _stream(
-    request: web.Request,
-    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
-    shape: Shape,
-    first: pb.GenerateStreamResponse,
-    headers: dict[str, str],
-    include_usage: bool,
-    retrieval: dict[str, Any] | None,
-) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
-    sse = await SSEWriter.open(request, headers)
-    streams = request.app[METRICS].streams
-    streams.inc()
-    try:
-        await pump(
-            sse, messages, shape, first, include_usage, retrieval, settings.keepalive_interval_s
-        )
-    finally:
-        streams.dec()
-    return sse.response
-
-
-@dataclass(frozen=True, slots=True)
-class Opened:
-    """A generation whose first message has come: how its answer is spelt, that message, the
-    response headers its start asks for, and its retrieval report."""
-
-    shape: Shape
-    first: pb.GenerateStreamResponse
-    headers: dict[str, str]
-    retrieval: dict[str, Any] | None
-
-
-async def open_answer(
-    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
-    parsed: oa.ParsedRequest,
-    chat: bool,
-    request_id: str,
-) -> Opened:
-    """Wait for the orchestrator's first message and make the answer's shape from it. Raises
-    the ``RelayError`` that came instead (nothing has gone to the client yet)."""
-    first = await _next(messages)
-    model = first.start.served_by.model or parsed.request.model
-    kind = Chat if chat else Completion
-    # A chat completion's id is random: it is what a client resumes its stream by.
-    answer_id = new_stream_id(request_id) if chat else "cmpl-" + request_id
-    shape = kind(
-        answer_id, int(time.time()), model, parsed.include_usage, parsed.n, parsed.logprobs
-    )
-    headers = {}
-    if first.start.served_by.fallback:
-        headers["x-tokenrelay-fallback"] = model
-    retrieval = None
-    if first.start.HasField("retrieval"):
-        retrieval = oa.retrieval_json(first.start.retrieval)
-        headers["x-tokenrelay-retrieval"] = retrieval["status"]
-    return Opened(shape, first, headers, retrieval)
-
-
-def _owner() -> str:
-    """The key id of the caller being served (``anonymous`` without keys)."""
-    caller = current_caller.get()
-    return caller.key_id if caller is not None else ANONYMOUS
-
-
-async def _resumable(
-    request: web.Request,
-    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
-    shape: Shape,
-    first: pb.GenerateStreamResponse,
-    headers: dict[str, str],
-    include_usage: bool,
-    retrieval: dict[str, Any] | None,
-) -> web.StreamResponse:
-    """A streamed answer that outlives this connection (``_stream.ResumableStream``): the
-    generation runs in a task of its own, which owns ``messages`` from here on; this connection
-    is its first client."""
-    settings = request.app[SETTINGS]
-    gauge = request.app[METRICS].streams
-
-    async def generate(stream: ResumableStream) -> None:
-        gauge.inc()
-        try:
-            await pump(
-                stream,
-                messages,
-                shape,
-                first,
-                include_usage,
-                retrieval,
-                settings.keepalive_interval_s,
-            )
-        except Exception:  # a bug here must still end the stream for its clients
-            log.exception("resumable stream failed")
-            await stream.fail(error_body(RelayError("Internal error.")))
-        finally:
-            gauge.dec()
-            await messages.aclose()
-
-    owner = _owner()
-    stream = request.app[STREAMS].start(shape.id, owner, headers, generate)
-    return await stream.serve(request, owner, None)
-
-
 async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     request_id = request[REQUEST_ID]
-    body = await read_json(request)
-    parsed = (oa.parse_chat if chat else oa.parse_completion)(body, request_id)
+    parsed = oa.parse_body(await read_body(request), request_id, chat)
     span = trace.get_current_span()
     span.set_attributes(_genai_request(parsed, chat))
     with bind(request_id=request_id, model=parsed.request.model):
@@ -218,48 +89,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
             budget(request, settings),
             metadata=[("x-request-id", request_id), *inject()],
         )
-        handed_over = False
-        try:
-            opened = await open_answer(messages, parsed, chat, request_id)
-            shape, first, headers, retrieval = (
-                opened.shape,
-                opened.first,
-                opened.headers,
-                opened.retrieval,
-            )
-            model = shape.model
-            if parsed.stream and chat and request.app[STREAMS].enabled:
-                handed_over = True
-                return await _resumable(
-                    request, messages, shape, first, headers, parsed.include_usage, retrieval
-                )
-            if parsed.stream:
-                return await _stream(
-                    request, messages, shape, first, headers, parsed.include_usage, retrieval
-                )
-            answers: dict[int, Answer] = {}
-            ends: list[pb.StreamEnd] = []
-            message = first
-            while True:
-                answers.setdefault(message.index, Answer(message.index)).add(message)
-                if message.HasField("end"):
-                    ends.append(message.end)
-                    if len(ends) == parsed.n:
-                        break
-                message = await _next(messages)
-            usage = total_usage(ends)
-            answer = shape.whole([answers[i] for i in sorted(answers)], usage)
-            if retrieval is not None:
-                answer["retrieval"] = retrieval
-            continued = continued_of(ends)
-            if continued is not None:
-                with_continued(answer, continued)
-                headers["x-tokenrelay-continued"] = str(continued.count)
-            span.set_attributes(genai_response(model, ends, usage))
-            return web.json_response(answer, headers=headers)
-        finally:
-            if not handed_over:
-                await messages.aclose()
+        return await answer(request, messages, parsed, chat)
 
 
 @routes.post("/v1/chat/completions")
@@ -278,14 +108,14 @@ async def resume_chat_completion(request: web.Request) -> web.StreamResponse:
     (``_stream.ResumableStream``): the events after ``Last-Event-ID`` (all without it), then the
     rest as they come."""
     request.app[METRICS].resumes.inc()
-    return await request.app[STREAMS].resume(request, request.match_info["id"], _owner())
+    return await request.app[STREAMS].resume(request, request.match_info["id"], owner_id())
 
 
 @routes.post("/v1/chat/completions/{id}/cancel")
 async def cancel_chat_completion(request: web.Request) -> web.Response:
     """Stop a streamed chat completion's generation now (its connection may be gone already)."""
     stream_id = request.match_info["id"]
-    request.app[STREAMS].cancel(stream_id, _owner())
+    request.app[STREAMS].cancel(stream_id, owner_id())
     return web.json_response({"id": stream_id, "object": "chat.completion", "cancelled": True})
 
 
@@ -297,19 +127,32 @@ _KEEPALIVE_MS = 10_000
 _PING_TIMEOUT_MS = 5_000
 
 
-@contextmanager
-def _translated() -> Iterator[None]:
-    """A failed call as the ``RelayError`` it reports (``tokenrelay.wire``)."""
-    try:
-        yield
-    except grpc.aio.AioRpcError as exc:
-        error = from_rpc_error(exc)
-        if error.http_status >= 500:
-            log.warning(
-                "orchestrator call failed",
-                extra={"fields": {"grpc_code": exc.code().name, "reason": error.reason}},
-            )
-        raise error from exc
+class _Translated:
+    """``with _translated:``: a failed call as the ``RelayError`` it reports
+    (``tokenrelay.wire``). A class, not a ``contextmanager`` generator: no generator per call."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, grpc.aio.AioRpcError):
+            error = from_rpc_error(exc)
+            if error.http_status >= 500:
+                log.warning(
+                    "orchestrator call failed",
+                    extra={"fields": {"grpc_code": exc.code().name, "reason": error.reason}},
+                )
+            raise error from exc
+
+
+_translated = _Translated()
 
 
 def _read(path: str) -> bytes | None:
@@ -370,7 +213,7 @@ class OrchestratorClient:
             request, timeout=timeout_s, metadata=(*metadata, *forwarded_metadata(), *self._auth)
         )
         try:
-            with _translated():
+            with _translated:
                 async for message in call:
                     yield message
         finally:
@@ -379,7 +222,7 @@ class OrchestratorClient:
     async def embed(
         self, request: rpb.EmbedRequest, timeout_s: float, metadata: Sequence[tuple[str, str]] = ()
     ) -> rpb.EmbedResponse:
-        with _translated():
+        with _translated:
             response: rpb.EmbedResponse = await self._embeddings.Embed(
                 request,
                 timeout=timeout_s,
@@ -388,7 +231,7 @@ class OrchestratorClient:
         return response
 
     async def list_models(self, timeout_s: float) -> list[pb.Model]:
-        with _translated():
+        with _translated:
             response = await self._stub.ListModels(
                 pb.ListModelsRequest(), timeout=timeout_s, metadata=self._auth
             )
@@ -425,11 +268,15 @@ def budget(request: web.Request, settings: EdgeSettings) -> float:
     return stated if 0 < stated < settings.request_timeout_s else settings.request_timeout_s
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object; 408 when it does not arrive within ``body_timeout_s``."""
+async def read_body(request: web.Request) -> bytes:
+    """The request's body; 408 when it does not arrive within ``body_timeout_s``."""
     try:
         async with asyncio.timeout(request.app[SETTINGS].body_timeout_s):
-            raw = await request.read()
+            return await request.read()
     except TimeoutError:
         raise web.HTTPRequestTimeout() from None
-    return oa.loads(raw)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object (``_openai.loads``); 408 as ``read_body``."""
+    return oa.loads(await read_body(request))

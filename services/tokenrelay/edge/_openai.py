@@ -1,4 +1,4 @@
-"""OpenAI request bodies → orchestrator requests, and orchestrator messages → OpenAI JSON.
+"""OpenAI request bodies → orchestrator requests (the answers' JSON is ``_stream``'s).
 
 Field names and meanings follow ``CreateChatCompletionRequest`` / ``CreateCompletionRequest`` of
 the official OpenAI description. The edge checks JSON types here; value ranges and limits are the
@@ -42,24 +42,17 @@ from tokenrelay.v1 import retrieval_pb2 as rpb
 __all__ = [
     "EmbeddingsRequest",
     "ParsedRequest",
-    "chat_chunk",
-    "chat_completion",
-    "completion",
-    "completion_chunk",
-    "continued_json",
     "embeddings_response",
-    "finish_reason",
     "loads",
     "logit_bias",
     "message_tool_calls",
+    "parse_body",
     "parse_chat",
     "parse_completion",
     "parse_embeddings",
     "response_format",
-    "retrieval_json",
     "tool_choice",
     "tools",
-    "usage",
 ]
 
 _CHOICES = {
@@ -230,26 +223,25 @@ _ROLES = {
     "assistant": pb.ROLE_ASSISTANT,
     "tool": pb.ROLE_TOOL,
 }
-_FINISH = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
-}
 
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
+    """A generation request as the orchestrator takes it, and how its answer is to be spelt:
+    streamed or not, with usage, how many choices (``n``), with logprobs or not."""
+
     request: pb.GenerateStreamRequest
     stream: bool
     include_usage: bool
+    n: int
+    logprobs: bool
 
-    @property
-    def n(self) -> int:
-        return self.request.n if self.request.HasField("n") else 1
 
-    @property
-    def logprobs(self) -> bool:
-        return self.request.sampling.HasField("top_logprobs")
+def _parsed(request: pb.GenerateStreamRequest, stream: bool, include_usage: bool) -> ParsedRequest:
+    n = request.n if request.HasField("n") else 1
+    return ParsedRequest(
+        request, stream, include_usage, n, request.sampling.HasField("top_logprobs")
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -362,11 +354,6 @@ _POLICIES = {
     "answer": rpb.RETRIEVAL_FAILURE_POLICY_ANSWER_WITHOUT_CONTEXT,
     "fail": rpb.RETRIEVAL_FAILURE_POLICY_FAIL,
 }
-_STATUSES = {
-    rpb.RETRIEVAL_STATUS_USED: "used",
-    rpb.RETRIEVAL_STATUS_EMPTY: "empty",
-    rpb.RETRIEVAL_STATUS_FAILED: "failed",
-}
 
 
 def _retrieval(body: dict[str, Any]) -> rpb.RetrievalOptions | None:
@@ -407,33 +394,6 @@ def _stream_interval(body: dict[str, Any], request: pb.GenerateStreamRequest) ->
     if interval < 0:
         raise _type_error("stream_interval_ms", "a non-negative integer")
     request.stream_interval_ms = interval
-
-
-def retrieval_json(report: rpb.RetrievalReport) -> dict[str, Any]:
-    """The ``retrieval`` object of an answer: status, citations (and why it failed)."""
-    body: dict[str, Any] = {
-        "status": _STATUSES.get(report.status, "failed"),
-        "citations": [
-            {
-                "number": c.number,
-                "chunk_id": c.chunk_id,
-                "document_id": c.document_id,
-                "source": c.source,
-                "index": c.index,
-                "score": round(c.score, 6),
-            }
-            for c in report.citations
-        ],
-    }
-    if report.message:
-        body["message"] = report.message
-    return body
-
-
-def continued_json(continued: pb.Continued) -> dict[str, Any]:
-    """The ``continued`` extension of an answer that outlived its node: how many times it was
-    continued on another node, and the tokens the continuations took (in the usage already)."""
-    return {"count": continued.count, "usage": usage(continued.usage)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,7 +552,7 @@ def parse_chat(body: dict[str, Any], request_id: str) -> ParsedRequest:
     if body.get("parallel_tool_calls") is not None:
         request.parallel_tool_calls = _bool(body, "parallel_tool_calls")
     _choices_and_logprobs(body, request, chat=True)
-    return ParsedRequest(request, stream, include_usage)
+    return _parsed(request, stream, include_usage)
 
 
 def parse_completion(body: dict[str, Any], request_id: str) -> ParsedRequest:
@@ -616,85 +576,11 @@ def parse_completion(body: dict[str, Any], request_id: str) -> ParsedRequest:
     )
     _stream_interval(body, request)
     _choices_and_logprobs(body, request, chat=False)
-    return ParsedRequest(request, stream, include_usage)
+    return _parsed(request, stream, include_usage)
 
 
-def finish_reason(end: pb.StreamEnd) -> str | None:
-    """The OpenAI finish reason, or None for a generation the inference server cancelled."""
-    return _FINISH.get(end.finish_reason)
-
-
-def usage(value: pb.Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": value.prompt_tokens,
-        "completion_tokens": value.completion_tokens,
-        "total_tokens": value.total_tokens,
-    }
-
-
-def chat_completion(
-    id_: str, created: int, model: str, choices: list[dict[str, Any]], use: pb.Usage
-) -> dict[str, Any]:
-    """A chat completion of ``choices`` (see ``_stream.Answer.chat``)."""
-    return {
-        "id": id_,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage(use),
-    }
-
-
-def chat_chunk(
-    id_: str,
-    created: int,
-    model: str,
-    delta: dict[str, Any],
-    finish: str | None = None,
-    with_usage: bool = False,
-    index: int = 0,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": id_,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
-        ],
-    }
-    if with_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def completion(
-    id_: str, created: int, model: str, choices: list[dict[str, Any]], use: pb.Usage | None
-) -> dict[str, Any]:
-    """A text completion of ``choices``; also each chunk of a streamed one (one choice, whose
-    ``finish_reason`` is None until its last)."""
-    body: dict[str, Any] = {
-        "id": id_,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if use is not None:
-        body["usage"] = usage(use)
-    return body
-
-
-def completion_chunk(
-    id_: str,
-    created: int,
-    model: str,
-    text: str,
-    finish: str | None,
-    index: int = 0,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
-    return completion(id_, created, model, [choice], None)
+def parse_body(raw: bytes, request_id: str, chat: bool) -> ParsedRequest:
+    """A ``/v1/chat/completions`` (``chat``) or ``/v1/completions`` request body, as it came:
+    ``loads``, then ``parse_chat`` or ``parse_completion``."""
+    body = loads(raw)
+    return parse_chat(body, request_id) if chat else parse_completion(body, request_id)

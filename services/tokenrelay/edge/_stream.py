@@ -54,6 +54,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ from tokenrelay._readahead import ReadAhead
 from tokenrelay.config import Resume
 from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._middlewares import error_body
+from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STREAMS
 from tokenrelay.errors import (
     GenerationFailed,
     Gone,
@@ -76,7 +78,9 @@ from tokenrelay.errors import (
     UpstreamUnavailable,
 )
 from tokenrelay.generation import Usage
+from tokenrelay.tenancy import ANONYMOUS, current_caller
 from tokenrelay.v1 import generation_pb2 as pb
+from tokenrelay.v1 import retrieval_pb2 as rpb
 from tokenrelay.wire import usage_to_pb
 
 __all__ = [
@@ -84,20 +88,32 @@ __all__ = [
     "Answer",
     "Chat",
     "Completion",
+    "Opened",
     "Piece",
     "ResumableStream",
     "ResumableStreams",
     "SSEWriter",
     "Shape",
     "Sink",
+    "answer",
+    "chat_chunk",
+    "chat_completion",
     "chat_logprobs",
+    "completion",
+    "completion_chunk",
+    "continued_json",
     "continued_of",
     "encode",
+    "finish_reason",
     "genai_response",
     "new_stream_id",
+    "open_answer",
+    "owner_id",
     "pump",
+    "retrieval_json",
     "tool_call_deltas",
     "total_usage",
+    "usage_json",
     "with_continued",
 ]
 
@@ -543,11 +559,8 @@ class ResumableStreams:
 
     def __init__(self, settings: Resume) -> None:
         self.settings = settings
+        self.enabled = settings.grace_s > 0  # fixed by the settings: no call to ask
         self._streams: dict[str, ResumableStream] = {}
-
-    @property
-    def enabled(self) -> bool:
-        return self.settings.grace_s > 0
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -629,7 +642,7 @@ class Chat:
     logprobs: bool = False
 
     def _chunk(self, delta: dict[str, Any], index: int = 0, **fields: Any) -> dict[str, Any]:
-        return oa.chat_chunk(
+        return chat_chunk(
             self.id, self.created, self.model, delta, None, self.with_usage, index, **fields
         )
 
@@ -646,17 +659,17 @@ class Chat:
         return self._chunk(Piece.chat_delta(text, calls), index, logprobs=entries)
 
     def end(self, index: int, finish: str) -> dict[str, Any]:
-        return oa.chat_chunk(self.id, self.created, self.model, {}, finish, self.with_usage, index)
+        return chat_chunk(self.id, self.created, self.model, {}, finish, self.with_usage, index)
 
     def usage(self, usage: pb.Usage) -> dict[str, Any]:
-        chunk = oa.chat_chunk(self.id, self.created, self.model, {}, None, True)
+        chunk = chat_chunk(self.id, self.created, self.model, {}, None, True)
         chunk["choices"] = []
-        chunk["usage"] = oa.usage(usage)
+        chunk["usage"] = usage_json(usage)
         return chunk
 
     def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]:
         choices = [a.chat(_finish(a.end), self.logprobs) for a in answers]
-        return oa.chat_completion(self.id, self.created, self.model, choices, usage)
+        return chat_completion(self.id, self.created, self.model, choices, usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,7 +686,7 @@ class Completion:
     def opening(self, retrieval: dict[str, Any] | None) -> list[dict[str, Any]]:
         if retrieval is None:
             return []
-        chunk = oa.completion_chunk(self.id, self.created, self.model, "", None)
+        chunk = completion_chunk(self.id, self.created, self.model, "", None)
         chunk["retrieval"] = retrieval
         return [chunk]
 
@@ -685,30 +698,30 @@ class Completion:
             offset = self.offsets.get(index, 0)
             entries = Piece.completion_logprobs(logprobs, offset)
             self.offsets[index] = offset + len(text)  # the next piece starts after its text
-        return oa.completion_chunk(self.id, self.created, self.model, text, None, index, entries)
+        return completion_chunk(self.id, self.created, self.model, text, None, index, entries)
 
     def end(self, index: int, finish: str) -> dict[str, Any]:
-        return oa.completion_chunk(self.id, self.created, self.model, "", finish, index)
+        return completion_chunk(self.id, self.created, self.model, "", finish, index)
 
     def usage(self, usage: pb.Usage) -> dict[str, Any]:
-        return oa.completion(self.id, self.created, self.model, [], usage)
+        return completion(self.id, self.created, self.model, [], usage)
 
     def whole(self, answers: list[Answer], usage: pb.Usage) -> dict[str, Any]:
         choices = [a.completion(_finish(a.end), self.logprobs) for a in answers]
-        return oa.completion(self.id, self.created, self.model, choices, usage)
+        return completion(self.id, self.created, self.model, choices, usage)
 
 
 def genai_response(model: str, ends: list[pb.StreamEnd], usage: pb.Usage) -> dict[str, Any]:
     return {
         "gen_ai.response.model": model,
-        "gen_ai.response.finish_reasons": [oa.finish_reason(e) or "cancelled" for e in ends],
+        "gen_ai.response.finish_reasons": [finish_reason(e) or "cancelled" for e in ends],
         "gen_ai.usage.input_tokens": usage.prompt_tokens,
         "gen_ai.usage.output_tokens": usage.completion_tokens,
     }
 
 
 def _finish(end: pb.StreamEnd | None) -> str:
-    finish = oa.finish_reason(end) if end is not None else None
+    finish = finish_reason(end) if end is not None else None
     if finish is None:
         raise UpstreamUnavailable("The inference server cancelled the generation.")
     return finish
@@ -772,7 +785,7 @@ def continued_of(ends: list[pb.StreamEnd]) -> pb.Continued | None:
 def with_continued(chunk: dict[str, Any], continued: pb.Continued | None) -> dict[str, Any]:
     """``chunk`` with the ``continued`` extension when the answer outlived its node."""
     if continued is not None:
-        chunk["continued"] = oa.continued_json(continued)
+        chunk["continued"] = continued_json(continued)
     return chunk
 
 
@@ -843,3 +856,292 @@ async def pump(
     finally:
         await reader.close()
     await sink.done()
+
+
+_FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
+}
+
+
+def retrieval_json(report: rpb.RetrievalReport) -> dict[str, Any]:
+    """The ``retrieval`` object of an answer: status, citations (and why it failed)."""
+    body: dict[str, Any] = {
+        "status": _STATUSES.get(report.status, "failed"),
+        "citations": [
+            {
+                "number": c.number,
+                "chunk_id": c.chunk_id,
+                "document_id": c.document_id,
+                "source": c.source,
+                "index": c.index,
+                "score": round(c.score, 6),
+            }
+            for c in report.citations
+        ],
+    }
+    if report.message:
+        body["message"] = report.message
+    return body
+
+
+def continued_json(continued: pb.Continued) -> dict[str, Any]:
+    """The ``continued`` extension of an answer that outlived its node: how many times it was
+    continued on another node, and the tokens the continuations took (in the usage already)."""
+    return {"count": continued.count, "usage": usage_json(continued.usage)}
+
+
+def finish_reason(end: pb.StreamEnd) -> str | None:
+    """The OpenAI finish reason, or None for a generation the inference server cancelled."""
+    return _FINISH.get(end.finish_reason)
+
+
+def usage_json(value: pb.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": value.prompt_tokens,
+        "completion_tokens": value.completion_tokens,
+        "total_tokens": value.total_tokens,
+    }
+
+
+def chat_completion(
+    id_: str, created: int, model: str, choices: list[dict[str, Any]], use: pb.Usage
+) -> dict[str, Any]:
+    """A chat completion of ``choices`` (see ``_stream.Answer.chat``)."""
+    return {
+        "id": id_,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage_json(use),
+    }
+
+
+def chat_chunk(
+    id_: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None = None,
+    with_usage: bool = False,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": id_,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        ],
+    }
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def completion(
+    id_: str, created: int, model: str, choices: list[dict[str, Any]], use: pb.Usage | None
+) -> dict[str, Any]:
+    """A text completion of ``choices``; also each chunk of a streamed one (one choice, whose
+    ``finish_reason`` is None until its last)."""
+    body: dict[str, Any] = {
+        "id": id_,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if use is not None:
+        body["usage"] = usage_json(use)
+    return body
+
+
+def completion_chunk(
+    id_: str,
+    created: int,
+    model: str,
+    text: str,
+    finish: str | None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+    return completion(id_, created, model, [choice], None)
+
+
+async def _next(
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
+) -> pb.GenerateStreamResponse:
+    try:
+        return await anext(messages)
+    except StopAsyncIteration:
+        raise GenerationFailed("The answer ended unexpectedly.") from None
+
+
+async def _sse(
+    request: web.Request,
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
+    shape: Shape,
+    first: pb.GenerateStreamResponse,
+    headers: dict[str, str],
+    include_usage: bool,
+    retrieval: dict[str, Any] | None,
+) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    sse = await SSEWriter.open(request, headers)
+    streams = request.app[METRICS].streams
+    streams.inc()
+    try:
+        await pump(
+            sse, messages, shape, first, include_usage, retrieval, settings.keepalive_interval_s
+        )
+    finally:
+        streams.dec()
+    return sse.response
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A generation whose first message has come: how its answer is spelt, that message, the
+    response headers its start asks for, and its retrieval report."""
+
+    shape: Shape
+    first: pb.GenerateStreamResponse
+    headers: dict[str, str]
+    retrieval: dict[str, Any] | None
+
+
+async def open_answer(
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
+    parsed: oa.ParsedRequest,
+    chat: bool,
+    request_id: str,
+) -> Opened:
+    """Wait for the orchestrator's first message and make the answer's shape from it. Raises
+    the ``RelayError`` that came instead (nothing has gone to the client yet)."""
+    first = await _next(messages)
+    model = first.start.served_by.model or parsed.request.model
+    kind = Chat if chat else Completion
+    # A chat completion's id is random: it is what a client resumes its stream by.
+    answer_id = new_stream_id(request_id) if chat else "cmpl-" + request_id
+    shape = kind(
+        answer_id, int(time.time()), model, parsed.include_usage, parsed.n, parsed.logprobs
+    )
+    headers = {}
+    if first.start.served_by.fallback:
+        headers["x-tokenrelay-fallback"] = model
+    retrieval = None
+    if first.start.HasField("retrieval"):
+        retrieval = retrieval_json(first.start.retrieval)
+        headers["x-tokenrelay-retrieval"] = retrieval["status"]
+    return Opened(shape, first, headers, retrieval)
+
+
+def owner_id() -> str:
+    """The key id of the caller being served (``anonymous`` without keys)."""
+    caller = current_caller.get()
+    return caller.key_id if caller is not None else ANONYMOUS
+
+
+async def _resumable(
+    request: web.Request,
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
+    shape: Shape,
+    first: pb.GenerateStreamResponse,
+    headers: dict[str, str],
+    include_usage: bool,
+    retrieval: dict[str, Any] | None,
+) -> web.StreamResponse:
+    """A streamed answer that outlives this connection (``_stream.ResumableStream``): the
+    generation runs in a task of its own, which owns ``messages`` from here on; this connection
+    is its first client."""
+    settings = request.app[SETTINGS]
+    gauge = request.app[METRICS].streams
+
+    async def generate(stream: ResumableStream) -> None:
+        gauge.inc()
+        try:
+            await pump(
+                stream,
+                messages,
+                shape,
+                first,
+                include_usage,
+                retrieval,
+                settings.keepalive_interval_s,
+            )
+        except Exception:  # a bug here must still end the stream for its clients
+            log.exception("resumable stream failed")
+            await stream.fail(error_body(RelayError("Internal error.")))
+        finally:
+            gauge.dec()
+            await messages.aclose()
+
+    owner = owner_id()
+    stream = request.app[STREAMS].start(shape.id, owner, headers, generate)
+    return await stream.serve(request, owner, None)
+
+
+async def answer(
+    request: web.Request,
+    messages: AsyncGenerator[pb.GenerateStreamResponse, None],
+    parsed: oa.ParsedRequest,
+    chat: bool,
+) -> web.StreamResponse:
+    """The answer to ``parsed`` from the orchestrator's ``messages``, which it owns from here on
+    (it closes them, or hands them to a resumable stream): streamed — as SSE, resumable for a
+    chat completion when resuming is on — or whole. Raises the ``RelayError`` that came instead
+    of the first message (nothing has gone to the client yet)."""
+    handed_over = False
+    try:
+        opened = await open_answer(messages, parsed, chat, request[REQUEST_ID])
+        shape, first, headers, retrieval = (
+            opened.shape,
+            opened.first,
+            opened.headers,
+            opened.retrieval,
+        )
+        model = shape.model
+        if parsed.stream and chat and request.app[STREAMS].enabled:
+            handed_over = True
+            return await _resumable(
+                request, messages, shape, first, headers, parsed.include_usage, retrieval
+            )
+        if parsed.stream:
+            return await _sse(
+                request, messages, shape, first, headers, parsed.include_usage, retrieval
+            )
+        answers: dict[int, Answer] = {}
+        ends: list[pb.StreamEnd] = []
+        message = first
+        while True:
+            answers.setdefault(message.index, Answer(message.index)).add(message)
+            if message.HasField("end"):
+                ends.append(message.end)
+                if len(ends) == parsed.n:
+                    break
+            message = await _next(messages)
+        usage = total_usage(ends)
+        whole = shape.whole([answers[i] for i in sorted(answers)], usage)
+        if retrieval is not None:
+            whole["retrieval"] = retrieval
+        continued = continued_of(ends)
+        if continued is not None:
+            with_continued(whole, continued)
+            headers["x-tokenrelay-continued"] = str(continued.count)
+        trace.get_current_span().set_attributes(genai_response(model, ends, usage))
+        return web.json_response(whole, headers=headers)
+    finally:
+        if not handed_over:
+            await messages.aclose()
+
+
+_STATUSES = {
+    rpb.RETRIEVAL_STATUS_USED: "used",
+    rpb.RETRIEVAL_STATUS_EMPTY: "empty",
+    rpb.RETRIEVAL_STATUS_FAILED: "failed",
+}

@@ -47,7 +47,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tokenrelay.edge import _openai as oa
-from tokenrelay.edge._generate import budget, open_answer
+from tokenrelay.edge._generate import budget
 from tokenrelay.edge._middlewares import (
     WEBSOCKET_PATH,
     admit,
@@ -57,7 +57,7 @@ from tokenrelay.edge._middlewares import (
     error_body,
 )
 from tokenrelay.edge._state import AUTH, REQUEST_ID, SETTINGS, STATE, UPSTREAM
-from tokenrelay.edge._stream import pump
+from tokenrelay.edge._stream import open_answer, pump
 from tokenrelay.errors import (
     InvalidRequest,
     Overloaded,
