@@ -61,8 +61,8 @@ import functools
 import inspect
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import aclosing, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from typing import Any, TypeAlias
 
 import grpc
@@ -79,7 +79,6 @@ from tokenrelay.tenancy import (
     StreamLease,
     TenantMetrics,
     Tenants,
-    caller_from_metadata,
     requested_priority,
 )
 from tokenrelay.tracing import current_trace_id, mark_cancelled, mark_error, server_span
@@ -107,17 +106,18 @@ class _Undecodable:
 _UNDECODABLE = _Undecodable()
 
 
+def _decode(deserialize: Callable[[bytes], Any], raw: bytes) -> Any:
+    try:
+        return deserialize(raw)
+    except Exception:  # DecodeError, and whatever else a malformed message may raise
+        return _UNDECODABLE
+
+
 def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The request deserializer of a library servicer's handler (health, reflection)."""
     if deserialize is None:
         return None
-
-    def decode(raw: bytes) -> Any:
-        try:
-            return deserialize(raw)
-        except Exception:  # DecodeError, and whatever else a malformed message may raise
-            return _UNDECODABLE
-
-    return decode
+    return functools.partial(_decode, deserialize)
 
 
 async def _refuse_undecodable(context: Context) -> None:
@@ -135,20 +135,17 @@ def _request_fields(request: Any) -> dict[str, str]:
     return {"request_id": str(request.request_id)[:128]}
 
 
-@contextmanager
-def _scope(method: str, request: Any, context: Context) -> Iterator[Span]:
-    """The call's SERVER span (current) and log fields, for the whole call."""
+def _scope(
+    method: str, request: Any, context: Context
+) -> tuple[str, Any, dict[str, str], dict[str, str]]:
+    """What the call's SERVER span (current for the whole call) and log fields are made of: its
+    name, the carrier of the caller's ``traceparent``, its attributes, and the log fields."""
     service, _, name = method.lstrip("/").rpartition("/")
     fields = _request_fields(request)
     attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
     if fields:
         attributes["tokenrelay.request_id"] = fields["request_id"]
-    carrier = context.invocation_metadata() or ()
-    with (
-        server_span(method.lstrip("/"), carrier, attributes) as span,
-        bind(**fields, trace_id=current_trace_id()),
-    ):
-        yield span
+    return method.lstrip("/"), context.invocation_metadata() or (), attributes, fields
 
 
 # How long a handler whose caller's deadline has passed waits for gRPC to cancel it before it
@@ -182,11 +179,18 @@ async def _fail(context: Context, span: Span, exc: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, internal.message, trailers(internal))
 
 
-def _unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    async def unary(request: Any, context: Context) -> Any:
+def _unary(
+    method: str, behavior: Callable[..., Awaitable[Any]], deserialize: Callable[[bytes], Any]
+) -> Callable[..., Any]:
+    async def unary(raw: bytes, context: Context) -> Any:
+        request = _decode(deserialize, raw)
         if request is _UNDECODABLE:
             await _refuse_undecodable(context)
-        with _scope(method, request, context) as span:
+        name, carrier, attributes, fields = _scope(method, request, context)
+        with (
+            server_span(name, carrier, attributes) as span,
+            bind(**fields, trace_id=current_trace_id()),
+        ):
             try:
                 return await behavior(request, context)
             except grpc.aio.AbortError:
@@ -201,11 +205,18 @@ def _unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[...
     return unary
 
 
-def _server_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
-    async def stream(request: Any, context: Context) -> None:
+def _server_stream(
+    method: str, behavior: Callable[..., AsyncIterator[Any]], deserialize: Callable[[bytes], Any]
+) -> Callable[..., Any]:
+    async def stream(raw: bytes, context: Context) -> None:
+        request = _decode(deserialize, raw)
         if request is _UNDECODABLE:
             await _refuse_undecodable(context)
-        with _scope(method, request, context) as span:
+        name, carrier, attributes, fields = _scope(method, request, context)
+        with (
+            server_span(name, carrier, attributes) as span,
+            bind(**fields, trace_id=current_trace_id()),
+        ):
             try:
                 async with aclosing(behavior(request, context)) as messages:  # type: ignore[type-var]
                     async for message in messages:
@@ -281,16 +292,20 @@ def wrap(method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMetho
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
     assert behavior is not None
-    if method.startswith(_OURS) and not handler.request_streaming:
-        # A streaming handler that is a coroutine writes with context.write already.
+    deserialize = handler.request_deserializer
+    if method.startswith(_OURS) and not handler.request_streaming and deserialize is not None:
+        # A streaming handler that is a coroutine writes with context.write already. The
+        # wrapper decodes the request itself (gRPC hands it the bytes): one step of the call.
         generator = handler.response_streaming and inspect.isasyncgenfunction(behavior)
-        wrapped = _server_stream(method, behavior) if generator else _unary(method, behavior)
+        make = _server_stream if generator else _unary
+        wrapped, deserialize = make(method, behavior, deserialize), None
     else:
         wrapped = _library(behavior, handler.request_streaming)
+        deserialize = _decoder(deserialize)
     factory: Any = _FACTORIES[streaming]
     return factory(  # type: ignore[no-any-return]
         wrapped,
-        request_deserializer=_decoder(handler.request_deserializer),
+        request_deserializer=deserialize,
         response_serializer=handler.response_serializer,
     )
 
@@ -311,22 +326,17 @@ class BorderInterceptor(grpc.aio.ServerInterceptor):
 _OPEN = ("/grpc.health.v1.Health/",)
 CLIENT_PREFIX = "client:"
 _REFUSAL = "This call needs the internal secret or a client token (authorization metadata)."
-_INTERNAL = "internal"
+_INTERNAL_CALLER = Caller("internal")
 
 current_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
     "tokenrelay_identity", default=None
 )
 
 
-def _client(key: ApiKey, metadata: Mapping[str, str | bytes]) -> tuple[Caller, ApiKey]:
-    caller = Caller(
+def _client(key: ApiKey, metadata: Mapping[str, str | bytes]) -> Caller:
+    return Caller(
         key.id, key.tier, key.tokens_per_minute, key.token_budget, requested_priority(metadata)
     )
-    return caller, key
-
-
-def _forwarded(metadata: Mapping[str, str | bytes]) -> tuple[Caller, None]:
-    return caller_from_metadata(metadata) or Caller(_INTERNAL), None
 
 
 class CallerInterceptor(grpc.aio.ServerInterceptor):
@@ -373,29 +383,33 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         }
         return self._clients.find_san(names) if names else None
 
-    async def _identify(self, context: Context) -> tuple[Caller, ApiKey | None] | None:
-        """The caller of the call and, for a client of the clients file, its entry; None when
-        it is not known."""
+    async def _identify(self, context: Context) -> tuple[Identity, ApiKey | None] | None:
+        """The identity of the call's caller and, for a client of the clients file, its entry;
+        None when it is not known."""
         metadata: dict[str, str | bytes] = dict(context.invocation_metadata() or ())
         raw = metadata.get("authorization", "")
         scheme, _, token = (raw if isinstance(raw, str) else "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
         if self._open:
-            return _forwarded(metadata)
+            return self._forwarded(metadata)
         if token and self._secret is not None and self._secret.matches(token):
-            return _forwarded(metadata)
+            return self._forwarded(metadata)
         await self._reload()
         if token and self._clients is not None:
             key = self._clients.find(token)
             if key is not None and not key.revoked:
-                return _client(key, metadata)
+                return self._tenants.identify(_client(key, metadata)), key
         if self._mutual:
             key = self._by_certificate(context)
             if key is not None and not key.revoked:
-                return _client(key, metadata)
+                return self._tenants.identify(_client(key, metadata)), key
             if self._secret is None and key is None:  # an internal component, as before
-                return _forwarded(metadata)
+                return self._forwarded(metadata)
         return None
+
+    def _forwarded(self, metadata: Mapping[str, str | bytes]) -> tuple[Identity, None]:
+        """The caller the metadata forwards (``internal`` when none): one call to tenancy."""
+        return self._tenants.forwarded(metadata, _INTERNAL_CALLER), None
 
     async def _admit(self, method: str, context: Context) -> StreamLease | None:
         """Identify the call's caller (refused when unknown) and count it against its limits
@@ -408,8 +422,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             )
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, _REFUSAL)
             return None
-        caller, client = known
-        identity = self._tenants.identify(caller)
+        identity, client = known
         current_identity.set(identity)
         if client is None or self._limits is None or not method.startswith(_OURS):
             return None

@@ -217,13 +217,23 @@ class Lease:
     """One request on one node: counted in flight until ``release``, which also tells the
     node's breaker how it ended. Releasing twice does nothing."""
 
-    __slots__ = ("_permit", "_pool", "_released", "lost", "on_lost", "source", "triton_model")
+    __slots__ = (
+        "_permit",
+        "_pool",
+        "_released",
+        "lost",
+        "node",
+        "on_lost",
+        "source",
+        "triton_model",
+    )
 
     def __init__(
         self, pool: NodePool, source: TokenSource, triton_model: str, permit: Permit
     ) -> None:
         self._pool = pool
         self.source = source
+        self.node = source.name  # the node's name (its address)
         self.triton_model = triton_model
         self._permit = permit
         self._released = False
@@ -232,10 +242,6 @@ class Lease:
         self.on_lost: Callable[[], None] | None = None
         """Called once, when ``lost`` is set (by the request on the node, to stop waiting)."""
         pool._leases.setdefault((self.node, triton_model), set()).add(self)
-
-    @property
-    def node(self) -> str:
-        return self.source.name
 
     def lose(self) -> None:
         """The node failed its probe: mark the lease lost and tell its holder (once)."""

@@ -60,6 +60,7 @@ class Attempt:
     def __init__(self, plan: Plan, lease: Lease, started: float, why: str) -> None:
         self.plan = plan
         self.lease = lease
+        self.node = lease.node
         self.started = started
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -94,10 +95,6 @@ class Attempt:
         self._stopped = False
         self._watching: asyncio.Timeout | None = None
         lease.on_lost = self._lost
-
-    @property
-    def node(self) -> str:
-        return self.lease.node
 
     def count(self, delta: Delta) -> None:
         if delta.prompt_tokens is not None:

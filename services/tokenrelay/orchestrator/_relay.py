@@ -147,7 +147,7 @@ class Record:
     # The call's span, taken now: the request may end where it is no longer current (a stream
     # closed from another task).
     span: Span = field(default_factory=trace.get_current_span)
-    label: str = ""
+    label: str = ""  # the model's metrics label
     completed: bool = False  # the last chunk went out
     identity: Identity | None = None
     tenants: TenantMetrics | None = None
@@ -159,9 +159,6 @@ class Record:
     # continuation's).
     sent_prompt: int = 0
     sent_completion: int = 0
-
-    def __post_init__(self) -> None:
-        self.label = self.metrics.model(self.model)
 
     def complete(self, finish_reason: str) -> None:
         """The answer's last chunk is out: it ended with ``finish_reason``, whatever follows."""
@@ -564,6 +561,7 @@ class Relay:
             self._metrics,
             request.model,
             loop.time(),
+            label=self._metrics.model(request.model),
             identity=identity,
             tenants=self._tenant_metrics,
             ledger=self._ledger,
