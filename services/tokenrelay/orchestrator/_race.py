@@ -22,9 +22,9 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
-from typing import Any
+from typing import Protocol
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -42,7 +42,7 @@ from tokenrelay.orchestrator._plan import Plan
 from tokenrelay.orchestrator._pool import Lease, NodePool, Outcome
 from tokenrelay.tracing import inject, tracer
 
-__all__ = ["Attempt", "FirstTokenRace", "judge"]
+__all__ = ["Attempt", "FirstTokenRace", "Tally", "judge", "race"]
 
 
 def judge(exc: BaseException) -> tuple[Outcome, bool]:
@@ -53,9 +53,11 @@ def judge(exc: BaseException) -> tuple[Outcome, bool]:
 
 
 class Attempt:
-    """The request of ``plan`` sent to ``lease``'s node. ``first`` reads up to the first delta
-    that carries text or ends the answer; whoever wins the race reads the rest (``follow``).
-    ``stop`` ends it whatever state it is in, and gives the node back exactly once."""
+    """The request of ``plan`` sent to ``lease``'s node, read by one generator (``reads``) from
+    its first delta to its last. The race's task (``first``) runs it up to the first delta that
+    carries text or ends the answer; whoever wins the race resumes it for the rest, one step
+    per delta — or per batch, once it reads ahead (``read_ahead``). ``stop`` ends it whatever
+    state it is in, and gives the node back exactly once."""
 
     def __init__(self, plan: Plan, lease: Lease, started: float, why: str) -> None:
         self.plan = plan
@@ -88,18 +90,29 @@ class Attempt:
             plan.request.request_id,
             inject(self.span),
         )
-        self.first: asyncio.Task[Delta] = asyncio.create_task(self._first_content())
-        # Its failure is read by the race, or not at all when the attempt is stopped first.
-        self.first.add_done_callback(lambda task: task.cancelled() or task.exception())
-        self.reader: ReadAhead[Delta] | None = None
+        self.arrived: Callable[[Delta], None] | None = None
+        """Sees each delta after the first as it comes (in the reading task when reading
+        ahead), once counted: set by the follower before it resumes ``reads``."""
+        self.reads = self._reads()
+        """The attempt's deltas: the first content (``first``), then, for each ``asend`` of a
+        hold time (``ReadAhead.take``'s ``hold_until``) or None, the next ones — one, or all
+        that arrived meanwhile once reading ahead; empty when the node ended without
+        finishing. Each wait is watched (``watch``)."""
+        self.first: asyncio.Task[Delta] = asyncio.create_task(self._first())
+        self._reader: ReadAhead[Delta] | None = None
         self._stopped = False
         self._watching: asyncio.Timeout | None = None
         lease.on_lost = self._lost
 
-    def count(self, delta: Delta) -> None:
+    def _count(self, delta: Delta) -> None:
         if delta.prompt_tokens is not None:
             self.prompt_tokens = delta.prompt_tokens
         self.completion_tokens += delta.output_tokens
+
+    def _arrive(self, delta: Delta) -> None:
+        self._count(delta)
+        if self.arrived is not None:
+            self.arrived(delta)
 
     @property
     def lost(self) -> bool:
@@ -116,7 +129,17 @@ class Attempt:
         ``UpstreamUnavailable`` as soon as the node is lost (at once if it already is)."""
         return _Watch(self)
 
-    async def _first_content(self) -> Delta:
+    def read_ahead(self) -> None:
+        """From now on read the node's deltas in a task of their own (``ReadAhead``), so what
+        piles up while the follower is busy comes out together. Again is a no-op."""
+        if self._reader is None:
+            self._reader = ReadAhead(self.deltas, arrived=self._arrive, last=_last)
+            self._reader.start()
+
+    async def _first(self) -> Delta:
+        return (await anext(self.reads))[0]
+
+    async def _reads(self) -> AsyncGenerator[list[Delta], float | None]:
         # Deltas without text (a token that ends inside a UTF-8 character, or is held for a
         # stop string) are counted; their logprobs ride with the first delta that has text.
         skipped: tuple[TokenLogprob, ...] = ()
@@ -128,18 +151,35 @@ class Attempt:
                     raise GenerationFailed(
                         "The model ended without finishing its answer."
                     ) from None
-                self.count(delta)
+                self._count(delta)
                 if delta.text or delta.finish_reason is not None:
                     if skipped:
                         delta = dataclasses.replace(delta, logprobs=skipped + delta.logprobs)
-                    return delta
+                    break
                 skipped += delta.logprobs
-
-    def follow(self, arrived: Callable[[Delta], None]) -> ReadAhead[Delta]:
-        """The reader of the rest of the stream, once ``first`` has returned; each ``take``
-        is watched (``watch``)."""
-        self.reader = _Watched(self, arrived)
-        return self.reader
+        hold_until = yield [delta]
+        while True:
+            reader = self._reader
+            if reader is None:  # reading straight: the next delta
+                async with self.watch():
+                    try:
+                        delta = await anext(self.deltas)
+                    except StopAsyncIteration:
+                        hold_until = yield []
+                        continue
+                self._arrive(delta)
+                hold_until = yield [delta]
+                continue
+            try:
+                async with self.watch():
+                    taken = await reader.take(hold_until)
+            except UpstreamUnavailable:
+                # The node was lost while deltas waited for company (a stream interval's
+                # hold): they were counted, so they go out first; the next wait raises at once.
+                taken = reader.ready()
+                if not taken:
+                    raise
+            hold_until = yield taken
 
     async def stop(self, outcome: Outcome, node_down: bool = False) -> None:
         """Cancel the generation if it still runs (which cancels the Triton request), then give
@@ -160,8 +200,12 @@ class Attempt:
             if not self.first.done():
                 self.first.cancel()
                 await asyncio.gather(self.first, return_exceptions=True)
-            if self.reader is not None:
-                await self.reader.close()
+            elif not self.first.cancelled():
+                self.first.exception()  # a failure the race did not wait for: read here
+            if self._reader is not None:
+                await self._reader.close()
+            with contextlib.suppress(Exception):  # already failed: nothing more to learn
+                await self.reads.aclose()
         finally:
             with contextlib.suppress(Exception):  # already failed: nothing more to learn
                 await self.deltas.aclose()
@@ -193,26 +237,6 @@ class _Watch:
             raise UpstreamUnavailable(
                 "The inference node stopped answering its readiness probe."
             ) from None
-
-
-class _Watched(ReadAhead[Delta]):
-    """The attempt's deltas after the first, each ``take`` under the attempt's watch."""
-
-    def __init__(self, attempt: Attempt, arrived: Callable[[Delta], None]) -> None:
-        super().__init__(attempt.deltas, arrived=arrived, last=_last)
-        self._attempt = attempt
-
-    async def take(self, *args: Any, **kwargs: Any) -> list[Delta]:
-        try:
-            async with self._attempt.watch():
-                return await super().take(*args, **kwargs)
-        except UpstreamUnavailable:
-            # The node was lost while deltas waited for company (a stream interval's hold):
-            # they were counted, so they go out first; the next take raises at once.
-            held = self.ready()
-            if held:
-                return held
-            raise
 
 
 def _last(delta: Delta) -> bool:
@@ -369,3 +393,33 @@ class FirstTokenRace:
             if why:
                 log.info(why, extra={"fields": {"node": attempt.node}})
             await attempt.stop(outcome)
+
+
+class Tally(Protocol):
+    """Where a request keeps what its races did (the relay's ``Record``)."""
+
+    attempts: list[Attempt]
+    retries: int
+    hedges: int
+
+
+async def race(
+    tally: Tally,
+    plans: list[Plan],
+    pool: NodePool,
+    routing: Routing,
+    first_token_s: float,
+    deadline: float,
+    exclude: set[str] | None = None,
+    route: str | None = None,
+) -> tuple[Attempt, Delta]:
+    """Run a ``FirstTokenRace`` (see its ``run``), counting its attempts, retries and hedges
+    into ``tally`` whatever its end."""
+    first_token_race = FirstTokenRace(
+        plans, pool, routing, first_token_s, deadline, tally.attempts, exclude, route
+    )
+    try:
+        return await first_token_race.run()
+    finally:
+        tally.retries += first_token_race.retries
+        tally.hedges += first_token_race.hedges

@@ -114,7 +114,7 @@ from tokenrelay.orchestrator._admission import Slots
 from tokenrelay.orchestrator._metrics import RelayMetrics
 from tokenrelay.orchestrator._plan import Plan, Planner
 from tokenrelay.orchestrator._pool import NodePool, Outcome
-from tokenrelay.orchestrator._race import Attempt, FirstTokenRace, judge
+from tokenrelay.orchestrator._race import Attempt, judge, race
 from tokenrelay.orchestrator._tools import ToolCallParser
 from tokenrelay.retrieval import Retriever
 from tokenrelay.tenancy import (
@@ -363,27 +363,23 @@ class Continuer:
                 continuation = [
                     self._planner.continuation(plan, text, produced, number) for plan in base
                 ]
-                race = FirstTokenRace(
-                    continuation,
-                    self._pool,
-                    self._routing,
-                    self._first_token_s,
-                    deadline,
-                    record.attempts,
-                    exclude=set(failed),
-                    route="continuation",
-                )
                 try:
-                    attempt, first = await race.run()
+                    attempt, first = await race(
+                        record,
+                        continuation,
+                        self._pool,
+                        self._routing,
+                        self._first_token_s,
+                        deadline,
+                        exclude=set(failed),
+                        route="continuation",
+                    )
                 except RelayError as refused:
                     log.warning(
                         "stream could not be continued",
                         extra={"fields": {"node": chain[-1].node, "error": refused.message}},
                     )
                     raise exc from None
-                finally:
-                    record.retries += race.retries
-                    record.hedges += race.hedges
                 gap = loop.time() - last_at
                 self._announce(record, chain[-1], attempt, reason, produced, gap)
                 chain.append(attempt)
@@ -676,19 +672,14 @@ class Relay:
     ) -> AsyncGenerator[Chunk, None]:
         """One answer: its first-token race, then the winner's stream."""
         loop = asyncio.get_running_loop()
-        race = FirstTokenRace(
+        attempt, first = await race(
+            record,
             plans,
             self._pool,
             self._orchestrator.routing,
             self._orchestrator.timeouts.first_token_s,
             deadline,
-            record.attempts,
         )
-        try:
-            attempt, first = await race.run()
-        finally:
-            record.retries += race.retries
-            record.hedges += race.hedges
         record.winners.append(attempt)
         if record.ttft_s is None:  # the request's first token (of any choice)
             record.ttft_s = loop.time() - record.began
@@ -805,9 +796,10 @@ class Relay:
             gap = now - last
             gaps.observe(gap)
             last = now
-            attempt.count(delta)
 
-        reader = attempt.follow(arrived)
+        attempt.arrived = arrived
+        reads = attempt.reads
+        ahead = False  # reading ahead (``Attempt.read_ahead``)
         interval = plan.stream_interval_s
         hold_until: float | None = None
         delta = first
@@ -845,18 +837,21 @@ class Relay:
                     pending_start = None
                     taken_at = loop.time()
                     if interval:
-                        reader.start()
+                        if not ahead:
+                            attempt.read_ahead()
+                            ahead = True
                         hold_until = taken_at + interval
-                    elif taken_at - handed > gap:
+                    elif not ahead and taken_at - handed > gap:
                         # The caller took longer over a chunk than the model over a token: it
                         # falls behind, so read ahead and merge what piles up meanwhile.
-                        reader.start()
+                        attempt.read_ahead()
+                        ahead = True
                 if end is not None:
                     return
                 wait = min(between_s, deadline - loop.time())
                 try:
                     async with asyncio.timeout(max(wait, 0.0)):
-                        taken = await reader.take(hold_until)
+                        taken = await reads.asend(hold_until)
                 except TimeoutError:
                     if wait < between_s:
                         raise UpstreamTimeout(
