@@ -57,13 +57,14 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from opentelemetry import trace
 
-from tokenrelay._readahead import ReadAhead
+from tokenrelay._readahead import batches
 from tokenrelay.config import Resume
 from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._middlewares import error_body
@@ -754,22 +755,6 @@ class Sink(Protocol[F]):
     async def done(self) -> None: ...
 
 
-async def _wait(
-    reader: ReadAhead[pb.GenerateStreamResponse], sink: Sink[F], interval_s: float
-) -> list[pb.GenerateStreamResponse]:
-    """The messages that arrive next; pings the sink while none does."""
-    while True:
-        try:
-            async with asyncio.timeout(interval_s):
-                taken = await reader.take()
-        except TimeoutError:
-            await sink.ping()
-            continue
-        if not taken:
-            raise GenerationFailed("The answer ended unexpectedly.")
-        return taken
-
-
 def continued_of(ends: list[pb.StreamEnd]) -> pb.Continued | None:
     """How the answer outlived its nodes, over all its choices (None: it did not)."""
     continued = [e.continued for e in ends if e.HasField("continued")]
@@ -806,8 +791,6 @@ async def pump(
     # waits for company, so the first token is never delayed (when the client or the loop is
     # slower than the model, several deltas pile up and cost one event instead of one each).
     # Consecutive messages of one choice merge; a message of another choice starts a new event.
-    reader = ReadAhead(messages, limit=32)
-    reader.start()
     frames = [sink.frame(chunk) for chunk in shape.opening(retrieval)]
     piece = Piece()
     ends: list[pb.StreamEnd] = []
@@ -816,36 +799,40 @@ async def pump(
         if piece:
             frames.append(sink.frame(shape.piece(piece)))
 
+    arriving = batches(messages, head=(first,), limit=32, idle_s=keepalive_s)
     try:
-        batch = [first]
-        while True:
-            for message in batch:
-                if message.index != piece.index:
-                    flush()
-                    piece.index = message.index
-                piece.add(message)
-                if message.HasField("end"):
-                    flush()
-                    end = message.end
-                    ends.append(end)
-                    chunk = shape.end(message.index, _finish(end))
-                    frames.append(sink.frame(with_continued(chunk, continued_of([end]))))
-                    if len(ends) == shape.n:
-                        break
-            if len(ends) == shape.n:
-                usage = total_usage(ends)
-                trace.get_current_span().set_attributes(genai_response(shape.model, ends, usage))
-                if include_usage:
-                    chunk = with_continued(shape.usage(usage), continued_of(ends))
-                    frames.append(sink.frame(chunk))
-                await sink.write(frames)
-                break
-            batch = reader.ready()
-            if not batch:
+        async with aclosing(arriving):
+            async for batch in arriving:
+                if not batch:  # none for keepalive_s
+                    await sink.ping()
+                    continue
+                for message in batch:
+                    if message.index != piece.index:
+                        flush()
+                        piece.index = message.index
+                    piece.add(message)
+                    if message.HasField("end"):
+                        flush()
+                        end = message.end
+                        ends.append(end)
+                        chunk = shape.end(message.index, _finish(end))
+                        frames.append(sink.frame(with_continued(chunk, continued_of([end]))))
+                        if len(ends) == shape.n:
+                            break
+                if len(ends) == shape.n:
+                    usage = total_usage(ends)
+                    span = trace.get_current_span()
+                    span.set_attributes(genai_response(shape.model, ends, usage))
+                    if include_usage:
+                        chunk = with_continued(shape.usage(usage), continued_of(ends))
+                        frames.append(sink.frame(chunk))
+                    await sink.write(frames)
+                    break
                 flush()
                 await sink.write(frames)
                 frames = []
-                batch = await _wait(reader, sink, keepalive_s)
+            else:
+                raise GenerationFailed("The answer ended unexpectedly.")
     except RelayError as exc:
         flush()
         if include_usage and exc.usage is not None:  # what was generated before the error
@@ -853,8 +840,6 @@ async def pump(
         await sink.write(frames)
         await sink.fail(error_body(exc))
         return
-    finally:
-        await reader.close()
     await sink.done()
 
 
