@@ -1,11 +1,11 @@
 """Who a request is for: the caller's identity, resolved against the tiers of the configuration.
 
-The edge knows its callers by API key; it forwards the key's *id* (never the key), its tier and
-its own token limits on the internal hop, as one metadata entry (``x-tokenrelay-caller``, a URL
-query string), and a request's asked-for priority as ``x-tokenrelay-priority``. The orchestrator
-believes a forwarded identity only from a caller it trusts to forward (the internal secret's
-holder; see ``orchestrator/_callers.py``); gRPC clients with identities of their own are known by
-their token or certificate instead.
+The edge knows its callers by API key; it forwards the key's *id* (never the key), its tier and its
+own token limits on the internal hop, as one metadata entry (``x-tokenrelay-caller``, a URL query
+string), and a request's asked-for priority as ``x-tokenrelay-priority``. The orchestrator believes
+a forwarded identity only from a caller it trusts to forward (the internal secret's holder; see
+``orchestrator/_border.py``, ``CallerInterceptor``); gRPC clients with identities of their own are
+known by their token or certificate instead.
 """
 
 from __future__ import annotations
