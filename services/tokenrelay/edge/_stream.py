@@ -362,7 +362,7 @@ class _Client:
 class ResumableStream:
     """One streamed chat completion, resumable for its grace period.
 
-    The generation's side is a ``_generate.Sink`` (``frame``, ``write``, ``ping``, ``fail``,
+    The generation's side is a ``Sink`` (``frame``, ``write``, ``ping``, ``fail``,
     ``done``), written by the task the registry runs; the clients' side is ``serve``. Events
     are numbered from 1 in the order they were written; pings are not events."""
 

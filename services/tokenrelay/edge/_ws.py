@@ -32,7 +32,7 @@ it (the upgrade gets 403 otherwise: no page may use a local, keyless edge behind
 back). On SIGTERM running generations finish (within the drain grace), new ones are refused,
 and the socket closes with 1001.
 
-The chunks are the SSE endpoint's (``_generate``'s shapes and pump); only the framing differs.
+The chunks are the SSE endpoint's (``_stream``'s shapes and pump); only the framing differs.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _check_origin(request: web.Request) -> None:
 
 
 class _Generation:
-    """One generation's messages on the socket (a ``_generate.Sink`` of chunk objects)."""
+    """One generation's messages on the socket (a ``_stream.Sink`` of chunk objects)."""
 
     __slots__ = ("_id", "_session")
 
