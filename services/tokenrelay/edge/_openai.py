@@ -173,7 +173,8 @@ def response_format(body: dict[str, Any]) -> pb.ResponseFormat | None:
     value = body.get("response_format")
     if value is None:
         return None
-    if not isinstance(value, dict) or value.get("type") not in _FORMATS:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(kind, str) or kind not in _FORMATS:  # (an object or array: unhashable)
         raise InvalidRequest(
             "'response_format.type' must be 'text', 'json_object' or 'json_schema'.",
             "response_format",
@@ -376,7 +377,7 @@ def _retrieval(body: dict[str, Any]) -> rpb.RetrievalOptions | None:
         options.min_score = min_score
     policy = value.get("on_failure")
     if policy is not None:
-        if policy not in _POLICIES:
+        if not isinstance(policy, str) or policy not in _POLICIES:
             raise InvalidRequest(
                 "'retrieval.on_failure' must be 'answer' or 'fail'.", "retrieval.on_failure"
             )
@@ -515,7 +516,7 @@ def _messages(body: dict[str, Any]) -> list[pb.ChatMessage]:
         if not isinstance(message, dict):
             raise _type_error(f"messages[{i}]", "an object")
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidRequest(
                 f"messages[{i}].role must be one of system, developer, user, assistant, tool.",
                 f"messages[{i}].role",
