@@ -12,6 +12,9 @@ A source's error reaches the consumer after the items that came before it. ``lim
 is held (the reading task then waits, and the source's back-pressure applies); without it the
 reader holds at most the rest of one answer.
 
+A consumer that always reads ahead takes it as a generator of batches (``batches``): one step per
+batch, instead of a call each to start, take and close.
+
 A consumer may also hold what arrives for a while (``take(hold_until=...)``: the stream
 interval), so that items that come close together go out together even when it keeps up; the
 source's end (or its last item) ends the hold at once.
@@ -20,10 +23,10 @@ source's end (or its last item) ends the hold at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-__all__ = ["ReadAhead"]
+__all__ = ["ReadAhead", "batches"]
 
 T = TypeVar("T")
 
@@ -160,6 +163,36 @@ class ReadAhead(Generic[T]):
         if self._task is not None:
             self._task.cancel()  # a no-op once it has ended
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def batches(
+    source: AsyncIterator[T],
+    head: Sequence[T] = (),
+    limit: int | None = None,
+    idle_s: float | None = None,
+) -> AsyncGenerator[list[T], None]:
+    """``source`` read ahead from the first step on (a ``ReadAhead`` reading in a task of its
+    own), in batches: ``head`` first (items the consumer read already), then every item that
+    arrived since the last batch, as soon as there is one — or an empty batch each time
+    ``idle_s`` passes without any (the consumer's cue to keep its line alive). Ends when the
+    source does; raises the source's error after the items that came before it. Closing it
+    stops the reading (the source itself is the consumer's to close)."""
+    reader = ReadAhead(source, limit=limit)
+    reader.start()
+    try:
+        if head:
+            yield list(head)
+        while True:
+            try:
+                taken = await reader.take(timeout_s=idle_s)
+            except TimeoutError:
+                yield []
+                continue
+            if not taken:
+                return
+            yield taken
+    finally:
+        await reader.close()
 
 
 _EXPIRED: Any = object()  # a waiter's result when its timeout came first

@@ -3,8 +3,8 @@
 Domain code raises these. Each class carries what every border needs — its gRPC status code, its
 HTTP status, its OpenAI error type, the ``outcome`` label of metrics and logs, and a stable
 ``reason`` that names it on the wire — so the border tables (``orchestrator/_border.py`` for gRPC,
-``edge/_errors.py`` for HTTP, and the edge's way back from a gRPC status in
-``edge/_upstream.py``) are derived from the classes, never written out by hand::
+``edge/_middlewares.py`` for HTTP, and the edge's way back from a gRPC status in
+``edge/_generate.py``) are derived from the classes, never written out by hand::
 
     RelayError                      base (500 / INTERNAL)
     ├── InvalidRequest              malformed or out of bounds (400 / INVALID_ARGUMENT)

@@ -1,7 +1,7 @@
 """Domain types of a generation and the seam to a source of tokens.
 
 These plain dataclasses are what the orchestrator's logic works with; protobuf types stop at the
-gRPC border (``orchestrator/_convert.py``).
+gRPC border (``orchestrator/_servicer.py``).
 
 Beyond text, a request may offer the model tools (``Tool``, with a ``ToolChoice``), constrain the
 answer's form (``ResponseFormat``), ask for log probabilities (``Sampling.top_logprobs``) and for

@@ -23,7 +23,8 @@ The keys file is TOML, reread when it changes (so a key is revoked without a res
 With a shared store (``tenancy.store = "redis"``) the limits hold across every replica; without
 one, each edge process counts for itself. The orchestrator's ``clients_file`` has the same format
 for gRPC clients, whose entries may name ``san``: the subject alternative name (URI or DNS) of the
-client's mTLS certificate, which then identifies it without a token.
+client's mTLS certificate, which then identifies it without a token; the orchestrator holds them
+to their entry's limits.
 """
 
 from __future__ import annotations
@@ -137,15 +138,13 @@ class KeyStore:
             ApiKey("env", "TOKENRELAY_API_KEY", hash_key(env_key.value)) if env_key else None
         )
         self._clock = clock
+        # Fixed for the store's life (keys or not), so asked once per request at no cost.
+        self.enabled = path is not None or env_key is not None
         self._keys: tuple[ApiKey, ...] = ()
         self._stamp: tuple[int, int] | None = None
         self._checked = float("-inf")
         if path is not None:
             self.reload()
-
-    @property
-    def enabled(self) -> bool:
-        return self._path is not None or self._env is not None
 
     def reload(self) -> None:
         """Reread the keys file if it changed; a broken file keeps the previous keys."""

@@ -1,7 +1,8 @@
 """Who a request is for, in process: gRPC clients known by a token or an mTLS certificate of
-``orchestrator.clients_file`` get that entry's identity (tier, priority, token limits), the
-edge's forwarded key id and tier reach the orchestrator, and both show in the orchestrator's
-log line, its span and its ``tokenrelay_tenant_*`` metrics (bounded labels).
+``orchestrator.clients_file`` get that entry's identity (tier, priority, token limits) and are
+held to its requests per minute and concurrent calls, the edge's forwarded key id and tier reach
+the orchestrator, and both show in the orchestrator's log line, its span and its
+``tokenrelay_tenant_*`` metrics (bounded labels).
 
 Spans go to a tracer provider of the test's own (the services install theirs in ``__main__``,
 and OpenTelemetry lets the global one be set once per process); log lines are formatted as the
@@ -28,7 +29,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from _support import FakeSource, make_certificates
+from _support import FakeSource, eventually, make_certificates
 from tokenrelay.config import (
     EdgeSettings,
     OrchestratorSettings,
@@ -44,9 +45,11 @@ from tokenrelay.security import Secret, hash_key, new_key
 from tokenrelay.tenancy import CALLER_HEADER, PRIORITY_HEADER, Caller
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
+from tokenrelay.wire import from_rpc_error
 
 SECRET = "internal-" + new_key()
 BATCH, NIGHTLY, RETIRED = new_key(), new_key(), new_key()  # clients file tokens
+POLLER, STREAMER = new_key(), new_key()  # clients file tokens: 2 rpm; 1 concurrent call
 ALICE, BOB = new_key(), new_key()  # the edge's API keys
 RANKER_SAN = "spiffe://tokenrelay.test/ranker"
 INDEXER_SAN = "indexer.tokenrelay.test"
@@ -75,6 +78,8 @@ def _clients_file(path: Path) -> Path:
         {"id": "ranker", "sha256": hash_key(new_key()), "tier": "gold", "san": RANKER_SAN},
         {"id": "indexer", "sha256": hash_key(new_key()), "san": INDEXER_SAN, "token_budget": 4},
         {"id": "retired", "sha256": hash_key(RETIRED), "san": RETIRED_SAN, "revoked": True},
+        {"id": "poller", "sha256": hash_key(POLLER), "requests_per_minute": 2},
+        {"id": "streamer", "sha256": hash_key(STREAMER), "max_streams": 1},
     ]
     path.write_text(tomli_w.dumps({"keys": entries}))
     return path
@@ -284,6 +289,60 @@ async def test_a_client_token_of_the_clients_file_gets_its_entrys_identity_and_l
     # nightly is not in tenancy.metered_keys: counted as "other".
     assert _count(samples, "requests", key="other", tier="standard", outcome="stop") == 2
     assert {dict(labels)["key"] for _, labels in samples} == {"batch-job", "other"}
+
+
+async def test_a_client_is_held_to_its_entrys_requests_per_minute_and_no_one_else(
+    orchestrator: Orchestrator,
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{orchestrator.port}") as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        for _ in range(2):
+            assert (await stub.Generate(REQUEST, metadata=_bearer(POLLER))).text == ANSWER
+        refusal = await _refused(stub.Generate(REQUEST, metadata=_bearer(POLLER)))
+        assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refusal.details() == (
+            "Rate limit reached: 2 requests per minute for the client 'poller'."
+        )
+        retry_after = from_rpc_error(refusal).retry_after
+        assert retry_after is not None and 25 < retry_after <= 30  # one request's refill
+        # The edge's calls for its own key "poller" were counted at the edge: not here.
+        edge = (*_bearer(SECRET), (CALLER_HEADER, Caller("poller").encode()))
+        for _ in range(3):
+            assert (await stub.Generate(REQUEST, metadata=edge)).text == ANSWER
+    samples = await _tenant_samples(orchestrator)
+    assert (
+        _count(samples, "refused", key="other", tier="standard", limit="requests_per_minute") == 1
+    )
+
+
+async def test_a_client_is_held_to_its_entrys_concurrent_calls(
+    orchestrator: Orchestrator, source: FakeSource
+) -> None:
+    source.interval_s = 0.5  # a stream that lasts
+    streaming = pb.GenerateStreamRequest(model="synthetic", prompt="go")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{orchestrator.port}") as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        first = stub.GenerateStream(streaming, metadata=_bearer(STREAMER))
+        await first.read()
+        refusal = await _refused(stub.Generate(REQUEST, metadata=_bearer(STREAMER)))
+        assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (
+            refusal.details() == "Too many concurrent calls: at most 1 for the client 'streamer'."
+        )
+        first.cancel()  # its call is given back as it ends
+        source.interval_s = 0.0
+
+        async def served() -> bool:
+            try:
+                await stub.Generate(REQUEST, metadata=_bearer(STREAMER))
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                return False
+            return True
+
+        assert await eventually(served), "the cancelled call's stream stayed held"
+    samples = await _tenant_samples(orchestrator)
+    assert _count(samples, "refused", key="other", tier="standard", limit="max_streams") >= 1
 
 
 async def test_an_mtls_certificate_named_in_the_clients_file_gets_that_identity(

@@ -1,4 +1,4 @@
-"""Resumable SSE (``edge/_resume.py``) and the WebSocket API (``edge/_ws.py``) in process: the
+"""Resumable SSE (``edge/_stream.py``) and the WebSocket API (``edge/_ws.py``) in process: the
 orchestrator on port 0 over a fake node, the edge as an aiohttp test server with API keys."""
 
 from __future__ import annotations

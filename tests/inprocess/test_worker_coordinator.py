@@ -34,7 +34,7 @@ def coordinator(served: Coordinator, tmp_path: Path) -> Path:
 
 
 def _identity(key: str, priority: Priority) -> Identity:
-    return Identity(key, "default", priority, 1, 0, 0, "day", key)
+    return Identity(key, "default", priority, 1, 0, 0, "day", key, False)
 
 
 async def test_one_slot_for_two_workers_and_priorities_cross_the_socket(

@@ -9,8 +9,15 @@ import pytest
 
 from _support import Clock, FakeSource, Ordered
 from tokenrelay.config import Breaker
-from tokenrelay.orchestrator._breaker import BreakerState, CircuitBreaker, Outcome, Permit
-from tokenrelay.orchestrator._pool import Lease, NodePool, Placement
+from tokenrelay.orchestrator._pool import (
+    BreakerState,
+    CircuitBreaker,
+    Lease,
+    NodePool,
+    Outcome,
+    Permit,
+    Placement,
+)
 
 SETTINGS = Breaker(
     failure_threshold=3,

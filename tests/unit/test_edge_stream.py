@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from _support import assert_openai
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge import create_app
-from tokenrelay.edge._upstream import OrchestratorClient
+from tokenrelay.edge._generate import OrchestratorClient
 from tokenrelay.v1 import generation_pb2 as pb
 
 

@@ -14,9 +14,9 @@ from aiohttp.test_utils import TestServer
 
 from _support import assert_openai
 from tokenrelay.config import EdgeSettings
-from tokenrelay.edge import _generate, create_app
 from tokenrelay.edge import _openai as oa
-from tokenrelay.edge._upstream import OrchestratorClient
+from tokenrelay.edge import _stream, create_app
+from tokenrelay.edge._generate import OrchestratorClient
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.v1 import generation_pb2 as pb
 
@@ -362,8 +362,8 @@ def test_the_usage_of_n_choices_counts_the_prompt_once_and_every_continuation(
     ends = [_length_end(12, 8, continued_prompt=8), _length_end(4, 8)]
     if not continued_first:
         ends.reverse()
-    usage = _generate._total(ends)
+    usage = _stream.total_usage(ends)
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (12, 16, 28)
-    continued = _generate._continued(ends)
+    continued = _stream.continued_of(ends)
     assert continued is not None and continued.count == 1
     assert continued.usage.prompt_tokens == 8

@@ -226,3 +226,26 @@ def test_local_gpu_catalog_serves_what_the_deployment_serves() -> None:
     assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][
         "gpu"
     ]
+
+
+def test_model_parameters_from_the_command_line_reach_the_model_config() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    _gpu.add_gpu_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--gpu",
+            "--gpu-model-parameter",
+            "trace_path=/tmp/t.jsonl",
+            "--gpu-model-parameter",
+            "x=a=b",
+        ]
+    )
+    options = _gpu.options_from_arguments(args)
+    assert dict(options.model_parameters) == {"trace_path": "/tmp/t.jsonl", "x": "a=b"}
+    config = _gpu.python_model_config(options.model_parameters)
+    parsed = text_format.Parse(config, model_config_pb2.ModelConfig())
+    assert parsed.parameters["trace_path"].string_value == "/tmp/t.jsonl"
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        _gpu.options_from_arguments(parser.parse_args(["--gpu-model-parameter", "novalue"]))

@@ -104,6 +104,8 @@ class _Sender:
             self.done.set()
 
     def is_cancelled(self) -> bool:
+        if self.cancel_after < 0:
+            return True
         return bool(self.cancel_after) and len(self.responses) >= self.cancel_after
 
     def texts(self) -> list[str]:
@@ -123,6 +125,9 @@ class _Request:
     def get_response_sender(self) -> _Sender:
         return self._sender
 
+    def request_id(self) -> str:
+        return "r-1"
+
 
 class _Engine:
     """AsyncLLM's generate/abort/shutdown: one delta per token, ``gap_s`` apart."""
@@ -130,6 +135,8 @@ class _Engine:
     def __init__(self) -> None:
         self.tokens_per_request = 8
         self.gap_s = 0.0
+        self.first_gap_s = 0.0  # before the first output only
+        self.empty_first = False  # the first output carries a token but no text yet
         self.seen: list[Any] = []
         self.aborted: list[str] = []
         self.errored = False
@@ -141,9 +148,11 @@ class _Engine:
             for i in range(count):
                 if self.gap_s:
                     await asyncio.sleep(self.gap_s)
+                if i == 0 and self.first_gap_s:
+                    await asyncio.sleep(self.first_gap_s)
                 done = i == count - 1
                 output = types.SimpleNamespace(
-                    text=f" t{i}",
+                    text="" if i == 0 and self.empty_first else f" t{i}",
                     token_ids=[i],
                     logprobs=[
                         {i: types.SimpleNamespace(logprob=-0.5, rank=1, decoded_token=f" t{i}")}
@@ -230,22 +239,27 @@ def vllm_fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Engine]:
     yield engine
 
 
-@pytest.fixture
-def model(vllm_fakes: _Engine, tmp_path: Any) -> Iterator[Any]:
+def _start_model(tmp_path: Any, **parameters: str) -> Any:
     from tokenrelay.triton_python.vllm_engine import TritonPythonModel
 
-    (tmp_path / "1").mkdir()
+    (tmp_path / "1").mkdir(exist_ok=True)
     (tmp_path / "1" / "model.json").write_text(json.dumps({"model": "m", "max_model_len": 2048}))
     instance = TritonPythonModel()
-    parameters = {"cancel_poll_ms": {"string_value": "10"}}
+    config = {"parameters": {k: {"string_value": v} for k, v in parameters.items()}}
     instance.initialize(
         {
-            "model_config": json.dumps({"parameters": parameters}),
+            "model_config": json.dumps(config),
             "model_name": "smollm2_vllm",
             "model_repository": str(tmp_path),
             "model_version": "1",
         }
     )
+    return instance
+
+
+@pytest.fixture
+def model(vllm_fakes: _Engine, tmp_path: Any) -> Iterator[Any]:
+    instance = _start_model(tmp_path, cancel_poll_ms="10")
     yield instance
     instance.finalize()
 
@@ -297,6 +311,65 @@ def test_merges_deltas_while_the_sender_is_busy_but_never_delays_the_first(
     assert "".join(texts) == "".join(f" t{i}" for i in range(60))
     counts = [int(r.outputs["num_output_tokens"][0]) for r, _ in sender.responses]
     assert sum(counts) == 60 and max(counts) > 1
+
+
+def test_time_based_merging_never_holds_the_first_text(vllm_fakes: _Engine, tmp_path: Any) -> None:
+    # A long response interval; the engine's first output has a token but no text yet (as
+    # vLLM's detokenizer can send): that empty response must not start the interval, or the
+    # first visible token would wait for it.
+    vllm_fakes.empty_first = True
+    vllm_fakes.gap_s = 0.01
+    model = _start_model(tmp_path, response_interval_ms="2000")
+    try:
+        sender = _Sender()
+        began = time.monotonic()
+        model.execute([_stream_request(sender, {"max_tokens": 6})])
+        deadline = time.monotonic() + 5
+        while len(sender.texts()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        first_text = time.monotonic() - began
+        assert sender.texts()[:2] == ["", " t1"]  # the empty one, then the text at once
+        assert first_text < 1.0  # nowhere near the 2 s interval
+        _wait(sender)
+        # ... and later pieces are merged by the interval (all of them, here, into the last).
+        assert sender.texts() == ["", " t1", " t2 t3 t4 t5"]
+        counts = [int(r.outputs["num_output_tokens"][0]) for r, _ in sender.responses]
+        assert counts == [1, 1, 4]
+    finally:
+        model.finalize()
+
+
+def test_a_request_cancelled_before_its_first_output_is_aborted(
+    model: Any, vllm_fakes: _Engine
+) -> None:
+    # New requests reach the sender thread without waking it: it must still find this one and
+    # poll it while vLLM has produced nothing for it (a long prefill, a grammar compiling).
+    vllm_fakes.first_gap_s = 30
+    sender = _Sender()
+    sender.cancel_after = -1  # cancelled from the start (is_cancelled is true at once)
+    model.execute([_stream_request(sender, {"max_tokens": 4})])
+    _wait(sender)
+    ((last, flags),) = sender.responses
+    assert flags == FINAL and last.error.code == "CANCELLED"
+    assert len(vllm_fakes.aborted) == 1
+
+
+def test_the_trace_gives_each_streaming_request_its_first_token_times(
+    vllm_fakes: _Engine, tmp_path: Any
+) -> None:
+    trace = tmp_path / "trace.jsonl"
+    model = _start_model(tmp_path, trace_path=str(trace))
+    try:
+        sender = _Sender()
+        model.execute([_stream_request(sender, {"max_tokens": 3})])
+        _wait(sender)
+    finally:
+        model.finalize()
+    (line,) = trace.read_text().splitlines()
+    times = json.loads(line)
+    assert times["id"] == "r-1"
+    order = [times[k] for k in ("execute", "loop", "output", "build", "sent")]
+    assert order == sorted(order) and order[-1] - order[0] < 5
 
 
 def test_cancellation_aborts_the_engine_request(model: Any, vllm_fakes: _Engine) -> None:

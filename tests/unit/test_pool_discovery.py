@@ -7,9 +7,8 @@ import pytest
 
 from _support import FakeSource
 from tokenrelay.config import DnsName, parse_dns
-from tokenrelay.orchestrator._breaker import Outcome
 from tokenrelay.orchestrator._discovery import Discovery
-from tokenrelay.orchestrator._pool import NodePool, Placement
+from tokenrelay.orchestrator._pool import NodePool, Outcome, Placement
 
 GROUP = "dns:///triton.test:8001"
 

@@ -33,8 +33,7 @@ from tokenrelay.generation import (
     Role,
     Sampling,
 )
-from tokenrelay.orchestrator._breaker import BreakerState
-from tokenrelay.orchestrator._pool import NodePool, Placement
+from tokenrelay.orchestrator._pool import BreakerState, NodePool, Placement
 from tokenrelay.orchestrator._relay import Relay
 
 
@@ -335,7 +334,7 @@ async def test_the_log_line_of_a_closed_stream_says_cancelled(
     source = FakeSource(interval_s=0.05, words=tuple(f" w{i}" for i in range(50)))
     relay, pool = _relay(source)
     await pool.probe_once()
-    with caplog.at_level(logging.INFO, logger="tokenrelay.orchestrator._record"):
+    with caplog.at_level(logging.INFO, logger="tokenrelay.orchestrator._relay"):
         stream = relay.stream(_request())
         await anext(stream)
         await stream.aclose()

@@ -10,11 +10,10 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tokenrelay.edge import _openai as oa
-from tokenrelay.edge._choices import Piece
-from tokenrelay.edge._generate import _Chat, _Completion
-from tokenrelay.edge._resume import ResumableStream
-from tokenrelay.edge._sse import SSEWriter, TextChunk, TextFrames
+from tokenrelay.edge import _stream
+from tokenrelay.edge._stream import Chat as _Chat
+from tokenrelay.edge._stream import Completion as _Completion
+from tokenrelay.edge._stream import Piece, ResumableStream, SSEWriter, TextChunk, TextFrames
 from tokenrelay.edge._ws import _Generation
 from tokenrelay.v1 import generation_pb2 as pb
 
@@ -40,7 +39,7 @@ def _chat(model: str = "synthetic", with_usage: bool = True) -> _Chat:
 
 
 def _old_chat_frame(shape: _Chat, text: str, index: int = 0) -> bytes:
-    chunk = oa.chat_chunk(
+    chunk = _stream.chat_chunk(
         shape.id, shape.created, shape.model, {"content": text}, None, shape.with_usage, index
     )
     return (
@@ -78,7 +77,7 @@ def test_completion_text_chunks_are_the_bytes_of_the_whole_chunk() -> None:
     shape = _Completion("cmpl-r1", 1_700_000_000, "synthetic", False)
     for text in TEXTS:
         chunk = shape.piece(_piece(text, 1))
-        expected = oa.completion_chunk(shape.id, shape.created, shape.model, text, None, 1)
+        expected = _stream.completion_chunk(shape.id, shape.created, shape.model, text, None, 1)
         assert SSEWriter.frame(chunk) == SSEWriter.frame(expected)
 
 
@@ -106,7 +105,7 @@ def test_a_sink_that_does_not_write_sse_gets_the_chunk() -> None:
     assert chunk.payload() == {"text": 'a"b', "n": 1}
     assert _Generation.frame(chunk) == {"text": 'a"b', "n": 1}
     chat = _chat().piece(_piece("hi"))
-    assert _Generation.frame(chat) == oa.chat_chunk(
+    assert _Generation.frame(chat) == _stream.chat_chunk(
         _ID, 1_700_000_000, "synthetic", {"content": "hi"}, None, True
     )
     assert frames.frame('a"b') == b'data: {"text":"a\\"b","n":1}\n\n'

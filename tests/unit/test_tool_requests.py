@@ -30,12 +30,11 @@ from tokenrelay.generation import (
     ToolChoice,
     ToolChoiceMode,
 )
-from tokenrelay.orchestrator._plan import Planner
+from tokenrelay.orchestrator._plan import Planner, validate
 from tokenrelay.orchestrator._pool import NodePool, Placement
 from tokenrelay.orchestrator._relay import Relay
 from tokenrelay.orchestrator._schemas import bounded
 from tokenrelay.orchestrator._triton import _logprobs
-from tokenrelay.orchestrator._validate import validate
 
 CAPABLE = ModelSpec(id="m", triton_model="m", tool_parser="hermes")
 PLAIN = ModelSpec(

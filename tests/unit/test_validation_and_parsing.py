@@ -8,7 +8,7 @@ from tokenrelay.config import Limits, ModelSpec
 from tokenrelay.edge import _openai as oa
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.generation import ChatMessage, GenerationRequest, Sampling
-from tokenrelay.orchestrator._validate import validate
+from tokenrelay.orchestrator._plan import validate
 from tokenrelay.v1 import generation_pb2 as pb
 
 SPEC = ModelSpec(id="m", triton_model="m", context_window=100, default_max_tokens=16)
@@ -116,6 +116,13 @@ def test_the_stream_interval_extension_reaches_the_grpc_request() -> None:
         ({"model": "m", "messages": [], "logprobs": "yes"}, "logprobs"),
         ({"model": "m", "messages": [], "stream_interval_ms": -1}, "stream_interval_ms"),
         ({"model": "m", "messages": [], "stream_interval_ms": "10"}, "stream_interval_ms"),
+        # An object or an array where one of a few strings goes (unhashable: once a 500).
+        (
+            {"model": "m", "messages": [], "retrieval": {"collection": "c", "on_failure": {}}},
+            "retrieval.on_failure",
+        ),
+        ({"model": "m", "messages": [], "response_format": {"type": []}}, "response_format"),
+        ({"model": "m", "messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role"),
     ],
 )
 def test_openai_chat_body_type_errors(body: dict[str, object], param: str) -> None:

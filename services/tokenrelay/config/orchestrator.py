@@ -172,7 +172,8 @@ class OrchestratorSettings:
     discovery: Discovery = field(default_factory=Discovery)
     clients_file: str = ""
     """gRPC callers with identities of their own: a keys file as the edge's (``tokenrelay-keys
-    new``); an entry may name ``san``, its mTLS client certificate's subject alternative name."""
+    new``); an entry may name ``san``, its mTLS client certificate's subject alternative name.
+    Its limits (``requests_per_minute``, ``max_streams``, token limits) hold here."""
     tls_cert: str = ""
     """TLS of the gRPC API (PEM path): with ``tls_key`` it turns TLS on; empty: plaintext."""
     tls_key: str = ""

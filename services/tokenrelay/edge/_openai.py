@@ -1,4 +1,4 @@
-"""OpenAI request bodies → orchestrator requests, and orchestrator messages → OpenAI JSON.
+"""OpenAI request bodies → orchestrator requests (the answers' JSON is ``_stream``'s).
 
 Field names and meanings follow ``CreateChatCompletionRequest`` / ``CreateCompletionRequest`` of
 the official OpenAI description. The edge checks JSON types here; value ranges and limits are the
@@ -8,12 +8,21 @@ Unknown-field policy: fields this edge does not know are ignored, as OpenAI-comp
 (clients such as LiteLLM and ADK add their own). Known fields that ask for something tokenrelay
 does not do (``echo``, ``best_of`` > 1, ``suffix``) are refused with a 400, and so is what a
 model's catalog entry says it cannot do (tools, constrained decoding, logprobs, logit_bias; the
-orchestrator's checks) — never ignored. Tools and structured outputs: ``_openai_tools``.
+orchestrator's checks) — never ignored.
 
 Extension: ``retrieval`` (an object: ``collection``, ``top_k``, ``min_score``, ``on_failure``)
 asks for retrieval-augmented generation; the answer then carries a ``retrieval`` object (status
 and citations) in the response, or in the first chunk of a stream. With the OpenAI SDK it goes in
 ``extra_body`` and comes back in ``model_extra``.
+
+Tool calling and structured outputs: ``tools`` (type ``function``: name, description, JSON-schema
+``parameters``; ``strict`` is accepted: arguments are constrained to the schema when the call is
+forced), ``tool_choice`` (``none``, ``auto``, ``required`` or ``{"type": "function", "function":
+{"name"}}``), ``parallel_tool_calls``, an assistant message's ``tool_calls``, a tool message's
+``tool_call_id``, ``response_format`` (``text``, ``json_object``, ``json_schema`` with
+``json_schema.schema``) and ``logit_bias``. JSON types are checked here, each refusal naming the
+field; what the values mean (names, schemas, which tool is chosen, whether the model can) is the
+orchestrator's to check, for gRPC and HTTP callers alike.
 """
 
 from __future__ import annotations
@@ -26,7 +35,6 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from tokenrelay.edge import _openai_tools as tools
 from tokenrelay.errors import InvalidRequest
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import retrieval_pb2 as rpb
@@ -34,20 +42,178 @@ from tokenrelay.v1 import retrieval_pb2 as rpb
 __all__ = [
     "EmbeddingsRequest",
     "ParsedRequest",
-    "chat_chunk",
-    "chat_completion",
-    "completion",
-    "completion_chunk",
-    "continued_json",
     "embeddings_response",
-    "finish_reason",
     "loads",
+    "logit_bias",
+    "message_tool_calls",
+    "parse_body",
     "parse_chat",
     "parse_completion",
     "parse_embeddings",
-    "retrieval_json",
-    "usage",
+    "response_format",
+    "tool_choice",
+    "tools",
 ]
+
+_CHOICES = {
+    "auto": pb.TOOL_CHOICE_MODE_AUTO,
+    "none": pb.TOOL_CHOICE_MODE_NONE,
+    "required": pb.TOOL_CHOICE_MODE_REQUIRED,
+}
+_FORMATS = {
+    "text": pb.RESPONSE_FORMAT_TYPE_TEXT,
+    "json_object": pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+    "json_schema": pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+}
+
+
+def _type_error(name: str, expected: str) -> InvalidRequest:
+    return InvalidRequest(f"'{name}' must be {expected}.", name)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _string(value: dict[str, Any], key: str, where: str, required: bool = False) -> str:
+    item = value.get(key)
+    if item is None and not required:
+        return ""
+    if not isinstance(item, str):
+        raise _type_error(f"{where}.{key}", "a string")
+    return item
+
+
+def tools(body: dict[str, Any]) -> list[pb.Tool]:
+    raw = body.get("tools")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise _type_error("tools", "an array")
+    out = []
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise _type_error(where, "an object")
+        if tool.get("type") != "function":
+            raise InvalidRequest(f"'{where}.type' must be 'function'.", f"{where}.type")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise _type_error(f"{where}.function", "an object")
+        where = f"{where}.function"
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise _type_error(f"{where}.parameters", "a JSON Schema object")
+        strict = function.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise _type_error(f"{where}.strict", "a boolean")
+        out.append(
+            pb.Tool(
+                name=_string(function, "name", where, required=True),
+                description=_string(function, "description", where),
+                parameters=_json(parameters) if parameters is not None else "",
+            )
+        )
+    return out
+
+
+def tool_choice(body: dict[str, Any]) -> pb.ToolChoice | None:
+    value = body.get("tool_choice")
+    if value is None:
+        return None
+    if isinstance(value, str) and value in _CHOICES:
+        return pb.ToolChoice(mode=_CHOICES[value])
+    if isinstance(value, dict) and value.get("type") == "function":
+        function = value.get("function")
+        if not isinstance(function, dict):
+            raise _type_error("tool_choice.function", "an object")
+        name = _string(function, "name", "tool_choice.function", required=True)
+        return pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_FUNCTION, function=name)
+    raise InvalidRequest(
+        "'tool_choice' must be 'none', 'auto', 'required' or"
+        ' {"type": "function", "function": {"name": ...}}.',
+        "tool_choice",
+    )
+
+
+def message_tool_calls(message: dict[str, Any], i: int) -> list[pb.ToolCall]:
+    """An assistant message's ``tool_calls`` (arguments stay the JSON text the model wrote)."""
+    raw = message.get("tool_calls")
+    if raw is None:
+        return []
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(raw, list):
+        raise _type_error(where, "an array")
+    out = []
+    for j, call in enumerate(raw):
+        at = f"{where}[{j}]"
+        if not isinstance(call, dict):
+            raise _type_error(at, "an object")
+        if call.get("type", "function") != "function":
+            raise InvalidRequest(f"'{at}.type' must be 'function'.", f"{at}.type")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise _type_error(f"{at}.function", "an object")
+        arguments = function.get("arguments", "")
+        if isinstance(arguments, dict):  # some clients send the object itself
+            arguments = _json(arguments)
+        elif not isinstance(arguments, str):
+            raise _type_error(f"{at}.function.arguments", "a string")
+        out.append(
+            pb.ToolCall(
+                id=_string(call, "id", at),
+                name=_string(function, "name", f"{at}.function", required=True),
+                arguments=arguments,
+            )
+        )
+    return out
+
+
+def response_format(body: dict[str, Any]) -> pb.ResponseFormat | None:
+    value = body.get("response_format")
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(kind, str) or kind not in _FORMATS:  # (an object or array: unhashable)
+        raise InvalidRequest(
+            "'response_format.type' must be 'text', 'json_object' or 'json_schema'.",
+            "response_format",
+        )
+    out = pb.ResponseFormat(type=_FORMATS[value["type"]])
+    if value["type"] == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise _type_error("response_format.json_schema", "an object")
+        schema = spec.get("schema")
+        if schema is not None:
+            if not isinstance(schema, dict):
+                raise _type_error("response_format.json_schema.schema", "a JSON Schema object")
+            out.schema = _json(schema)
+        strict = spec.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise _type_error("response_format.json_schema.strict", "a boolean")
+    return out
+
+
+def logit_bias(body: dict[str, Any]) -> dict[int, float]:
+    """``{"<token id>": bias}``; the orchestrator checks the bounds (and whether the model
+    applies it)."""
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _type_error("logit_bias", "an object of token ids and biases")
+    out = {}
+    for token, bias in value.items():
+        if not (token.isascii() and token.isdigit()) or int(token) > 2**31 - 1:
+            raise InvalidRequest(
+                f"'logit_bias' keys must be token ids; got {token[:20]!r}.", "logit_bias"
+            )
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or abs(bias) > 1e6:
+            raise _type_error("logit_bias", "an object of token ids and numbers in [-100, 100]")
+        out[int(token)] = float(bias)
+    return out
+
 
 _INT32 = 2**31 - 1
 _INT64 = 2**63 - 1
@@ -58,26 +224,25 @@ _ROLES = {
     "assistant": pb.ROLE_ASSISTANT,
     "tool": pb.ROLE_TOOL,
 }
-_FINISH = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
-}
 
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
+    """A generation request as the orchestrator takes it, and how its answer is to be spelt:
+    streamed or not, with usage, how many choices (``n``), with logprobs or not."""
+
     request: pb.GenerateStreamRequest
     stream: bool
     include_usage: bool
+    n: int
+    logprobs: bool
 
-    @property
-    def n(self) -> int:
-        return self.request.n if self.request.HasField("n") else 1
 
-    @property
-    def logprobs(self) -> bool:
-        return self.request.sampling.HasField("top_logprobs")
+def _parsed(request: pb.GenerateStreamRequest, stream: bool, include_usage: bool) -> ParsedRequest:
+    n = request.n if request.HasField("n") else 1
+    return ParsedRequest(
+        request, stream, include_usage, n, request.sampling.HasField("top_logprobs")
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -115,10 +280,6 @@ def loads(body: bytes) -> dict[str, Any]:
                 " in a string; only complete surrogate pairs encode text."
             ) from None
     return value
-
-
-def _type_error(name: str, expected: str) -> InvalidRequest:
-    return InvalidRequest(f"'{name}' must be {expected}.", name)
 
 
 def _model(body: dict[str, Any]) -> str:
@@ -178,7 +339,7 @@ def _sampling(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> pb.Sam
     seed = _integer(body, "seed", _INT64)
     if seed is not None:
         sampling.seed = seed
-    for token, bias in tools.logit_bias(body).items():
+    for token, bias in logit_bias(body).items():
         sampling.logit_bias[token] = bias
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -193,11 +354,6 @@ def _sampling(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> pb.Sam
 _POLICIES = {
     "answer": rpb.RETRIEVAL_FAILURE_POLICY_ANSWER_WITHOUT_CONTEXT,
     "fail": rpb.RETRIEVAL_FAILURE_POLICY_FAIL,
-}
-_STATUSES = {
-    rpb.RETRIEVAL_STATUS_USED: "used",
-    rpb.RETRIEVAL_STATUS_EMPTY: "empty",
-    rpb.RETRIEVAL_STATUS_FAILED: "failed",
 }
 
 
@@ -221,7 +377,7 @@ def _retrieval(body: dict[str, Any]) -> rpb.RetrievalOptions | None:
         options.min_score = min_score
     policy = value.get("on_failure")
     if policy is not None:
-        if policy not in _POLICIES:
+        if not isinstance(policy, str) or policy not in _POLICIES:
             raise InvalidRequest(
                 "'retrieval.on_failure' must be 'answer' or 'fail'.", "retrieval.on_failure"
             )
@@ -239,33 +395,6 @@ def _stream_interval(body: dict[str, Any], request: pb.GenerateStreamRequest) ->
     if interval < 0:
         raise _type_error("stream_interval_ms", "a non-negative integer")
     request.stream_interval_ms = interval
-
-
-def retrieval_json(report: rpb.RetrievalReport) -> dict[str, Any]:
-    """The ``retrieval`` object of an answer: status, citations (and why it failed)."""
-    body: dict[str, Any] = {
-        "status": _STATUSES.get(report.status, "failed"),
-        "citations": [
-            {
-                "number": c.number,
-                "chunk_id": c.chunk_id,
-                "document_id": c.document_id,
-                "source": c.source,
-                "index": c.index,
-                "score": round(c.score, 6),
-            }
-            for c in report.citations
-        ],
-    }
-    if report.message:
-        body["message"] = report.message
-    return body
-
-
-def continued_json(continued: pb.Continued) -> dict[str, Any]:
-    """The ``continued`` extension of an answer that outlived its node: how many times it was
-    continued on another node, and the tokens the continuations took (in the usage already)."""
-    return {"count": continued.count, "usage": usage(continued.usage)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,14 +516,14 @@ def _messages(body: dict[str, Any]) -> list[pb.ChatMessage]:
         if not isinstance(message, dict):
             raise _type_error(f"messages[{i}]", "an object")
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidRequest(
                 f"messages[{i}].role must be one of system, developer, user, assistant, tool.",
                 f"messages[{i}].role",
             )
         converted = pb.ChatMessage(role=_ROLES[role], content=_content(message.get("content"), i))
         if role == "assistant":
-            converted.tool_calls.extend(tools.message_tool_calls(message, i))
+            converted.tool_calls.extend(message_tool_calls(message, i))
         elif role == "tool":
             call_id = message.get("tool_call_id")
             if call_id is not None and not isinstance(call_id, str):
@@ -416,15 +545,15 @@ def parse_chat(body: dict[str, Any], request_id: str) -> ParsedRequest:
         sampling=_sampling(body, ("max_completion_tokens", "max_tokens")),
         request_id=request_id,
         retrieval=_retrieval(body),
-        tools=tools.tools(body),
-        tool_choice=tools.tool_choice(body),
-        response_format=tools.response_format(body),
+        tools=tools(body),
+        tool_choice=tool_choice(body),
+        response_format=response_format(body),
     )
     _stream_interval(body, request)
     if body.get("parallel_tool_calls") is not None:
         request.parallel_tool_calls = _bool(body, "parallel_tool_calls")
     _choices_and_logprobs(body, request, chat=True)
-    return ParsedRequest(request, stream, include_usage)
+    return _parsed(request, stream, include_usage)
 
 
 def parse_completion(body: dict[str, Any], request_id: str) -> ParsedRequest:
@@ -448,85 +577,11 @@ def parse_completion(body: dict[str, Any], request_id: str) -> ParsedRequest:
     )
     _stream_interval(body, request)
     _choices_and_logprobs(body, request, chat=False)
-    return ParsedRequest(request, stream, include_usage)
+    return _parsed(request, stream, include_usage)
 
 
-def finish_reason(end: pb.StreamEnd) -> str | None:
-    """The OpenAI finish reason, or None for a generation the inference server cancelled."""
-    return _FINISH.get(end.finish_reason)
-
-
-def usage(value: pb.Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": value.prompt_tokens,
-        "completion_tokens": value.completion_tokens,
-        "total_tokens": value.total_tokens,
-    }
-
-
-def chat_completion(
-    id_: str, created: int, model: str, choices: list[dict[str, Any]], use: pb.Usage
-) -> dict[str, Any]:
-    """A chat completion of ``choices`` (see ``_choices.Answer.chat``)."""
-    return {
-        "id": id_,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage(use),
-    }
-
-
-def chat_chunk(
-    id_: str,
-    created: int,
-    model: str,
-    delta: dict[str, Any],
-    finish: str | None = None,
-    with_usage: bool = False,
-    index: int = 0,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": id_,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
-        ],
-    }
-    if with_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def completion(
-    id_: str, created: int, model: str, choices: list[dict[str, Any]], use: pb.Usage | None
-) -> dict[str, Any]:
-    """A text completion of ``choices``; also each chunk of a streamed one (one choice, whose
-    ``finish_reason`` is None until its last)."""
-    body: dict[str, Any] = {
-        "id": id_,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if use is not None:
-        body["usage"] = usage(use)
-    return body
-
-
-def completion_chunk(
-    id_: str,
-    created: int,
-    model: str,
-    text: str,
-    finish: str | None,
-    index: int = 0,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
-    return completion(id_, created, model, [choice], None)
+def parse_body(raw: bytes, request_id: str, chat: bool) -> ParsedRequest:
+    """A ``/v1/chat/completions`` (``chat``) or ``/v1/completions`` request body, as it came:
+    ``loads``, then ``parse_chat`` or ``parse_completion``."""
+    body = loads(raw)
+    return parse_chat(body, request_id) if chat else parse_completion(body, request_id)

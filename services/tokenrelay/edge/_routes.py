@@ -12,7 +12,7 @@ from aiohttp import web
 
 from tokenrelay._workers import gather
 from tokenrelay.edge import _openai as oa
-from tokenrelay.edge._request import budget, read_json
+from tokenrelay.edge._generate import budget, read_json
 from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STATE, UPSTREAM, WORKER
 from tokenrelay.errors import InvalidRequest, ModelNotFound
 from tokenrelay.logs import bind

@@ -10,12 +10,12 @@ from aiohttp import web
 from tokenrelay._workers import WorkerContext
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._metrics import EdgeMetrics
-from tokenrelay.edge._resume import ResumableStreams
-from tokenrelay.edge._upstream import OrchestratorClient
 from tokenrelay.security import KeyStore
 from tokenrelay.tenancy import LimitStore, LocalLimits, Tenants
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the modules that hold these import this one
+    from tokenrelay.edge._generate import OrchestratorClient
+    from tokenrelay.edge._stream import ResumableStreams
     from tokenrelay.edge._ws import Session
 
 __all__ = [
@@ -50,11 +50,11 @@ class Auth:
 
 
 SETTINGS = web.AppKey("settings", EdgeSettings)
-UPSTREAM = web.AppKey("upstream", OrchestratorClient)
+UPSTREAM: web.AppKey[OrchestratorClient] = web.AppKey("upstream")
 STATE = web.AppKey("state", EdgeState)
 AUTH = web.AppKey("auth", Auth)
 METRICS = web.AppKey("metrics", EdgeMetrics)
-STREAMS = web.AppKey("streams", ResumableStreams)  # resumable SSE streams (``_resume``)
+STREAMS: web.AppKey[ResumableStreams] = web.AppKey("streams")  # resumable SSE streams
 # Where this process stands in a group of workers (None: it serves alone).
 WORKER: web.AppKey[WorkerContext | None] = web.AppKey("worker")
 REQUEST_ID = web.RequestKey("request_id", str)  # the request's id, set by a middleware

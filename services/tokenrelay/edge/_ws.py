@@ -32,7 +32,7 @@ it (the upgrade gets 403 otherwise: no page may use a local, keyless edge behind
 back). On SIGTERM running generations finish (within the drain grace), new ones are refused,
 and the socket closes with 1001.
 
-The chunks are the SSE endpoint's (``_generate``'s shapes and pump); only the framing differs.
+The chunks are the SSE endpoint's (``_stream``'s shapes and pump); only the framing differs.
 """
 
 from __future__ import annotations
@@ -47,12 +47,17 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tokenrelay.edge import _openai as oa
-from tokenrelay.edge._errors import error_body
-from tokenrelay.edge._generate import open_answer, pump
-from tokenrelay.edge._request import budget
-from tokenrelay.edge._security import WEBSOCKET_PATH, admit, authenticate, bearer, caller_of
-from tokenrelay.edge._sse import TextChunk
+from tokenrelay.edge._generate import budget
+from tokenrelay.edge._middlewares import (
+    WEBSOCKET_PATH,
+    admit,
+    authenticate,
+    bearer,
+    caller_of,
+    error_body,
+)
 from tokenrelay.edge._state import AUTH, REQUEST_ID, SETTINGS, STATE, UPSTREAM
+from tokenrelay.edge._stream import TextChunk, open_answer, pump
 from tokenrelay.errors import (
     InvalidRequest,
     Overloaded,
@@ -92,7 +97,7 @@ def _check_origin(request: web.Request) -> None:
 
 
 class _Generation:
-    """One generation's messages on the socket (a ``_generate.Sink`` of chunk objects)."""
+    """One generation's messages on the socket (a ``_stream.Sink`` of chunk objects)."""
 
     __slots__ = ("_id", "_session")
 

@@ -27,18 +27,18 @@ from tokenrelay._workers import (
     worker_command,
 )
 from tokenrelay.config import EdgeSettings, Secrets, Tenancy, join_hostport, split_hostport
-from tokenrelay.edge._errors import error_middleware
+from tokenrelay.edge._generate import OrchestratorClient
 from tokenrelay.edge._generate import routes as generation_routes
 from tokenrelay.edge._metrics import EdgeMetrics
-from tokenrelay.edge._resume import ResumableStreams
-from tokenrelay.edge._routes import routes
-from tokenrelay.edge._security import (
+from tokenrelay.edge._middlewares import (
     GuardedSite,
     auth_middleware,
     context_middleware,
+    error_middleware,
     metrics_middleware,
     on_response_prepare,
 )
+from tokenrelay.edge._routes import routes
 from tokenrelay.edge._state import (
     AUTH,
     METRICS,
@@ -50,7 +50,7 @@ from tokenrelay.edge._state import (
     Auth,
     EdgeState,
 )
-from tokenrelay.edge._upstream import OrchestratorClient
+from tokenrelay.edge._stream import ResumableStreams
 from tokenrelay.edge._ws import routes as websocket_routes
 from tokenrelay.security import KeyStore, is_loopback
 from tokenrelay.tenancy import LimitStore, Tenants, make_limits

@@ -7,23 +7,241 @@ with hedging on, a second node is asked as well once ``hedge_after_s`` passes wi
 token, and the first to answer wins while the other is cancelled. Plans are tried in order for
 each launch (the primary model's, then its fallback's), so the fallback answers only when no node
 of the primary can.
+
+Each try is an ``Attempt``: the request on one leased node, from sending it to giving the node back;
+the winner's is followed by the relay. Every wait on the node — for the first delta, and for each
+later one — runs under the attempt's watch: when the pool finds the node hung or unable to serve
+(its probe failed, ``Lease.lost``) the wait ends at once with ``UpstreamUnavailable``, so the race
+retries elsewhere and a stream is continued elsewhere, instead of waiting for a watchdog.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import math
+from collections.abc import AsyncGenerator, Callable
+from types import TracebackType
+from typing import Protocol
 
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from tokenrelay._readahead import ReadAhead
 from tokenrelay.config import Routing
-from tokenrelay.errors import InvalidRequest, RelayError, UpstreamTimeout, UpstreamUnavailable
-from tokenrelay.generation import Delta
-from tokenrelay.orchestrator._attempt import Attempt, judge
-from tokenrelay.orchestrator._breaker import Outcome
+from tokenrelay.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    RelayError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from tokenrelay.generation import Delta, TokenLogprob
 from tokenrelay.orchestrator._plan import Plan
-from tokenrelay.orchestrator._pool import NodePool
+from tokenrelay.orchestrator._pool import Lease, NodePool, Outcome
+from tokenrelay.tracing import inject, tracer
 
-__all__ = ["FirstTokenRace"]
+__all__ = ["Attempt", "FirstTokenRace", "Tally", "judge", "race"]
+
+
+def judge(exc: BaseException) -> tuple[Outcome, bool]:
+    """What a failed attempt says about its node: (breaker outcome, node unreachable)."""
+    if isinstance(exc, InvalidRequest):
+        return Outcome.NEUTRAL, False  # the request's fault, not the node's
+    return Outcome.FAILURE, isinstance(exc, UpstreamUnavailable)
+
+
+class Attempt:
+    """The request of ``plan`` sent to ``lease``'s node, read by one generator (``reads``) from
+    its first delta to its last. The race's task (``first``) runs it up to the first delta that
+    carries text or ends the answer; whoever wins the race resumes it for the rest, one step
+    per delta — or per batch, once it reads ahead (``read_ahead``). ``stop`` ends it whatever
+    state it is in, and gives the node back exactly once."""
+
+    def __init__(self, plan: Plan, lease: Lease, started: float, why: str) -> None:
+        self.plan = plan
+        self.lease = lease
+        self.node = lease.node
+        self.started = started
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        # One CLIENT span per attempt; its traceparent goes to Triton with the request, so
+        # Triton's own spans join the trace under it.
+        self.span = tracer().start_span(
+            "triton.generate",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "server.address": lease.node,
+                "tokenrelay.triton_model": lease.triton_model,
+                "tokenrelay.route": why,
+                "tokenrelay.fallback": plan.fallback,
+                "gen_ai.request.model": plan.spec.id,
+                # Triton's own spans carry the same attribute: with Triton 2.51 the streaming
+                # endpoint starts a trace of its own instead of continuing traceparent, and
+                # this is how the two are found together.
+                "triton.request_id": plan.request.request_id,
+            },
+        )
+        self.deltas = lease.source.generate(
+            lease.triton_model,
+            plan.prompt,
+            plan.request.sampling,
+            plan.request.request_id,
+            inject(self.span),
+        )
+        self.arrived: Callable[[Delta], None] | None = None
+        """Sees each delta after the first as it comes (in the reading task when reading
+        ahead), once counted: set by the follower before it resumes ``reads``."""
+        self.reads = self._reads()
+        """The attempt's deltas: the first content (``first``), then, for each ``asend`` of a
+        hold time (``ReadAhead.take``'s ``hold_until``) or None, the next ones — one, or all
+        that arrived meanwhile once reading ahead; empty when the node ended without
+        finishing. Each wait is watched (``watch``)."""
+        self.first: asyncio.Task[Delta] = asyncio.create_task(self._first())
+        self._reader: ReadAhead[Delta] | None = None
+        self._stopped = False
+        self._watching: asyncio.Timeout | None = None
+        lease.on_lost = self._lost
+
+    def _count(self, delta: Delta) -> None:
+        if delta.prompt_tokens is not None:
+            self.prompt_tokens = delta.prompt_tokens
+        self.completion_tokens += delta.output_tokens
+
+    def _arrive(self, delta: Delta) -> None:
+        self._count(delta)
+        if self.arrived is not None:
+            self.arrived(delta)
+
+    @property
+    def lost(self) -> bool:
+        """Whether the pool found the node unable to serve while this attempt ran on it."""
+        return self.lease.lost
+
+    def _lost(self) -> None:
+        watching = self._watching
+        if watching is not None and not watching.expired():
+            watching.reschedule(asyncio.get_running_loop().time())
+
+    def watch(self) -> _Watch:
+        """An async context for one wait on the node: it ends the wait with
+        ``UpstreamUnavailable`` as soon as the node is lost (at once if it already is)."""
+        return _Watch(self)
+
+    def read_ahead(self) -> None:
+        """From now on read the node's deltas in a task of their own (``ReadAhead``), so what
+        piles up while the follower is busy comes out together. Again is a no-op."""
+        if self._reader is None:
+            self._reader = ReadAhead(self.deltas, arrived=self._arrive, last=_last)
+            self._reader.start()
+
+    async def _first(self) -> Delta:
+        return (await anext(self.reads))[0]
+
+    async def _reads(self) -> AsyncGenerator[list[Delta], float | None]:
+        # Deltas without text (a token that ends inside a UTF-8 character, or is held for a
+        # stop string) are counted; their logprobs ride with the first delta that has text.
+        skipped: tuple[TokenLogprob, ...] = ()
+        async with self.watch():
+            while True:
+                try:
+                    delta = await anext(self.deltas)
+                except StopAsyncIteration:
+                    raise GenerationFailed(
+                        "The model ended without finishing its answer."
+                    ) from None
+                self._count(delta)
+                if delta.text or delta.finish_reason is not None:
+                    if skipped:
+                        delta = dataclasses.replace(delta, logprobs=skipped + delta.logprobs)
+                    break
+                skipped += delta.logprobs
+        hold_until = yield [delta]
+        while True:
+            reader = self._reader
+            if reader is None:  # reading straight: the next delta
+                async with self.watch():
+                    try:
+                        delta = await anext(self.deltas)
+                    except StopAsyncIteration:
+                        hold_until = yield []
+                        continue
+                self._arrive(delta)
+                hold_until = yield [delta]
+                continue
+            try:
+                async with self.watch():
+                    taken = await reader.take(hold_until)
+            except UpstreamUnavailable:
+                # The node was lost while deltas waited for company (a stream interval's
+                # hold): they were counted, so they go out first; the next wait raises at once.
+                taken = reader.ready()
+                if not taken:
+                    raise
+            hold_until = yield taken
+
+    async def stop(self, outcome: Outcome, node_down: bool = False) -> None:
+        """Cancel the generation if it still runs (which cancels the Triton request), then give
+        the node back, telling its breaker ``outcome``. A second call does nothing.
+
+        The node is given back before anything is awaited, so a cancellation that interrupts
+        the clean-up (a caller gone twice, a deadline) can never leave it counted in flight."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.lease.release(outcome, node_down)
+        self.span.set_attribute("gen_ai.usage.output_tokens", self.completion_tokens)
+        self.span.set_attribute("tokenrelay.breaker_outcome", outcome.value)
+        if outcome is Outcome.FAILURE:
+            self.span.set_status(Status(StatusCode.ERROR, "the node failed"))
+        self.span.end()
+        try:
+            if not self.first.done():
+                self.first.cancel()
+                await asyncio.gather(self.first, return_exceptions=True)
+            elif not self.first.cancelled():
+                self.first.exception()  # a failure the race did not wait for: read here
+            if self._reader is not None:
+                await self._reader.close()
+            with contextlib.suppress(Exception):  # already failed: nothing more to learn
+                await self.reads.aclose()
+        finally:
+            with contextlib.suppress(Exception):  # already failed: nothing more to learn
+                await self.deltas.aclose()
+
+
+class _Watch:
+    """``Attempt.watch``: a timeout with no deadline that the lost node makes expire now."""
+
+    __slots__ = ("_attempt", "_timeout")
+
+    def __init__(self, attempt: Attempt) -> None:
+        self._attempt = attempt
+        self._timeout = asyncio.timeout(0.0 if attempt.lost else None)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+        self._attempt._watching = self._timeout
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._attempt._watching = None
+        try:
+            await self._timeout.__aexit__(exc_type, exc, tb)
+        except TimeoutError:
+            raise UpstreamUnavailable(
+                "The inference node stopped answering its readiness probe."
+            ) from None
+
+
+def _last(delta: Delta) -> bool:
+    return delta.finish_reason is not None
+
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +393,33 @@ class FirstTokenRace:
             if why:
                 log.info(why, extra={"fields": {"node": attempt.node}})
             await attempt.stop(outcome)
+
+
+class Tally(Protocol):
+    """Where a request keeps what its races did (the relay's ``Record``)."""
+
+    attempts: list[Attempt]
+    retries: int
+    hedges: int
+
+
+async def race(
+    tally: Tally,
+    plans: list[Plan],
+    pool: NodePool,
+    routing: Routing,
+    first_token_s: float,
+    deadline: float,
+    exclude: set[str] | None = None,
+    route: str | None = None,
+) -> tuple[Attempt, Delta]:
+    """Run a ``FirstTokenRace`` (see its ``run``), counting its attempts, retries and hedges
+    into ``tally`` whatever its end."""
+    first_token_race = FirstTokenRace(
+        plans, pool, routing, first_token_s, deadline, tally.attempts, exclude, route
+    )
+    try:
+        return await first_token_race.run()
+    finally:
+        tally.retries += first_token_race.retries
+        tally.hedges += first_token_race.hedges

@@ -1,6 +1,6 @@
 """The orchestrator's logic: from a caller's request to a stream of chunks from a Triton node.
 
-One request goes through these stages, each in a module of its own:
+One request goes through these stages:
 
 1. the plan (``_plan``): the model resolved in the catalog, the request validated, the chat
    template rendered, defaults filled — for the model and for its fallback;
@@ -15,11 +15,11 @@ One request goes through these stages, each in a module of its own:
    and charged to the caller's token limits before each piece goes out: a piece the limits
    cannot cover is withheld, and the stream ends there with the limit's error (429) and the
    usage delivered so far;
-5. continuation (``_continue``): once a token has gone out, a node that fails, is found hung or
-   stalls does not end the answer — another node continues it (the prompt plus the text so far)
-   and its stream is spliced in. When it cannot be continued (also: an answer under a
-   constraint, or one whose tool call has begun), the stream ends with an error that carries
-   the usage so far.
+5. continuation (here, ``Continuer``): once a token has gone out, a node that fails, is found
+   hung or stalls does not end the answer — another node continues it (the prompt plus the
+   text so far) and its stream is spliced in. When it cannot be continued (also: an answer
+   under a constraint, or one whose tool call has begun), the stream ends with an error that
+   carries the usage so far.
 
 A request for n > 1 answers runs steps 3 to 5 once per choice, concurrently (each choice its own
 race, so choices spread over the least busy nodes, each from its own seed, derived from the
@@ -39,6 +39,37 @@ chunk waits for the interval's end so that those arriving meanwhile ride along: 
 per interval, each delta delayed by at most the interval. The first token never waits, nor does
 the end of the answer, nor a delta that comes later than the interval after the previous chunk.
 Transport-free: the gRPC servicer converts to and from protobuf.
+
+``Record``: what one request did — attempts, winner, continuations, first-token time, outcome —
+for its log line, its metrics and the GenAI attributes of its span (filled as the request goes).
+
+Continuation (``Continuer``): an answer that outlives its node.
+
+Once a token has gone out, starting over is no longer an option: the caller holds part of one
+answer. But tokenrelay renders the prompt itself, so another node can *continue* it. When the
+node serving a stream fails (an error, a stream that ends without finishing), is found hung (its
+readiness probe failed: ``Lease.lost``) or stalls past ``between_tokens_s``, and the caller's
+deadline has not passed, ``Continuer.stream`` starts a new first-token race over continuation
+plans (``Planner.continuation``): the same rendered prompt with the text streamed so far after
+it, as the assistant's partial turn, ``max_tokens`` reduced by what was produced, the same stop
+sequences and seed. The new node's stream is spliced in: the caller's stream goes on with no gap
+in the text and no error; its end carries the usage of every attempt in the chain (the
+continuations' prompts included) and says how many continuations there were
+(``StreamEnd.continued``). Each continuation is also a span event on the request's span
+(``tokenrelay.continued``), a log line and a metric (``tokenrelay_continuations_total``,
+``tokenrelay_continuation_gap_seconds``).
+
+The continuation goes to another node of the same model, or to the catalog's fallback when the
+model allows it (``fallback_continues``), never back to a node that failed this answer. Out of
+continuations (``max_continuations``), with continuation off, past the deadline, for a failure
+that is the request's own fault, or when no node can take the continuation, the stream ends as
+it always did: with the interrupted node's error, carrying the usage so far.
+
+What it cannot promise: a sampled answer's continuation is a different sample than the first
+node would have produced (the seed restarts on the new prompt); greedy decoding continues the
+same text up to tokenization (the text so far is tokenized afresh, which may split it
+differently from how the model produced it); and the new node reads the whole prompt again, so
+the splice costs one prompt's processing, plus the time to notice the failure.
 """
 
 from __future__ import annotations
@@ -48,11 +79,14 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tokenrelay.config import ModelSpec, Settings
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from tokenrelay.config import Continuation, ModelSpec, Routing, Settings
 from tokenrelay.errors import (
     GenerationFailed,
     InvalidRequest,
@@ -60,9 +94,11 @@ from tokenrelay.errors import (
     QuotaExceeded,
     RelayError,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from tokenrelay.generation import (
     Chunk,
+    Continued,
     Delta,
     FinishReason,
     GenerationRequest,
@@ -73,15 +109,12 @@ from tokenrelay.generation import (
     merge_deltas,
 )
 from tokenrelay.logs import bind
+from tokenrelay.metrics import outcome_of
 from tokenrelay.orchestrator._admission import Slots
-from tokenrelay.orchestrator._attempt import Attempt, judge
-from tokenrelay.orchestrator._breaker import Outcome
-from tokenrelay.orchestrator._continue import Continuer
 from tokenrelay.orchestrator._metrics import RelayMetrics
 from tokenrelay.orchestrator._plan import Plan, Planner
-from tokenrelay.orchestrator._pool import NodePool
-from tokenrelay.orchestrator._race import FirstTokenRace
-from tokenrelay.orchestrator._record import Record
+from tokenrelay.orchestrator._pool import NodePool, Outcome
+from tokenrelay.orchestrator._race import Attempt, judge, race
 from tokenrelay.orchestrator._tools import ToolCallParser
 from tokenrelay.retrieval import Retriever
 from tokenrelay.tenancy import (
@@ -94,9 +127,341 @@ from tokenrelay.tenancy import (
 )
 from tokenrelay.tracing import tracer
 
-__all__ = ["ModelStatus", "Relay"]
+__all__ = ["Continuer", "Follow", "ModelStatus", "Record", "Relay"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Record:
+    metrics: RelayMetrics
+    model: str  # as the caller named it
+    began: float  # on the loop's clock
+    outcome: str = "failed"
+    attempts: list[Attempt] = field(default_factory=list)
+    winners: list[Attempt] = field(default_factory=list)  # every choice's, as they came
+    continuations: list[Attempt] = field(default_factory=list)  # the answers' later winners
+    ttft_s: float | None = None
+    retries: int = 0
+    hedges: int = 0
+    # The call's span, taken now: the request may end where it is no longer current (a stream
+    # closed from another task).
+    span: Span = field(default_factory=trace.get_current_span)
+    label: str = ""  # the model's metrics label
+    completed: bool = False  # the last chunk went out
+    identity: Identity | None = None
+    tenants: TenantMetrics | None = None
+    ledger: UsageLedger | None = None
+    # What the caller was told it used, when the request ended on a token limit (the usage of
+    # the pieces delivered; the one withheld is not counted).
+    delivered: tuple[int, int] | None = None
+    # What went out so far, over every choice and attempt (the prompt once, and each
+    # continuation's).
+    sent_prompt: int = 0
+    sent_completion: int = 0
+
+    def complete(self, finish_reason: str) -> None:
+        """The answer's last chunk is out: it ended with ``finish_reason``, whatever follows."""
+        self.outcome, self.completed = finish_reason, True
+
+    def fail(self, exc: BaseException) -> None:
+        """Record how the request ended when it did not finish (a request already complete
+        stays so: its caller left after the last chunk)."""
+        if self.completed:
+            return
+        cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+        self.outcome = "cancelled" if cancelled else outcome_of(exc)
+
+    @property
+    def winner(self) -> Attempt | None:
+        """The attempt that produced the request's first token (of any choice)."""
+        return self.winners[0] if self.winners else None
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt tokens of the answer's attempts: the prompt once (all choices share it),
+        and each continuation's."""
+        if not self.winners:
+            return 0
+        return self.winners[0].prompt_tokens + sum(c.prompt_tokens for c in self.continuations)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Every token generated for the request, by losing and failed attempts too."""
+        return sum(a.completion_tokens for a in self.attempts)
+
+    def _usage(self) -> tuple[int, int]:
+        """(prompt, completion) tokens of the answers the caller got: their winners' (the
+        prompt once) and continuations' — or, when a token limit ended the request, what was
+        delivered before it."""
+        if self.delivered is not None:
+            return self.delivered
+        if not self.winners:
+            return (0, 0)
+        chain = [*self.winners, *self.continuations]
+        return self.prompt_tokens, sum(a.completion_tokens for a in chain)
+
+    def _tenant(self) -> None:
+        identity = self.identity
+        if identity is None:
+            return
+        prompt, completion = self._usage()
+        if self.tenants is not None:
+            key, tier = identity.label, identity.tier
+            self.tenants.requests.labels(key, tier, self.outcome).inc()
+            if prompt:
+                self.tenants.tokens.labels(key, tier, "prompt").inc(prompt)
+            if completion:
+                self.tenants.tokens.labels(key, tier, "completion").inc(completion)
+        if self.ledger is not None:
+            self.ledger.record(identity.key_id, self.label, self.outcome, prompt, completion)
+
+    def observe(self, now: float) -> None:
+        """The request's metrics and span attributes, once it has ended."""
+        self._tenant()
+        metrics, label = self.metrics, self.label
+        metrics.requests.labels(label, self.outcome).inc()
+        metrics.duration.labels(label).observe(now - self.began)
+        if self.ttft_s is not None:
+            metrics.ttft.labels(label).observe(self.ttft_s)
+        if self.attempts:
+            metrics.prompt_tokens.labels(label).inc(self.prompt_tokens)
+            metrics.completion_tokens.labels(label).inc(self.completion_tokens)
+        if self.retries:
+            metrics.retries.labels(label).inc(self.retries)
+        if self.hedges:
+            metrics.hedges.labels(label).inc(self.hedges)
+        winner = self.winner
+        if winner is not None and winner.plan.fallback:
+            metrics.fallbacks.labels(label).inc()
+        span = self.span
+        span.set_attribute("tokenrelay.outcome", self.outcome)
+        span.set_attribute("tokenrelay.attempts", len(self.attempts))
+        if self.continuations:
+            span.set_attribute("tokenrelay.continuations", len(self.continuations))
+        if winner is not None:
+            span.set_attribute("gen_ai.response.model", winner.plan.spec.id)
+            span.set_attribute("gen_ai.usage.input_tokens", self.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", self.completion_tokens)
+            span.set_attribute("gen_ai.response.finish_reasons", [self.outcome])
+            span.set_attribute("tokenrelay.node", winner.node)
+
+    def log(self, now: float) -> None:
+        winner = self.winner
+        log.info(
+            "generation ended",
+            extra={
+                "fields": {
+                    "outcome": self.outcome,
+                    "node": winner.node if winner else None,
+                    "served_model": winner.plan.spec.id if winner else None,
+                    "fallback": bool(winner and winner.plan.fallback),
+                    "attempts": len(self.attempts),
+                    "continuations": len(self.continuations),
+                    "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": self.completion_tokens,
+                    "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 4),
+                    "duration_s": round(now - self.began, 4),
+                }
+            },
+        )
+
+
+Follow = Callable[[Attempt, Delta, float, Record], AsyncGenerator[Chunk, None]]
+"""The relay's follower of one winning attempt: its chunks from the first delta on; raises the
+``RelayError`` that interrupted it."""
+
+# Failures of the node, which another node may not share. Not the request's own faults
+# (InvalidRequest and its kind), nor admission's.
+_CONTINUABLE = (UpstreamUnavailable, UpstreamTimeout, GenerationFailed)
+
+
+def _reason(attempt: Attempt, exc: RelayError) -> str:
+    """Why ``attempt``'s stream was interrupted, as the metric's label says it."""
+    if attempt.lost:
+        return "probe_failed"  # the node hung, or lost the model
+    if isinstance(exc, UpstreamTimeout):
+        return "stalled"
+    return "node_failed"
+
+
+class Continuer:
+    """Follows a request's winning attempt and continues its answer elsewhere when the node
+    fails; one per relay, safe for any number of concurrent streams."""
+
+    def __init__(
+        self,
+        settings: Continuation,
+        planner: Planner,
+        pool: NodePool,
+        routing: Routing,
+        first_token_s: float,
+        metrics: RelayMetrics,
+    ) -> None:
+        self._settings = settings
+        self._planner = planner
+        self._pool = pool
+        self._routing = routing
+        self._first_token_s = first_token_s
+        self._metrics = metrics
+
+    async def stream(
+        self,
+        follow: Follow,
+        plans: list[Plan],
+        attempt: Attempt,
+        first: Delta,
+        deadline: float,
+        record: Record,
+        index: int = 0,
+        resumable: Callable[[], bool] = lambda: True,
+    ) -> AsyncGenerator[Chunk, None]:
+        """``follow``'s chunks for ``attempt`` (the winner of the race over ``plans``; choice
+        ``index`` of the request), then, each time it is interrupted and may be continued, those
+        of a continuation: one stream, whose only ``start`` is the first attempt's and whose
+        ``end`` counts them all. ``resumable`` says whether the answer so far may be continued
+        from its text (not under a constraint, no tool call begun). Raises the interruption's
+        ``RelayError`` (with the usage of the whole chain) when the answer cannot be continued.
+        Closing it closes the attempt that runs (cancelling it at its node)."""
+        loop = asyncio.get_running_loop()
+        chain = [attempt]
+        texts: list[str] = []
+        failed: set[str] = set()
+        last_at = loop.time()
+        while True:
+            try:
+                async with aclosing(follow(attempt, first, deadline, record)) as chunks:
+                    async for chunk in chunks:
+                        if len(chain) > 1:
+                            spliced = self._spliced(chunk, chain)
+                            if spliced is None:
+                                continue
+                            chunk = spliced
+                        texts.append(chunk.text)
+                        last_at = loop.time()
+                        yield chunk
+                return
+            except RelayError as exc:
+                # The usage so far: the attempts before this one, and what this one says (all
+                # it generated, or only what was delivered when a token limit ended it).
+                last = exc.usage or Usage(attempt.prompt_tokens, attempt.completion_tokens)
+                exc.usage = _add(_usage(chain[:-1]), last)
+                reason = _reason(attempt, exc)
+                failed.add(attempt.node)
+                if not (resumable() and self._may_continue(exc, chain, deadline)):
+                    raise
+                base = _base_plans(plans, chain[0].plan)
+                limit = base[0].request.sampling.max_tokens or base[0].spec.default_max_tokens
+                produced = sum(a.completion_tokens for a in chain)
+                if produced >= limit:
+                    # The node went away with the answer's last token: it ended by length.
+                    end = StreamEnd(FinishReason.LENGTH, _usage(chain), _continued(chain))
+                    yield Chunk("", None, end, index)
+                    return
+                text = "".join(texts)
+                number = len(chain)
+                continuation = [
+                    self._planner.continuation(plan, text, produced, number) for plan in base
+                ]
+                try:
+                    attempt, first = await race(
+                        record,
+                        continuation,
+                        self._pool,
+                        self._routing,
+                        self._first_token_s,
+                        deadline,
+                        exclude=set(failed),
+                        route="continuation",
+                    )
+                except RelayError as refused:
+                    log.warning(
+                        "stream could not be continued",
+                        extra={"fields": {"node": chain[-1].node, "error": refused.message}},
+                    )
+                    raise exc from None
+                gap = loop.time() - last_at
+                self._announce(record, chain[-1], attempt, reason, produced, gap)
+                chain.append(attempt)
+                record.continuations.append(attempt)
+
+    def _may_continue(self, exc: RelayError, chain: list[Attempt], deadline: float) -> bool:
+        settings = self._settings
+        return (
+            settings.enabled
+            and len(chain) <= settings.max_continuations
+            and isinstance(exc, _CONTINUABLE)
+            and asyncio.get_running_loop().time() < deadline
+        )
+
+    @staticmethod
+    def _spliced(chunk: Chunk, chain: list[Attempt]) -> Chunk | None:
+        """A continuation's chunk as part of the one stream: no second ``start``; the end counts
+        the whole chain. None for a chunk left with nothing to say."""
+        end = chunk.end
+        if end is not None:
+            end = dataclasses.replace(end, usage=_usage(chain), continued=_continued(chain))
+        elif not (chunk.text or chunk.tool_calls or chunk.logprobs):
+            return None
+        return dataclasses.replace(chunk, start=None, end=end)
+
+    def _announce(
+        self,
+        record: Record,
+        interrupted: Attempt,
+        continuing: Attempt,
+        reason: str,
+        produced: int,
+        gap: float,
+    ) -> None:
+        """The log line, metrics and span event of one continuation."""
+        self._metrics.continuations.labels(record.label, reason).inc()
+        self._metrics.continuation_gap.labels(record.label).observe(gap)
+        fields: dict[str, str | int | float] = {
+            "from_node": interrupted.node,
+            "to_node": continuing.node,
+            "served_model": continuing.plan.spec.id,
+            "reason": reason,
+            "after_tokens": produced,
+            "gap_s": round(gap, 4),
+        }
+        log.warning("stream continued on another node", extra={"fields": fields})
+        record.span.add_event(
+            "tokenrelay.continued",
+            {f"tokenrelay.{name}": value for name, value in fields.items()},
+        )
+
+
+def _base_plans(plans: list[Plan], serving: Plan) -> list[Plan]:
+    """The plans a continuation may use: the one that served the answer, and after it the
+    fallback's when the catalog lets the fallback continue the primary's answers (and it
+    writes tool calls in the same format)."""
+    base = [p for p in plans if p.spec.id == serving.spec.id]
+    primary = plans[0]
+    if not serving.fallback and primary.spec.fallback_continues:
+        # Only a fallback that writes tool calls as the serving model does: the answer's one
+        # parser reads the continuation too.
+        tools = serving.tools.format if serving.tools is not None else None
+        base += [
+            p
+            for p in plans
+            if p.fallback and (p.tools.format if p.tools is not None else None) == tools
+        ]
+    return base
+
+
+def _add(a: Usage, b: Usage) -> Usage:
+    return Usage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens)
+
+
+def _usage(chain: list[Attempt]) -> Usage:
+    return Usage(sum(a.prompt_tokens for a in chain), sum(a.completion_tokens for a in chain))
+
+
+def _continued(chain: list[Attempt]) -> Continued | None:
+    if len(chain) == 1:
+        return None
+    return Continued(len(chain) - 1, _usage(chain[1:]))
 
 
 def _limit_of(exc: Overloaded) -> str:
@@ -192,6 +557,7 @@ class Relay:
             self._metrics,
             request.model,
             loop.time(),
+            label=self._metrics.model(request.model),
             identity=identity,
             tenants=self._tenant_metrics,
             ledger=self._ledger,
@@ -306,19 +672,14 @@ class Relay:
     ) -> AsyncGenerator[Chunk, None]:
         """One answer: its first-token race, then the winner's stream."""
         loop = asyncio.get_running_loop()
-        race = FirstTokenRace(
+        attempt, first = await race(
+            record,
             plans,
             self._pool,
             self._orchestrator.routing,
             self._orchestrator.timeouts.first_token_s,
             deadline,
-            record.attempts,
         )
-        try:
-            attempt, first = await race.run()
-        finally:
-            record.retries += race.retries
-            record.hedges += race.hedges
         record.winners.append(attempt)
         if record.ttft_s is None:  # the request's first token (of any choice)
             record.ttft_s = loop.time() - record.began
@@ -435,9 +796,10 @@ class Relay:
             gap = now - last
             gaps.observe(gap)
             last = now
-            attempt.count(delta)
 
-        reader = attempt.follow(arrived)
+        attempt.arrived = arrived
+        reads = attempt.reads
+        ahead = False  # reading ahead (``Attempt.read_ahead``)
         interval = plan.stream_interval_s
         hold_until: float | None = None
         delta = first
@@ -475,18 +837,21 @@ class Relay:
                     pending_start = None
                     taken_at = loop.time()
                     if interval:
-                        reader.start()
+                        if not ahead:
+                            attempt.read_ahead()
+                            ahead = True
                         hold_until = taken_at + interval
-                    elif taken_at - handed > gap:
+                    elif not ahead and taken_at - handed > gap:
                         # The caller took longer over a chunk than the model over a token: it
                         # falls behind, so read ahead and merge what piles up meanwhile.
-                        reader.start()
+                        attempt.read_ahead()
+                        ahead = True
                 if end is not None:
                     return
                 wait = min(between_s, deadline - loop.time())
                 try:
                     async with asyncio.timeout(max(wait, 0.0)):
-                        taken = await reader.take(hold_until)
+                        taken = await reads.asend(hold_until)
                 except TimeoutError:
                     if wait < between_s:
                         raise UpstreamTimeout(

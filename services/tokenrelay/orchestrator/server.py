@@ -48,8 +48,7 @@ from tokenrelay.config import Settings, join_hostport, parse_dns, split_hostport
 from tokenrelay.generation import TokenSource
 from tokenrelay.metrics import CONTENT_TYPE, exposition
 from tokenrelay.orchestrator._admission import AdmissionControl, Slots
-from tokenrelay.orchestrator._auth import CallerInterceptor
-from tokenrelay.orchestrator._border import BorderInterceptor
+from tokenrelay.orchestrator._border import BorderInterceptor, CallerInterceptor
 from tokenrelay.orchestrator._discovery import Discovery
 from tokenrelay.orchestrator._health import HealthServicer
 from tokenrelay.orchestrator._metrics import RelayMetrics
@@ -237,6 +236,8 @@ class Orchestrator:
                     settings.secrets.internal,
                     clients,
                     mutual_tls=bool(orchestrator.tls_client_ca),
+                    limits=self._limits,
+                    metrics=tenant_metrics,
                 ),
             ],
             maximum_concurrent_rpcs=admitted.max_concurrent + admitted.max_queue + 64,

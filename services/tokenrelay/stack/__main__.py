@@ -66,6 +66,13 @@ def main() -> None:
         help="Triton nodes serving the same models (the first on --triton-ports, the others on"
         " free ports); 2 shows failover on one machine",
     )
+    parser.add_argument(
+        "--triton-arg",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="one more tritonserver option, e.g. --triton-arg=--trace-config=triton,file=FILE",
+    )
     add_gpu_arguments(parser)
     args = parser.parse_args()
     if not args.model_repository.is_dir():
@@ -91,6 +98,7 @@ def main() -> None:
         workdir=args.workdir,
         nodes=args.nodes,
         node_factory=factory,
+        triton_args=args.triton_arg,
     )
     stopped = threading.Event()
 

@@ -575,6 +575,13 @@ def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
     gpu.add_argument("--vllm-backend-src", type=Path, default=None)
     gpu.add_argument("--gpu-memory-utilization", type=float, default=None)
     gpu.add_argument("--stream-interval", type=int, default=None)
+    gpu.add_argument(
+        "--gpu-model-parameter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config.pbtxt parameter of tokenrelay's vLLM model (e.g. trace_path=FILE)",
+    )
 
 
 def options_from_arguments(args: argparse.Namespace) -> GpuOptions:
@@ -586,7 +593,18 @@ def options_from_arguments(args: argparse.Namespace) -> GpuOptions:
         vllm_backend_src=args.vllm_backend_src.resolve() if args.vllm_backend_src else None,
         gpu_memory_utilization=args.gpu_memory_utilization,
         stream_interval=args.stream_interval,
+        model_parameters=_key_values(getattr(args, "gpu_model_parameter", None) or []),
     )
+
+
+def _key_values(items: Sequence[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--gpu-model-parameter wants KEY=VALUE, not {item!r}")
+        pairs[key.strip()] = value
+    return pairs
 
 
 def gpu_node_factory(args: argparse.Namespace) -> Callable[..., TritonProcess] | None:

@@ -1,11 +1,11 @@
 """Who a request is for: the caller's identity, resolved against the tiers of the configuration.
 
-The edge knows its callers by API key; it forwards the key's *id* (never the key), its tier and
-its own token limits on the internal hop, as one metadata entry (``x-tokenrelay-caller``, a URL
-query string), and a request's asked-for priority as ``x-tokenrelay-priority``. The orchestrator
-believes a forwarded identity only from a caller it trusts to forward (the internal secret's
-holder; see ``orchestrator/_callers.py``); gRPC clients with identities of their own are known by
-their token or certificate instead.
+The edge knows its callers by API key; it forwards the key's *id* (never the key), its tier and its
+own token limits on the internal hop, as one metadata entry (``x-tokenrelay-caller``, a URL query
+string), and a request's asked-for priority as ``x-tokenrelay-priority``. The orchestrator believes
+a forwarded identity only from a caller it trusts to forward (the internal secret's holder; see
+``orchestrator/_border.py``, ``CallerInterceptor``); gRPC clients with identities of their own are
+known by their token or certificate instead.
 """
 
 from __future__ import annotations
@@ -105,11 +105,9 @@ class Identity:
     token_budget: int
     budget_period: str
     label: str
-
-    @property
-    def metered_tokens(self) -> bool:
-        """Whether its tokens are limited at all (else no store is asked while it streams)."""
-        return self.tokens_per_minute > 0 or self.token_budget > 0
+    # Whether its tokens are limited at all (else no store is asked while it streams): decided
+    # once, when the caller is resolved (``Tenants.identify``).
+    metered_tokens: bool
 
 
 class Tenants:
@@ -136,20 +134,26 @@ class Tenants:
         priority = Priority[tier.priority.upper()]
         if caller.priority is not None:
             priority = min(caller.priority, ceiling)
+        tokens_per_minute = (
+            tier.tokens_per_minute if caller.tokens_per_minute is None else caller.tokens_per_minute
+        )
+        token_budget = tier.token_budget if caller.token_budget is None else caller.token_budget
         return Identity(
             key_id=caller.key_id,
             tier=tier.name,
             priority=priority,
             weight=tier.weight,
-            tokens_per_minute=(
-                tier.tokens_per_minute
-                if caller.tokens_per_minute is None
-                else caller.tokens_per_minute
-            ),
-            token_budget=tier.token_budget if caller.token_budget is None else caller.token_budget,
+            tokens_per_minute=tokens_per_minute,
+            token_budget=token_budget,
             budget_period=tier.budget_period,
             label=self.label(caller.key_id),
+            metered_tokens=tokens_per_minute > 0 or token_budget > 0,
         )
+
+    def forwarded(self, metadata: Mapping[str, str | bytes], default: Caller) -> Identity:
+        """The identity of the caller forwarded in ``metadata`` (``caller_from_metadata``), or
+        of ``default`` when none is (or it is malformed): one call for the usual case."""
+        return self.identify(caller_from_metadata(metadata) or default)
 
 
 current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(

@@ -12,9 +12,12 @@ own), and asks vLLM for cumulative outputs, with which vLLM's ``stream_interval`
   concurrent use). It takes whatever the engine produced since its last round, **merges the
   deltas of each request into one response**, and sends. When it keeps up, each token goes out
   alone; when it falls behind, responses carry several tokens, so its work per token falls as
-  the load grows. The first response of a request is never held back; with the model-config
-  parameter ``response_interval_ms`` > 0 later ones wait at least that long after the previous
-  one (time-based merging);
+  the load grows. Nothing is held back until a request's first text has gone out (a first
+  output with no text yet, which vLLM's detokenizer can produce, does not count); after that,
+  with the model-config parameter ``response_interval_ms`` > 0, a response waits at least that
+  long after the previous one (time-based merging). A new request does not wake the sender
+  thread (it is picked up on its next round, at the latest after ``cancel_poll_ms`` / 2), so
+  that the thread does not compete for the GIL with the loop thread that submits the request;
 - cancellation is **polled** at most every ``cancel_poll_ms`` per request (default 100) instead
   of after every response; a cancelled request's task is cancelled, which makes vLLM abort it;
 - metrics are **aggregated** in the process and flushed every ``metrics_interval_ms``
@@ -29,7 +32,14 @@ own), and asks vLLM for cumulative outputs, with which vLLM's ``stream_interval`
 Engine arguments come from ``<version>/model.json`` as for the vLLM backend. Model-config
 parameters: ``REPORT_CUSTOM_METRICS`` (default "true"), ``ENABLE_VLLM_HEALTH_CHECK`` (a dead
 engine unloads the model and requests get UNAVAILABLE), ``response_interval_ms``,
-``cancel_poll_ms``, ``metrics_interval_ms``.
+``cancel_poll_ms``, ``metrics_interval_ms``, and ``trace_path``: when set, one JSON line per
+streaming request is appended to that file when its first text has been sent, with the
+request's Triton id and ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for every process of
+the host) at ``execute`` (``execute``), on the engine's loop (``loop``), when vLLM's first
+output with text arrived (``output``), when the sender thread began that response (``build``)
+and when its ``send`` returned (``sent``):
+where the first token waits inside the model (``benchmarks/gpu/suite.py ttft`` joins it with
+the client's own times).
 
 This module runs inside Triton's Python-backend stub, where ``triton_python_backend_utils`` and
 vLLM exist; both are imported when the model initializes, not at import.
@@ -38,6 +48,7 @@ vLLM exist; both are imported when the model initializes, not at import.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import queue
@@ -46,7 +57,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -94,6 +105,7 @@ class ModelSettings:
         "metrics",
         "metrics_interval_s",
         "response_interval_s",
+        "trace_path",
     )
 
     def __init__(self, parameters: dict[str, str]) -> None:
@@ -111,6 +123,7 @@ class ModelSettings:
         self.response_interval_s = seconds("response_interval_ms", 0)
         self.cancel_poll_s = seconds("cancel_poll_ms", 100)
         self.metrics_interval_s = seconds("metrics_interval_ms", 1000)
+        self.trace_path = parameters.get("trace_path", "").strip()
 
 
 class _Stream:
@@ -120,7 +133,6 @@ class _Stream:
         "cancel_sent",
         "cancelled",
         "done",
-        "first_sent",
         "id",
         "last_poll",
         "last_sent",
@@ -128,18 +140,25 @@ class _Stream:
         "req",
         "sender",
         "task",
+        "text_sent",
         "total",
+        "trace",
     )
 
-    def __init__(self, req: VllmRequest, sender: Any, now: float) -> None:
+    def __init__(
+        self, req: VllmRequest, sender: Any, now: float, trace: dict[str, Any] | None = None
+    ) -> None:
         self.req = req
         self.sender = sender
         self.id = uuid.uuid4().hex
         self.task: asyncio.Task[None] | None = None  # the loop thread's only
+        # The timing trace (``trace_path``): written by the stub's thread, then the loop's,
+        # then the sender's, each after the one before has handed the stream on.
+        self.trace = trace
         self.cancelled = False  # the sender thread's only, from here down
         self.cancel_sent = False
         self.done = False
-        self.first_sent = False
+        self.text_sent = False  # a response with text has gone out: merging may hold later ones
         self.last_poll = now
         self.last_sent = 0.0
         self.outcome = "completed"
@@ -157,16 +176,23 @@ class _Sender:
         self._model = model
         self._settings = settings
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # New requests, handed over without waking the thread (deque appends are atomic).
+        self._new: collections.deque[_Stream] = collections.deque()
         self._active: dict[str, _Stream] = {}
         self._held: dict[str, tuple[_Stream, Pending]] = {}
         self._thread = threading.Thread(target=self._run, name="tokenrelay-sender", daemon=True)
+        self._trace: TextIO | None = None
+        if settings.trace_path:
+            self._trace = open(settings.trace_path, "a", buffering=1)  # noqa: SIM115
         self.responses = 0
 
     def start(self) -> None:
         self._thread.start()
 
     def register(self, stream: _Stream) -> None:
-        self._queue.put(("new", stream))
+        """A new request (the stub's thread, before the request reaches the loop): taken at
+        the thread's next round, which its first piece or the poll timeout starts."""
+        self._new.append(stream)
 
     def piece(self, stream: _Stream, piece: Piece) -> None:
         self._queue.put(("piece", stream, piece))
@@ -184,6 +210,8 @@ class _Sender:
     def stop(self) -> None:
         self._queue.put(_STOP)
         self._thread.join(timeout=30)
+        if self._trace is not None:
+            self._trace.close()
 
     # The sender thread's own, from here down.
 
@@ -193,8 +221,8 @@ class _Sender:
             interval = self._settings.response_interval_s
             now = time.monotonic()
             waits.append(min(s.last_sent + interval for s, _ in self._held.values()) - now)
-        if self._active:
-            waits.append(self._settings.cancel_poll_s / 2 or 0.05)
+        # Always: a request registered while the thread sleeps is taken within this.
+        waits.append(self._settings.cancel_poll_s / 2 or 0.05)
         if self._model.metrics is not None:
             waits.append(self._settings.metrics_interval_s)
         return max(0.0, min(waits)) if waits else None
@@ -211,6 +239,9 @@ class _Sender:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            while self._new:
+                stream = self._new.popleft()
+                self._active[stream.id] = stream
             stopping = False
             for it in items:
                 if it is _STOP:
@@ -234,11 +265,9 @@ class _Sender:
 
     def _take(self, item: tuple[Any, ...]) -> None:
         kind = item[0]
-        if kind == "new":
+        if kind == "piece":
             stream: _Stream = item[1]
-            self._active[stream.id] = stream
-        elif kind == "piece":
-            stream, piece = item[1], item[2]
+            piece: Piece = item[2]
             if stream.done:
                 return
             if not stream.req.stream:
@@ -269,17 +298,27 @@ class _Sender:
             if pending.finished:
                 del self._held[key]
                 self._finish(stream, pending)
-            elif not stream.first_sent or now - stream.last_sent >= interval:
+            elif not stream.text_sent or now - stream.last_sent >= interval:
                 del self._held[key]
                 self._send(stream, pending, final=False, now=now)
 
     def _send(self, stream: _Stream, pending: Pending, final: bool, now: float) -> None:
+        began = time.monotonic() if stream.trace is not None else 0.0
         response = self._model.response(stream.req, pending)
         flags = self._model.final_flag if final else 0
         self._guard(lambda: stream.sender.send(response, flags=flags))
         self.responses += 1
-        stream.first_sent = True
+        if not stream.text_sent and any(pending.texts):
+            stream.text_sent = True
+            if stream.trace is not None and self._trace is not None:
+                stream.trace["build"] = began
+                stream.trace["sent"] = time.monotonic()
+                self._guard(lambda: self._write_trace(stream.trace))
         stream.last_sent = now
+
+    def _write_trace(self, trace: dict[str, Any] | None) -> None:
+        assert self._trace is not None
+        self._trace.write(json.dumps(trace) + "\n")
 
     def _finish(self, stream: _Stream, pending: Pending) -> None:
         if stream.req.prepend_input:
@@ -592,6 +631,7 @@ class TritonPythonModel:
         if self._settings.health_check and not self._check_health(requests):
             return None
         now = time.monotonic()
+        tracing = self._settings.trace_path != ""
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -604,7 +644,10 @@ class TritonPythonModel:
             except BadRequest as exc:
                 self._sender.reject(sender, str(exc))
                 continue
-            stream = _Stream(req, sender, now)
+            trace = None
+            if tracing and req.stream:
+                trace = {"id": str(request.request_id()), "execute": now}
+            stream = _Stream(req, sender, now, trace)
             self._sender.register(stream)
             self._loop.call_soon_threadsafe(self._start_stream, stream, params)
         return None
@@ -666,6 +709,8 @@ class TritonPythonModel:
     # On the loop thread.
 
     def _start_stream(self, stream: _Stream, params: Any) -> None:
+        if stream.trace is not None:
+            stream.trace["loop"] = time.monotonic()
         stream.task = self._loop.create_task(self._generate(stream, params))
 
     def _cancel_task(self, stream: _Stream) -> None:
@@ -681,6 +726,8 @@ class TritonPythonModel:
                 output = out.outputs[0]
                 count = len(output.token_ids)
                 tokens += count
+                if stream.trace is not None and output.text and "output" not in stream.trace:
+                    stream.trace["output"] = time.monotonic()
                 self._sender.piece(
                     stream,
                     Piece(

@@ -1,5 +1,6 @@
-"""What stands between the public and the API: request ids, API keys with per-key limits, CORS,
-security headers, and a listening socket that slow or numerous clients cannot exhaust.
+"""The edge's middlewares and what they rely on: request ids, API keys with per-key limits, CORS,
+security headers, the one mapping from errors to HTTP — and a listening socket that slow or
+numerous clients cannot exhaust.
 
 A key's requests per minute and concurrent streams are counted in the app's ``LimitStore``
 (each process's own counters, or a shared Redis: ``tokenrelay.tenancy``). The key's id, tier
@@ -7,9 +8,16 @@ and token limits, and the priority a request asks for (``X-TokenRelay-Priority: 
 or ``high``, capped by the tier), are forwarded to the orchestrator (``tokenrelay.tenancy.
 forwarded_metadata``), which enforces token limits and priorities.
 
-Middleware order (outermost first): ``context_middleware`` (request id bound to every log line,
-CORS preflight), the error middleware, ``auth_middleware`` (``/v1/`` only). Headers go on every
-response, streamed ones included, through ``on_response_prepare``.
+Middleware order (outermost first): ``metrics_middleware``, ``context_middleware`` (request id
+bound to every log line, CORS preflight), ``error_middleware``, ``auth_middleware`` (``/v1/``
+only). Headers go on every response, streamed ones included, through ``on_response_prepare``.
+They live in one module so that a request passes all of them without leaving it.
+
+Errors: every error response has the body ``{"error": {"message", "type", "param", "code"}}``:
+tokenrelay errors by what their class carries (``http_status``, ``openai_type``; see
+``tokenrelay.errors``), aiohttp's own HTTP errors (unknown route, wrong method, body too large)
+by their status, anything else as a 500 with a fixed message (the exception is logged, never
+sent).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from aiohttp import web
 
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._state import AUTH, METRICS, REQUEST_ID, SETTINGS
-from tokenrelay.errors import InvalidRequest, Overloaded, Unauthenticated
+from tokenrelay.errors import InvalidRequest, Overloaded, RelayError, Unauthenticated
 from tokenrelay.logs import bind
 from tokenrelay.security import ApiKey
 from tokenrelay.tenancy import ANONYMOUS, Caller, Priority, StreamLease, current_caller
@@ -41,6 +49,9 @@ __all__ = [
     "bearer",
     "caller_of",
     "context_middleware",
+    "error_body",
+    "error_middleware",
+    "error_response",
     "metrics_middleware",
     "on_response_prepare",
 ]
@@ -358,3 +369,60 @@ class GuardedSite(web.TCPSite):
         )
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
+_HTTP_MESSAGES = {
+    404: ("Not found.", "invalid_request_error", None),
+    405: ("Method not allowed.", "invalid_request_error", None),
+    408: ("The request body did not arrive in time.", "invalid_request_error", None),
+    413: ("The request body is too large.", "invalid_request_error", "request_too_large"),
+}
+
+
+def error_body(exc: RelayError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": exc.message,
+            "type": exc.openai_type,
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
+
+
+def error_response(exc: RelayError) -> web.Response:
+    headers = {}
+    if isinstance(exc, Overloaded) or exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after or 1)))
+    return web.json_response(error_body(exc), status=exc.http_status, headers=headers)
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    message, kind, code = _HTTP_MESSAGES.get(
+        exc.status,
+        (exc.reason, "invalid_request_error" if exc.status < 500 else "server_error", None),
+    )
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(
+        body,
+        status=exc.status,
+        headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None,
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RelayError as exc:
+        log.info(
+            "request refused", extra={"fields": {"status": exc.http_status, "error": exc.message}}
+        )
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error(exc)
+    except Exception:
+        log.exception("unexpected error while serving a request")
+        return error_response(RelayError("Internal error."))
