@@ -19,8 +19,9 @@ def stack() -> Iterator[Stack | TargetStack]:
     if target is not None:
         yield target
         return
+    # fast_stop: no test watches this stack stop (test_lifecycle's stacks stop gracefully).
     with Stack(
-        REPO / "triton_models", StackPorts.free(), config=REPO / "tokenrelay.toml"
+        REPO / "triton_models", StackPorts.free(), config=REPO / "tokenrelay.toml", fast_stop=True
     ) as running:
         yield running
 

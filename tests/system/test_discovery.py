@@ -102,12 +102,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 _wait_serving(f"127.0.0.1:{orchestrator}", 60)
                 yield Cluster(dns, nodes, f"127.0.0.1:{orchestrator}", log)
             finally:
-                Stack.terminate(process, 15)
+                Stack.kill_group(process)  # no test here watches the cluster stop
         finally:
             for node in nodes:
-                node.request_stop()  # each takes seconds to unload its models: all at once
-            for node in nodes:
-                node.stop()
+                node.kill()
 
 
 def _wait_serving(address: str, timeout_s: float) -> None:

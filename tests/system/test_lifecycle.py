@@ -30,8 +30,11 @@ pytestmark = pytest.mark.chaos
 
 @pytest.fixture
 def own_stack() -> Iterator[Stack]:
-    """A stack of its own (these tests stop its parts), with only the synthetic model."""
-    with Stack(REPO / "triton_models", StackPorts.free(), models=("synthetic",)) as running:
+    """A stack of its own (these tests stop its parts), with only the synthetic model. What is
+    left of it at the end is killed (fast_stop): the tests assert the stops they make themselves."""
+    with Stack(
+        REPO / "triton_models", StackPorts.free(), models=("synthetic",), fast_stop=True
+    ) as running:
         yield running
 
 
@@ -215,16 +218,42 @@ def test_a_killed_launcher_takes_every_component_with_it(tmp_path: Path) -> None
             launcher.stdout.close()
 
 
+def _shared_memory(process: subprocess.Popen[bytes]) -> list[Path]:
+    """The /dev/shm regions of a tritonserver's Python backend (named by its prefix option)."""
+    option = "shm-region-prefix-name="
+    assert isinstance(process.args, list)
+    (prefix,) = (str(a).partition(option)[2] for a in process.args if option in str(a))
+    return sorted(Path("/dev/shm").glob(f"{prefix}*"))
+
+
 def test_stopping_a_stack_whose_triton_hangs_is_bounded(own_stack: Stack) -> None:
     node = own_stack.nodes[0]
     assert node.process is not None
     stubs = _children(node.process.pid)
+    assert _shared_memory(node.process)
     node.pause()  # hung: SIGTERM alone would never end it
+    own_stack.fast_stop = False  # the graceful stop, bounded, is what this test is about
     began = time.monotonic()
     own_stack.stop()
     assert time.monotonic() - began < TRITON_EXIT_S + 10
     assert node.process.poll() is not None
     assert not any(_alive(p) for p in stubs)
+    assert not _shared_memory(node.process)  # RAM, until the machine restarts
+
+
+def test_a_fast_stopped_stack_leaves_no_process_and_no_shared_memory() -> None:
+    """``fast_stop`` (the test stacks that no test watches stop): everything killed at once."""
+    with Stack(
+        REPO / "triton_models", StackPorts.free(), models=("synthetic",), fast_stop=True
+    ) as stack:
+        assert stack.edge is not None and stack.orchestrator is not None
+        assert stack.triton is not None
+        triton = stack.triton
+        components = {stack.edge.pid, stack.orchestrator.pid, triton.pid}
+        stubs = _children(triton.pid)
+        assert stubs and _shared_memory(triton)
+    assert not any(_alive(p) for p in components | stubs)
+    assert not _shared_memory(triton)
 
 
 def test_the_launcher_with_two_nodes_serves_from_both_and_stops_them_all(tmp_path: Path) -> None:

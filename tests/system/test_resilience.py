@@ -74,6 +74,7 @@ def _stack(
         models=("synthetic",),
         nodes=2,
         node_repositories=node_repositories,
+        fast_stop=True,
     )
     if models is not None:
         settings = replace(settings, models=models(*stack.triton_addresses))

@@ -98,6 +98,7 @@ def pgvector_stack(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory)
         models=("smollm2", "minilm"),
         config=_config(folder, store="pgvector"),
         env={"TOKENRELAY_POSTGRES_DSN": postgres.dsn},
+        fast_stop=True,
     ) as running:
         yield running
 
@@ -355,6 +356,7 @@ def broken_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sta
         models=("synthetic", "minilm"),
         config=_config(folder, store="pgvector", timeout_s=0.5, on_failure="answer"),
         env={"TOKENRELAY_POSTGRES_DSN": f"postgresql://postgres@127.0.0.1:{hole.port}/postgres"},
+        fast_stop=True,
     ) as running:
         yield running, hole
     hole.close()

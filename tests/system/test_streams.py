@@ -53,7 +53,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     config = workdir / "tokenrelay.toml"
     config.write_text(to_toml(settings))
     with Stack(
-        REPO / "triton_models", StackPorts.free(), models=("synthetic",), config=config
+        REPO / "triton_models",
+        StackPorts.free(),
+        models=("synthetic",),
+        config=config,
+        fast_stop=True,
     ) as running:
         yield running
 

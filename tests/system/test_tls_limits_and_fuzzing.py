@@ -73,6 +73,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, dict[
             f"--grpc-server-key={certs['server_key']}",
             f"--grpc-root-cert={certs['ca']}",
         ),
+        fast_stop=True,
     )
     settings = Settings(
         orchestrator=OrchestratorSettings(
@@ -195,6 +196,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         models=("synthetic", "minilm"),
         config=config,
         env={"TOKENRELAY_API_KEY": API_KEY},
+        fast_stop=True,
     ) as stack:
         yield stack
 

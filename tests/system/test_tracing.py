@@ -43,6 +43,7 @@ def traced() -> Iterator[tuple[Stack, SpanSink]]:
             models=("synthetic", "minilm"),
             env=env,
             triton_args=triton,
+            fast_stop=True,
         ) as stack:
             yield stack, sink
     finally:

@@ -70,7 +70,11 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     config = directory / "tokenrelay.toml"
     config.write_text(to_toml(settings))
     with Stack(
-        REPO / "triton_models", StackPorts.free(), models=("synthetic",), config=config
+        REPO / "triton_models",
+        StackPorts.free(),
+        models=("synthetic",),
+        config=config,
+        fast_stop=True,
     ) as stack:
         yield stack
 

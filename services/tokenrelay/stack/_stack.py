@@ -7,7 +7,11 @@ the tail of the failing component's log otherwise. ``stop()`` sends SIGTERM edge
 Triton and waits for each for a bounded time — its configured drain grace (Triton: its exit
 timeout) plus a margin — then SIGKILLs its whole process group (Triton's Python-backend stubs are
 in it). Every component gets SIGKILL from the kernel if the launcher itself dies
-(``PR_SET_PDEATHSIG``), so none outlives it, not even when the launcher is killed.
+(``PR_SET_PDEATHSIG``), so none outlives it, not even when the launcher is killed. With
+``fast_stop`` (test stacks whose stop no test watches), ``stop()`` SIGKILLs every process group
+at once instead: a drain costs a stack seconds, and Triton's exit alone 2-3 s even when idle.
+A Triton that did not remove its Python-backend shared-memory regions itself (killed, or past its
+exit timeout) has them removed once it is gone.
 
 With ``nodes=N`` there are N Triton servers (``TritonProcess``), each listed as an endpoint of
 the orchestrator; the chaos tests kill, pause and restart them one by one.
@@ -43,6 +47,8 @@ TRITON_EXIT_S = 10.0
 # What a component gets beyond its own bound before its process group is killed.
 _STOP_MARGIN_S = 5.0
 _PR_SET_PDEATHSIG = 1
+_SHM = Path("/dev/shm")
+_SHM_OPTION = "shm-region-prefix-name="
 
 
 class StackError(RuntimeError):
@@ -126,6 +132,20 @@ def _signal_group(process: subprocess.Popen[bytes] | None, sig: signal.Signals) 
             os.killpg(process.pid, sig)
 
 
+def _remove_shared_memory(process: subprocess.Popen[bytes] | None) -> None:
+    """Unlink the shared-memory regions of a tritonserver that has exited (its Python backend
+    names them by ``shm-region-prefix-name``). Triton removes them on a clean exit; killed, or
+    past its exit timeout, it leaves them in /dev/shm (RAM) for as long as the machine runs."""
+    if process is None or process.poll() is None or not isinstance(process.args, list | tuple):
+        return
+    for arg in process.args:
+        _, found, prefix = str(arg).partition(_SHM_OPTION)
+        if found and prefix:
+            for region in _SHM.glob(f"{prefix}*"):
+                with contextlib.suppress(OSError):
+                    region.unlink()
+
+
 class TritonProcess:
     """One ``tritonserver`` on loopback, which can be started again on the same ports.
     ``host``: another loopback address (127.0.0.2 …) lets several servers share one port, as
@@ -181,9 +201,8 @@ class TritonProcess:
 
     def kill(self) -> None:
         """SIGKILL the server and its model stubs: a node that dies without a word."""
-        _signal_group(self.process, signal.SIGKILL)
-        if self.process is not None:
-            self.process.wait()
+        Stack.kill_group(self.process)
+        _remove_shared_memory(self.process)
 
     def pause(self) -> None:
         """SIGSTOP: a node that hangs with its connections open."""
@@ -201,7 +220,9 @@ class TritonProcess:
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL of the process group past Triton's exit timeout and a margin."""
         self.request_stop()
-        return Stack.terminate(self.process, TRITON_EXIT_S + _STOP_MARGIN_S)
+        code = Stack.terminate(self.process, TRITON_EXIT_S + _STOP_MARGIN_S)
+        _remove_shared_memory(self.process)
+        return code
 
 
 def _graces(config: Path | None, env: Mapping[str, str]) -> tuple[float, float]:
@@ -233,14 +254,17 @@ class Stack:
         node_repositories: Sequence[Path] = (),
         triton_args: Sequence[str] = (),
         node_factory: Callable[..., TritonProcess] | None = None,
+        fast_stop: bool = False,
     ) -> None:
         """``models``: Triton models to load (default: all in the repository). ``config``: the
         TOML file for orchestrator and edge. ``env``: extra environment for both. ``nodes``:
         how many Triton servers; node i serves ``node_repositories[i]`` if given, else
         ``model_repository``. ``triton_args``: extra tritonserver options (e.g. TLS).
         ``node_factory``: what makes each node, ``TritonProcess``'s arguments in (the GPU path
-        passes ``GpuTritonProcess``). Ports are known from here on, so a test can write
+        passes ``GpuTritonProcess``). ``fast_stop``: ``stop()`` kills everything at once (see
+        the module docstring). Ports are known from here on, so a test can write
         ``config`` (naming ``triton_addresses``) before ``start()``."""
+        self.fast_stop = fast_stop
         self.ports = ports or StackPorts()
         self.model_repository = model_repository.resolve()
         self.models = models
@@ -367,16 +391,34 @@ class Stack:
             os.killpg(process.pid, signal.SIGKILL)
         return process.returncode
 
+    @staticmethod
+    def kill_group(process: subprocess.Popen[bytes] | None) -> int | None:
+        """SIGKILL the process group at once, no drain; the exit code."""
+        if process is None:
+            return None
+        if process.poll() is None:  # a reaped pid may be someone else's by now
+            _signal_group(process, signal.SIGKILL)
+        return process.wait()
+
     def stop(self) -> None:
-        """Stop everything that runs, edge first, each within its bound (see the module
-        docstring). Safe to call more than once."""
-        edge_s, orchestrator_s = self._graces
-        self.terminate(self.edge, edge_s + _STOP_MARGIN_S)
-        self.terminate(self.orchestrator, orchestrator_s + _STOP_MARGIN_S)
-        for node in self.nodes:
-            node.request_stop()  # each takes seconds to unload its models: all at once
-        for node in self.nodes:
-            node.stop()
+        """Stop everything that runs, edge first, each within its bound — or, with
+        ``fast_stop``, kill all at once (see the module docstring). Safe to call more than once."""
+        if self.fast_stop:
+            for process in (self.edge, self.orchestrator, *(n.process for n in self.nodes)):
+                if process is not None and process.poll() is None:
+                    _signal_group(process, signal.SIGKILL)  # all at once, then reap each
+            self.kill_group(self.edge)
+            self.kill_group(self.orchestrator)
+            for node in self.nodes:
+                node.kill()
+        else:
+            edge_s, orchestrator_s = self._graces
+            self.terminate(self.edge, edge_s + _STOP_MARGIN_S)
+            self.terminate(self.orchestrator, orchestrator_s + _STOP_MARGIN_S)
+            for node in self.nodes:
+                node.request_stop()  # each takes seconds to unload its models: all at once
+            for node in self.nodes:
+                node.stop()
         if self._own_workdir and not os.environ.get("TOKENRELAY_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
