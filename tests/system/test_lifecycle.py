@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -105,6 +106,31 @@ def test_triton_stopped_means_not_ready_and_fast_503(own_stack: Stack) -> None:
         assert response.status_code == 503
         assert_openai("ErrorResponse", response.json())
     assert httpx.get(f"{edge}/healthz").status_code == 200  # the edge itself is alive
+
+
+def test_triton_that_served_finished_streams_stops_at_once_and_exits_0(own_stack: Stack) -> None:
+    """A stream read to its final response must end at Triton as finished, not cancelled: a
+    cancel sent before the call's status arrived left Triton waiting, at stop, for requests it
+    had long answered ("CANCELLATION_ISSUED"), its whole exit timeout, then exit code 1 — on
+    Ctrl-C of ``make run`` and on every node stop."""
+
+    def stream(index: int) -> int:
+        request = pb.GenerateStreamRequest(
+            model="synthetic", prompt=f"go {index}", sampling=pb.SamplingParams(max_tokens=3)
+        )
+        *_, last = stub.GenerateStream(request, timeout=30)
+        return int(last.end.usage.completion_tokens)
+
+    with grpc.insecure_channel(own_stack.orchestrator_address) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        with ThreadPoolExecutor(16) as pool:
+            assert list(pool.map(stream, range(64))) == [3] * 64
+    assert own_stack.triton is not None
+    began = time.monotonic()
+    code = Stack.terminate(own_stack.triton, timeout_s=TRITON_EXIT_S + 5)
+    took = time.monotonic() - began
+    assert code == 0
+    assert took < TRITON_EXIT_S / 2, f"Triton took {took:.1f} s to stop"
 
 
 def test_sigterm_to_the_edge_lets_its_sse_streams_finish_and_exits_0(own_stack: Stack) -> None:

@@ -23,6 +23,7 @@ never reach callers; they go to the log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import struct
@@ -275,6 +276,7 @@ class TritonNode:
         request = self._request(model, prompt, sampling, request_id)
         # One request, then the client half-closes; Triton keeps streaming responses.
         call = self._stream_infer(request, metadata=(*headers, _STREAM_ERRORS))
+        final = False
         try:
             while True:
                 with _translate(self._address):
@@ -288,9 +290,13 @@ class TritonNode:
                 if final:
                     return
         finally:
-            # Cancels the Triton request when we stop early (caller gone, watchdog, error);
-            # a no-op once the stream has ended.
-            call.cancel()
+            try:
+                if final:
+                    await _ended(call)
+            finally:
+                # Cancels the Triton request when we stop early (caller gone, watchdog,
+                # error); a no-op once the stream has ended.
+                call.cancel()
 
     async def embed(
         self, model: str, texts: Sequence[str], request_id: str, timeout_s: float
@@ -313,6 +319,21 @@ class TritonNode:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+# How long a finished stream's status may take to arrive before the call is cancelled anyway.
+_END_S = 1.0
+
+
+async def _ended(call: Any) -> None:
+    """Waits (bounded) for the end of a call whose final response has been read. Triton ends
+    the call right after it (the client half-closed at the start); a cancel that overtakes
+    that status is taken as a cancellation of a request it already answered, which it then
+    waits for at stop (its whole exit timeout, then exit code 1)."""
+    with contextlib.suppress(TimeoutError, grpc.RpcError):
+        async with asyncio.timeout(_END_S):
+            while await call.read() is not grpc.aio.EOF:  # nothing should follow the final
+                pass
 
 
 _DTYPES = {
