@@ -60,6 +60,7 @@ _FILE_TYPES = {
     "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
     "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
     "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
+    "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16,
 }
 
 
