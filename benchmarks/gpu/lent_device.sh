@@ -128,8 +128,8 @@ verify)
   python3 benchmarks/gpu/suite.py bench --work $W/suite --out $OUT --budget-s $B --rounds 1 --streams 1,64 2>&1 | tee $OUT/bench.log | grep -v "^INFO" | tail -16
   echo "BENCH DONE at $(el $T0) s"; for f in $W/logs/*.log; do echo "=== $f"; tail -n 150 $f; done > $OUT/server-logs.txt 2>&1
   # The device hands back a limited number of files: the logs and traces travel as one archive.
-  cd $OUT && tar czf verify-logs.tgz tests.log tests-adk.log ttft.* trace.jsonl triton-trace.txt 2>/dev/null \
-    && rm -f tests.log tests-adk.log ttft.* trace.jsonl triton-trace.txt ;;
+  cd $OUT && L=$(ls -d tests.log tests-adk.log ttft.* trace.jsonl triton-trace.txt 2>/dev/null)
+  [ -z "$L" ] || { tar czf verify-logs.tgz $L && rm -f $L; } ;;
 go)
   T0=$(t); bash $0 stage $2 || exit 1
   cd $S && echo "$(cat $OLDPWD/.gpu/bundle.sha256)  bundle.tar" | sha256sum -c --quiet || { echo BAD BUNDLE; exit 1; }

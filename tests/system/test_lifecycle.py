@@ -109,7 +109,8 @@ def test_triton_stopped_means_not_ready_and_fast_503(own_stack: Stack) -> None:
 
 
 def test_triton_that_served_finished_streams_stops_at_once_and_exits_0(own_stack: Stack) -> None:
-    """A stream read to its final response must end at Triton as finished, not cancelled: a
+    """A stream read to its final response must end at Triton as finished, not cancelled (over
+    the orchestrator's gRPC API and through the edge): a
     cancel sent before the call's status arrived left Triton waiting, at stop, for requests it
     had long answered ("CANCELLATION_ISSUED"), its whole exit timeout, then exit code 1 — on
     Ctrl-C of ``make run`` and on every node stop."""
@@ -121,10 +122,28 @@ def test_triton_that_served_finished_streams_stops_at_once_and_exits_0(own_stack
         *_, last = stub.GenerateStream(request, timeout=30)
         return int(last.end.usage.completion_tokens)
 
+    def through_the_edge(index: int) -> int:
+        """The edge closes its call to the orchestrator once it has the answer's end: that
+        cancellation must not reach Triton's call as one either."""
+        body = {
+            "model": "synthetic",
+            "stream": True,
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": f"go {index}"}],
+        }
+        with httpx.stream(
+            "POST", f"{own_stack.edge_url}/v1/chat/completions", json=body, timeout=30
+        ) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        return len(lines) - 2  # the role chunk first, [DONE] last
+
     with grpc.insecure_channel(own_stack.orchestrator_address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         with ThreadPoolExecutor(16) as pool:
             assert list(pool.map(stream, range(64))) == [3] * 64
+            counts = list(pool.map(through_the_edge, range(64)))
+    assert all(count >= 3 for count in counts), counts
     assert own_stack.triton is not None
     began = time.monotonic()
     code = Stack.terminate(own_stack.triton, timeout_s=TRITON_EXIT_S + 5)

@@ -47,10 +47,12 @@ A client of the clients file (2 or 3) is held to its entry's ``requests_per_minu
 concurrent calls, in the orchestrator's limits store (Redis when ``tenancy.store`` says so, shared
 by every orchestrator; else this process's, or its workers' supervisor's), under the same
 store-down policy. A refusal is RESOURCE_EXHAUSTED with a retry delay (``google.rpc.RetryInfo``),
-counted in ``tokenrelay_tenant_refused``. Its counters are named ``client:<id>``, apart from the
-edge's keys (an API key and a client of one id are two callers). The edge's own calls (the
-internal secret's, or an internal certificate's) are not counted: the edge counted them against
-their API key already. Its tokens per minute and budget are charged as anyone's, by the relay.
+counted in ``tokenrelay_tenant_refused``. Its request and concurrent-call counters are named
+``client:<id>``, apart from the edge's keys of the same id. The edge's own calls (the internal
+secret's, or an internal certificate's) are not counted: the edge counted them against their API
+key already. Its tokens per minute and budget are charged by the relay under its id, as an API
+key's are (so a client and an API key of one id share those, and its labels and ledger rows:
+give clients ids of their own).
 """
 
 from __future__ import annotations

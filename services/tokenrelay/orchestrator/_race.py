@@ -161,12 +161,15 @@ class Attempt:
         while True:
             reader = self._reader
             if reader is None:  # reading straight: the next delta
-                async with self.watch():
+                ended = False
+                async with self.watch():  # never left entered across a yield (the follower's)
                     try:
                         delta = await anext(self.deltas)
                     except StopAsyncIteration:
-                        hold_until = yield []
-                        continue
+                        ended = True
+                if ended:
+                    hold_until = yield []
+                    continue
                 self._arrive(delta)
                 hold_until = yield [delta]
                 continue

@@ -23,7 +23,6 @@ never reach callers; they go to the log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import struct
@@ -290,12 +289,10 @@ class TritonNode:
                 if final:
                     return
         finally:
-            try:
-                if final:
-                    await _ended(call)
-            finally:
-                # Cancels the Triton request when we stop early (caller gone, watchdog,
-                # error); a no-op once the stream has ended.
+            if final:
+                _let_end(call)
+            else:
+                # Cancels the Triton request when we stop early (caller gone, watchdog, error).
                 call.cancel()
 
     async def embed(
@@ -323,17 +320,37 @@ class TritonNode:
 
 # How long a finished stream's status may take to arrive before the call is cancelled anyway.
 _END_S = 1.0
+# The calls waiting for their end (a task holds its call: one dropped is cancelled by gRPC).
+_ENDING: set[asyncio.Task[None]] = set()
+
+
+def _let_end(call: Any) -> None:
+    """Lets a call whose final response has been read end by itself. Triton ends it right
+    after that response (the client half-closed at the start); a cancel that overtook its
+    status — ours, or gRPC's own when the call object is dropped — was taken as the
+    cancellation of a request it had answered ("CANCELLATION_ISSUED"), which it then waited for
+    at stop: its whole exit timeout, then exit code 1. So nothing here waits (the caller may be
+    being cancelled itself, as when the edge closes its call after the answer's end): a task
+    keeps the call until its status is in, and cancels it only if that takes over ``_END_S``."""
+    if call.done():
+        return
+    try:
+        task = asyncio.get_running_loop().create_task(_ended(call))
+    except RuntimeError:  # no running loop (interpreter shutdown): nothing left to wait with
+        call.cancel()
+        return
+    _ENDING.add(task)
+    task.add_done_callback(_ENDING.discard)
 
 
 async def _ended(call: Any) -> None:
-    """Waits (bounded) for the end of a call whose final response has been read. Triton ends
-    the call right after it (the client half-closed at the start); a cancel that overtakes
-    that status is taken as a cancellation of a request it already answered, which it then
-    waits for at stop (its whole exit timeout, then exit code 1)."""
-    with contextlib.suppress(TimeoutError, grpc.RpcError):
+    try:
         async with asyncio.timeout(_END_S):
-            while await call.read() is not grpc.aio.EOF:  # nothing should follow the final
-                pass
+            await call.code()
+    except TimeoutError:
+        call.cancel()
+    except grpc.RpcError:
+        pass
 
 
 _DTYPES = {
