@@ -114,16 +114,26 @@ def _log_tail(path: Path, lines: int = 30) -> str:
 
 
 def _wait_ready(
-    name: str, process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float
+    name: str,
+    process: subprocess.Popen[bytes],
+    url: str,
+    log: Path,
+    timeout_s: float,
+    behind: Sequence[tuple[str, subprocess.Popen[bytes], Path]] = (),
 ) -> None:
+    """Until ``url`` answers 200. ``behind``: the processes its readiness waits on (the
+    edge's orchestrator): one that exits fails the wait at once, and their logs' tails join
+    the error when it times out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise StackError(f"{name} exited with {process.returncode}:\n{_log_tail(log)}")
+        for each, running, its_log in ((name, process, log), *behind):
+            if running.poll() is not None:
+                raise StackError(f"{each} exited with {running.returncode}:\n{_log_tail(its_log)}")
         if _get(url) == 200:
             return
         time.sleep(0.05)
-    raise StackError(f"{name} not ready after {timeout_s:g} s:\n{_log_tail(log)}")
+    tails = "".join(f"\n--- {each}:\n{_log_tail(its_log)}" for each, _, its_log in behind)
+    raise StackError(f"{name} not ready after {timeout_s:g} s:\n{_log_tail(log)}{tails}")
 
 
 def _signal_group(process: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
@@ -346,7 +356,12 @@ class Stack:
     def _wait(
         self, name: str, process: subprocess.Popen[bytes], url: str, timeout_s: float
     ) -> None:
-        _wait_ready(name, process, url, self.logs / f"{name}.log", timeout_s)
+        behind = (
+            ()
+            if self.orchestrator is None or name == "orchestrator"
+            else (("orchestrator", self.orchestrator, self.logs / "orchestrator.log"),)
+        )
+        _wait_ready(name, process, url, self.logs / f"{name}.log", timeout_s, behind)
 
     def start_triton(self, timeout_s: float = 120.0) -> None:
         """Start every Triton node at once; return when all are ready."""
