@@ -423,6 +423,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return _http_error(exc)
+    except ConnectionResetError:
+        # aiohttp's "Cannot write to closing transport": the client left while its answer was
+        # written, just before aiohttp cancels the handler for it. A disconnect, not an error;
+        # what is sent back goes nowhere (aiohttp drops a write to a closed connection).
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            log.exception("unexpected error while serving a request")
+            return error_response(RelayError("Internal error."))
+        log.info("the client left while its answer was written")
+        return web.Response(status=499)
     except Exception:
         log.exception("unexpected error while serving a request")
         return error_response(RelayError("Internal error."))
