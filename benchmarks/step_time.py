@@ -34,22 +34,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "services"))
 
+from batching import PROMPTS  # noqa: E402 - the same story prompts as the through-edge runs
+
 # _llama_cpp sets the engine's OpenMP wait policy before it loads llama_cpp: use its module.
 from tokenrelay.triton_python import _llama_cpp  # noqa: E402
 from tokenrelay.triton_python.llama import default_gguf  # noqa: E402
 
 llama_cpp = _llama_cpp.llama_cpp
 
-PROMPTS = (
-    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
-    "Write a long story about a dragon who is afraid of heights.",
-    "Write a long story about a girl who builds a robot from old bicycle parts.",
-    "Write a long story about a village where it never stops raining.",
-    "Write a long story about two friends who get lost in a big forest.",
-    "Write a long story about a cat who wants to become a ship's captain.",
-    "Write a long story about an old clockmaker and his last clock.",
-    "Write a long story about a baker who bakes bread that makes people sing.",
-)
 SLOTS = 8
 
 
