@@ -56,7 +56,6 @@ def test_loadgen_with_the_fast_source_reports_each_hops_cpu(tmp_path: Path) -> N
         assert run["errors"] == 0 and run["output_tokens_per_s"] > 0
     edge = next(run for run in runs if run["target"] == "edge")
     assert edge["orchestrator_cpu_us_per_token"] > 0 and edge["edge_cpu_us_per_token"] > 0
-    # The source's CPU is read in clock ticks (10 ms): one short smoke run of this fast source
-    # may stay under a tick, all three together do not.
-    assert edge["source_cpu_us_per_token"] >= 0
-    assert sum(run["source_cpu_us_per_token"] for run in runs) > 0
+    # Read from each process's CPU-time clock (to the nanosecond), not /proc's 10 ms ticks,
+    # under which one short smoke run of this fast source stays.
+    assert all(run["source_cpu_us_per_token"] > 0 for run in runs)
