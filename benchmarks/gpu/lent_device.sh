@@ -14,6 +14,7 @@
 #   bash .gpu/proj/benchmarks/gpu/lent_device.sh astage .gpu/a01  (… a02: the ADK test's own install)
 #   bash .gpu/proj/benchmarks/gpu/lent_device.sh stack .gpu/d05 [READY_S]
 #   bash .gpu/proj/benchmarks/gpu/lent_device.sh verify [BUDGET_S]
+#   bash .gpu/proj/benchmarks/gpu/lent_device.sh pins BUDGET_S 12-15/12-15 14/15   (relay placements)
 # The extra pieces: lent_device.sh xpack EXTRA_HOUSE_DIR MAIN_CHECKOUT (house/ merged into the bundle's:
 # the MiniLM weights, lm-format-enforcer + interegular for vLLM, the relay's and the tests' wheels).
 # The ADK pieces: lent_device.sh apack MAIN_CHECKOUT (google-adk + LiteLLM and everything they need,
@@ -130,6 +131,22 @@ verify)
   # The device hands back a limited number of files: the logs and traces travel as one archive.
   cd $OUT && L=$(ls -d tests.log tests-adk.log ttft.* trace.jsonl triton-trace.txt 2>/dev/null)
   [ -z "$L" ] || { tar czf verify-logs.tgz $L && rm -f $L; } ;;
+pins)  # lent_device.sh pins BUDGET_S EDGE/ORCH ... (after stack): where the relay's processes run
+  # against TTFT at one stream (two rounds, placements alternating) and tok/s at 64/256 streams.
+  T0=$(t); export PYTHONPATH=$R:$P/services PYTHONUNBUFFERED=1; cd $P; B0=$2; shift 2
+  python3 benchmarks/gpu/suite.py attach --work $W/suite > /dev/null || exit 1
+  for round in 1 2; do for L in "$@"; do
+    python3 benchmarks/gpu/suite.py pin --work $W/suite --edge-cores ${L%/*} --orchestrator-cores ${L#*/}
+    timeout 120 python3 benchmarks/gpu/suite.py ttft --work $W/suite --out $OUT/ttft-$round-${L//\//_} --rounds 1 \
+      --ttft-requests ${TTFT_REQUESTS:-20} --max-tokens 16 --targets triton:tokenrelay,orchestrator,edge --ready-timeout 1 \
+      2>&1 | grep -E "^\| (triton:|orch|edge)"
+  done; done; echo "TTFT DONE at $(el $T0) s"
+  n=$#; for L in "$@"; do
+    B=$(awk "BEGIN{print int(($B0 - ($(t) - $T0)) / $n)}"); n=$((n - 1)); echo "== bench $L, budget $B s"
+    python3 benchmarks/gpu/suite.py pin --work $W/suite --edge-cores ${L%/*} --orchestrator-cores ${L#*/}
+    python3 benchmarks/gpu/suite.py bench --work $W/suite --out $OUT/bench-${L//\//_} --budget-s $B --rounds 1 \
+      --streams ${BENCH_STREAMS:-64,256} --targets triton:tokenrelay,edge 2>&1 | grep -E "^\| [0-9]+ \| (triton:|edge)"
+  done; echo "PINS DONE at $(el $T0) s" ;;
 go)
   T0=$(t); bash $0 stage $2 || exit 1
   cd $S && echo "$(cat $OLDPWD/.gpu/bundle.sha256)  bundle.tar" | sha256sum -c --quiet || { echo BAD BUNDLE; exit 1; }

@@ -34,6 +34,8 @@ the orchestrator and the edge, side by side on one GPU host.
   send, sent→client. ``OUT/ttft.jsonl``, ``OUT/ttft.md``.
 - ``ceiling``: vLLM alone beside a stack that ``attach`` found (the stack's engine arguments and
   vLLM, ``--gpu-root``; ``--util``/``--kv-gib`` of its own), for ``ttft`` and ``bench``.
+- ``pin``: pins the running relay again (``--edge-cores``, ``--orchestrator-cores``: by
+  default both on ``--relay-cores``), to compare placements in one session.
 - ``stop``: stops everything by process group (vLLM's EngineCore included).
 - ``attach``: instead of ``start``, for a stack that ``tokenrelay-stack --gpu`` started
   (``--attach-ports EDGE ORCHESTRATOR TRITON_HTTP``, its defaults 8080 50051 8000): finds its
@@ -112,6 +114,24 @@ def _pin(pid: int, cores: set[int]) -> None:
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
             os.sched_setaffinity(int(task.name), cores)
+
+
+def _pin_relay(edge: int, orchestrator: int, args: argparse.Namespace) -> None:
+    """The edge on ``--edge-cores``, the orchestrator on ``--orchestrator-cores`` (each
+    ``--relay-cores`` unless given): every thread, the gRPC core's included."""
+    _pin(edge, _cores(args.edge_cores or args.relay_cores))
+    _pin(orchestrator, _cores(args.orchestrator_cores or args.relay_cores))
+
+
+def pin(args: argparse.Namespace) -> None:
+    """Pin the running relay again (``--edge-cores``, ``--orchestrator-cores``), between runs."""
+    relay = json.loads((args.work.resolve() / "state.json").read_text())["relay"]
+    _pin_relay(relay["edge_pid"], relay["orchestrator_pid"], args)
+    print(
+        f"relay pinned: edge {args.edge_cores or args.relay_cores},"
+        f" orchestrator {args.orchestrator_cores or args.relay_cores}",
+        flush=True,
+    )
 
 
 def _get(url: str, timeout: float = 2.0) -> int:
@@ -260,8 +280,7 @@ def start(args: argparse.Namespace) -> None:
         )
         stack.start(timeout_s=60)
         assert stack.edge is not None and stack.orchestrator is not None
-        for pid in (stack.edge.pid, stack.orchestrator.pid):
-            _pin(pid, _cores(args.relay_cores))
+        _pin_relay(stack.edge.pid, stack.orchestrator.pid, args)
         state["relay"] = {
             "server": relay,
             "edge_pid": stack.edge.pid,
@@ -374,8 +393,7 @@ def attach(args: argparse.Namespace) -> None:
         with contextlib.suppress(OSError):
             if os.getpgid(pid) == found["triton"]:
                 _pin(pid, _cores(args.server_cores))
-    for name in ("edge", "orchestrator"):
-        _pin(found[name], _cores(args.relay_cores))
+    _pin_relay(found["edge"], found["orchestrator"], args)
     state = {
         "servers": {
             "tokenrelay": {
@@ -1130,7 +1148,8 @@ def stop(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "phase", choices=("start", "attach", "ceiling", "caps", "bench", "ttft", "stop", "all")
+        "phase",
+        choices=("start", "attach", "pin", "ceiling", "caps", "bench", "ttft", "stop", "all"),
     )
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/gpu"))
@@ -1145,6 +1164,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server-cores", default="0-7")
     parser.add_argument("--client-cores", default="8-11")
     parser.add_argument("--relay-cores", default="12-15")
+    parser.add_argument("--edge-cores", default="", help="the edge's own (default: relay's)")
+    parser.add_argument(
+        "--orchestrator-cores", default="", help="the orchestrator's own (default: relay's)"
+    )
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--streams", default="1,16,64,256")
     parser.add_argument("--rounds", type=int, default=2)
@@ -1177,6 +1200,8 @@ def main(argv: list[str] | None = None) -> None:
         start(args)
     if args.phase == "attach":
         attach(args)
+    if args.phase == "pin":
+        pin(args)
     if args.phase == "ceiling":
         ceiling(args)
     if args.phase == "ttft":

@@ -23,13 +23,13 @@ import pytest
 import tomli_w
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from _support import FakeSource, eventually, make_certificates
+from tokenrelay import tracing
 from tokenrelay.config import (
     EdgeSettings,
     OrchestratorSettings,
@@ -102,12 +102,11 @@ async def source() -> FakeSource:
 
 @pytest.fixture
 def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    """Every span the services make during the test (``tokenrelay.tracing.tracer`` asks
-    ``trace.get_tracer`` each time)."""
+    """Every span the services make during the test."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(trace, "get_tracer", provider.get_tracer)
+    monkeypatch.setattr(tracing, "_TRACER", provider.get_tracer("tokenrelay"))
     yield exporter
     provider.shutdown()
 
