@@ -14,7 +14,8 @@
 #   bash .gpu/proj/benchmarks/gpu/lent_device.sh astage .gpu/a01  (… a02: the ADK test's own install)
 #   bash .gpu/proj/benchmarks/gpu/lent_device.sh stack .gpu/d05 [READY_S]
 #   bash .gpu/proj/benchmarks/gpu/lent_device.sh verify [BUDGET_S]
-#   bash .gpu/proj/benchmarks/gpu/lent_device.sh pins BUDGET_S 12-15/12-15 14/15   (relay placements)
+#   bash .gpu/proj/benchmarks/gpu/lent_device.sh pins BUDGET_S 12-15/12-15 14/15   (relay placements;
+#     `stack` with EDGE_CPUS=14 ORCH_CPUS=15 starts the relay pinned by its own `cpus` settings)
 # The extra pieces: lent_device.sh xpack EXTRA_HOUSE_DIR MAIN_CHECKOUT (house/ merged into the bundle's:
 # the MiniLM weights, lm-format-enforcer + interegular for vLLM, the relay's and the tests' wheels).
 # The ADK pieces: lent_device.sh apack MAIN_CHECKOUT (google-adk + LiteLLM and everything they need,
@@ -78,9 +79,13 @@ stack)
   echo "unpacked + relay site in $(el $T0) s"; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
   # From a copy: each call replaces the working tree, which a running stack must not share.
   rm -rf /tmp/proj && cp -r $P /tmp/proj && cd /tmp/proj
+  # EDGE_CPUS / ORCH_CPUS: the relay's `cpus` settings for this stack (default: unpinned).
+  C=deploy/tokenrelay.gpu-local.toml; awk -v e="${EDGE_CPUS:-}" -v o="${ORCH_CPUS:-}" \
+    '{print} /^\[orchestrator\]$/ && o != "" {print "cpus = \"" o "\""} /^\[edge\]$/ && e != "" {print "cpus = \"" e "\""}' \
+    $C > /tmp/gpu-local.toml
   PYTHONPATH=$R:/tmp/proj/services PYTHONUNBUFFERED=1 setsid nohup python3 -m tokenrelay.stack --gpu --wheelhouse $H \
     --gpu-model-parameter trace_path=$W/trace.jsonl --triton-arg=--trace-config=triton,file=$W/triton-trace.json \
-    --config deploy/tokenrelay.gpu-local.toml --workdir $W > $W/launcher.log 2>&1 < /dev/null &
+    --config /tmp/gpu-local.toml --workdir $W > $W/launcher.log 2>&1 < /dev/null &
   python3 - $! ${3:-420} <<'EOF'
 import os, sys, time, urllib.request
 pid, limit, t0 = int(sys.argv[1]), float(sys.argv[2]), time.time()
@@ -135,7 +140,7 @@ pins)  # lent_device.sh pins BUDGET_S EDGE/ORCH ... (after stack): where the rel
   # against TTFT at one stream (two rounds, placements alternating) and tok/s at 64/256 streams.
   T0=$(t); export PYTHONPATH=$R:$P/services PYTHONUNBUFFERED=1; cd $P; B0=$2; shift 2
   python3 benchmarks/gpu/suite.py attach --work $W/suite > /dev/null || exit 1
-  for round in 1 2; do for L in "$@"; do
+  for round in $(seq ${ROUNDS:-2}); do for L in "$@"; do
     python3 benchmarks/gpu/suite.py pin --work $W/suite --edge-cores ${L%/*} --orchestrator-cores ${L#*/}
     timeout 120 python3 benchmarks/gpu/suite.py ttft --work $W/suite --out $OUT/ttft-$round-${L//\//_} --rounds 1 \
       --ttft-requests ${TTFT_REQUESTS:-20} --max-tokens 16 --targets triton:tokenrelay,orchestrator,edge --ready-timeout 1 \

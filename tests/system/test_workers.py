@@ -54,6 +54,13 @@ sha256 = "{hash_key(THREE_PER_MINUTE)}"
 requests_per_minute = 3
 """
 
+# Each orchestrator worker on a core of its own, both edge workers on one (this machine's first
+# two cores; with one core, both lists name it).
+_CORES = sorted(os.sched_getaffinity(0))
+FIRST, SECOND = _CORES[0], _CORES[min(1, len(_CORES) - 1)]
+ORCHESTRATOR_CPUS = f"{FIRST},{SECOND}" if SECOND != FIRST else str(FIRST)
+EDGE_CPUS = str(SECOND)
+
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
@@ -62,9 +69,9 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     keys.write_text(KEYS)
     settings = Settings(
         orchestrator=OrchestratorSettings(
-            workers=2, admission=Admission(max_concurrent=2, max_queue=0)
+            workers=2, admission=Admission(max_concurrent=2, max_queue=0), cpus=ORCHESTRATOR_CPUS
         ),
-        edge=EdgeSettings(workers=2, api_keys_file=str(keys)),
+        edge=EdgeSettings(workers=2, api_keys_file=str(keys), cpus=EDGE_CPUS),
         retrieval=Retrieval(store="none"),
     )
     config = directory / "tokenrelay.toml"
@@ -79,12 +86,26 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
 
 
+def _child_pids(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
 def _children(pid: int) -> list[str]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            found.append(Path(f"/proc/{child}/cmdline").read_text().replace("\0", " "))
-    return found
+    return [
+        Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ") for child in _child_pids(pid)
+    ]
+
+
+def _cores_of(pid: int) -> set[frozenset[int]]:
+    """The core sets the threads of ``pid`` may run on (one set when all agree)."""
+    return {
+        frozenset(os.sched_getaffinity(int(task.name)))
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    }
 
 
 def _samples(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -105,6 +126,24 @@ def test_each_service_runs_as_that_many_workers(workers: Stack) -> None:
         children = _children(process.pid)
         assert len(children) == 2, children
         assert all(f"tokenrelay.{module} --worker" in c for c in children)
+
+
+def test_cpus_pins_each_worker_and_all_its_threads_to_its_core(workers: Stack) -> None:
+    assert workers.orchestrator is not None and workers.edge is not None
+
+    def index(pid: int) -> int:  # --worker I N DIR
+        argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        return int(argv[argv.index("--worker") + 1])
+
+    orchestrators = sorted(_child_pids(workers.orchestrator.pid), key=index)
+    # Worker 0 on the first listed core, worker 1 on the second; the supervisor on both.
+    assert [_cores_of(pid) for pid in orchestrators] == [
+        {frozenset({FIRST})},
+        {frozenset({SECOND})},
+    ]
+    assert _cores_of(workers.orchestrator.pid) == {frozenset({FIRST, SECOND})}
+    for pid in _child_pids(workers.edge.pid):
+        assert _cores_of(pid) == {frozenset({SECOND})}  # gRPC's threads too
 
 
 async def _generation(address: str) -> str:

@@ -11,6 +11,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, ConfigDict, Field
 
+from tokenrelay._affinity import parse_cpus
+
 # Unknown keys are errors (a typo never goes unnoticed); no coercion between types (a quoted
 # number is not a number, a number is not a string); numbers are finite (TOML allows inf and nan,
 # and neither makes a timeout or a share mean anything).
@@ -97,6 +99,15 @@ HostPort = Annotated[str, AfterValidator(_host_port)]
 """``host:port`` (IPv6 hosts in brackets); port 0 lets the system pick one."""
 HostPortOrOff = Annotated[str, AfterValidator(_host_port_or_empty)]
 """``host:port``, or ``""`` for none."""
+
+
+def _cpu_list(value: str) -> str:
+    parse_cpus(value)
+    return value
+
+
+CpuList = Annotated[str, AfterValidator(_cpu_list)]
+"""Core numbers and ranges (``"0-3,8"``), or ``""`` for none."""
 
 
 def check_pair(names: tuple[str, str], cert: str, key: str) -> None:

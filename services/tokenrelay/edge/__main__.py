@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
+from tokenrelay._affinity import parse_cpus, place, spell
 from tokenrelay._workers import WorkerContext
 from tokenrelay.config import check_exposure, load_settings
 from tokenrelay.edge.app import run, supervise
@@ -20,7 +22,16 @@ def main() -> None:
     except (OSError, ValueError) as exc:
         sys.exit(f"tokenrelay-edge: bad configuration: {exc}")
     configure_logging("edge", settings.log_level)
-    if worker is None and settings.edge.workers > 1:
+    supervisor = worker is None and settings.edge.workers > 1
+    try:
+        cores = place(parse_cpus(settings.edge.cpus), worker.index if worker else None, supervisor)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"tokenrelay-edge: bad configuration: {exc}")
+    if cores is not None:
+        logging.getLogger("tokenrelay.edge").info(
+            "pinned", extra={"fields": {"cpus": spell(cores)}}
+        )
+    if supervisor:
         try:
             sys.exit(supervise(settings.edge, os.environ, settings.event_loop))
         except OSError as exc:
