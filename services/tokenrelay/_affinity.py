@@ -47,22 +47,31 @@ def spell(cores: set[int] | tuple[int, ...]) -> str:
 def place(cpus: tuple[int, ...], index: int | None, supervisor: bool = False) -> set[int] | None:
     """Pin this process, every thread of it, as ``cpus`` asks: a supervisor on all of them, a
     worker (``index``) on the index-th core of the list (wrapping round), a process serving alone
-    (``index`` None) on the first. Nothing with ``cpus`` empty. Returns the cores it runs on
-    now; raises ``ValueError`` when the list names a core this process may not run on."""
+    (``index`` None) on the first. Nothing with ``cpus`` empty. The cores the process inherited
+    (``taskset``) do not limit the list; the machine's cores and its cpuset do. Returns the cores
+    it runs on now; raises ``ValueError`` naming a listed core it may not run on."""
     if not cpus:
         return None
-    allowed = os.sched_getaffinity(0)
-    missing = [c for c in cpus if c not in allowed]
-    if missing:
+    count = os.cpu_count() or 1
+    absent = [c for c in cpus if c >= count]
+    if absent:
         raise ValueError(
-            f"cpus names core(s) {spell(tuple(missing))}, but this process may run only on"
-            f" {spell(allowed)}"
+            f"cpus names core(s) {spell(tuple(absent))},"
+            f" but this machine has {spell(set(range(count)))}"
         )
     chosen = set(cpus) if supervisor else {cpus[(index or 0) % len(cpus)]}
-    # sched_setaffinity(0) moves the calling thread only: move every thread there is (gRPC's
+    try:
+        os.sched_setaffinity(0, chosen)
+    except OSError:  # none of them in this process's cpuset
+        raise ValueError(
+            f"cpus: this process may not run on core(s) {spell(chosen)} (its cpuset)"
+        ) from None
+    refused = chosen - os.sched_getaffinity(0)  # the cpuset's cores only, silently
+    if refused:
+        raise ValueError(f"cpus: this process may not run on core(s) {spell(refused)} (its cpuset)")
+    # sched_setaffinity(0) moved the calling thread only: move every other there is (gRPC's
     # start later and inherit it).
     for task in Path("/proc/self/task").iterdir():
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             os.sched_setaffinity(int(task.name), chosen)
-    os.sched_setaffinity(0, chosen)
     return chosen

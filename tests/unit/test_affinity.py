@@ -43,7 +43,9 @@ def test_cores_are_spelt_as_ranges() -> None:
     assert spell({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
 
 
-def _placed(cpus: str, index: int | None, supervisor: bool) -> subprocess.CompletedProcess[str]:
+def _placed(
+    cpus: str, index: int | None, supervisor: bool, inherited: set[int] | None = None
+) -> subprocess.CompletedProcess[str]:
     code = textwrap.dedent(
         f"""
         import os, threading, time
@@ -60,7 +62,12 @@ def _placed(cpus: str, index: int | None, supervisor: bool) -> subprocess.Comple
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "services")}
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        preexec_fn=(lambda: os.sched_setaffinity(0, inherited)) if inherited else None,
     )
 
 
@@ -79,8 +86,17 @@ def test_workers_take_the_listed_cores_in_turn_and_the_supervisor_all() -> None:
         assert done.stdout.split("\n")[:2] == [expected, str([expected])], (cpus, index)
 
 
-def test_a_core_the_process_may_not_use_is_refused_by_name() -> None:
-    beyond = max(CORES) + 1
+def test_a_core_the_machine_lacks_is_refused_by_name() -> None:
+    beyond = os.cpu_count() or 1
     done = _placed(f"{CORES[0]},{beyond}", None, False)
     assert done.returncode != 0
-    assert f"cpus names core(s) {beyond}, but this process may run only on" in done.stderr
+    assert f"cpus names core(s) {beyond}, but this machine has" in done.stderr
+
+
+@pytest.mark.skipif(len(CORES) < 2, reason="needs two cores")
+def test_the_cores_a_process_inherited_do_not_limit_the_list() -> None:
+    # Started under `taskset -c A` (a load generator's cores), a process listed on B goes to B.
+    a, b = CORES[0], CORES[1]
+    done = _placed(str(b), None, False, inherited={a})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == str(b)
