@@ -1,12 +1,15 @@
 """Where a service's processes run: ``cpus`` of ``[edge]`` and ``[orchestrator]``.
 
-A process of either service has several threads that hand every gRPC event to each other: the
-event loop, gRPC's completion-queue poller and the gRPC core's own. On a virtual machine whose
-idle cores halt, waking a thread on another, idle core costs ~100 µs, several times per event.
-Pinned to one core, the threads wake each other where one of them is already running. Measured
-on the lent H200 host (16 cores, KVM, 2026-12-02): the time to first token the relay adds at one
-stream went from +2.5 / +3.8 ms (edge and orchestrator sharing 4 cores) to +0.8 / +1.6 ms (one
-core each), with no loss of tok/s at 64 and 256 streams (README, "Performance").
+On a host that also runs the inference server, the relay and the server compete for cores: vLLM's
+engine process keeps a core busy, Triton's stubs and gRPC threads wake on any core. ``cpus``
+keeps the service's processes, every thread of them, on cores of their own (give the server the
+others: ``taskset``, or Triton's container's cpuset), as the GPU suite runs them.
+
+Every process of the service runs on all the listed cores. One core per process was measured
+and not kept (lent H200 host, 2026-12-02, ``suite.py pin`` alternating with the edge and the
+orchestrator sharing 4 cores): the relay's added TTFT at one stream was +0.8 to +2.8 ms against
++0.9 to +3.8 ms (5 rounds of 20 requests each, within the noise), and one orchestrator on one core
+carried 4.7k tok/s of one-token messages where unpinned it carries 8-11k.
 """
 
 from __future__ import annotations
@@ -44,12 +47,11 @@ def spell(cores: set[int] | tuple[int, ...]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def place(cpus: tuple[int, ...], index: int | None, supervisor: bool = False) -> set[int] | None:
-    """Pin this process, every thread of it, as ``cpus`` asks: a supervisor on all of them, a
-    worker (``index``) on the index-th core of the list (wrapping round), a process serving alone
-    (``index`` None) on the first. Nothing with ``cpus`` empty. The cores the process inherited
-    (``taskset``) do not limit the list; the machine's cores and its cpuset do. Returns the cores
-    it runs on now; raises ``ValueError`` naming a listed core it may not run on."""
+def place(cpus: tuple[int, ...]) -> set[int] | None:
+    """Pin this process, every thread of it, to ``cpus`` (nothing when it is empty). The cores
+    the process inherited (``taskset``) do not limit the list; the machine's cores and its cpuset
+    do. Returns the cores it runs on now; raises ``ValueError`` naming a listed core it may not
+    run on."""
     if not cpus:
         return None
     count = os.cpu_count() or 1
@@ -59,7 +61,7 @@ def place(cpus: tuple[int, ...], index: int | None, supervisor: bool = False) ->
             f"cpus names core(s) {spell(tuple(absent))},"
             f" but this machine has {spell(set(range(count)))}"
         )
-    chosen = set(cpus) if supervisor else {cpus[(index or 0) % len(cpus)]}
+    chosen = set(cpus)
     try:
         os.sched_setaffinity(0, chosen)
     except OSError:  # none of them in this process's cpuset
@@ -69,8 +71,8 @@ def place(cpus: tuple[int, ...], index: int | None, supervisor: bool = False) ->
     refused = chosen - os.sched_getaffinity(0)  # the cpuset's cores only, silently
     if refused:
         raise ValueError(f"cpus: this process may not run on core(s) {spell(refused)} (its cpuset)")
-    # sched_setaffinity(0) moved the calling thread only: move every other there is (gRPC's
-    # start later and inherit it).
+    # sched_setaffinity(0) moved the calling thread only: move every other there is (threads
+    # started later inherit it, and a supervisor's workers too).
     for task in Path("/proc/self/task").iterdir():
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             os.sched_setaffinity(int(task.name), chosen)

@@ -91,10 +91,9 @@ class EdgeSettings:
     API keys' limits for all of them; ``/metrics`` labels their samples ``worker``. 1: this
     process serves alone."""
     cpus: CpuList = ""
-    """Cores to pin the processes to (``"14"``, ``"8-11"``): each worker to one of them in turn
-    (a process serving alone to the first), the supervisor to all; ``""``: the system places
-    them. On a VM, one core per process cuts the latency of each gRPC event
-    (``tokenrelay._affinity``)."""
+    """Cores to run on (``"12-15"``): every process of the service, every thread, on those
+    (workers and supervisor alike), so that the relay and the inference server beside it keep
+    to cores of their own; ``""``: wherever the system puts them (``tokenrelay._affinity``)."""
     resume: Resume = field(default_factory=Resume)
     websocket: WebSocket = field(default_factory=WebSocket)
 

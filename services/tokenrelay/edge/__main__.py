@@ -24,7 +24,7 @@ def main() -> None:
     configure_logging("edge", settings.log_level)
     supervisor = worker is None and settings.edge.workers > 1
     try:
-        cores = place(parse_cpus(settings.edge.cpus), worker.index if worker else None, supervisor)
+        cores = place(parse_cpus(settings.edge.cpus))
     except (OSError, ValueError) as exc:
         sys.exit(f"tokenrelay-edge: bad configuration: {exc}")
     if cores is not None:

@@ -25,9 +25,7 @@ def main() -> None:
     configure_logging("orchestrator", settings.log_level)
     supervisor = worker is None and settings.orchestrator.workers > 1
     try:
-        cores = place(
-            parse_cpus(settings.orchestrator.cpus), worker.index if worker else None, supervisor
-        )
+        cores = place(parse_cpus(settings.orchestrator.cpus))
     except (OSError, ValueError) as exc:
         sys.exit(f"tokenrelay-orchestrator: bad configuration: {exc}")
     if cores is not None:
