@@ -6,10 +6,11 @@ keeps the service's processes, every thread of them, on cores of their own (give
 others: ``taskset``, or Triton's container's cpuset), as the GPU suite runs them.
 
 Every process of the service runs on all the listed cores. One core per process was measured
-and not kept (lent H200 host, 2026-12-02, ``suite.py pin`` alternating with the edge and the
-orchestrator sharing 4 cores): the relay's added TTFT at one stream was +0.8 to +2.8 ms against
-+0.9 to +3.8 ms (5 rounds of 20 requests each, within the noise), and one orchestrator on one core
-carried 4.7k tok/s of one-token messages where unpinned it carries 8-11k.
+and not kept (lent H200 hosts, 2026-12-02, ``suite.py pin`` alternating with the edge and the
+orchestrator sharing 4 cores, three machines): the relay's added TTFT at one stream was 0.3-0.7 ms
+lower per machine, inside the runs' spread (+1.7 to +3.9 ms either way), while one orchestrator on
+one core carried 4.7k tok/s of one-token messages where unpinned it carries 8-11k. Listing one
+core per service still gives that placement.
 """
 
 from __future__ import annotations
