@@ -16,10 +16,13 @@ core per service still gives that placement.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
 __all__ = ["parse_cpus", "place", "spell"]
+
+log = logging.getLogger(__name__)
 
 
 def parse_cpus(text: str) -> tuple[int, ...]:
@@ -52,7 +55,7 @@ def place(cpus: tuple[int, ...]) -> set[int] | None:
     """Pin this process, every thread of it, to ``cpus`` (nothing when it is empty). The cores
     the process inherited (``taskset``) do not limit the list; the machine's cores and its cpuset
     do. Returns the cores it runs on now; raises ``ValueError`` naming a listed core it may not
-    run on."""
+    run on. Logs where it runs."""
     if not cpus:
         return None
     count = os.cpu_count() or 1
@@ -77,4 +80,5 @@ def place(cpus: tuple[int, ...]) -> set[int] | None:
     for task in Path("/proc/self/task").iterdir():
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             os.sched_setaffinity(int(task.name), chosen)
+    log.info("pinned", extra={"fields": {"cpus": spell(chosen)}})
     return chosen

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
-from tokenrelay._affinity import parse_cpus, place, spell
+from tokenrelay._affinity import parse_cpus, place
 from tokenrelay._workers import WorkerContext
 from tokenrelay.config import check_exposure, load_settings
 from tokenrelay.edge.app import run, supervise
@@ -22,16 +21,11 @@ def main() -> None:
     except (OSError, ValueError) as exc:
         sys.exit(f"tokenrelay-edge: bad configuration: {exc}")
     configure_logging("edge", settings.log_level)
-    supervisor = worker is None and settings.edge.workers > 1
     try:
-        cores = place(parse_cpus(settings.edge.cpus))
-    except (OSError, ValueError) as exc:
+        place(parse_cpus(settings.edge.cpus))
+    except ValueError as exc:
         sys.exit(f"tokenrelay-edge: bad configuration: {exc}")
-    if cores is not None:
-        logging.getLogger("tokenrelay.edge").info(
-            "pinned", extra={"fields": {"cpus": spell(cores)}}
-        )
-    if supervisor:
+    if worker is None and settings.edge.workers > 1:
         try:
             sys.exit(supervise(settings.edge, os.environ, settings.event_loop))
         except OSError as exc:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from tokenrelay import _loop
-from tokenrelay._affinity import parse_cpus, place, spell
+from tokenrelay._affinity import parse_cpus, place
 from tokenrelay._workers import WorkerContext
 from tokenrelay.config import check_exposure, load_settings
 from tokenrelay.logs import configure_logging
@@ -23,16 +22,11 @@ def main() -> None:
     except (OSError, ValueError) as exc:
         sys.exit(f"tokenrelay-orchestrator: bad configuration: {exc}")
     configure_logging("orchestrator", settings.log_level)
-    supervisor = worker is None and settings.orchestrator.workers > 1
     try:
-        cores = place(parse_cpus(settings.orchestrator.cpus))
-    except (OSError, ValueError) as exc:
+        place(parse_cpus(settings.orchestrator.cpus))
+    except ValueError as exc:
         sys.exit(f"tokenrelay-orchestrator: bad configuration: {exc}")
-    if cores is not None:
-        logging.getLogger("tokenrelay.orchestrator").info(
-            "pinned", extra={"fields": {"cpus": spell(cores)}}
-        )
-    if supervisor:
+    if worker is None and settings.orchestrator.workers > 1:
         try:
             sys.exit(supervise(settings, os.environ))
         except OSError as exc:
