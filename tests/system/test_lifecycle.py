@@ -250,17 +250,29 @@ def test_a_killed_launcher_takes_every_component_with_it(tmp_path: Path) -> None
         components = _children(launcher.pid)
         stubs = {stub for c in components for stub in _children(c)}  # Triton's model stubs
         assert len(components) == 3 and stubs
+        regions = [r for c in components for r in _shared_memory_of(c)]
+        assert regions  # Triton's Python backend: its stubs talk to it through them
         launcher.kill()  # no chance to stop anything itself
         launcher.wait()
         deadline = time.monotonic() + 15
         while any(_alive(p) for p in components | stubs):
             assert time.monotonic() < deadline, [p for p in components | stubs if _alive(p)]
             time.sleep(0.1)
+        # Not left in /dev/shm (RAM) for as long as the machine runs: Triton stopped, not killed.
+        assert [r for r in regions if r.exists()] == []
     finally:
         launcher.kill()
         launcher.wait()
         if launcher.stdout is not None:
             launcher.stdout.close()
+
+
+def _shared_memory_of(pid: int) -> list[Path]:
+    """The /dev/shm regions of process ``pid`` if it is a tritonserver (none otherwise)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    option = "shm-region-prefix-name="
+    prefixes = [a.partition(option)[2] for a in argv if option in a]
+    return sorted(r for prefix in prefixes for r in Path("/dev/shm").glob(f"{prefix}*"))
 
 
 def _shared_memory(process: subprocess.Popen[bytes]) -> list[Path]:

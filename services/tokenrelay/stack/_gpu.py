@@ -530,7 +530,7 @@ class GpuTritonProcess(TritonProcess):
         command.extend(self.extra_args)
         env = gpu_triton_env(self.layout.stub_env, self.layout.libdir, self.layout.offline)
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.process = _spawn(self.log, command, env)
+        self.process = _spawn(self.log, command, env, signal.SIGTERM)
 
     def stop(self) -> int | None:
         code = super().stop()

@@ -6,8 +6,9 @@ says it is ready (which needs the orchestrator serving and Triton's models ready
 the tail of the failing component's log otherwise. ``stop()`` sends SIGTERM edge → orchestrator →
 Triton and waits for each for a bounded time — its configured drain grace (Triton: its exit
 timeout) plus a margin — then SIGKILLs its whole process group (Triton's Python-backend stubs are
-in it). Every component gets SIGKILL from the kernel if the launcher itself dies
-(``PR_SET_PDEATHSIG``), so none outlives it, not even when the launcher is killed. With
+in it). Every component gets a signal from the kernel if the launcher itself dies
+(``PR_SET_PDEATHSIG``), so none outlives it, not even when the launcher is killed: SIGKILL, but
+Triton SIGTERM, so that it removes its shared memory (bounded by its exit timeout). With
 ``fast_stop`` (test stacks whose stop no test watches), ``stop()`` SIGKILLs every process group
 at once instead: a drain costs a stack seconds, and Triton's exit alone 2-3 s even when idle.
 A Triton that did not remove its Python-backend shared-memory regions itself (killed, or past its
@@ -84,13 +85,24 @@ def _get(url: str, timeout: float = 1.0) -> int:
         return 0
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the launcher's thread that started it dies."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _die_with_parent(sig: signal.Signals) -> Callable[[], None]:
+    """In the child, before exec: ``sig`` when the launcher's thread that started it dies."""
+
+    def arm() -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    return arm
 
 
-def _spawn(log_path: Path, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _spawn(
+    log_path: Path,
+    command: list[str],
+    env: dict[str, str],
+    death_signal: signal.Signals = signal.SIGKILL,
+) -> subprocess.Popen[bytes]:
+    """``death_signal``: what the child gets when the launcher dies (Triton: SIGTERM, so that it
+    removes its shared memory on the way out, as a killed one cannot)."""
     # The child keeps its own copy of the descriptor; ours closes at once.
     with log_path.open("ab") as log:
         # A session of its own: Ctrl-C in the terminal reaches the launcher, which stops the
@@ -103,7 +115,7 @@ def _spawn(log_path: Path, command: list[str], env: dict[str, str]) -> subproces
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_die_with_parent(death_signal) if sys.platform == "linux" else None,
         )
 
 
@@ -199,7 +211,7 @@ class TritonProcess:
             self.model_repository, backends, self.ports, self.models, self.host
         )
         command.extend(self.extra_args)
-        self.process = _spawn(self.log, command, triton_env())
+        self.process = _spawn(self.log, command, triton_env(), signal.SIGTERM)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         assert self.process is not None
