@@ -22,16 +22,15 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
+
+from tokenrelay._affinity import parse_cpus
 
 
 def _cores(text: str) -> set[int] | None:
-    if text == "-":
-        return None
-    out: set[int] = set()
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        out.update(range(int(low), int(high or low) + 1))
-    return out
+    return None if text == "-" else set(parse_cpus(text))
 
 
 def _serve(port: int, upstream: int) -> None:

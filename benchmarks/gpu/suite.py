@@ -70,6 +70,7 @@ sys.path[:0] = [str(REPO / "services"), str(REPO / "benchmarks")]
 
 from loadgen import Sample, _closed_loop, _cpu_rss, _one, _pct, _sse_lines, _summary  # noqa: E402
 
+from tokenrelay._affinity import parse_cpus  # noqa: E402
 from tokenrelay.generation import ChatMessage  # noqa: E402
 from tokenrelay.stack._gpu import GpuOptions, GpuTritonProcess, prepare_gpu  # noqa: E402
 from tokenrelay.stack._stack import Stack, StackPorts, TritonProcess  # noqa: E402
@@ -101,11 +102,7 @@ def templated(i: int) -> str:
 
 
 def _cores(text: str) -> set[int]:
-    out: set[int] = set()
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        out.update(range(int(low), int(high or low) + 1))
-    usable = {c for c in out if c < (os.cpu_count() or 1)}
+    usable = {c for c in parse_cpus(text) if c < (os.cpu_count() or 1)}
     return usable or set(range(os.cpu_count() or 1))
 
 
