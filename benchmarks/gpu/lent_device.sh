@@ -131,7 +131,8 @@ verify)
   cat $W/triton-trace.json.* > $OUT/triton-trace.txt 2>/dev/null
   echo "TTFT DONE at $(el $T0) s"
   B=$(awk "BEGIN{print int(${2:-400} - ($(t) - $T0))}"); echo "bench budget $B s"
-  python3 benchmarks/gpu/suite.py bench --work $W/suite --out $OUT --budget-s $B --rounds 1 --streams 1,64 2>&1 | tee $OUT/bench.log | grep -v "^INFO" | tail -16
+  python3 benchmarks/gpu/suite.py bench --work $W/suite --out $OUT --budget-s $B --rounds 1 --streams ${VERIFY_STREAMS:-1,64} \
+    --health-url http://127.0.0.1:8081 2>&1 | tee $OUT/bench.log | grep -v "^INFO" | tail -16
   echo "BENCH DONE at $(el $T0) s"; for f in $W/logs/*.log; do echo "=== $f"; tail -n 150 $f; done > $OUT/server-logs.txt 2>&1
   # The device hands back a limited number of files: the logs and traces travel as one archive.
   cd $OUT && L=$(ls -d tests.log tests-adk.log ttft.* trace.jsonl triton-trace.txt 2>/dev/null)

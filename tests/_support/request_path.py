@@ -5,10 +5,10 @@
 Runs an orchestrator and an edge in this process over a fake token source (a word every 20 ms),
 waits until the edge is ready, sends one streamed chat completion through the edge, and records
 (with ``sys.setprofile``) every call into a ``tokenrelay`` module while it is served. Reports the
-modules in the order they are first entered (logs, tracing, metrics, config and the generated
-``v1`` left out) and how many times control came into each from another module while the
-request was being set up (until its first token reached the client) — the measure of a hub —
-and then per token.
+modules in the order they are first entered (logs, tracing, metrics, config, the loop's
+heartbeat and the generated ``v1`` left out) and how many times control came into each from
+another module while the request was being set up (until its first token reached the client)
+— the measure of a hub — and then per token.
 """
 
 from __future__ import annotations
@@ -36,7 +36,16 @@ __all__ = ["RequestPath", "measure"]
 
 _SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 _PACKAGE = str(Path(tokenrelay.__file__).resolve().parent) + "/"
-_CROSS_CUTTING = ("logs.py", "tracing.py", "metrics.py", "_metrics.py", "config/", "config.py")
+# ... and the event loop's heartbeat (_probes), beaten every 50 ms whatever the requests.
+_CROSS_CUTTING = (
+    "logs.py",
+    "tracing.py",
+    "metrics.py",
+    "_metrics.py",
+    "config/",
+    "config.py",
+    "_probes.py",
+)
 
 
 def _module(frame: FrameType) -> str | None:

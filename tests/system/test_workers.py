@@ -9,6 +9,7 @@ the tests check that both workers served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -36,7 +37,7 @@ from tokenrelay.config import (
     to_toml,
 )
 from tokenrelay.security import hash_key
-from tokenrelay.stack import Stack, StackPorts
+from tokenrelay.stack import Stack, StackPorts, free_port
 from tokenrelay.v1 import generation_pb2 as pb
 from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 
@@ -60,6 +61,7 @@ _CORES = sorted(os.sched_getaffinity(0))
 FIRST, SECOND = _CORES[0], _CORES[min(1, len(_CORES) - 1)]
 ORCHESTRATOR_CPUS = str(FIRST)
 EDGE_CPUS = str(SECOND)
+HEALTH: dict[str, str] = {}  # each service's health_listen, chosen by the fixture
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +69,20 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("workers")
     keys = directory / "keys.toml"
     keys.write_text(KEYS)
+    HEALTH.update(orchestrator=f"127.0.0.1:{free_port()}", edge=f"127.0.0.1:{free_port()}")
     settings = Settings(
         orchestrator=OrchestratorSettings(
-            workers=2, admission=Admission(max_concurrent=2, max_queue=0), cpus=ORCHESTRATOR_CPUS
+            workers=2,
+            admission=Admission(max_concurrent=2, max_queue=0),
+            cpus=ORCHESTRATOR_CPUS,
+            health_listen=HEALTH["orchestrator"],
         ),
-        edge=EdgeSettings(workers=2, api_keys_file=str(keys), cpus=EDGE_CPUS),
+        edge=EdgeSettings(
+            workers=2,
+            api_keys_file=str(keys),
+            cpus=EDGE_CPUS,
+            health_listen=HEALTH["edge"],
+        ),
         retrieval=Retrieval(store="none"),
     )
     config = directory / "tokenrelay.toml"
@@ -100,6 +111,26 @@ def _children(pid: int) -> list[str]:
     ]
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """The socket inodes that listen on ``port`` (TCP, IPv4)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
+            found.add(fields[9])
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
 def _cores_of(pid: int) -> set[frozenset[int]]:
     """The core sets the threads of ``pid`` may run on (one set when all agree)."""
     return {
@@ -126,6 +157,26 @@ def test_each_service_runs_as_that_many_workers(workers: Stack) -> None:
         children = _children(process.pid)
         assert len(children) == 2, children
         assert all(f"tokenrelay.{module} --worker" in c for c in children)
+
+
+@pytest.mark.parametrize("service", ["orchestrator", "edge"])
+def test_every_worker_answers_probes_on_the_health_port(workers: Stack, service: str) -> None:
+    address = HEALTH[service]
+    port = int(address.rsplit(":", 1)[1])
+    process = getattr(workers, service)
+    assert process is not None
+    listening = _listening_inodes(port)
+    # Each worker listens there itself (SO_REUSEPORT): a probe reaches whichever the kernel picks.
+    for child in _child_pids(process.pid):
+        assert _socket_inodes(child) & listening, f"worker {child} does not listen on {port}"
+    # A second orchestrator worker may still be probing its node when the stack is ready (its
+    # /readyz is then rightly 503): wait until probes, spread over both, all say ready.
+    url = f"http://{address}"
+    assert wait_until(
+        lambda: all(_status(f"{url}/readyz") == 200 for _ in range(8)), timeout_s=10
+    ), "not every worker became ready on the health port"
+    assert all(_status(f"{url}/healthz") == 200 for _ in range(8))
+    assert _status(f"{url}/metrics") == 404  # the probes only
 
 
 def test_cpus_keeps_every_process_and_thread_of_a_service_on_its_cores(workers: Stack) -> None:
@@ -208,17 +259,26 @@ async def test_a_keys_request_rate_is_counted_across_edge_workers(workers: Stack
     assert statuses == [200] * 3 + [429] * 3
 
 
+@pytest.mark.parametrize("taken", ["listen", "health_listen"])
 @pytest.mark.parametrize("count", [1, 2])
-def test_a_port_the_workers_hold_is_refused(workers: Stack, tmp_path: Path, count: int) -> None:
+def test_a_port_the_workers_hold_is_refused(
+    workers: Stack, tmp_path: Path, count: int, taken: str
+) -> None:
     config = tmp_path / "tokenrelay.toml"
     settings = Settings(
         orchestrator=OrchestratorSettings(workers=count), retrieval=Retrieval(store="none")
     )
     config.write_text(to_toml(settings))
+    listen, health = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    if taken == "listen":
+        listen = workers.orchestrator_address
+    else:
+        health = HEALTH["orchestrator"]
     env = {
         **os.environ,
         "TOKENRELAY_CONFIG": str(config),
-        "TOKENRELAY_ORCHESTRATOR_LISTEN": workers.orchestrator_address,
+        "TOKENRELAY_ORCHESTRATOR_LISTEN": listen,
+        "TOKENRELAY_ORCHESTRATOR_HEALTH": health,
         "TOKENRELAY_ORCHESTRATOR_METRICS": "",
         "TOKENRELAY_TRITON": ",".join(workers.triton_addresses),
     }
@@ -230,6 +290,7 @@ def test_a_port_the_workers_hold_is_refused(workers: Stack, tmp_path: Path, coun
         timeout=60,
     )
     assert done.returncode != 0
+    assert "cannot listen" in done.stderr or "Address already in use" in done.stderr, done.stderr
     assert workers.orchestrator is not None and workers.orchestrator.poll() is None
     assert len(_children(workers.orchestrator.pid)) == 2
 
@@ -269,11 +330,15 @@ def test_an_edge_started_before_its_orchestrator_finds_it_within_a_second_or_two
     from tokenrelay.stack import free_port
 
     edge_port, orchestrator_port = free_port(), free_port()
+    # Single processes on probe ports of their own: they say what the API ports say.
+    edge_probes, orchestrator_probes = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
     config = tmp_path / "tokenrelay.toml"
     config.write_text(to_toml(Settings(retrieval=Retrieval(store="none"))))
     env = {
         **os.environ,
         "TOKENRELAY_CONFIG": str(config),
+        "TOKENRELAY_EDGE_HEALTH": edge_probes.removeprefix("http://"),
+        "TOKENRELAY_ORCHESTRATOR_HEALTH": orchestrator_probes.removeprefix("http://"),
         "TOKENRELAY_EDGE_LISTEN": f"127.0.0.1:{edge_port}",
         "TOKENRELAY_EDGE_ORCHESTRATOR": f"127.0.0.1:{orchestrator_port}",
         "TOKENRELAY_ORCHESTRATOR_LISTEN": f"127.0.0.1:{orchestrator_port}",
@@ -294,6 +359,9 @@ def test_an_edge_started_before_its_orchestrator_finds_it_within_a_second_or_two
         reached = wait_until(lambda: len(attempts) >= 8, timeout_s=30, step_s=0.05)
         gaps = [round(b - a, 2) for a, b in itertools.pairwise(attempts)]
         assert reached and max(gaps[-3:]) < 2.0, f"attempts {len(attempts)}, gaps {gaps}"
+        # Alive, and not ready: no orchestrator yet.
+        assert _status(f"{edge_probes}/healthz") == 200
+        assert _status(f"{edge_probes}/readyz") == 503
         refuser.close()
         orchestrator = subprocess.Popen(
             [sys.executable, "-m", "tokenrelay.orchestrator"], env=env, stdout=log, stderr=log
@@ -305,6 +373,9 @@ def test_an_edge_started_before_its_orchestrator_finds_it_within_a_second_or_two
         while _status(f"http://127.0.0.1:{edge_port}/readyz") != 200:
             assert time.monotonic() - serving < 2.5, "the edge did not find its orchestrator"
             time.sleep(0.05)
+        assert _status(f"{orchestrator_probes}/readyz") == 200
+        assert _status(f"{orchestrator_probes}/healthz") == 200
+        assert wait_until(lambda: _status(f"{edge_probes}/readyz") == 200, timeout_s=2)
     finally:
         refuser.close()
         for process in (edge, orchestrator):

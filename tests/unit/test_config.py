@@ -68,8 +68,10 @@ def test_environment_overrides() -> None:
 SAMPLES: dict[str, tuple[str, object]] = {
     "TOKENRELAY_ORCHESTRATOR_LISTEN": ("0.0.0.0:6000", "0.0.0.0:6000"),
     "TOKENRELAY_ORCHESTRATOR_METRICS": ("", ""),
+    "TOKENRELAY_ORCHESTRATOR_HEALTH": ("127.0.0.1:9465", "127.0.0.1:9465"),
     "TOKENRELAY_TRITON": ("a:1, ,b:2,", ("a:1", "b:2")),
     "TOKENRELAY_EDGE_LISTEN": ("[::1]:8081", "[::1]:8081"),
+    "TOKENRELAY_EDGE_HEALTH": ("0.0.0.0:8082", "0.0.0.0:8082"),
     "TOKENRELAY_EDGE_ORCHESTRATOR": ("orch:6000", "orch:6000"),
     "TOKENRELAY_LOG_LEVEL": ("warning", "WARNING"),
     "TOKENRELAY_EVENT_LOOP": ("asyncio", "asyncio"),

@@ -127,3 +127,27 @@ def test_kubernetes_manifests_validate_strictly_and_match_the_repository() -> No
     assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(container)
     shm = next(v for v in triton["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def test_the_relays_probes_go_to_the_ports_its_configuration_serves_them_on() -> None:
+    # A probe on a port nothing answers fails every pod; on the API port it waits behind streams.
+    documents = [
+        d
+        for d in yaml.safe_load_all((REPO / "deploy" / "k8s" / "relay.yaml").read_text())
+        if d and d["kind"] == "Deployment"
+    ]
+    config = tomllib.loads((REPO / "deploy" / "tokenrelay.gpu.toml").read_text())
+    compose_file = (REPO / "docker-compose.yml").read_text()
+    for deployment in documents:
+        service = deployment["metadata"]["name"]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        health = int(config[service]["health_listen"].rsplit(":", 1)[1])
+        for probe in ("readinessProbe", "livenessProbe"):
+            get = container[probe]["httpGet"]
+            assert ports[get["port"]] == health, (service, probe)
+            assert get["path"] == {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}[probe]
+        assert f"http://127.0.0.1:{health}/healthz" in compose_file, service
+    cpu = tomllib.loads((REPO / "deploy" / "tokenrelay.cpu.toml").read_text())
+    for service in ("orchestrator", "edge"):
+        assert cpu[service]["health_listen"] == config[service]["health_listen"]

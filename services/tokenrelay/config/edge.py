@@ -14,6 +14,7 @@ from tokenrelay.config._fields import (
     AtLeastOne,
     CpuList,
     HostPort,
+    HostPortOrOff,
     Seconds,
     SecondsOrOff,
     check_pair,
@@ -55,6 +56,11 @@ class EdgeSettings:
 
     listen: HostPort = "127.0.0.1:8080"
     """The OpenAI API, /healthz and /readyz."""
+    health_listen: HostPortOrOff = ""
+    """``/healthz`` and ``/readyz`` also on this port, answered by a thread of their own so that
+    a probe never waits behind the streams (``tokenrelay._probes``); its ``/healthz`` fails
+    (503) once the event loop has run nothing for 10 s. Point liveness and readiness probes
+    here. ``""``: off (the probes are on ``listen`` only)."""
     orchestrator: HostPort = "127.0.0.1:50051"
     """The orchestrator the edge calls."""
     max_body_bytes: AtLeastOne = 1024 * 1024
@@ -87,9 +93,9 @@ class EdgeSettings:
     """... and the edge's client certificate and key, for mutual TLS."""
     orchestrator_tls_key: str = ""
     workers: Annotated[int, Field(ge=1, le=256)] = 1
-    """Edge processes sharing ``listen`` (SO_REUSEPORT) under one supervisor, which counts the
-    API keys' limits for all of them; ``/metrics`` labels their samples ``worker``. 1: this
-    process serves alone."""
+    """Edge processes sharing ``listen`` and ``health_listen`` (SO_REUSEPORT) under one
+    supervisor, which counts the API keys' limits for all of them; ``/metrics`` labels their
+    samples ``worker``. 1: this process serves alone."""
     cpus: CpuList = ""
     """Cores to run on (``"12-15"``): every process of the service, every thread, on those
     (workers and supervisor alike), so that the relay and the inference server beside it keep

@@ -66,12 +66,22 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         'orchestrator `/metrics` address (`""`: off)',
     ),
     EnvVar(
+        "TOKENRELAY_ORCHESTRATOR_HEALTH",
+        "orchestrator.health_listen",
+        'orchestrator HTTP `/healthz` and `/readyz` address (`""`: off)',
+    ),
+    EnvVar(
         "TOKENRELAY_TRITON",
         "orchestrator.triton",
         "comma-separated Triton gRPC endpoints for models that name no `nodes`",
         _addresses,
     ),
     EnvVar("TOKENRELAY_EDGE_LISTEN", "edge.listen", "edge HTTP address, `host:port`"),
+    EnvVar(
+        "TOKENRELAY_EDGE_HEALTH",
+        "edge.health_listen",
+        'the edge\'s own `/healthz` and `/readyz` address (`""`: off)',
+    ),
     EnvVar(
         "TOKENRELAY_EDGE_ORCHESTRATOR",
         "edge.orchestrator",

@@ -156,6 +156,11 @@ class OrchestratorSettings:
     """The gRPC API (tokenrelay.v1 services, health, reflection)."""
     metrics_listen: HostPortOrOff = "127.0.0.1:9464"
     """Prometheus ``GET /metrics`` over HTTP; "" turns it off."""
+    health_listen: HostPortOrOff = ""
+    """HTTP ``/healthz`` (the process and its event loop live: 503 once the loop has run nothing
+    for 10 s) and ``/readyz`` (serving: a model has a ready node, not draining), answered by a
+    thread of their own (``tokenrelay._probes``), for probes that speak no gRPC. ``""``: off
+    (gRPC's health service on ``listen`` answers either way)."""
     triton: tuple[str, ...] = ("127.0.0.1:8001",)
     """Triton gRPC endpoints of every model that names no ``nodes`` of its own."""
     probe_interval_s: Seconds = 1.0
@@ -186,7 +191,8 @@ class OrchestratorSettings:
     """... and the certificate and key presented for ``--grpc-use-ssl-mutual``."""
     triton_tls_key: str = ""
     workers: Annotated[int, Field(ge=1, le=256)] = 1
-    """Orchestrator processes sharing ``listen`` and ``metrics_listen`` (SO_REUSEPORT) under one
+    """Orchestrator processes sharing its ports (``listen``, ``metrics_listen``,
+    ``health_listen``: SO_REUSEPORT) under one
     supervisor, which holds the admission limits for all of them; ``/metrics`` labels their
     samples ``worker``. 1: this process serves alone."""
     cpus: CpuList = ""

@@ -29,7 +29,8 @@ def main() -> None:
         try:
             sys.exit(supervise(settings.edge, os.environ, settings.event_loop))
         except OSError as exc:
-            sys.exit(f"tokenrelay-edge: cannot listen on {settings.edge.listen}: {exc}")
+            ports = ", ".join(filter(None, (settings.edge.listen, settings.edge.health_listen)))
+            sys.exit(f"tokenrelay-edge: cannot listen on {ports}: {exc}")
     configure_tracing("edge", settings.tracing)
     try:
         run(settings.edge, settings.secrets, settings.event_loop, settings.tenancy, worker)

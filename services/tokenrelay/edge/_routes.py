@@ -13,7 +13,7 @@ from aiohttp import web
 from tokenrelay._workers import gather
 from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._generate import budget, read_json
-from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STATE, UPSTREAM, WORKER
+from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, UPSTREAM, WORKER, readiness
 from tokenrelay.errors import InvalidRequest, ModelNotFound
 from tokenrelay.logs import bind
 from tokenrelay.metrics import CONTENT_TYPE
@@ -137,9 +137,6 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[STATE].draining:
-        return web.json_response({"status": "not ready", "reason": "draining"}, status=503)
-    # As the orchestrator's health service last said (a watch): no call waits behind streams.
-    ready, reason = request.app[UPSTREAM].readiness
+    ready, reason = readiness(request.app)
     status = "ready" if ready else "not ready"
     return web.json_response({"status": status, "reason": reason}, status=200 if ready else 503)

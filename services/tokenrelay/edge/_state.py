@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from tokenrelay._probes import Heartbeat
 from tokenrelay._workers import WorkerContext
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._metrics import EdgeMetrics
@@ -29,6 +30,7 @@ __all__ = [
     "WORKER",
     "Auth",
     "EdgeState",
+    "readiness",
 ]
 
 
@@ -36,6 +38,7 @@ __all__ = [
 class EdgeState:
     draining: bool = False
     sockets: set[Session] = field(default_factory=set)  # open WebSockets, drained on SIGTERM
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)  # the loop's, for the probe port
 
 
 class Auth:
@@ -58,3 +61,11 @@ STREAMS: web.AppKey[ResumableStreams] = web.AppKey("streams")  # resumable SSE s
 # Where this process stands in a group of workers (None: it serves alone).
 WORKER: web.AppKey[WorkerContext | None] = web.AppKey("worker")
 REQUEST_ID = web.RequestKey("request_id", str)  # the request's id, set by a middleware
+
+
+def readiness(app: web.Application) -> tuple[bool, str]:
+    """``/readyz``'s answer, from plain state (no await: the probe thread calls it too)."""
+    if app[STATE].draining:
+        return False, "draining"
+    # As the orchestrator's health service last said (a watch): no call waits behind streams.
+    return app[UPSTREAM].readiness

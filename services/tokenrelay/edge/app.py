@@ -18,6 +18,7 @@ from aiohttp import web
 
 from tokenrelay import _loop
 from tokenrelay._looplag import watch_loop_lag
+from tokenrelay._probes import ProbeServer
 from tokenrelay._workers import (
     CoordinatorLimits,
     Supervisor,
@@ -49,6 +50,7 @@ from tokenrelay.edge._state import (
     WORKER,
     Auth,
     EdgeState,
+    readiness,
 )
 from tokenrelay.edge._stream import ResumableStreams
 from tokenrelay.edge._ws import routes as websocket_routes
@@ -100,7 +102,9 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(watch_loop_lag(app[METRICS].loop_lag), name="loop-lag")
+    task = asyncio.create_task(
+        watch_loop_lag(app[METRICS].loop_lag, beat=app[STATE].heartbeat), name="loop-lag"
+    )
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -190,16 +194,40 @@ async def serve(
     site = GuardedSite(runner, host, port, settings, reuse_port=worker is not None)
     await site.start()
     app[METRICS].connections.set_function(lambda: site.open)
+    probes = _probes(app, worker)
     log.info(
         "edge listening",
-        extra={"fields": {"address": settings.listen, "worker": _index(worker)}},
+        extra={
+            "fields": {
+                "address": settings.listen,
+                "health": settings.health_listen or None,
+                "worker": _index(worker),
+            }
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()  # closes the listener, then waits for handlers up to the grace
+    try:
+        await stop.wait()
+        await runner.cleanup()  # closes the listener, then waits for handlers up to the grace
+    finally:
+        if probes is not None:  # answers (draining: /readyz 503) until the handlers are done
+            await asyncio.to_thread(probes.stop)
+
+
+def _probes(app: web.Application, worker: WorkerContext | None) -> ProbeServer | None:
+    """The probe port's server (``health_listen``), started; ``None`` when it is off."""
+    address = app[SETTINGS].health_listen
+    if not address:
+        return None
+    host, port = split_hostport(address)
+    probes = ProbeServer(
+        host, port, app[STATE].heartbeat, lambda: readiness(app), reuse_port=worker is not None
+    )
+    probes.start()
+    return probes
 
 
 def _index(worker: WorkerContext | None) -> int | None:
@@ -217,14 +245,20 @@ def run(
 
 
 def supervise(settings: EdgeSettings, environ: Mapping[str, str], loop: str = "auto") -> int:
-    """Run ``settings.workers`` edge processes on the edge's port; the exit code. Raises
-    ``OSError`` when the port is taken."""
+    """Run ``settings.workers`` edge processes on the edge's ports (``listen`` and
+    ``health_listen``); the exit code. Raises ``OSError`` when a port is taken."""
     host, port = split_hostport(settings.listen)
     holder = reserve(host, port)
     env = dict(environ)
     env["TOKENRELAY_EDGE_LISTEN"] = join_hostport(host, int(holder.getsockname()[1]))
-    supervisor = Supervisor("edge", worker_command("tokenrelay.edge"), settings.workers, env)
+    holders = [holder]
     try:
+        if settings.health_listen:
+            host, port = split_hostport(settings.health_listen)
+            holders.append(reserve(host, port))
+            env["TOKENRELAY_EDGE_HEALTH"] = join_hostport(host, int(holders[-1].getsockname()[1]))
+        supervisor = Supervisor("edge", worker_command("tokenrelay.edge"), settings.workers, env)
         return _loop.run(supervisor.run(), loop)
     finally:
-        holder.close()
+        for each in holders:
+            each.close()

@@ -30,9 +30,9 @@ def main() -> None:
         try:
             sys.exit(supervise(settings, os.environ))
         except OSError as exc:
-            sys.exit(
-                f"tokenrelay-orchestrator: cannot listen on {settings.orchestrator.listen}: {exc}"
-            )
+            o = settings.orchestrator
+            ports = ", ".join(filter(None, (o.listen, o.metrics_listen, o.health_listen)))
+            sys.exit(f"tokenrelay-orchestrator: cannot listen on {ports}: {exc}")
     configure_tracing("orchestrator", settings.tracing)
     try:
         _loop.run(serve(settings, worker), settings.event_loop)

@@ -18,18 +18,24 @@ __all__ = ["HealthServicer"]
 
 _UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
-        self._statuses: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._statuses: dict[str, int] = {"": _SERVING}
         self._changed = asyncio.Event()  # replaced at each change: waiters hold the old one
         self._draining = False
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    def serving(self, service: str = "") -> bool:
+        """Whether ``service`` is SERVING now: plain state, safe to read from another thread
+        (the probe port's, ``tokenrelay._probes``)."""
+        return bool(self._statuses.get(service, _UNKNOWN) == _SERVING)
 
     async def set(self, service: str, status: Any) -> None:
         if self._draining:

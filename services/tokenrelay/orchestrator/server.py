@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from tokenrelay import _loop
 from tokenrelay._looplag import watch_loop_lag
+from tokenrelay._probes import Heartbeat, ProbeServer
 from tokenrelay._workers import (
     CoordinatorLimits,
     RemoteAdmission,
@@ -153,6 +154,7 @@ class Orchestrator:
         self._registry = registry
         metrics = RelayMetrics((m.id for m in settings.models), registry)
         self._loop_lag = metrics.loop_lag
+        self._heartbeat = Heartbeat()
         retrieval_metrics = RetrievalMetrics(registry)
         embedder = (
             Embedder(embeddings, embedding_sources, retrieval_metrics)
@@ -276,6 +278,7 @@ class Orchestrator:
         self._draining = False
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
 
     async def _serving_changed(self, serving: bool) -> None:
         if self._draining:
@@ -311,7 +314,9 @@ class Orchestrator:
             await resources.enter_async_context(_task(self._discovery.run()))
         await self._pool.probe_once()
         await resources.enter_async_context(_task(self._pool.run(settings.probe_interval_s)))
-        await resources.enter_async_context(_task(watch_loop_lag(self._loop_lag)))
+        await resources.enter_async_context(
+            _task(watch_loop_lag(self._loop_lag, beat=self._heartbeat))
+        )
         if settings.tls_cert:
             self.port = self._server.add_secure_port(address, _server_credentials(self._settings))
         else:
@@ -321,12 +326,15 @@ class Orchestrator:
         await self._server.start()
         if settings.metrics_listen:
             await self._serve_metrics(settings.metrics_listen)
+        if settings.health_listen:
+            await self._serve_probes(settings.health_listen)
         log.info(
             "orchestrator listening",
             extra={
                 "fields": {
                     "address": address,
                     "port": self.port,
+                    "health": settings.health_listen or None,
                     "worker": None if self._worker is None else self._worker.index,
                 }
             },
@@ -358,6 +366,24 @@ class Orchestrator:
         site = web.TCPSite(runner, host, port, reuse_port=worker is not None)
         await site.start()
         self.metrics_port = int(runner.addresses[0][1])
+
+    def readiness(self) -> tuple[bool, str]:
+        """The probe port's ``/readyz``: the health service's status, read as plain state."""
+        if self._draining:
+            return False, "draining"
+        if self._health.serving():
+            return True, "ready"
+        return False, "not serving (no inference node ready)"
+
+    async def _serve_probes(self, address: str) -> None:
+        """``/healthz`` and ``/readyz`` over HTTP from a thread (``tokenrelay._probes``)."""
+        host, port = split_hostport(address)
+        probes = ProbeServer(
+            host, port, self._heartbeat, self.readiness, reuse_port=self._worker is not None
+        )
+        probes.start()
+        self._resources.push_async_callback(asyncio.to_thread, probes.stop)
+        self.health_port = probes.port
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -413,6 +439,12 @@ def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
             host, port = split_hostport(orchestrator.metrics_listen)
             holders.append(reserve(host, port))
             env["TOKENRELAY_ORCHESTRATOR_METRICS"] = join_hostport(
+                host, int(holders[-1].getsockname()[1])
+            )
+        if orchestrator.health_listen:
+            host, port = split_hostport(orchestrator.health_listen)
+            holders.append(reserve(host, port))
+            env["TOKENRELAY_ORCHESTRATOR_HEALTH"] = join_hostport(
                 host, int(holders[-1].getsockname()[1])
             )
         supervisor = Supervisor(
