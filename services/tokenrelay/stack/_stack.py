@@ -21,8 +21,6 @@ the orchestrator; the chaos tests kill, pause and restart them one by one.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import shutil
 import signal
@@ -47,7 +45,6 @@ HOST = "127.0.0.1"
 TRITON_EXIT_S = 10.0
 # What a component gets beyond its own bound before its process group is killed.
 _STOP_MARGIN_S = 5.0
-_PR_SET_PDEATHSIG = 1
 _SHM = Path("/dev/shm")
 _SHM_OPTION = "shm-region-prefix-name="
 
@@ -85,14 +82,29 @@ def _get(url: str, timeout: float = 1.0) -> int:
         return 0
 
 
-def _die_with_parent(sig: signal.Signals) -> Callable[[], None]:
-    """In the child, before exec: ``sig`` when the launcher's thread that started it dies."""
+# Run before the command, in the child: arm the parent-death signal (PR_SET_PDEATHSIG, kept
+# across exec), give up if the launcher is already gone, then exec the command. A wrapper, not a
+# preexec_fn: with preexec_fn, subprocess must fork() instead of vfork(), and a fork()ed child of
+# a process with live gRPC channels runs gRPC's fork handlers, whose restarted poller can abort
+# the child before its exec ("epoll_wait error: Bad file descriptor", grpc/grpc#43055, grpcio
+# 1.81 and later: it took down the test suite's shared stack once). -I: no site, quick start.
+_ARM_AND_EXEC = """
+import ctypes, ctypes.util, os, sys
+sig, launcher, command = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc.prctl(1, sig, 0, 0, 0)
+if os.getppid() != launcher:
+    sys.exit(f"tokenrelay-stack: the launcher exited before {command[0]} started")
+os.execvp(command[0], command)
+"""
 
-    def arm() -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
-    return arm
+def _with_death_signal(command: list[str], sig: signal.Signals) -> list[str]:
+    """``command``, started so that it gets ``sig`` when the launcher's thread that started it
+    dies (Linux; elsewhere ``command`` as it is)."""
+    if sys.platform != "linux":
+        return command
+    return [sys.executable, "-I", "-c", _ARM_AND_EXEC, str(int(sig)), str(os.getpid()), *command]
 
 
 def _spawn(
@@ -110,12 +122,11 @@ def _spawn(
         # share their server's process group, so signalling the group reaches them too (and
         # they exit by themselves when their server is gone).
         return subprocess.Popen(
-            command,
+            _with_death_signal(command, death_signal),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent(death_signal) if sys.platform == "linux" else None,
         )
 
 
