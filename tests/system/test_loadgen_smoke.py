@@ -56,6 +56,8 @@ def test_loadgen_with_the_fast_source_reports_each_hops_cpu(tmp_path: Path) -> N
         assert run["errors"] == 0 and run["output_tokens_per_s"] > 0
     edge = next(run for run in runs if run["target"] == "edge")
     assert edge["orchestrator_cpu_us_per_token"] > 0 and edge["edge_cpu_us_per_token"] > 0
+    # The edge's probe port (health_listen) was timed beside its API port.
+    assert all(run["healthz_port_p99_s"] is not None for run in runs)
     # Read from each process's CPU-time clock (to the nanosecond), not /proc's 10 ms ticks,
     # under which one short smoke run of this fast source stays.
     assert all(run["source_cpu_us_per_token"] > 0 for run in runs)
