@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 
@@ -18,3 +19,22 @@ def triton_metric(metrics_url: str, name: str, **labels: str) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             return float(match.group(2))
     return 0.0
+
+
+def settled(metrics_url: str, prefix: str = "tokenrelay_model_", quiet_s: float = 1.2) -> None:
+    """Wait (up to 10 s) until the samples named ``prefix…`` have not changed for ``quiet_s``:
+    Triton's vLLM model writes its metrics once a second, so a request that ended just before
+    (another test's) may still be counted after a baseline read at once."""
+
+    def samples() -> list[str]:
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        return [line for line in text.splitlines() if line.startswith(prefix)]
+
+    deadline = time.monotonic() + 10
+    last, since = samples(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+        time.sleep(0.1)
+        now = samples()
+        if now != last:
+            last, since = now, time.monotonic()

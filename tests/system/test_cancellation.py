@@ -14,6 +14,7 @@ import pytest
 
 from _support import triton_metric, wait_until
 from _support.target import MODELS, StackUnderTest
+from _support.triton import settled
 
 TOKENS = "tokenrelay_model_generated_tokens_total"
 REQUESTS = "tokenrelay_model_requests_total"
@@ -41,6 +42,7 @@ def test_disconnect_cancels_generation_in_triton(
     stack: StackUnderTest, model: str, triton_model: str, body: dict[str, object]
 ) -> None:
     max_tokens = 1500
+    settled(stack.triton_metrics_url)
     cancelled_before = triton_metric(
         stack.triton_metrics_url, REQUESTS, model=triton_model, outcome="cancelled"
     )
@@ -126,6 +128,7 @@ async def test_a_client_that_goes_away_leaves_the_others_in_the_batch_unharmed(
         return ""
 
     questions = ("Name three colours.", "Why is the sky blue?")
+    settled(stack.triton_metrics_url)
     cancelled_before = triton_metric(
         stack.triton_metrics_url, REQUESTS, model=MODELS.triton, outcome="cancelled"
     )
