@@ -26,6 +26,8 @@ async def watch_loop_lag(
     """Observe the loop's lag into ``histogram`` until cancelled; each sample also beats
     ``beat``, which tells the probe thread (``tokenrelay._probes``) that the loop runs."""
     loop = asyncio.get_running_loop()
+    if beat is not None:
+        beat.beat()  # the time before the watcher started (a slow start) is no stall
     while True:
         asked = loop.time()
         await asyncio.sleep(interval_s)

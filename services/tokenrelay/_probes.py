@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -60,6 +61,9 @@ class Heartbeat:
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 _HEAD_MAX = 8192
+_HEAD_S = 0.5  # a client's whole request head: the one thread answers one probe at a time
+
+log = logging.getLogger(__name__)
 
 
 class ProbeServer:
@@ -70,7 +74,8 @@ class ProbeServer:
     GIL away, and getting it back may wait a switch interval behind a busy loop, so an answer
     costs the fewest calls it can (accept, a read of the request head, one write, close). One
     probe per connection (HTTP/1.0, ``Connection: close``), as kubelet and curl send them; a
-    client that sends no request within a second is dropped."""
+    client that has not sent its whole request head within 0.5 s is dropped, so that it delays
+    the probes behind it by no more than that."""
 
     def __init__(
         self,
@@ -129,7 +134,7 @@ class ProbeServer:
         method, _, rest = head.partition(b" ")
         path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
         if method not in (b"GET", b"HEAD"):
-            status, body = 405, {"status": "method not allowed", "reason": "GET only"}
+            status, body = 405, {"status": "method not allowed", "reason": "GET or HEAD only"}
         elif path == b"/healthz":
             status, body = self.health()
         elif path == b"/readyz":
@@ -139,7 +144,9 @@ class ProbeServer:
         data = json.dumps(body).encode()
         header = (
             f"HTTP/1.0 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+            f"Content-Length: {len(data)}\r\nCache-Control: no-store\r\nConnection: close\r\n"
+            + ("Allow: GET, HEAD\r\n" if status == 405 else "")
+            + "\r\n"
         ).encode()
         return header if method == b"HEAD" else header + data
 
@@ -154,19 +161,13 @@ class ProbeServer:
                 continue
             with connection:
                 try:
-                    connection.settimeout(1.0)
-                    head = connection.recv(_HEAD_MAX)
-                    # Read the whole head: closing with unread bytes would reset the connection
-                    # (RST), and a client may then lose the answer it had not read yet.
-                    while head and b"\r\n\r\n" not in head and len(head) < _HEAD_MAX:
-                        more = connection.recv(_HEAD_MAX)
-                        if not more:
-                            break
-                        head += more
+                    head = _read_head(connection, time.monotonic() + _HEAD_S)
                     if head:
                         connection.sendall(self.answer(head))
                 except OSError:
                     pass  # the client went away or sent nothing in time: nothing to answer
+                except Exception:  # a bug must not end the thread: the port would go silent
+                    log.exception("probe answer failed")
 
     def start(self) -> None:
         """Serve in a daemon thread."""
@@ -174,13 +175,31 @@ class ProbeServer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop serving and close the port; blocks until the thread has ended (at most the
-        answer in progress: call it from a thread in async code, ``asyncio.to_thread``)."""
+        """Stop serving and close the port; blocks until the thread has ended, at most the
+        answer in progress (``_HEAD_S`` for a slow client) and a little more (call it from a
+        thread in async code: ``asyncio.to_thread``)."""
         self._stopping = True
         if self._thread is not None:
             # Wakes the blocked accept (Linux: it fails with EINVAL).
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
-            self._thread.join()
+            self._thread.join(timeout=_HEAD_S + 1)  # a daemon: the process may exit without it
             self._thread = None
         self._listener.close()
+
+
+def _read_head(connection: socket.socket, deadline: float) -> bytes:
+    """The request's head, up to its blank line, read by ``deadline`` (else ``TimeoutError``).
+    The whole head, not its first line only: closing with unread bytes would reset the
+    connection (RST), and the client could lose the answer it had not read yet."""
+    head = b""
+    while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < _HEAD_MAX:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        connection.settimeout(left)
+        more = connection.recv(_HEAD_MAX)
+        if not more:
+            break
+        head += more
+    return head

@@ -21,8 +21,8 @@ def triton_metric(metrics_url: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def settled(metrics_url: str, prefix: str = "tokenrelay_model_", quiet_s: float = 1.2) -> None:
-    """Wait (up to 10 s) until the samples named ``prefix…`` have not changed for ``quiet_s``:
+def settled(metrics_url: str, prefix: str = "tokenrelay_model_", quiet_s: float = 1.2) -> bool:
+    """Whether, within 10 s, the samples named ``prefix…`` stayed unchanged for ``quiet_s``:
     Triton's vLLM model writes its metrics once a second, so a request that ended just before
     (another test's) may still be counted after a baseline read at once."""
 
@@ -38,3 +38,4 @@ def settled(metrics_url: str, prefix: str = "tokenrelay_model_", quiet_s: float 
         now = samples()
         if now != last:
             last, since = now, time.monotonic()
+    return time.monotonic() - since >= quiet_s

@@ -42,7 +42,7 @@ def test_disconnect_cancels_generation_in_triton(
     stack: StackUnderTest, model: str, triton_model: str, body: dict[str, object]
 ) -> None:
     max_tokens = 1500
-    settled(stack.triton_metrics_url)
+    assert settled(stack.triton_metrics_url), "the model's counters kept changing"
     cancelled_before = triton_metric(
         stack.triton_metrics_url, REQUESTS, model=triton_model, outcome="cancelled"
     )
@@ -128,7 +128,7 @@ async def test_a_client_that_goes_away_leaves_the_others_in_the_batch_unharmed(
         return ""
 
     questions = ("Name three colours.", "Why is the sky blue?")
-    settled(stack.triton_metrics_url)
+    assert settled(stack.triton_metrics_url), "the model's counters kept changing"
     cancelled_before = triton_metric(
         stack.triton_metrics_url, REQUESTS, model=MODELS.triton, outcome="cancelled"
     )

@@ -4,6 +4,7 @@ an answer while the event loop is busy or blocked, and says when the loop has st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -166,3 +167,27 @@ def test_a_request_head_that_arrives_in_pieces_is_read_whole_and_answered(
             answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200 OK") and json.loads(body) == {"status": "ok"}
+
+
+def test_a_client_that_trickles_its_request_does_not_hold_the_probes_behind_it(
+    probes: ProbeServer,
+) -> None:
+    # One thread answers one probe at a time: a client that sends a byte now and then (or
+    # nothing) is dropped once its head is late, and the probes behind it are answered.
+    stop = threading.Event()
+    trickler = socket.create_connection(("127.0.0.1", probes.port))
+
+    def trickle() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.wait(0.2):
+                trickler.send(b"G")
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        time.sleep(0.1)
+        assert _get(probes.port, "/healthz") == (200, {"status": "ok"})  # within _get's 5 s
+    finally:
+        stop.set()
+        thread.join()
+        trickler.close()

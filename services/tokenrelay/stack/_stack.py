@@ -88,13 +88,16 @@ def _get(url: str, timeout: float = 1.0) -> int:
 # a process with live gRPC channels runs gRPC's fork handlers, whose restarted poller can abort
 # the child before its exec ("epoll_wait error: Bad file descriptor", grpc/grpc#43055, grpcio
 # 1.81 and later: it took down the test suite's shared stack once). -I: no site, quick start.
+# Python ignores SIGPIPE and SIGXFSZ at start (exec keeps that): the command gets them back.
 _ARM_AND_EXEC = """
-import ctypes, ctypes.util, os, sys
+import ctypes, os, signal, sys
 sig, launcher, command = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-libc.prctl(1, sig, 0, 0, 0)
+if ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0) != 0:
+    sys.exit(f"tokenrelay-stack: prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
 if os.getppid() != launcher:
     sys.exit(f"tokenrelay-stack: the launcher exited before {command[0]} started")
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 os.execvp(command[0], command)
 """
 
