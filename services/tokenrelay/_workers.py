@@ -41,7 +41,7 @@ import socket
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +51,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from tokenrelay.config import Admission
+from tokenrelay.config import Admission, join_hostport, split_hostport
 from tokenrelay.errors import Overloaded
 from tokenrelay.tenancy import (
     Identity,
@@ -72,6 +72,7 @@ __all__ = [
     "WorkerContext",
     "gather",
     "reserve",
+    "reserve_all",
     "serve_own_metrics",
     "worker_command",
 ]
@@ -95,6 +96,25 @@ def reserve(host: str, port: int) -> socket.socket:
         holder.close()
         raise
     return holder
+
+
+def reserve_all(addresses: Mapping[str, str], env: dict[str, str]) -> list[socket.socket]:
+    """``reserve`` each of a service's ``host:port`` addresses (``""``: off, skipped), keyed by
+    the environment variable that tells the workers where it is, and set that variable in
+    ``env`` to the address held (port 0 becomes the chosen port). The holders are the caller's
+    to close; on ``OSError`` those taken so far are closed first."""
+    holders: list[socket.socket] = []
+    try:
+        for variable, address in addresses.items():
+            if address:
+                host, port = split_hostport(address)
+                holders.append(reserve(host, port))
+                env[variable] = join_hostport(host, int(holders[-1].getsockname()[1]))
+    except OSError:
+        for holder in holders:
+            holder.close()
+        raise
+    return holders
 
 
 @dataclass(frozen=True, slots=True)

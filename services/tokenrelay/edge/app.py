@@ -23,11 +23,11 @@ from tokenrelay._workers import (
     CoordinatorLimits,
     Supervisor,
     WorkerContext,
-    reserve,
+    reserve_all,
     serve_own_metrics,
     worker_command,
 )
-from tokenrelay.config import EdgeSettings, Secrets, Tenancy, join_hostport, split_hostport
+from tokenrelay.config import EdgeSettings, Secrets, Tenancy, split_hostport
 from tokenrelay.edge._generate import OrchestratorClient
 from tokenrelay.edge._generate import routes as generation_routes
 from tokenrelay.edge._metrics import EdgeMetrics
@@ -247,16 +247,15 @@ def run(
 def supervise(settings: EdgeSettings, environ: Mapping[str, str], loop: str = "auto") -> int:
     """Run ``settings.workers`` edge processes on the edge's ports (``listen`` and
     ``health_listen``); the exit code. Raises ``OSError`` when a port is taken."""
-    host, port = split_hostport(settings.listen)
-    holder = reserve(host, port)
     env = dict(environ)
-    env["TOKENRELAY_EDGE_LISTEN"] = join_hostport(host, int(holder.getsockname()[1]))
-    holders = [holder]
+    holders = reserve_all(
+        {
+            "TOKENRELAY_EDGE_LISTEN": settings.listen,
+            "TOKENRELAY_EDGE_HEALTH": settings.health_listen,
+        },
+        env,
+    )
     try:
-        if settings.health_listen:
-            host, port = split_hostport(settings.health_listen)
-            holders.append(reserve(host, port))
-            env["TOKENRELAY_EDGE_HEALTH"] = join_hostport(host, int(holders[-1].getsockname()[1]))
         supervisor = Supervisor("edge", worker_command("tokenrelay.edge"), settings.workers, env)
         return _loop.run(supervisor.run(), loop)
     finally:

@@ -41,11 +41,11 @@ from tokenrelay._workers import (
     Supervisor,
     WorkerContext,
     gather,
-    reserve,
+    reserve_all,
     serve_own_metrics,
     worker_command,
 )
-from tokenrelay.config import Settings, join_hostport, parse_dns, split_hostport
+from tokenrelay.config import Settings, parse_dns, split_hostport
 from tokenrelay.generation import TokenSource
 from tokenrelay.metrics import CONTENT_TYPE, exposition
 from tokenrelay.orchestrator._admission import AdmissionControl, Slots
@@ -428,25 +428,15 @@ def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
     code. Raises ``OSError`` when a port is taken (by anything, another orchestrator too)."""
     orchestrator = settings.orchestrator
     env = dict(environ)
-    holders = []
+    holders = reserve_all(
+        {
+            "TOKENRELAY_ORCHESTRATOR_LISTEN": orchestrator.listen,
+            "TOKENRELAY_ORCHESTRATOR_METRICS": orchestrator.metrics_listen,
+            "TOKENRELAY_ORCHESTRATOR_HEALTH": orchestrator.health_listen,
+        },
+        env,
+    )
     try:
-        host, port = split_hostport(orchestrator.listen)
-        holders.append(reserve(host, port))
-        env["TOKENRELAY_ORCHESTRATOR_LISTEN"] = join_hostport(
-            host, int(holders[-1].getsockname()[1])
-        )
-        if orchestrator.metrics_listen:
-            host, port = split_hostport(orchestrator.metrics_listen)
-            holders.append(reserve(host, port))
-            env["TOKENRELAY_ORCHESTRATOR_METRICS"] = join_hostport(
-                host, int(holders[-1].getsockname()[1])
-            )
-        if orchestrator.health_listen:
-            host, port = split_hostport(orchestrator.health_listen)
-            holders.append(reserve(host, port))
-            env["TOKENRELAY_ORCHESTRATOR_HEALTH"] = join_hostport(
-                host, int(holders[-1].getsockname()[1])
-            )
         supervisor = Supervisor(
             "orchestrator",
             worker_command("tokenrelay.orchestrator"),
