@@ -14,8 +14,9 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from tokenrelay.stack._exec import wrapped
 
 __all__ = ["Postgres"]
 
@@ -40,15 +41,9 @@ class Postgres:
     def dsn(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def _demote(self) -> Callable[[], None] | None:
-        if os.geteuid() != 0:
-            return None
-
-        def demote() -> None:
-            os.setgid(_NOBODY)
-            os.setuid(_NOBODY)
-
-        return demote
+    def _command(self, *command: str) -> list[str]:
+        """``command``, run as ``nobody`` when this process is root."""
+        return wrapped(list(command), user=_NOBODY if os.geteuid() == 0 else None)
 
     def start(self, timeout_s: float = 60.0) -> Postgres:
         self.data.mkdir()
@@ -56,7 +51,7 @@ class Postgres:
             os.chown(self.home, _NOBODY, _NOBODY)
             os.chown(self.data, _NOBODY, _NOBODY)
         subprocess.run(
-            [
+            self._command(
                 str(self.bin / "initdb"),
                 "-D",
                 str(self.data),
@@ -66,14 +61,13 @@ class Postgres:
                 "-E",
                 "UTF8",
                 "--no-sync",
-            ],
+            ),
             check=True,
             capture_output=True,
-            preexec_fn=self._demote(),
         )
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [
+                self._command(
                     str(self.bin / "postgres"),
                     "-D",
                     str(self.data),
@@ -89,10 +83,9 @@ class Postgres:
                     "synchronous_commit=off",
                     "-c",
                     "full_page_writes=off",
-                ],
+                ),
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=self._demote(),
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

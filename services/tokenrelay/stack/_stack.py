@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from tokenrelay.stack._exec import wrapped
 from tokenrelay.stack._triton import TritonPorts, prepare_backends, triton_command, triton_env
 
 __all__ = ["Stack", "StackError", "StackPorts", "TritonProcess", "free_port"]
@@ -82,34 +83,6 @@ def _get(url: str, timeout: float = 1.0) -> int:
         return 0
 
 
-# Run before the command, in the child: arm the parent-death signal (PR_SET_PDEATHSIG, kept
-# across exec), give up if the launcher is already gone, then exec the command. A wrapper, not a
-# preexec_fn: with preexec_fn, subprocess must fork() instead of vfork(), and a fork()ed child of
-# a process with live gRPC channels runs gRPC's fork handlers, whose restarted poller can abort
-# the child before its exec ("epoll_wait error: Bad file descriptor", grpc/grpc#43055, grpcio
-# 1.81 and later: it took down the test suite's shared stack once). -I: no site, quick start.
-# Python ignores SIGPIPE and SIGXFSZ at start (exec keeps that): the command gets them back.
-_ARM_AND_EXEC = """
-import ctypes, os, signal, sys
-sig, launcher, command = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-if ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0) != 0:
-    sys.exit(f"tokenrelay-stack: prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
-if os.getppid() != launcher:
-    sys.exit(f"tokenrelay-stack: the launcher exited before {command[0]} started")
-signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-os.execvp(command[0], command)
-"""
-
-
-def _with_death_signal(command: list[str], sig: signal.Signals) -> list[str]:
-    """``command``, started so that it gets ``sig`` when the launcher's thread that started it
-    dies (Linux; elsewhere ``command`` as it is)."""
-    if sys.platform != "linux":
-        return command
-    return [sys.executable, "-I", "-c", _ARM_AND_EXEC, str(int(sig)), str(os.getpid()), *command]
-
-
 def _spawn(
     log_path: Path,
     command: list[str],
@@ -125,7 +98,7 @@ def _spawn(
         # share their server's process group, so signalling the group reaches them too (and
         # they exit by themselves when their server is gone).
         return subprocess.Popen(
-            _with_death_signal(command, death_signal),
+            wrapped(command, death_signal=death_signal),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
