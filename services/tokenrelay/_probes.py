@@ -34,13 +34,20 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["STALL_S", "Heartbeat", "ProbeServer", "Readiness"]
+from tokenrelay.config import split_hostport
+
+__all__ = ["STALL_S", "Heartbeat", "ProbeServer", "Readiness", "readiness_answer", "serve_probes"]
 
 STALL_S = 10.0
 """``/healthz`` fails once the event loop has run nothing for this long."""
 
 Readiness = Callable[[], tuple[bool, str]]
 """``(ready, reason)``, called from the probe thread: it reads state, it awaits nothing."""
+
+
+def readiness_answer(ready: bool, reason: str) -> tuple[int, dict[str, str]]:
+    """``/readyz``'s status and body for ``(ready, reason)``, on either port."""
+    return (200 if ready else 503), {"status": "ready" if ready else "not ready", "reason": reason}
 
 
 class Heartbeat:
@@ -125,9 +132,8 @@ class ProbeServer:
         try:
             ready, reason = self.readiness()
         except Exception as exc:  # a bug there must still give an answer
-            return 503, {"status": "not ready", "reason": f"readiness failed: {exc!r}"}
-        status = "ready" if ready else "not ready"
-        return (200 if ready else 503), {"status": status, "reason": reason}
+            return readiness_answer(False, f"readiness failed: {exc!r}")
+        return readiness_answer(ready, reason)
 
     def answer(self, head: bytes) -> bytes:
         """The whole HTTP response to a request whose head (up to its blank line) is ``head``."""
@@ -186,6 +192,17 @@ class ProbeServer:
             self._thread.join(timeout=_HEAD_S + 1)  # a daemon: the process may exit without it
             self._thread = None
         self._listener.close()
+
+
+def serve_probes(
+    address: str, heartbeat: Heartbeat, readiness: Readiness, *, reuse_port: bool
+) -> ProbeServer:
+    """A ``ProbeServer`` on ``address`` (``host:port``, a service's ``health_listen``), serving;
+    ``reuse_port`` for a worker, which shares the port its supervisor holds."""
+    host, port = split_hostport(address)
+    probes = ProbeServer(host, port, heartbeat, readiness, reuse_port=reuse_port)
+    probes.start()
+    return probes
 
 
 def _read_head(connection: socket.socket, deadline: float) -> bytes:

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tokenrelay._probes import readiness_answer
 from tokenrelay._workers import gather
 from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._generate import budget, read_json
@@ -137,6 +138,5 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    ready, reason = readiness(request.app)
-    status = "ready" if ready else "not ready"
-    return web.json_response({"status": status, "reason": reason}, status=200 if ready else 503)
+    status, body = readiness_answer(*readiness(request.app))
+    return web.json_response(body, status=status)

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from tokenrelay import _loop
 from tokenrelay._looplag import watch_loop_lag
-from tokenrelay._probes import ProbeServer
+from tokenrelay._probes import ProbeServer, serve_probes
 from tokenrelay._workers import (
     CoordinatorLimits,
     Supervisor,
@@ -222,12 +222,9 @@ def _probes(app: web.Application, worker: WorkerContext | None) -> ProbeServer |
     address = app[SETTINGS].health_listen
     if not address:
         return None
-    host, port = split_hostport(address)
-    probes = ProbeServer(
-        host, port, app[STATE].heartbeat, lambda: readiness(app), reuse_port=worker is not None
+    return serve_probes(
+        address, app[STATE].heartbeat, lambda: readiness(app), reuse_port=worker is not None
     )
-    probes.start()
-    return probes
 
 
 def _index(worker: WorkerContext | None) -> int | None:

@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from tokenrelay import _loop
 from tokenrelay._looplag import watch_loop_lag
-from tokenrelay._probes import Heartbeat, ProbeServer
+from tokenrelay._probes import Heartbeat, serve_probes
 from tokenrelay._workers import (
     CoordinatorLimits,
     RemoteAdmission,
@@ -377,11 +377,9 @@ class Orchestrator:
 
     async def _serve_probes(self, address: str) -> None:
         """``/healthz`` and ``/readyz`` over HTTP from a thread (``tokenrelay._probes``)."""
-        host, port = split_hostport(address)
-        probes = ProbeServer(
-            host, port, self._heartbeat, self.readiness, reuse_port=self._worker is not None
+        probes = serve_probes(
+            address, self._heartbeat, self.readiness, reuse_port=self._worker is not None
         )
-        probes.start()
         self._resources.push_async_callback(asyncio.to_thread, probes.stop)
         self.health_port = probes.port
 
