@@ -19,7 +19,8 @@ from typing import Any
 # slowed down 3-10x on a shared 2-core machine, and waiting passively kept it steady (at a cost
 # of about a third when the cores happened to be free). So with fewer than four cores the threads
 # wait passively. libgomp reads this when it loads (with llama_cpp, below); a value already in
-# the environment wins.
+# the environment wins. Where waking a passive thread costs more than the second thread gains, the
+# engine decodes on one (adapt_threads, _threads.py).
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 if (_CORES or 1) < 4:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -176,6 +177,15 @@ class Context:
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self.n_ctx_slot = int(llama_cpp.llama_n_ctx_seq(self.ptr))
         self.n_vocab = model.n_vocab
+        self.threads = n_threads
+
+    def set_threads(self, threads: int) -> None:
+        """The threads the next steps decode with (llama.cpp's ``n_threads`` for a step of one
+        token and ``n_threads_batch`` for more: both, so that a sequence's results do not
+        depend on what else is in its batch)."""
+        if threads != self.threads:
+            llama_cpp.llama_set_n_threads(self.ptr, threads, threads)
+            self.threads = threads
 
     def decode(self, batch: Batch) -> int:
         return int(llama_cpp.llama_decode(self.ptr, batch.raw))

@@ -15,7 +15,10 @@ Model-config parameters (all optional):
   ``n_batch``           most tokens one decoding step takes (default 128): every running
                         sequence's next token, then prompt tokens of the newest requests in chunks,
                         so a long prompt never stalls the others for more than one chunk
-  ``n_threads``         CPU threads (default 2)
+  ``n_threads``         CPU threads, at most (default 2)
+  ``adapt_threads``     ``true`` (the default): decode on one thread or on ``n_threads``,
+                        whichever this host is timed to do faster when the model loads
+                        (``_threads.py``); ``false``: always ``n_threads``
   ``prefix_cache``      ``true``: a request starts in the free slot whose cache shares the longest
                         prefix with its prompt, and evaluates only the rest (default false)
 
@@ -32,7 +35,9 @@ import codecs
 import collections
 import contextlib
 import importlib.util
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +51,7 @@ from tokenrelay.triton_python._llama_cpp import (
     SamplerChain,
     convert_weights,
 )
+from tokenrelay.triton_python._threads import choose_threads
 
 __all__ = ["LlamaEngine", "default_gguf"]
 
@@ -107,6 +113,7 @@ class LlamaEngine:
         model_path: Path,
         n_ctx: int = 2048,
         n_threads: int = 2,
+        adapt_threads: bool = True,
         n_parallel: int = 8,
         n_batch: int = 128,
         prefix_cache: bool = False,
@@ -114,10 +121,22 @@ class LlamaEngine:
     ) -> None:
         if n_batch < n_parallel:
             raise ValueError("n_batch must be at least n_parallel (one token per slot)")
+        if n_threads < 1:
+            raise ValueError("n_threads must be at least 1")
         self._model = Model(model_path)
         self._context = Context(self._model, n_parallel, n_ctx, n_batch, n_threads)
         self._batch = Batch(n_batch)
         self._n_batch = n_batch
+        self._calibrated = [0] * n_parallel  # the calibration's positions (_time_step)
+        self.threads = n_threads
+        self.thread_timings: dict[int, tuple[float, float]] = {}
+        if adapt_threads and n_threads > 1:
+            self.threads, self.thread_timings = choose_threads(
+                n_threads, self._time_step, batch=min(8, n_parallel)
+            )
+            for slot in range(n_parallel):
+                self._context.forget(slot)
+            self._context.set_threads(self.threads)
         self._prefix_cache = prefix_cache
         self._on_step = on_step
         self._lock = threading.Condition()
@@ -130,6 +149,27 @@ class LlamaEngine:
         self._users = 0  # caller threads using the model (see _using)
         self._thread = threading.Thread(target=self._loop, name="llama-engine", daemon=True)
         self._thread.start()
+
+    def _time_step(self, threads: int, tokens: int) -> float:
+        """Decode one step of ``tokens`` sequences (one token each, after a short prompt of
+        their own) on ``threads`` threads; the seconds the decode took. Calibration only, before
+        the engine thread starts: the KV cells it writes are dropped afterwards."""
+        self._context.set_threads(threads)
+        batch, filler, positions = self._batch, self._model.tokenize(" the")[-1], self._calibrated
+        for slot in range(tokens):
+            if positions[slot] == 0:
+                batch.clear()
+                for position in range(min(16, self._n_batch)):
+                    batch.add(filler, position, slot, False)
+                self._context.decode(batch)
+                positions[slot] = batch.size
+        batch.clear()
+        for slot in range(tokens):
+            batch.add(filler, positions[slot], slot, True)
+            positions[slot] += 1
+        started = time.perf_counter()
+        self._context.decode(batch)
+        return time.perf_counter() - started
 
     @property
     def n_ctx(self) -> int:
@@ -362,11 +402,19 @@ class LlamaEngine:
         if weights:
             cache = parameters.get("weights_cache", "")
             path = convert_weights(path, weights, Path(cache) if cache else None)
-        return cls(
+        engine = cls(
             path,
             n_ctx=int(parameters.get("n_ctx", "2048")),
             n_threads=int(parameters.get("n_threads", "2")),
+            adapt_threads=parameters.get("adapt_threads", "true").lower() == "true",
             n_parallel=int(parameters.get("n_parallel", "8")),
             n_batch=int(parameters.get("n_batch", "128")),
             prefix_cache=parameters.get("prefix_cache", "false").lower() == "true",
         )
+        timings = ", ".join(
+            f"{count}: {single * 1000:.1f} / {batched * 1000:.1f} ms"
+            for count, (single, batched) in engine.thread_timings.items()
+        )
+        # The stub's stderr is Triton's log.
+        print(f"llama: decoding on {engine.threads} thread(s) [{timings}]", file=sys.stderr)
+        return engine
