@@ -20,7 +20,8 @@ same prompts.
 Per run: aggregate output tokens/s (all tokens over the wall time), per-stream tokens/s (the
 median over requests of (tokens - 1) / (end - first token)), time to first token p50/p99, tokens
 per answer, and the largest RSS of the Triton Python-backend stub that serves ``smollm2`` while
-the run lasted. Output: ``results.json`` and ``results.md`` in ``--out``. Figures only: nothing
+the run lasted; and per stack, the thread count its model chose at load (``adapt_threads``).
+Output: ``results.json`` and ``results.md`` in ``--out``. Figures only: nothing
 here asserts a target.
 """
 
@@ -225,6 +226,16 @@ def _repository(tree: Path, workdir: Path, name: str, parameters: dict[str, str]
     return repository
 
 
+def _threads_chosen(logs: Path) -> str:
+    """What the smollm2 model said at load about its thread count (``adapt_threads``), from the
+    stack's logs; older trees say nothing."""
+    for log in sorted(logs.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if "llama: decoding on" in line:
+                return line[line.index("llama: decoding on") :].strip()
+    return "(no thread choice logged)"
+
+
 def _start(tree: Path, config: Path, workdir: Path, name: str, parameters: dict[str, str]) -> Stack:
     """A stack whose every process imports tokenrelay from ``tree/services``; parameters named
     ``env.X`` are environment variables of its processes, the others model-config parameters."""
@@ -320,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
             for stack in stacks.values():
                 stack.stop()
             raise
+        chosen = {code: _threads_chosen(stack.logs) for code, stack in stacks.items()}
+        for code, line in chosen.items():
+            print(f"{code}: {line}", flush=True)
         try:
             for round_ in range(args.rounds):
                 for streams in levels:
@@ -351,9 +365,9 @@ def main(argv: list[str] | None = None) -> None:
                 stack.stop()
     arguments = {k: str(v) for k, v in vars(args).items() if k != "out"}
     (args.out / "results.json").write_text(
-        json.dumps({"arguments": arguments, "runs": runs}, indent=1)
+        json.dumps({"arguments": arguments, "threads": chosen, "runs": runs}, indent=1)
     )
-    table = _markdown(runs, args)
+    table = _markdown(runs, args) + "".join(f"\n{code}: {line}" for code, line in chosen.items())
     (args.out / "results.md").write_text(table)
     print("\n" + table)
 
