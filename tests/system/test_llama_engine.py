@@ -121,6 +121,25 @@ def test_sequences_decode_together_and_give_the_text_they_give_alone(
         assert all(r.steps[-1].finish_reason in ("stop", "length") for r in alone)
 
 
+def test_sequences_decoded_one_by_one_give_the_text_they_give_alone() -> None:
+    """Where small steps are faster one token at a time (``one_by_one``, timed at load), the
+    decoding sequences take one ``llama_decode`` each, and nothing they say changes."""
+    log = StepLog()
+    engine = _engine(log, one_by_one=len(QUESTIONS))
+    try:
+        for sampling in (SEEDED, '{"max_tokens": 24, "temperature": 0}'):
+            alone = [_ask(engine, q, sampling).wait() for q in QUESTIONS]
+            log.steps.clear()
+            together = [_ask(engine, q, sampling) for q in QUESTIONS]
+            assert [r.wait().text for r in together] == [r.text for r in alone]
+            # No step decoded several sequences' tokens together (a step of k sequences and k
+            # tokens); steps with prompt chunks (more tokens than sequences) still do.
+            assert not [step for step in log.steps if step[0] == step[1] > 1]
+            assert (1, 1) in log.steps
+    finally:
+        engine.close()
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_without_changing_any_text(
     engine: LlamaEngine, log: StepLog
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenrelay.triton_python._threads import choose_threads
+from tokenrelay.triton_python._threads import choose_threads, one_by_one_limit
 
 
 class Host:
@@ -55,3 +55,12 @@ def test_one_thread_times_nothing() -> None:
     assert host.asked == []
     with pytest.raises(ValueError, match="at least 1"):
         choose_threads(0, host, batch=8)
+
+
+def test_small_steps_decode_one_by_one_where_that_is_faster() -> None:
+    # Q8_0 on one thread on the 2-vCPU VM: ms a step of 1, 2, 4 and 8 tokens.
+    assert one_by_one_limit(6.7, {2: 29.0, 4: 36.0, 8: 35.0}) == 4
+    # Where a step of several costs little more than one, every step is decoded together.
+    assert one_by_one_limit(20.0, {2: 26.0, 4: 34.0, 8: 48.0}) == 1
+    # The first size that is not faster one by one ends the search.
+    assert one_by_one_limit(10.0, {2: 30.0, 4: 35.0, 8: 90.0}) == 2

@@ -1,5 +1,6 @@
-"""How many threads llama.cpp decodes with: one, or ``n_threads``, whichever this host is timed
-to do faster when the model loads.
+"""How many threads llama.cpp decodes with (one, or ``n_threads``), and up to how many decoding
+sequences it is faster to decode one by one than in one step: whichever this host is timed to
+do faster when the model loads.
 
 Which is faster depends on the host more than on the model. A step of one token on two threads
 meets a barrier at every operation of the graph (hundreds a step); where waking a waiting thread
@@ -8,9 +9,11 @@ step on one 2-vCPU machine, while another measured 32.5 against 26.5 ms the othe
 steps have more work between barriers and usually gain from a second thread.
 
 The count is chosen once and kept for the life of the model instance, not step by step: with a
-longer context llama.cpp's results depend on the thread count (flash attention splits its sums
-by thread), so a sequence must not move between counts, and a batch must decode on the count a
-sequence alone would get. Not thread-safe: called before the engine thread starts.
+longer context llama.cpp's results depend on the thread count (a 200-token prompt gave another
+text, greedy, on 1 thread than on 2; flash attention, for one, splits a lone sequence's sums by
+thread once its cache passes 512 cells), so a sequence must not move between counts, and a batch
+must decode on the count a sequence alone would get. Not thread-safe: called before the engine
+thread starts.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
-__all__ = ["choose_threads"]
+__all__ = ["choose_threads", "one_by_one_limit"]
 
 
 def choose_threads(
@@ -46,3 +49,23 @@ def choose_threads(
     }
     best = min(medians, key=lambda count: (sum(medians[count]), count != threads))
     return best, medians
+
+
+def one_by_one_limit(single: float, batched: dict[int, float]) -> int:
+    """The most decoding sequences that are faster decoded one by one, a token each, than
+    together in one step: the largest measured ``k`` (taken in increasing order, stopping at the
+    first that fails) with ``k * single`` under ``batched[k]``; 1 when none is.
+
+    A step of one token goes through llama.cpp's matrix-vector kernels, a step of several through
+    its matrix-matrix ones, which on some hosts cost more for two to four tokens than that many
+    steps of one (measured: Q8_0 on one thread, 6.7 ms for one token, 29 for two, 36 for four, 35
+    for eight).
+    """
+    limit = 1
+    for k in sorted(batched):
+        if k < 2:
+            continue
+        if k * single >= batched[k]:
+            break
+        limit = k
+    return limit

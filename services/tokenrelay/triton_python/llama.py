@@ -16,9 +16,10 @@ Model-config parameters (all optional):
                         sequence's next token, then prompt tokens of the newest requests in chunks,
                         so a long prompt never stalls the others for more than one chunk
   ``n_threads``         CPU threads, at most (default 2)
-  ``adapt_threads``     ``true`` (the default): decode on one thread or on ``n_threads``,
-                        whichever this host is timed to do faster when the model loads
-                        (``_threads.py``); ``false``: always ``n_threads``
+  ``adapt_threads``     ``true`` (the default): when the model loads, time this host to
+                        choose one thread or ``n_threads``, and up to how many decoding
+                        sequences are faster decoded one by one than in one step
+                        (``_threads.py``); ``false``: always ``n_threads``, always one step
   ``prefix_cache``      ``true``: a request starts in the free slot whose cache shares the longest
                         prefix with its prompt, and evaluates only the rest (default false)
 
@@ -35,6 +36,7 @@ import codecs
 import collections
 import contextlib
 import importlib.util
+import statistics
 import sys
 import threading
 import time
@@ -51,7 +53,7 @@ from tokenrelay.triton_python._llama_cpp import (
     SamplerChain,
     convert_weights,
 )
-from tokenrelay.triton_python._threads import choose_threads
+from tokenrelay.triton_python._threads import choose_threads, one_by_one_limit
 
 __all__ = ["LlamaEngine", "default_gguf"]
 
@@ -114,6 +116,7 @@ class LlamaEngine:
         n_ctx: int = 2048,
         n_threads: int = 2,
         adapt_threads: bool = True,
+        one_by_one: int | None = None,
         n_parallel: int = 8,
         n_batch: int = 128,
         prefix_cache: bool = False,
@@ -130,13 +133,18 @@ class LlamaEngine:
         self._calibrated = [0] * n_parallel  # the calibration's positions (_time_step)
         self.threads = n_threads
         self.thread_timings: dict[int, tuple[float, float]] = {}
+        self.step_timings: dict[int, float] = {}
+        # Steps of this many decoding sequences (and no prompt) decode them one by one.
+        self.one_by_one = 1 if one_by_one is None else one_by_one
         if adapt_threads and n_threads > 1:
             self.threads, self.thread_timings = choose_threads(
                 n_threads, self._time_step, batch=min(8, n_parallel)
             )
-            for slot in range(n_parallel):
-                self._context.forget(slot)
-            self._context.set_threads(self.threads)
+        if adapt_threads and one_by_one is None:
+            self.one_by_one = self._time_one_by_one(n_parallel)
+        for slot in range(n_parallel):
+            self._context.forget(slot)
+        self._context.set_threads(self.threads)
         self._prefix_cache = prefix_cache
         self._on_step = on_step
         self._lock = threading.Condition()
@@ -161,15 +169,32 @@ class LlamaEngine:
                 batch.clear()
                 for position in range(min(16, self._n_batch)):
                     batch.add(filler, position, slot, False)
-                self._context.decode(batch)
+                if self._context.decode(batch) != 0:
+                    raise RuntimeError("llama_decode failed while timing the thread counts")
                 positions[slot] = batch.size
         batch.clear()
         for slot in range(tokens):
             batch.add(filler, positions[slot], slot, True)
             positions[slot] += 1
         started = time.perf_counter()
-        self._context.decode(batch)
-        return time.perf_counter() - started
+        status = self._context.decode(batch)
+        elapsed = time.perf_counter() - started
+        if status != 0:
+            raise RuntimeError("llama_decode failed while timing the thread counts")
+        return elapsed
+
+    def _time_one_by_one(self, n_parallel: int, rounds: int = 3) -> int:
+        """How many decoding sequences are faster one by one than together, on this host, on
+        the chosen thread count (``_threads.one_by_one_limit``)."""
+        sizes = [k for k in (2, 4, 8) if k <= n_parallel]
+        samples: dict[int, list[float]] = {k: [] for k in (1, *sizes)}
+        for _ in range(rounds):
+            for k in samples:
+                samples[k].append(self._time_step(self.threads, k))
+        medians = {k: statistics.median(times) for k, times in samples.items()}
+        self.step_timings = medians
+        single = medians[1]
+        return one_by_one_limit(single, {k: t for k, t in medians.items() if k > 1})
 
     @property
     def n_ctx(self) -> int:
@@ -303,6 +328,11 @@ class LlamaEngine:
         prompt chunks of the newest while the batch has room; then sample each one that got
         logits."""
         batch, cached = self._batch, self._cached
+        if 2 <= len(self._running) <= self.one_by_one and all(
+            sequence.last is not None for sequence in self._running
+        ):
+            self._step_one_by_one()
+            return
         batch.clear()
         outputs: list[tuple[_Sequence, int]] = []
         fed: list[_Sequence] = []
@@ -339,6 +369,34 @@ class LlamaEngine:
                 sequence.sink.fail(error)
             return
         for sequence, index in outputs:
+            try:
+                finished = self._advance(sequence, index)
+            except Exception as exc:  # this request's failure ends this request only
+                self._release(sequence, keep_cache=False)
+                sequence.sink.fail(exc)
+                continue
+            if finished:
+                self._release(sequence)
+
+    def _step_one_by_one(self) -> None:
+        """A step of decoding sequences only, one ``llama_decode`` of one token each (faster than
+        one of all of them on hosts where ``one_by_one`` > 1): each computes exactly as it would
+        alone."""
+        batch = self._batch
+        for sequence in list(self._running):
+            token = sequence.last
+            assert token is not None  # only decoding sequences come here
+            batch.clear()
+            index = batch.add(token, sequence.pos, sequence.slot, True)
+            self._cached[sequence.slot].append(token)
+            sequence.pos += 1
+            status = self._context.decode(batch)
+            if self._on_step is not None:
+                self._on_step(1, 1)
+            if status != 0:
+                self._release(sequence, keep_cache=False)
+                sequence.sink.fail(GenerationError(f"llama_decode failed with status {status}"))
+                continue
             try:
                 finished = self._advance(sequence, index)
             except Exception as exc:  # this request's failure ends this request only
@@ -416,5 +474,10 @@ class LlamaEngine:
             for count, (single, batched) in engine.thread_timings.items()
         )
         # The stub's stderr is Triton's log.
-        print(f"llama: decoding on {engine.threads} thread(s) [{timings}]", file=sys.stderr)
+        steps = ", ".join(f"{k}: {t * 1000:.1f}" for k, t in engine.step_timings.items())
+        print(
+            f"llama: decoding on {engine.threads} thread(s) [{timings}], up to"
+            f" {engine.one_by_one} sequence(s) one by one [ms a step of k: {steps}]",
+            file=sys.stderr,
+        )
         return engine
