@@ -338,10 +338,7 @@ class LlamaEngine:
         fed: list[_Sequence] = []
         for sequence in self._running:
             if sequence.last is not None:
-                index = batch.add(sequence.last, sequence.pos, sequence.slot, True)
-                cached[sequence.slot].append(sequence.last)
-                sequence.pos += 1
-                outputs.append((sequence, index))
+                outputs.append((sequence, self._feed_last(sequence)))
                 fed.append(sequence)
         for sequence in self._running:
             room = self._n_batch - batch.size
@@ -359,52 +356,53 @@ class LlamaEngine:
             fed.append(sequence)
             if sequence.fed == end:
                 outputs.append((sequence, index))
-        status = self._context.decode(batch)
-        if self._on_step is not None:
-            self._on_step(len(fed), batch.size)
-        if status != 0:
-            error = GenerationError(f"llama_decode failed with status {status}")
-            for sequence in fed:
-                self._release(sequence, keep_cache=False)
-                sequence.sink.fail(error)
-            return
-        for sequence, index in outputs:
-            try:
-                finished = self._advance(sequence, index)
-            except Exception as exc:  # this request's failure ends this request only
-                self._release(sequence, keep_cache=False)
-                sequence.sink.fail(exc)
-                continue
-            if finished:
-                self._release(sequence)
+        if self._decode(fed):
+            for sequence, index in outputs:
+                self._sample(sequence, index)
 
     def _step_one_by_one(self) -> None:
         """A step of decoding sequences only, one ``llama_decode`` of one token each (faster than
         one of all of them on hosts where ``one_by_one`` > 1): each computes exactly as it would
         alone."""
-        batch = self._batch
         for sequence in list(self._running):
-            token = sequence.last
-            assert token is not None  # only decoding sequences come here
-            batch.clear()
-            index = batch.add(token, sequence.pos, sequence.slot, True)
-            self._cached[sequence.slot].append(token)
-            sequence.pos += 1
-            status = self._context.decode(batch)
-            if self._on_step is not None:
-                self._on_step(1, 1)
-            if status != 0:
-                self._release(sequence, keep_cache=False)
-                sequence.sink.fail(GenerationError(f"llama_decode failed with status {status}"))
-                continue
-            try:
-                finished = self._advance(sequence, index)
-            except Exception as exc:  # this request's failure ends this request only
-                self._release(sequence, keep_cache=False)
-                sequence.sink.fail(exc)
-                continue
-            if finished:
-                self._release(sequence)
+            self._batch.clear()
+            index = self._feed_last(sequence)
+            if self._decode([sequence]):
+                self._sample(sequence, index)
+
+    def _feed_last(self, sequence: _Sequence) -> int:
+        """Put a decoding sequence's last sampled token in the batch; its index there."""
+        token = sequence.last
+        assert token is not None  # only decoding sequences come here
+        index = self._batch.add(token, sequence.pos, sequence.slot, True)
+        self._cached[sequence.slot].append(token)
+        sequence.pos += 1
+        return index
+
+    def _decode(self, fed: list[_Sequence]) -> bool:
+        """Decode the batch, which holds tokens of ``fed``; when that fails, they fail."""
+        status = self._context.decode(self._batch)
+        if self._on_step is not None:
+            self._on_step(len(fed), self._batch.size)
+        if status == 0:
+            return True
+        error = GenerationError(f"llama_decode failed with status {status}")
+        for sequence in fed:
+            self._release(sequence, keep_cache=False)
+            sequence.sink.fail(error)
+        return False
+
+    def _sample(self, sequence: _Sequence, index: int) -> None:
+        """Sample and report ``sequence``'s next token; it leaves the batch when it is done or
+        its sampling fails (this request's failure ends this request only)."""
+        try:
+            finished = self._advance(sequence, index)
+        except Exception as exc:
+            self._release(sequence, keep_cache=False)
+            sequence.sink.fail(exc)
+            return
+        if finished:
+            self._release(sequence)
 
     def _advance(self, sequence: _Sequence, index: int) -> bool:
         """Sample ``sequence``'s next token and report it; True when the request is done."""
