@@ -294,3 +294,28 @@ def test_a_grammar_that_cannot_be_built_is_refused_before_it_joins(engine: Llama
         engine.submit(
             CHATML.format("Hi"), parse_sampling('{"logit_bias": {"49152": 1}}'), Recorder()
         )
+
+
+def test_a_string_under_a_json_schema_never_holds_a_raw_control_character(
+    engine: LlamaEngine,
+) -> None:
+    """JSON forbids raw control characters in a string, so the schema's grammar must too: with
+    the newline token pushed to the top of every step, the answer still parses."""
+    model = Model(default_gguf())
+    try:
+        newline = model.tokenize("\n")[-1]
+    finally:
+        model.close()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    sampling = json.dumps(
+        {
+            "max_tokens": 64,
+            "temperature": 0,
+            "logit_bias": {str(newline): 100},
+            "structured_outputs": json.dumps({"json": schema}),
+        }
+    )
+    text = (
+        _ask(engine, "Which city is the capital of France? Answer in JSON.", sampling).wait().text
+    )
+    assert isinstance(json.loads(text)["city"], str), text

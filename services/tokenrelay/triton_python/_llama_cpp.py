@@ -277,6 +277,13 @@ def _gbnf_literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+# llama-cpp-python's converter writes a JSON string's character as ``[^"\\]``, which lets raw
+# control characters through, though JSON forbids them in a string; its own JSON grammar and
+# llama.cpp's converter exclude them.
+_CONVERTER_CHAR = r'char ::= [^"\\] |'
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
 def grammar_text(constraint: StructuredOutput) -> str:
     """The GBNF grammar of a structured-output constraint: a JSON schema through
     llama-cpp-python's own converter, any JSON object through its JSON grammar, a choice as the
@@ -286,12 +293,15 @@ def grammar_text(constraint: StructuredOutput) -> str:
     if constraint.kind == "choice":
         return "root ::= " + " | ".join(_gbnf_literal(c) for c in constraint.choices) + "\n"
     try:
-        return str(json_schema_to_gbnf(constraint.value))
+        grammar = str(json_schema_to_gbnf(constraint.value))
     except Exception as exc:  # the converter raises what it meets: assertions, KeyError …
         detail = str(exc) or type(exc).__name__
         raise BadRequest(
             f"structured_outputs 'json': this schema is not supported: {detail}"
         ) from None
+    # (Without this a sampled tool call's "city" once ran on past "Paris}}" into two raw
+    # newlines, and its arguments did not parse.)
+    return grammar.replace(_CONVERTER_CHAR, _JSON_CHAR)
 
 
 # A llama_token_data as numpy sees it, to fill a candidates array at C speed.
