@@ -19,34 +19,43 @@ thread starts.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-__all__ = ["choose_threads", "one_by_one_limit"]
+__all__ = ["choose_threads", "median_times", "one_by_one_limit"]
+
+# time_step(threads, tokens): decode one step of that many tokens on that many threads; seconds.
+TimeStep = Callable[[int, int], float]
+
+
+def median_times(
+    time_step: TimeStep, steps: Sequence[tuple[int, int]], rounds: int = 3
+) -> dict[tuple[int, int], float]:
+    """The median seconds of each ``(threads, tokens)`` step, each timed ``rounds`` times, all of
+    them in turn in every round so that a passing disturbance touches each alike."""
+    samples: dict[tuple[int, int], list[float]] = {step: [] for step in steps}
+    for _ in range(rounds):
+        for (threads, tokens), times in samples.items():
+            times.append(time_step(threads, tokens))
+    return {step: statistics.median(times) for step, times in samples.items()}
 
 
 def choose_threads(
-    threads: int, time_step: Callable[[int, int], float], *, batch: int, rounds: int = 3
+    threads: int, time_step: TimeStep, *, batch: int, rounds: int = 3
 ) -> tuple[int, dict[int, tuple[float, float]]]:
     """The thread count, 1 or ``threads``, whose steps of one token plus steps of ``batch``
     tokens take less time, and the median seconds of each kind for each count.
 
-    ``time_step(threads, tokens)`` decodes one step of ``tokens`` tokens on ``threads`` threads
-    and returns how long it took. Each kind is timed ``rounds`` times for each count, the counts
-    alternating so that a passing disturbance touches both; a tie keeps ``threads``.
+    Each kind is timed ``rounds`` times for each count, the counts alternating
+    (``median_times``); a tie keeps ``threads``.
     """
     if threads < 1:
         raise ValueError("n_threads must be at least 1")
     if threads == 1:
         return 1, {}
-    samples: dict[int, tuple[list[float], list[float]]] = {threads: ([], []), 1: ([], [])}
-    for _ in range(rounds):
-        for count, (single, batched) in samples.items():
-            single.append(time_step(count, 1))
-            batched.append(time_step(count, batch))
-    medians = {
-        count: (statistics.median(single), statistics.median(batched))
-        for count, (single, batched) in samples.items()
-    }
+    timed = median_times(
+        time_step, [(count, tokens) for count in (threads, 1) for tokens in (1, batch)], rounds
+    )
+    medians = {count: (timed[count, 1], timed[count, batch]) for count in (threads, 1)}
     best = min(medians, key=lambda count: (sum(medians[count]), count != threads))
     return best, medians
 

@@ -36,7 +36,6 @@ import codecs
 import collections
 import contextlib
 import importlib.util
-import statistics
 import sys
 import threading
 import time
@@ -53,7 +52,7 @@ from tokenrelay.triton_python._llama_cpp import (
     SamplerChain,
     convert_weights,
 )
-from tokenrelay.triton_python._threads import choose_threads, one_by_one_limit
+from tokenrelay.triton_python._threads import choose_threads, median_times, one_by_one_limit
 
 __all__ = ["LlamaEngine", "default_gguf"]
 
@@ -183,18 +182,17 @@ class LlamaEngine:
             raise RuntimeError("llama_decode failed while timing the thread counts")
         return elapsed
 
-    def _time_one_by_one(self, n_parallel: int, rounds: int = 3) -> int:
+    def _time_one_by_one(self, n_parallel: int) -> int:
         """How many decoding sequences are faster one by one than together, on this host, on
-        the chosen thread count (``_threads.one_by_one_limit``)."""
-        sizes = [k for k in (2, 4, 8) if k <= n_parallel]
-        samples: dict[int, list[float]] = {k: [] for k in (1, *sizes)}
-        for _ in range(rounds):
-            for k in samples:
-                samples[k].append(self._time_step(self.threads, k))
-        medians = {k: statistics.median(times) for k, times in samples.items()}
+        the chosen thread count (``_threads.one_by_one_limit``). Steps the thread choice already
+        timed on that count are not timed again."""
+        batch = min(8, n_parallel)
+        known = dict(zip((1, batch), self.thread_timings.get(self.threads, ()), strict=False))
+        missing = [(self.threads, k) for k in (1, 2, 4, 8) if k <= n_parallel and k not in known]
+        timed = median_times(self._time_step, missing)
+        medians = dict(sorted((known | {k: t for (_, k), t in timed.items()}).items()))
         self.step_timings = medians
-        single = medians[1]
-        return one_by_one_limit(single, {k: t for k, t in medians.items() if k > 1})
+        return one_by_one_limit(medians[1], {k: t for k, t in medians.items() if k > 1})
 
     @property
     def n_ctx(self) -> int:
