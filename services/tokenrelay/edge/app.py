@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from tokenrelay import _loop
+from tokenrelay._grpc_io import io_in_force
 from tokenrelay._looplag import watch_loop_lag
 from tokenrelay._probes import ProbeServer, serve_probes
 from tokenrelay._workers import (
@@ -202,6 +203,7 @@ async def serve(
                 "address": settings.listen,
                 "health": settings.health_listen or None,
                 "worker": _index(worker),
+                "grpc_io": io_in_force(),
             }
         },
     )

@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from tokenrelay import _loop
+from tokenrelay._grpc_io import io_in_force
 from tokenrelay._looplag import watch_loop_lag
 from tokenrelay._probes import Heartbeat, serve_probes
 from tokenrelay._workers import (
@@ -336,6 +337,7 @@ class Orchestrator:
                     "port": self.port,
                     "health": settings.health_listen or None,
                     "worker": None if self._worker is None else self._worker.index,
+                    "grpc_io": io_in_force(),
                 }
             },
         )
