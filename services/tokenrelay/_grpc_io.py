@@ -17,6 +17,8 @@ and one read in the edge, so both hops gain. Importing ``tokenrelay`` selects th
 ``GRPC_EXPERIMENTS`` is already set (set it, even to an empty string, to keep grpcio's default) or
 ``grpc`` was imported first, when it is too late and nothing changes. grpcio ignores an
 experiment it does not know (it logs one line), so a grpcio without the poller runs as before.
+The choice is the relay's own: the stack's tritonserver, a gRPC server in C++ that reads the same
+variable, is started without it (``without_our_choice``), unless the operator set it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import sys
 from collections.abc import Mapping, MutableMapping
 
-__all__ = ["POLLER", "VARIABLE", "choose_io", "io_in_force"]
+__all__ = ["POLLER", "VARIABLE", "choose_io", "io_in_force", "without_our_choice"]
 
 VARIABLE = "GRPC_EXPERIMENTS"
 POLLER = "-event_engine_client,-event_engine_listener"
@@ -39,7 +41,19 @@ def choose_io(
     if "grpc" in modules or VARIABLE in environ:
         return False
     environ[VARIABLE] = POLLER
+    _chosen.append(True)
     return True
+
+
+_chosen: list[bool] = []  # whether choose_io set the variable in this process
+
+
+def without_our_choice(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for another program (tritonserver): without the variable where choose_io set it."""
+    out = dict(env)
+    if _chosen and out.get(VARIABLE) == POLLER:
+        del out[VARIABLE]
+    return out
 
 
 def io_in_force(environ: Mapping[str, str] = os.environ) -> str:

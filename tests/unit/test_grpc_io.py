@@ -51,3 +51,14 @@ def test_a_service_process_imports_grpc_with_the_poller_in_force() -> None:
     code = "import tokenrelay.orchestrator, os; print(os.environ.get('GRPC_EXPERIMENTS'))"
     assert _in_a_new_process(code) == POLLER
     assert _in_a_new_process(code, GRPC_EXPERIMENTS="") == ""
+
+
+def test_tritonserver_is_started_without_the_relays_choice() -> None:
+    # tritonserver's gRPC reads the same variable: the poller was measured for the relay only.
+    code = (
+        "import os, tokenrelay.stack._triton as t;"
+        "print(t.triton_env().get('GRPC_EXPERIMENTS', 'unset'), os.environ['GRPC_EXPERIMENTS'])"
+    )
+    assert _in_a_new_process(code) == f"unset {POLLER}"
+    # What an operator sets reaches Triton as it is.
+    assert _in_a_new_process(code, GRPC_EXPERIMENTS=POLLER) == f"{POLLER} {POLLER}"

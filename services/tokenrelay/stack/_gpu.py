@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tokenrelay._grpc_io import without_our_choice
 from tokenrelay.stack._stack import TritonProcess, _spawn
 from tokenrelay.stack._triton import TritonPorts, pytriton_root
 from tokenrelay.stack._wheelhouse import (
@@ -313,7 +314,7 @@ def gpu_triton_env(
     """tritonserver's environment: the stub's environment first on PATH (the stub takes
     ``python3`` from there), the GPU Python's libpython found, vLLM's telemetry off, and no hub
     lookups when the model is a local folder."""
-    env = dict(os.environ if base is None else base)
+    env = without_our_choice(os.environ if base is None else base)
     env["PATH"] = os.pathsep.join([str(stub_env / "bin"), env.get("PATH", "")])
     # The stub's RPATH points into the wheel ($ORIGIN/../…/nvidia_pytriton.libs), which a copy
     # of it in our backend directory does not reach: name the wheel's libraries.

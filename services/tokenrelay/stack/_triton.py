@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenrelay._grpc_io import without_our_choice
+
 __all__ = [
     "TritonPorts",
     "cpu_models",
@@ -114,7 +116,7 @@ def cpu_models(model_repository: Path) -> tuple[str, ...]:
 
 def triton_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for tritonserver: this interpreter first on PATH and its libpython found."""
-    env = dict(os.environ if base is None else base)
+    env = without_our_choice(os.environ if base is None else base)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     libdir = sysconfig.get_config_var("LIBDIR")
     if libdir:
