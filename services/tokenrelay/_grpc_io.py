@@ -38,14 +38,15 @@ def choose_io(
 ) -> bool:
     """Selects the poller for this process unless ``GRPC_EXPERIMENTS`` is set or grpc is already
     imported; True when it did."""
+    global _chosen
     if "grpc" in modules or VARIABLE in environ:
         return False
     environ[VARIABLE] = POLLER
-    _chosen.append(True)
+    _chosen = _chosen or environ is os.environ
     return True
 
 
-_chosen: list[bool] = []  # whether choose_io set the variable in this process
+_chosen = False  # whether choose_io set the variable in this process's environment
 
 
 def without_our_choice(env: Mapping[str, str]) -> dict[str, str]:
