@@ -1,4 +1,5 @@
-"""The in-process tier's orchestrator: gRPC on port 0 over the module's ``source`` fixture."""
+"""The in-process tier's orchestrator: gRPC and frames on port 0 over the module's ``source``
+fixture."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from tokenrelay.orchestrator import Orchestrator
 @pytest.fixture
 async def orchestrator(source: FakeSource) -> AsyncIterator[Orchestrator]:
     settings = Settings(
-        orchestrator=OrchestratorSettings(triton=(source.name,), metrics_listen="127.0.0.1:0")
+        orchestrator=OrchestratorSettings(
+            triton=(source.name,), metrics_listen="127.0.0.1:0", frames_listen="127.0.0.1:0"
+        )
     )
     orchestrator = Orchestrator(settings, sources={source.name: source})
     await orchestrator.start("127.0.0.1:0")

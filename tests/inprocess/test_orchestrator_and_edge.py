@@ -1,4 +1,5 @@
-"""Orchestrator (gRPC on port 0) and edge (aiohttp test server) in this process, fake sources."""
+"""Orchestrator (gRPC and frames on port 0) and edge (aiohttp test server, calling its generations
+over either) in this process, fake sources."""
 
 from __future__ import annotations
 
@@ -31,10 +32,14 @@ async def stub(orchestrator: Orchestrator) -> AsyncIterator[pb_grpc.GenerationSe
         yield pb_grpc.GenerationServiceStub(channel)
 
 
-@pytest.fixture
-async def edge(orchestrator: Orchestrator) -> AsyncIterator[str]:
+@pytest.fixture(params=["grpc", "frames"])
+async def edge(orchestrator: Orchestrator, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """The edge calling the orchestrator's generations over gRPC, or over frames."""
+    frames = f"127.0.0.1:{orchestrator.frames_port}" if request.param == "frames" else ""
     settings = EdgeSettings(
-        orchestrator=f"127.0.0.1:{orchestrator.port}", keepalive_interval_s=0.05
+        orchestrator=f"127.0.0.1:{orchestrator.port}",
+        orchestrator_frames=frames,
+        keepalive_interval_s=0.05,
     )
     server = TestServer(create_app(settings), host="127.0.0.1", handler_cancellation=True)
     await server.start_server()

@@ -345,6 +345,8 @@ def test_the_launcher_with_two_nodes_serves_from_both_and_stops_them_all(tmp_pat
             str(ports.orchestrator),
             "--orchestrator-metrics-port",
             str(ports.orchestrator_metrics),
+            "--orchestrator-frames-port",
+            str(ports.orchestrator_frames),
             "--triton-ports",
             *(str(p) for p in (ports.triton.http, ports.triton.grpc, ports.triton.metrics)),
         ],

@@ -83,6 +83,19 @@ def test_services_refuse_to_listen_openly_without_credentials(tmp_path: Path) ->
     assert Settings().secrets.internal is None
 
 
+def test_frames_are_refused_beyond_loopback_even_with_credentials() -> None:
+    # The frames hop has no TLS: a secret would cross the network in the clear.
+    credentials = {"TOKENRELAY_INTERNAL_SECRET": "s3cret", "TOKENRELAY_API_KEY": "k"}
+    for service, variable in (
+        ("orchestrator", "TOKENRELAY_ORCHESTRATOR_FRAMES"),
+        ("edge", "TOKENRELAY_EDGE_ORCHESTRATOR_FRAMES"),
+    ):
+        with pytest.raises(ValueError, match="must be loopback"):
+            check_exposure(load_settings({variable: "10.0.0.5:50052", **credentials}), service)
+        check_exposure(load_settings({variable: "127.0.0.1:50052"}), service)
+        check_exposure(load_settings({variable: "localhost:50052"}), service)
+
+
 def test_keys_command_prints_an_entry_that_accepts_its_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -63,6 +63,10 @@ class EdgeSettings:
     here. ``""``: off (the probes are on ``listen`` only)."""
     orchestrator: HostPort = "127.0.0.1:50051"
     """The orchestrator the edge calls."""
+    orchestrator_frames: HostPortOrOff = ""
+    """The orchestrator's ``frames_listen``: generations (``GenerateStream``) go there as
+    frames (``tokenrelay._frames``), the rest to ``orchestrator`` over gRPC. Loopback only.
+    ``""``: everything over gRPC."""
     max_body_bytes: AtLeastOne = 1024 * 1024
     """Larger request bodies get 413."""
     request_timeout_s: Seconds = 600.0

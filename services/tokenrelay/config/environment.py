@@ -61,6 +61,11 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "orchestrator gRPC address, `host:port`",
     ),
     EnvVar(
+        "TOKENRELAY_ORCHESTRATOR_FRAMES",
+        "orchestrator.frames_listen",
+        'orchestrator `GenerateStream` as frames, loopback `host:port` (`""`: off)',
+    ),
+    EnvVar(
         "TOKENRELAY_ORCHESTRATOR_METRICS",
         "orchestrator.metrics_listen",
         'orchestrator `/metrics` address (`""`: off)',
@@ -86,6 +91,11 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "TOKENRELAY_EDGE_ORCHESTRATOR",
         "edge.orchestrator",
         "the orchestrator the edge calls, `host:port`",
+    ),
+    EnvVar(
+        "TOKENRELAY_EDGE_ORCHESTRATOR_FRAMES",
+        "edge.orchestrator_frames",
+        'the orchestrator\'s `frames_listen` for generations (`""`: gRPC for all)',
     ),
     EnvVar("TOKENRELAY_LOG_LEVEL", "log_level", "`DEBUG`, `INFO`, `WARNING` or `ERROR` (any case)"),
     EnvVar(

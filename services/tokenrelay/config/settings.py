@@ -82,6 +82,17 @@ def check_exposure(settings: Settings, service: str) -> None:
 
     Raises ``ValueError`` saying what to set.
     """
+    frames = (
+        settings.edge.orchestrator_frames
+        if service == "edge"
+        else settings.orchestrator.frames_listen
+    )
+    if frames and not is_loopback(split_hostport(frames)[0]):
+        name = "edge.orchestrator_frames" if service == "edge" else "orchestrator.frames_listen"
+        raise ValueError(
+            f"{name} = {frames!r}: frames have no TLS, so the address must be loopback"
+            " (127.0.0.1, ::1, localhost); use gRPC (with TLS) between hosts"
+        )
     if service == "edge":
         host, _ = split_hostport(settings.edge.listen)
         if not is_loopback(host) and not (settings.edge.api_keys_file or settings.secrets.api_key):

@@ -34,7 +34,8 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
-from tokenrelay.config import EdgeSettings
+from tokenrelay._frames import FramesClient
+from tokenrelay.config import EdgeSettings, split_hostport
 from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STREAMS, UPSTREAM
 from tokenrelay.edge._stream import (
@@ -120,6 +121,8 @@ async def cancel_chat_completion(request: web.Request) -> web.Response:
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+_GENERATE_STREAM = f"/{SERVICE_NAME}/GenerateStream"
+_RESPONSE = pb.GenerateStreamResponse.FromString
 _NOT_SERVING = "orchestrator not serving (no inference node ready)"
 # Pings on the channel to the orchestrator (which allows them this often): a hung orchestrator
 # ends the readiness watch within about 15 s.
@@ -195,6 +198,10 @@ class OrchestratorClient:
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         self.readiness: tuple[bool, str] = (False, "orchestrator not reached yet")
+        self._frames: FramesClient | None = None
+        if settings.orchestrator_frames:
+            host, port = split_hostport(settings.orchestrator_frames)
+            self._frames = FramesClient(host, port)
         self._auth: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {secret.value}"),) if secret else ()
         )
@@ -209,6 +216,20 @@ class OrchestratorClient:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         """The orchestrator's stream; raises ``RelayError``. Closing it cancels the call."""
+        if self._frames is not None:
+            messages = self._frames.unary_stream(
+                _GENERATE_STREAM,
+                request.SerializeToString(),
+                timeout_s,
+                (*metadata, *forwarded_metadata(), *self._auth),
+            )
+            try:
+                with _translated:
+                    async for data in messages:
+                        yield _RESPONSE(data)
+            finally:
+                await messages.aclose()
+            return
         call = self._stub.GenerateStream(
             request, timeout=timeout_s, metadata=(*metadata, *forwarded_metadata(), *self._auth)
         )
@@ -255,6 +276,8 @@ class OrchestratorClient:
             await asyncio.sleep(retry_s)
 
     async def close(self) -> None:
+        if self._frames is not None:
+            await self._frames.close()
         await self._channel.close()
 
 

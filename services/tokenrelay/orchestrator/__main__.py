@@ -31,7 +31,9 @@ def main() -> None:
             sys.exit(supervise(settings, os.environ))
         except OSError as exc:
             o = settings.orchestrator
-            ports = ", ".join(filter(None, (o.listen, o.metrics_listen, o.health_listen)))
+            ports = ", ".join(
+                filter(None, (o.listen, o.frames_listen, o.metrics_listen, o.health_listen))
+            )
             sys.exit(f"tokenrelay-orchestrator: cannot listen on {ports}: {exc}")
     configure_tracing("orchestrator", settings.tracing)
     try:

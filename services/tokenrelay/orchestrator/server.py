@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -33,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from tokenrelay import _loop
+from tokenrelay._frames import FramesServer
 from tokenrelay._grpc_io import io_in_force
 from tokenrelay._looplag import watch_loop_lag
 from tokenrelay._probes import Heartbeat, serve_probes
@@ -231,19 +234,21 @@ class Orchestrator:
         # The headroom keeps health checks, ListModels and Status answering under the flood.
         admitted = orchestrator.admission
         clients = KeyStore(Path(orchestrator.clients_file)) if orchestrator.clients_file else None
+        self._interceptors: list[grpc.aio.ServerInterceptor] = [
+            BorderInterceptor(),
+            CallerInterceptor(
+                Tenants(tenancy),
+                settings.secrets.internal,
+                clients,
+                mutual_tls=bool(orchestrator.tls_client_ca),
+                limits=self._limits,
+                metrics=tenant_metrics,
+            ),
+        ]
+        self._max_calls = admitted.max_concurrent + admitted.max_queue + 64
         self._server = grpc.aio.server(
-            interceptors=[
-                BorderInterceptor(),
-                CallerInterceptor(
-                    Tenants(tenancy),
-                    settings.secrets.internal,
-                    clients,
-                    mutual_tls=bool(orchestrator.tls_client_ca),
-                    limits=self._limits,
-                    metrics=tenant_metrics,
-                ),
-            ],
-            maximum_concurrent_rpcs=admitted.max_concurrent + admitted.max_queue + 64,
+            interceptors=self._interceptors,
+            maximum_concurrent_rpcs=self._max_calls,
             # gRPC sets SO_REUSEPORT by default: a second orchestrator on a taken port would
             # start and silently share its connections. Refuse the port instead; workers share
             # the port their supervisor holds (tokenrelay._workers.reserve refuses a taken one).
@@ -257,12 +262,11 @@ class Orchestrator:
             ],
         )
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(
-                relay, self._pool, admission, embeddings if embedder is not None else None
-            ),
-            self._server,
+        self._generation = GenerationServicer(
+            relay, self._pool, admission, embeddings if embedder is not None else None
         )
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self._generation, self._server)
+        self._frames: FramesServer | None = None
         if embedder is not None:
             retrieval_pb2_grpc.add_EmbeddingServiceServicer_to_server(
                 EmbeddingServicer(embedder), self._server
@@ -278,6 +282,7 @@ class Orchestrator:
         self._resources = contextlib.AsyncExitStack()
         self._draining = False
         self.port = 0
+        self.frames_port = 0
         self.metrics_port = 0
         self.health_port = 0
 
@@ -325,6 +330,8 @@ class Orchestrator:
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {address}")
         await self._server.start()
+        if settings.frames_listen:
+            await self._serve_frames(settings.frames_listen)
         if settings.metrics_listen:
             await self._serve_metrics(settings.metrics_listen)
         if settings.health_listen:
@@ -336,12 +343,38 @@ class Orchestrator:
                     "address": address,
                     "port": self.port,
                     "health": settings.health_listen or None,
+                    "frames": settings.frames_listen or None,
                     "worker": None if self._worker is None else self._worker.index,
                     "grpc_io": io_in_force(),
                 }
             },
         )
         return self.port
+
+    async def _serve_frames(self, address: str) -> None:
+        """``GenerateStream`` as frames (``tokenrelay._frames``), through the handler the gRPC
+        server runs: the same interceptors, built once here as gRPC builds them per call."""
+        method = f"/{SERVICE_NAME}/GenerateStream"
+        base = grpc.unary_stream_rpc_method_handler(
+            self._generation.GenerateStream,
+            request_deserializer=generation_pb2.GenerateStreamRequest.FromString,
+            response_serializer=generation_pb2.GenerateStreamResponse.SerializeToString,
+        )
+
+        async def innermost(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
+            return base
+
+        continuation: Any = innermost
+        for interceptor in reversed(self._interceptors):
+            continuation = functools.partial(interceptor.intercept_service, continuation)
+        handler = await continuation(_CallDetails(method, ()))
+        assert handler is not None and handler.request_deserializer is None  # the border decodes
+        self._frames = FramesServer(
+            {method: (handler.unary_stream, handler.response_serializer)}, self._max_calls
+        )
+        host, port = split_hostport(address)
+        await self._frames.start(host, port, reuse_port=self._worker is not None)
+        self.frames_port = self._frames.port
 
     async def _serve_metrics(self, address: str) -> None:
         """Prometheus exposition on its own HTTP port (scrapers cannot speak gRPC)."""
@@ -395,8 +428,18 @@ class Orchestrator:
             self._draining = True
             log.info("draining", extra={"fields": {"grace_s": grace}})
             await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        frames = self._frames
+        await asyncio.gather(
+            self._server.stop(grace), frames.stop(grace or 0.0) if frames else asyncio.sleep(0)
+        )
         await self._resources.aclose()
+
+
+class _CallDetails(typing.NamedTuple):
+    """What interceptors read of ``grpc.HandlerCallDetails``."""
+
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...]
 
 
 @contextlib.asynccontextmanager
@@ -431,6 +474,7 @@ def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
     holders = reserve_all(
         {
             "TOKENRELAY_ORCHESTRATOR_LISTEN": orchestrator.listen,
+            "TOKENRELAY_ORCHESTRATOR_FRAMES": orchestrator.frames_listen,
             "TOKENRELAY_ORCHESTRATOR_METRICS": orchestrator.metrics_listen,
             "TOKENRELAY_ORCHESTRATOR_HEALTH": orchestrator.health_listen,
         },

@@ -50,6 +50,12 @@ def main() -> None:
     parser.add_argument("--orchestrator-port", type=int, default=50051)
     parser.add_argument("--orchestrator-metrics-port", type=int, default=9464)
     parser.add_argument(
+        "--orchestrator-frames-port",
+        type=int,
+        default=50052,
+        help="the edge's generations reach the orchestrator as frames on this port (0: gRPC)",
+    )
+    parser.add_argument(
         "--triton-ports",
         type=int,
         nargs=3,
@@ -86,6 +92,7 @@ def main() -> None:
         args.orchestrator_port,
         TritonPorts(*args.triton_ports),
         args.orchestrator_metrics_port,
+        args.orchestrator_frames_port,
     )
     try:
         factory = gpu_node_factory(args)  # None without --gpu

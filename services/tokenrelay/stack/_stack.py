@@ -66,11 +66,14 @@ class StackPorts:
     orchestrator: int = 50051
     triton: TritonPorts = field(default_factory=TritonPorts)
     orchestrator_metrics: int = 9464
+    orchestrator_frames: int = 50052
+    """The edge's generations go to the orchestrator as frames here (``tokenrelay._frames``);
+    0: over gRPC."""
 
     @classmethod
     def free(cls) -> StackPorts:
         triton = TritonPorts(free_port(), free_port(), free_port())
-        return cls(free_port(), free_port(), triton, free_port())
+        return cls(free_port(), free_port(), triton, free_port(), free_port())
 
 
 def _get(url: str, timeout: float = 1.0) -> int:
@@ -342,6 +345,11 @@ class Stack:
                 "TOKENRELAY_EDGE_ORCHESTRATOR": self.orchestrator_address,
             }
         )
+        if self.ports.orchestrator_frames:
+            frames = f"{HOST}:{self.ports.orchestrator_frames}"
+            env["TOKENRELAY_ORCHESTRATOR_FRAMES"] = env["TOKENRELAY_EDGE_ORCHESTRATOR_FRAMES"] = (
+                frames
+            )
         if self.config is not None:
             env["TOKENRELAY_CONFIG"] = str(self.config)
         # Qdrant's embedded data lives with the stack (one process per directory).
