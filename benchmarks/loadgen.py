@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import random
@@ -742,6 +743,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="edge and orchestrator export every span over OTLP (to a sink in this process)",
     )
+    parser.add_argument(
+        "--edge-hop",
+        choices=("frames", "grpc"),
+        default="frames",
+        help="how the edge's generations reach the orchestrator (the stack's default: frames)",
+    )
     args = parser.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]
     unknown = set(args.targets) - set(TARGETS)
@@ -780,6 +787,9 @@ def main(argv: list[str] | None = None) -> None:
         repository = REPO / "triton_models"
         sources_: list[subprocess.Popen[str]] = []
         addresses: list[str] = []
+        ports = StackPorts.free()
+        if args.edge_hop == "grpc":
+            ports = dataclasses.replace(ports, orchestrator_frames=0)
         if args.source == "fast":
             started = [
                 _start_fast_source(args.token_interval_ms or 0.0)
@@ -788,11 +798,11 @@ def main(argv: list[str] | None = None) -> None:
             addresses = [address for _, address in started]
             sources_ = [process for process, _ in started]
             env["TOKENRELAY_TRITON"] = ",".join(addresses)
-            stack = Stack(repository, StackPorts.free(), config=config, env=env, nodes=0)
+            stack = Stack(repository, ports, config=config, env=env, nodes=0)
         else:
             if args.token_interval_ms is not None:
                 repository = _paced_repository(Path(workdir), args.token_interval_ms)
-            stack = Stack(repository, StackPorts.free(), models=models, config=config, env=env)
+            stack = Stack(repository, ports, models=models, config=config, env=env)
         try:
             stack.start()
             triton = addresses[0] if sources_ else stack.triton_grpc
