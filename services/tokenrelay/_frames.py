@@ -376,6 +376,7 @@ class FramesServer:
                 task.cancel()
 
         connection.on_frame = cancel
+
         def lost() -> None:
             self._connections.discard(connection)
             cancel()
