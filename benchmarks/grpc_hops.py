@@ -229,14 +229,17 @@ class _FramesClient:
             self._frames.transport.close()
 
 
+async def _connect(transport: str, port: int) -> _GrpcClient | _FramesClient:
+    if transport == "grpc":
+        return _GrpcClient(port)
+    client = _FramesClient(port)
+    await client.connect()
+    return client
+
+
 def _client(transport: str, port: int, calls: int, loop: str) -> list[float]:
     async def main() -> list[float]:
-        client: _GrpcClient | _FramesClient
-        if transport == "grpc":
-            client = _GrpcClient(port)
-        else:
-            client = _FramesClient(port)
-            await client.connect()
+        client = await _connect(transport, port)
         try:
             for _ in range(50):  # warm-up: the connection, the threads
                 await client.call(b"request")
@@ -261,12 +264,7 @@ def _stream(transport: str, port: int, messages: int, proxy: int, loop: str) -> 
     and the proxy's CPU per message (µs)."""
 
     async def main() -> tuple[float, float]:
-        client: _GrpcClient | _FramesClient
-        if transport == "grpc":
-            client = _GrpcClient(port)
-        else:
-            client = _FramesClient(port)
-            await client.connect()
+        client = await _connect(transport, port)
         try:
             await client.call(b"stream:1000")
             cpu, began = _cpu_s(proxy), time.perf_counter()

@@ -77,6 +77,19 @@ class Served:
             self.cancelled += 1
             raise
 
+    async def cancelled_once(self) -> None:
+        """Wait (up to 1 s) for the handler's cancellation; exactly one."""
+        for _ in range(100):
+            if self.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert self.cancelled == 1
+
+    @staticmethod
+    async def sleeps(request: bytes, context: Any) -> None:
+        await context.write(b"first")
+        await asyncio.sleep(30)
+
     @staticmethod
     async def echo(request: bytes, context: Any) -> None:
         count = int(request or b"2")
@@ -182,50 +195,31 @@ async def test_a_client_that_stops_reading_cancels_the_handler(
     messages = client.unary_stream(METHOD, b"1000000")
     assert await anext(messages) == b"m0"
     await messages.aclose()
-    for _ in range(100):
-        if served.cancelled:
-            break
-        await asyncio.sleep(0.01)
-    assert served.cancelled == 1
+    await served.cancelled_once()
     assert served.contexts[0].done()
 
 
 async def test_a_cancelled_caller_cancels_the_handler(client: FramesClient, served: Served) -> None:
-    async def slow(request: bytes, context: Any) -> None:
-        await asyncio.sleep(30)
-
-    served.behave = slow
+    served.behave = Served.sleeps
     task = asyncio.create_task(_all(client, b""))
     await asyncio.wait_for(served.started.wait(), 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):
-        if served.cancelled:
-            break
-        await asyncio.sleep(0.01)
-    assert served.cancelled == 1
+    await served.cancelled_once()
 
 
 async def test_the_deadline_ends_the_call_on_both_sides(
     client: FramesClient, served: Served
 ) -> None:
-    async def slow(request: bytes, context: Any) -> None:
-        await context.write(b"first")
-        await asyncio.sleep(30)
-
-    served.behave = slow
+    served.behave = Served.sleeps
     got: list[bytes] = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for message in client.unary_stream(METHOD, b"", timeout_s=0.2):
             got.append(message)
     assert got == [b"first"]
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    for _ in range(100):
-        if served.cancelled:
-            break
-        await asyncio.sleep(0.01)
-    assert served.cancelled == 1
+    await served.cancelled_once()
 
 
 async def test_an_unknown_method_is_unimplemented(
@@ -290,11 +284,7 @@ async def test_an_unreachable_server_is_unavailable() -> None:
 async def test_a_server_that_goes_away_mid_call_is_unavailable(
     server: FramesServer, client: FramesClient, served: Served
 ) -> None:
-    async def slow(request: bytes, context: Any) -> None:
-        await context.write(b"first")
-        await asyncio.sleep(30)
-
-    served.behave = slow
+    served.behave = Served.sleeps
     messages = client.unary_stream(METHOD, b"")
     assert await anext(messages) == b"first"
     for connection in list(server._connections):
