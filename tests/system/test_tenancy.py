@@ -150,7 +150,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         )
         with stack:
             # Replica B: the same code, its own ports and configuration, the same Triton node.
-            b_orchestrator, b_edge = free_port(), free_port()
+            b_orchestrator, b_edge, b_frames = free_port(), free_port(), free_port()
             b_env = {
                 **stack._service_env(),
                 "TOKENRELAY_CONFIG": str(
@@ -160,6 +160,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                 "TOKENRELAY_ORCHESTRATOR_METRICS": f"127.0.0.1:{free_port()}",
                 "TOKENRELAY_EDGE_LISTEN": f"127.0.0.1:{b_edge}",
                 "TOKENRELAY_EDGE_ORCHESTRATOR": f"127.0.0.1:{b_orchestrator}",
+                "TOKENRELAY_ORCHESTRATOR_FRAMES": f"127.0.0.1:{b_frames}",
+                "TOKENRELAY_EDGE_ORCHESTRATOR_FRAMES": f"127.0.0.1:{b_frames}",
             }
             python = os.environ.get("PYTHON", "") or __import__("sys").executable
             processes = [
