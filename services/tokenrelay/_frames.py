@@ -332,13 +332,13 @@ class FramesServer:
     def _connection(self) -> FrameConnection:
         connection = FrameConnection()
         self._connections.add(connection)
-
-        def lost() -> None:
-            self._connections.discard(connection)
-
-        connection.on_lost = lost
-        connection.on_frame = lambda kind, payload: self._begin(connection, kind, payload)
+        self._await_call(connection)
         return connection
+
+    def _await_call(self, connection: FrameConnection) -> None:
+        """Between calls: the next frame must be a call; a lost connection is forgotten."""
+        connection.on_frame = lambda kind, payload: self._begin(connection, kind, payload)
+        connection.on_lost = lambda: self._connections.discard(connection)
 
     def _begin(self, connection: FrameConnection, kind: int, payload: bytes) -> None:
         if kind != CALL:
@@ -416,8 +416,7 @@ class FramesServer:
         context.over = True
         connection.send(END, encode_end(*status))
         if not connection.closed:  # ready for the connection's next call
-            connection.on_frame = lambda kind, payload: self._begin(connection, kind, payload)
-            connection.on_lost = lambda: self._connections.discard(connection)
+            self._await_call(connection)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls, let those running finish for up to ``grace_s``, cancel the rest
@@ -436,6 +435,13 @@ class FramesServer:
             connection.close()
         if self._server is not None:
             await self._server.wait_closed()
+
+
+def _failed(
+    code: grpc.StatusCode, details: str, trailing: MetadataPairs = ()
+) -> grpc.aio.AioRpcError:
+    """A failed call as grpc.aio reports one (no initial metadata on this hop)."""
+    return grpc.aio.AioRpcError(code, Metadata(), Metadata(*trailing), details)
 
 
 class FramesClient:
@@ -458,10 +464,8 @@ class FramesClient:
         try:
             _, connection = await loop.create_connection(FrameConnection, self._host, self._port)
         except OSError as exc:
-            raise grpc.aio.AioRpcError(
+            raise _failed(
                 grpc.StatusCode.UNAVAILABLE,
-                Metadata(),
-                Metadata(),
                 f"failed to connect to the orchestrator at {self._host}:{self._port}: {exc}",
             ) from None
         return connection
@@ -518,25 +522,15 @@ class FramesClient:
                         ended = True
                         code, details, trailing = decode_end(payload)
                         if code is not grpc.StatusCode.OK:
-                            raise grpc.aio.AioRpcError(
-                                code, Metadata(), Metadata(*trailing), details
-                            )
+                            raise _failed(code, details, trailing)
                         return
                     elif kind != HEADERS:
                         raise ProtocolError(f"frame kind {kind} in a call's answer")
                 if expired[0]:
-                    raise grpc.aio.AioRpcError(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        Metadata(),
-                        Metadata(),
-                        "Deadline Exceeded",
-                    )
+                    raise _failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
                 if connection.closed:
-                    raise grpc.aio.AioRpcError(
-                        grpc.StatusCode.UNAVAILABLE,
-                        Metadata(),
-                        Metadata(),
-                        "the orchestrator closed the connection",
+                    raise _failed(
+                        grpc.StatusCode.UNAVAILABLE, "the orchestrator closed the connection"
                     )
                 future = waiter[0] = loop.create_future()
                 try:
@@ -544,9 +538,7 @@ class FramesClient:
                 finally:
                     waiter[0] = None
         except ProtocolError as exc:
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.INTERNAL, Metadata(), Metadata(), f"frames: {exc}"
-            ) from None
+            raise _failed(grpc.StatusCode.INTERNAL, f"frames: {exc}") from None
         finally:
             if timer is not None:
                 timer.cancel()
