@@ -144,6 +144,31 @@ def _signal_group(process: subprocess.Popen[bytes] | None, sig: signal.Signals) 
             os.killpg(process.pid, sig)
 
 
+_GROUP_GONE_S = 5.0
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait until no live process is left in group ``pgid`` (killed: it is a matter of ms)."""
+    deadline = time.monotonic() + timeout_s
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _remove_shared_memory(process: subprocess.Popen[bytes] | None) -> None:
     """Unlink the shared-memory regions of a tritonserver that has exited (its Python backend
     names them by ``shm-region-prefix-name``). Triton removes them on a clean exit; killed, or
@@ -415,12 +440,18 @@ class Stack:
 
     @staticmethod
     def kill_group(process: subprocess.Popen[bytes] | None) -> int | None:
-        """SIGKILL the process group at once, no drain; the exit code."""
+        """SIGKILL the process group at once, no drain; the exit code, once the leader and (for
+        up to ``_GROUP_GONE_S``) every other member are gone: a Triton's model stubs take a
+        moment to die after the signal, and a caller may count on them being gone."""
         if process is None:
             return None
-        if process.poll() is None:  # a reaped pid may be someone else's by now
+        if process.returncode is not None:  # reaped before: its pid may be someone else's now
+            return process.returncode
+        if process.poll() is None:
             _signal_group(process, signal.SIGKILL)
-        return process.wait()
+        code = process.wait()
+        _wait_group_gone(process.pid, _GROUP_GONE_S)
+        return code
 
     def stop(self) -> None:
         """Stop everything that runs, edge first, each within its bound — or, with
