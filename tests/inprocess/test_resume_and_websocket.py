@@ -142,6 +142,8 @@ async def test_a_dropped_stream_resumes_from_last_event_id_and_reads_as_one(
     assert _text(before) + _text(after) == "".join(WORDS)
     for event in before + after[:-1]:
         assert_openai("CreateChatCompletionStreamResponse", json.loads(event["data"]))
+    # The source's generator ends in the orchestrator a moment after its last chunk went out.
+    await asyncio.wait_for(source.ended.wait(), 3)
     assert source.finished + source.cancelled == 1 and len(source.prompts) == 1
 
 
