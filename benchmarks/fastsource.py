@@ -19,6 +19,13 @@ the same HTTP/2 transport, one stream per request, with the same request (it par
 is the cost on the far side: messages are pre-encoded, so one core sends tens of thousands a
 second, and ``--token-interval-ms`` paces each stream (0: as fast as the reader takes them).
 
+A request's ``stream_interval_ms`` parameter (which the orchestrator sends when it relays at a
+stream interval) is honoured as tokenrelay's vLLM model honours it: after the first token, a
+response waits until that long after the previous one and carries every token due by then
+(``--stream-interval ignore``: one response per token whatever the request says, as Triton's
+vLLM backend and the CPU models answer). Unpaced, every token is due at once, so the rest of the
+answer comes in one response after the interval.
+
 Not modelled: stop sequences, seeds, cancellation statistics, errors. Prints ``listening on
 PORT`` once it serves, then runs until SIGTERM or SIGINT.
 """
@@ -52,6 +59,7 @@ _OUTPUTS = {
     "num_output_tokens": "UINT32",
 }
 _U32 = struct.Struct("<I")
+_STREAM_INTERVAL = "stream_interval_ms"  # tokenrelay.triton_python._contract's request parameter
 
 
 def _varint(value: int) -> bytes:
@@ -101,7 +109,7 @@ class _Encoder:
         self._outputs = tuple(outputs)
         self._prompt = _U32.pack(prompt_tokens)
 
-    def encode(self, text: str, finish: str | None) -> bytes:
+    def encode(self, text: str, finish: str | None, tokens: int = 1) -> bytes:
         raw = []
         for name in self._outputs:
             if name == "text_output":
@@ -111,7 +119,7 @@ class _Encoder:
             elif name == "num_input_tokens":
                 raw.append(_field(6, self._prompt))
             else:
-                raw.append(_field(6, _U32.pack(1)))
+                raw.append(_field(6, _U32.pack(tokens)))
         inner = self._head + self._final[finish is not None] + self._described + b"".join(raw)
         return _field(2, inner)  # ModelStreamInferResponse.infer_response
 
@@ -146,11 +154,16 @@ class FastSource:
     (or the request's ``max_tokens``), one every ``interval_s`` (0: unpaced)."""
 
     def __init__(
-        self, models: Sequence[str], interval_s: float = 0.0, default_tokens: int = 64
+        self,
+        models: Sequence[str],
+        interval_s: float = 0.0,
+        default_tokens: int = 64,
+        honour_stream_interval: bool = True,
     ) -> None:
         self._models = set(models)
         self._interval = interval_s
         self._default_tokens = default_tokens
+        self._honour = honour_stream_interval
         self.streams = 0
         self.responses = 0
 
@@ -168,17 +181,32 @@ class FastSource:
             count = int(sampling["max_tokens"]) if limited else self._default_tokens
             outputs = [o.name for o in request.outputs if o.name in _OUTPUTS] or list(_OUTPUTS)
             encoder = _Encoder(request.model_name, request.id, outputs, max(1, len(prompt.split())))
+            merge_s = 0.0
+            if self._honour and _STREAM_INTERVAL in request.parameters:
+                merge_s = request.parameters[_STREAM_INTERVAL].int64_param / 1000
+            interval = self._interval
             began = time.monotonic()
-            for i in range(count):
-                if i and self._interval:
-                    delay = began + i * self._interval - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                last = i == count - 1
-                text = ("" if i == 0 else " ") + _WORDS[i % len(_WORDS)]
-                finish = ("length" if limited else "stop") if last else None
+            i, sent = 0, 0.0
+            while i < count:
+                due = began + i * interval  # token i's time
+                if i and merge_s:
+                    due = max(due, sent + merge_s)
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                end = i + 1
+                if i and merge_s:  # every token due by now rides along
+                    elapsed = time.monotonic() - began
+                    end = (
+                        count if not interval else min(count, max(end, int(elapsed / interval) + 1))
+                    )
+                text = "".join(
+                    ("" if k == 0 else " ") + _WORDS[k % len(_WORDS)] for k in range(i, end)
+                )
+                finish = ("length" if limited else "stop") if end == count else None
                 self.responses += 1
-                yield encoder.encode(text, finish)
+                yield encoder.encode(text, finish, end - i)
+                sent, i = time.monotonic(), end
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(reply: Any) -> grpc.RpcMethodHandler[Any, Any]:
@@ -208,7 +236,12 @@ class FastSource:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    source = FastSource(args.models.split(","), args.token_interval_ms / 1000, args.default_tokens)
+    source = FastSource(
+        args.models.split(","),
+        args.token_interval_ms / 1000,
+        args.default_tokens,
+        honour_stream_interval=args.stream_interval == "honour",
+    )
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((source.handler(),))
     port = server.add_insecure_port(f"{args.host}:{args.port}")
@@ -230,6 +263,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="synthetic", help="comma-separated model names")
     parser.add_argument("--token-interval-ms", type=float, default=0.0, help="0: unpaced")
     parser.add_argument("--default-tokens", type=int, default=64)
+    parser.add_argument(
+        "--stream-interval",
+        default="honour",
+        choices=("honour", "ignore"),
+        help="a request's stream_interval_ms parameter: merge by it, or one response per token",
+    )
     parser.add_argument("--event-loop", default="uvloop", choices=("uvloop", "asyncio"))
     args = parser.parse_args(argv)
     if args.event_loop == "uvloop":

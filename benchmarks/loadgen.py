@@ -591,6 +591,7 @@ def _markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
             ""
             if args.stream_interval_ms is None
             else f", stream interval {args.stream_interval_ms:g} ms"
+            + (f" (the source {args.source_stream_interval}s it)" if args.source == "fast" else "")
         )
         + f", max_tokens {args.max_tokens}, {args.requests} requests per run,"
         f" {args.rounds} alternating rounds (medians shown). Relay CPU: edge + orchestrator CPU"
@@ -669,7 +670,9 @@ def _paced_repository(workdir: Path, interval_ms: float) -> Path:
     return repository
 
 
-def _start_fast_source(interval_ms: float) -> tuple[subprocess.Popen[str], str]:
+def _start_fast_source(
+    interval_ms: float, stream_interval: str = "honour"
+) -> tuple[subprocess.Popen[str], str]:
     """``benchmarks/fastsource.py`` on a free port: (its process, its address)."""
     process = subprocess.Popen(
         [
@@ -679,6 +682,8 @@ def _start_fast_source(interval_ms: float) -> tuple[subprocess.Popen[str], str]:
             "0",
             "--token-interval-ms",
             str(interval_ms),
+            "--stream-interval",
+            stream_interval,
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -719,6 +724,14 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=1,
         help="with --source fast: that many servers, each a Triton node of the orchestrator",
+    )
+    parser.add_argument(
+        "--source-stream-interval",
+        choices=("honour", "ignore"),
+        default="honour",
+        help="with --source fast: merge each stream's tokens by the stream interval the"
+        " orchestrator passes on (as tokenrelay's vLLM model does), or send one response per"
+        " token (as Triton's vLLM backend and the CPU models do)",
     )
     parser.add_argument(
         "--stream-interval-ms",
@@ -792,7 +805,7 @@ def main(argv: list[str] | None = None) -> None:
             ports = dataclasses.replace(ports, orchestrator_frames=0)
         if args.source == "fast":
             started = [
-                _start_fast_source(args.token_interval_ms or 0.0)
+                _start_fast_source(args.token_interval_ms or 0.0, args.source_stream_interval)
                 for _ in range(args.source_processes)
             ]
             addresses = [address for _, address in started]
@@ -813,7 +826,8 @@ def main(argv: list[str] | None = None) -> None:
             stack.stop()
             for process in sources_:
                 process.terminate()
-                process.wait(10)
+                served, _ = process.communicate(timeout=10)
+                print(f"fast source: {served.strip()}")  # its streams and responses, warm-up too
             if sink is not None:
                 print(f"trace sink received {sink.batches} batches, {sink.bytes} bytes")
                 sink.close()

@@ -163,7 +163,10 @@ class Sampling:
     ``top_logprobs`` asks for log probabilities: of each generated token, and of this many most
     likely tokens at each position (0: the generated token's only). ``logit_bias`` maps token ids
     to a bias added to their logits. ``structured`` is set by the orchestrator (from the
-    request's response format or forced tool choice), never by callers directly.
+    request's response format or forced tool choice), never by callers directly, and so is
+    ``stream_interval_ms``, which is not a sampling parameter: the stream interval the request
+    is relayed at, passed to the model as a hint that it may merge that stream's tokens as well
+    (``TritonNode``; 0: none).
     """
 
     max_tokens: int | None = None
@@ -177,6 +180,7 @@ class Sampling:
     top_logprobs: int | None = None
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     structured: StructuredOutput | None = None
+    stream_interval_ms: int = 0
 
     def to_engine_json(self) -> dict[str, object]:
         """The set fields, named as vLLM's ``SamplingParams`` names them."""

@@ -113,8 +113,9 @@ class _Sender:
 
 
 class _Request:
-    def __init__(self, sender: _Sender, **inputs: Any) -> None:
+    def __init__(self, sender: _Sender, parameters: str = "{}", **inputs: Any) -> None:
         self._sender = sender
+        self._parameters = parameters  # Triton's JSON text of the request parameters
         self.inputs = {}
         for name, value in inputs.items():
             if isinstance(value, bool):
@@ -127,6 +128,9 @@ class _Request:
 
     def request_id(self) -> str:
         return "r-1"
+
+    def parameters(self) -> str:
+        return self._parameters
 
 
 class _Engine:
@@ -264,9 +268,12 @@ def model(vllm_fakes: _Engine, tmp_path: Any) -> Iterator[Any]:
     instance.finalize()
 
 
-def _stream_request(sender: _Sender, sampling: dict[str, Any], **flags: bool) -> _Request:
+def _stream_request(
+    sender: _Sender, sampling: dict[str, Any], parameters: str = "{}", **flags: bool
+) -> _Request:
     return _Request(
         sender,
+        parameters,
         text_input="<|im_start|>user\nhi<|im_end|>\n",
         stream=True,
         sampling_parameters=json.dumps(sampling),
@@ -337,6 +344,48 @@ def test_time_based_merging_never_holds_the_first_text(vllm_fakes: _Engine, tmp_
         assert counts == [1, 1, 4]
     finally:
         model.finalize()
+
+
+def test_the_requests_stream_interval_merges_its_responses_after_the_first(
+    model: Any, vllm_fakes: _Engine
+) -> None:
+    # The orchestrator's stream_interval_ms request parameter: this model (with no interval of
+    # its own) holds later tokens for it, so a stream interval also cuts the responses sent.
+    vllm_fakes.gap_s = 0.01
+    sender, plain = _Sender(), _Sender()
+    model.execute(
+        [
+            _stream_request(sender, {"max_tokens": 6}, json.dumps({"stream_interval_ms": 2000})),
+            _stream_request(plain, {"max_tokens": 6}, json.dumps({"other": 1})),
+        ]
+    )
+    _wait(sender)
+    _wait(plain)
+    assert sender.texts() == [" t0", " t1 t2 t3 t4 t5"]  # the first at once, the rest merged
+    counts = [int(r.outputs["num_output_tokens"][0]) for r, _ in sender.responses]
+    assert counts == [1, 5]
+    assert len(plain.texts()) == 6  # without it, each token goes out as it comes
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"stream_interval_ms": -1}, "must be between 0 and 10000"),
+        ({"stream_interval_ms": 10_001}, "must be between 0 and 10000"),
+        ({"stream_interval_ms": "10"}, "must be an integer"),
+        ({"stream_interval_ms": True}, "must be an integer"),
+    ],
+)
+def test_refuses_a_bad_stream_interval_parameter(
+    model: Any, vllm_fakes: _Engine, parameters: dict[str, Any], message: str
+) -> None:
+    sender = _Sender()
+    model.execute([_stream_request(sender, {"max_tokens": 2}, json.dumps(parameters))])
+    _wait(sender)
+    ((response, flags),) = sender.responses
+    assert flags == FINAL and response.error.code == "INVALID_ARG"
+    assert message in response.error.message and "stream_interval_ms" in response.error.message
+    assert not vllm_fakes.seen
 
 
 def test_a_request_cancelled_before_its_first_output_is_aborted(

@@ -397,6 +397,8 @@ async def test_the_stream_interval_comes_from_the_catalog_and_is_bounded_there()
     assert 2 < len(merged) < 15 and "".join(c.text for c in merged) == "".join(_words(30))
     each = await _collect(relay, dataclasses.replace(_request(), stream_interval_ms=0))
     assert len(each) == 30  # a request may turn it off
+    # The node is told the interval in force (its model may merge by it too), or none.
+    assert [s.stream_interval_ms for s in source.samplings] == [20, 0]
     with pytest.raises(InvalidRequest, match="between 0 and 50") as refused:
         await _collect(relay, dataclasses.replace(_request(), stream_interval_ms=51))
     assert refused.value.param == "stream_interval_ms"

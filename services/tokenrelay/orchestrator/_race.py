@@ -83,12 +83,12 @@ class Attempt:
                 "triton.request_id": plan.request.request_id,
             },
         )
+        sampling = plan.request.sampling
+        interval_ms = round(plan.stream_interval_s * 1000)
+        if interval_ms:  # the model may merge by it too (fewer responses to read)
+            sampling = dataclasses.replace(sampling, stream_interval_ms=interval_ms)
         self.deltas = lease.source.generate(
-            lease.triton_model,
-            plan.prompt,
-            plan.request.sampling,
-            plan.request.request_id,
-            inject(self.span),
+            lease.triton_model, plan.prompt, sampling, plan.request.request_id, inject(self.span)
         )
         self.arrived: Callable[[Delta], None] | None = None
         """Sees each delta after the first as it comes (in the reading task when reading

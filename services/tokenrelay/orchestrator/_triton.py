@@ -46,6 +46,7 @@ from tokenrelay.errors import (
     UpstreamUnavailable,
 )
 from tokenrelay.generation import Delta, FinishReason, Logprob, Sampling, TokenLogprob
+from tokenrelay.triton_python._contract import STREAM_INTERVAL_PARAMETER
 
 __all__ = ["TritonNode", "TritonTLS"]
 
@@ -262,7 +263,11 @@ class TritonNode:
         if sampling.top_logprobs is not None:  # a model may not declare these: only when asked
             inputs.append(_bool_input("return_logprobs", True))
             outputs = _OUTPUTS_WITH_LOGPROBS
-        return _infer_request(model, request_id, inputs, outputs)
+        request = _infer_request(model, request_id, inputs, outputs)
+        if sampling.stream_interval_ms:
+            # A hint the model may take (merging this stream's responses) or ignore.
+            request.parameters[STREAM_INTERVAL_PARAMETER].int64_param = sampling.stream_interval_ms
+        return request
 
     async def generate(
         self,

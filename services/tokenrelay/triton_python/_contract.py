@@ -14,11 +14,14 @@ from typing import Any
 
 __all__ = [
     "MAX_LOGPROBS",
+    "MAX_STREAM_INTERVAL_MS",
+    "STREAM_INTERVAL_PARAMETER",
     "BadRequest",
     "EngineSampling",
     "StopMatcher",
     "StructuredOutput",
     "parse_sampling",
+    "parse_stream_interval",
 ]
 
 # vLLM's default max_logprobs: the most candidates per token a request may ask for.
@@ -27,6 +30,41 @@ MAX_LOGPROBS = 20
 
 class BadRequest(ValueError):
     """The request breaks the contract; the message is sent back to the client as it is."""
+
+
+# The request parameter (Triton's ``ModelInferRequest.parameters``, not an input tensor) with
+# which the orchestrator tells a model the stream interval it relays at: after the first text,
+# the model may hold a stream's tokens until this many milliseconds have passed since its last
+# response, and send them together. It is a hint: the text is the same either way (the
+# orchestrator merges by the same interval), only the number of responses falls. tokenrelay's
+# vLLM model takes it; Triton's vLLM backend never reads request parameters when the sampling
+# parameters come as an input (as the orchestrator sends them), so it ignores it, as the CPU
+# models do.
+STREAM_INTERVAL_PARAMETER = "stream_interval_ms"
+MAX_STREAM_INTERVAL_MS = 10_000  # as the orchestrator's own bound (``max_stream_interval_ms``)
+
+
+def parse_stream_interval(parameters: str | None) -> float:
+    """The stream interval in seconds from a request's parameters (Triton's JSON text of them;
+    None or no such parameter: 0). Anything but a whole number of milliseconds in
+    [0, ``MAX_STREAM_INTERVAL_MS``] is a ``BadRequest``."""
+    if not parameters:
+        return 0.0
+    try:
+        decoded = json.loads(parameters)
+    except json.JSONDecodeError:
+        return 0.0  # not ours to judge: Triton wrote it
+    value = decoded.get(STREAM_INTERVAL_PARAMETER) if isinstance(decoded, dict) else None
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"request parameter '{STREAM_INTERVAL_PARAMETER}' must be an integer")
+    if not 0 <= value <= MAX_STREAM_INTERVAL_MS:
+        raise BadRequest(
+            f"request parameter '{STREAM_INTERVAL_PARAMETER}' must be between 0 and"
+            f" {MAX_STREAM_INTERVAL_MS}"
+        )
+    return value / 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenrelay.triton_python._contract import BadRequest
+from tokenrelay.triton_python._contract import BadRequest, parse_stream_interval
 from tokenrelay.triton_python._contract import _logit_bias as logit_bias_pairs
 
 __all__ = [
@@ -157,6 +157,7 @@ class VllmRequest:
     want_logprobs: bool = False
     want_in: bool = False
     want_out: bool = False
+    stream_interval_s: float = 0.0
 
     @classmethod
     def from_inputs(
@@ -164,8 +165,11 @@ class VllmRequest:
         text: Mapping[str, str | None],
         flags: Mapping[str, bool | None],
         fields: Mapping[str, Any],
+        parameters: str | None = None,
     ) -> VllmRequest:
-        """``text``: the STRING inputs by name (None: absent); ``flags``: the BOOL inputs."""
+        """``text``: the STRING inputs by name (None: absent); ``flags``: the BOOL inputs;
+        ``parameters``: the request parameters as Triton gives them (JSON text), of which only
+        the stream interval (``STREAM_INTERVAL_PARAMETER``) is read."""
         prompt = text.get("text_input")
         if prompt is None:
             raise BadRequest("text_input is required")
@@ -190,6 +194,7 @@ class VllmRequest:
             want_logprobs=bool(flags.get("return_logprobs")),
             want_in=bool(flags.get("return_num_input_tokens")),
             want_out=bool(flags.get("return_num_output_tokens")),
+            stream_interval_s=parse_stream_interval(parameters),
         )
 
 

@@ -14,8 +14,11 @@ own), and asks vLLM for cumulative outputs, with which vLLM's ``stream_interval`
   alone; when it falls behind, responses carry several tokens, so its work per token falls as
   the load grows. Nothing is held back until a request's first text has gone out (a first
   output with no text yet, which vLLM's detokenizer can produce, does not count); after that,
-  with the model-config parameter ``response_interval_ms`` > 0, a response waits at least that
-  long after the previous one (time-based merging). A new request does not wake the sender
+  a response waits at least the stream's interval after the previous one (time-based merging):
+  the larger of the model-config parameter ``response_interval_ms`` and the request's
+  ``stream_interval_ms`` parameter, which the orchestrator sends when it relays at a stream
+  interval (``_contract.STREAM_INTERVAL_PARAMETER``), so that its stream interval also cuts the
+  responses it reads. A new request does not wake the sender
   thread (it is picked up on its next round, at the latest after ``cancel_poll_ms`` / 2), so
   that the thread does not compete for the GIL with the loop thread that submits the request;
 - cancellation is **polled** at most every ``cancel_poll_ms`` per request (default 100) instead
@@ -134,6 +137,7 @@ class _Stream:
         "cancelled",
         "done",
         "id",
+        "interval",
         "last_poll",
         "last_sent",
         "outcome",
@@ -146,9 +150,15 @@ class _Stream:
     )
 
     def __init__(
-        self, req: VllmRequest, sender: Any, now: float, trace: dict[str, Any] | None = None
+        self,
+        req: VllmRequest,
+        sender: Any,
+        now: float,
+        trace: dict[str, Any] | None = None,
+        interval: float = 0.0,
     ) -> None:
         self.req = req
+        self.interval = max(interval, req.stream_interval_s)  # merging's, after the first text
         self.sender = sender
         self.id = uuid.uuid4().hex
         self.task: asyncio.Task[None] | None = None  # the loop thread's only
@@ -218,9 +228,8 @@ class _Sender:
     def _timeout(self) -> float | None:
         waits = []
         if self._held:
-            interval = self._settings.response_interval_s
             now = time.monotonic()
-            waits.append(min(s.last_sent + interval for s, _ in self._held.values()) - now)
+            waits.append(min(s.last_sent + s.interval for s, _ in self._held.values()) - now)
         # Always: a request registered while the thread sleeps is taken within this.
         waits.append(self._settings.cancel_poll_s / 2 or 0.05)
         if self._model.metrics is not None:
@@ -293,12 +302,11 @@ class _Sender:
             self._guard(item[1])
 
     def _flush_held(self, now: float) -> None:
-        interval = self._settings.response_interval_s
         for key, (stream, pending) in list(self._held.items()):
             if pending.finished:
                 del self._held[key]
                 self._finish(stream, pending)
-            elif not stream.text_sent or now - stream.last_sent >= interval:
+            elif not stream.text_sent or now - stream.last_sent >= stream.interval:
                 del self._held[key]
                 self._send(stream, pending, final=False, now=now)
 
@@ -639,6 +647,7 @@ class TritonPythonModel:
                     {n: self._text(request, n) for n in _STRING_INPUTS},
                     {n: self._flag(request, n) for n in _BOOL_INPUTS},
                     self._fields,
+                    request.parameters(),
                 )
                 params = self._params(req)
             except BadRequest as exc:
@@ -647,7 +656,7 @@ class TritonPythonModel:
             trace = None
             if tracing and req.stream:
                 trace = {"id": str(request.request_id()), "execute": now}
-            stream = _Stream(req, sender, now, trace)
+            stream = _Stream(req, sender, now, trace, self._settings.response_interval_s)
             self._sender.register(stream)
             self._loop.call_soon_threadsafe(self._start_stream, stream, params)
         return None
