@@ -441,6 +441,7 @@ async def _job(job: dict[str, Any]) -> dict[str, Any]:
     from tokenrelay.v1 import generation_pb2_grpc as pb_grpc
 
     target, max_tokens = job["target"], job["max_tokens"]
+    interval_ms = int(job.get("stream_interval_ms", 0))  # 0: none asked
     indexes = list(job["indexes"])
     closers: list[Any] = []
     if target.startswith("triton:"):
@@ -449,7 +450,9 @@ async def _job(job: dict[str, Any]) -> dict[str, Any]:
 
         def make(i: int, tokens: int) -> Stream:
             async def stream() -> AsyncIterator[tuple[bool, int]]:
-                sampling = Sampling(max_tokens=tokens, temperature=0)
+                sampling = Sampling(
+                    max_tokens=tokens, temperature=0, stream_interval_ms=interval_ms
+                )
                 async for delta in node.generate(MODEL, templated(i), sampling, f"b{i}"):
                     yield bool(delta.text), delta.output_tokens
 
@@ -465,6 +468,8 @@ async def _job(job: dict[str, Any]) -> dict[str, Any]:
                 prompt=templated(i),
                 sampling=pb.SamplingParams(max_tokens=tokens, temperature=0),
             )
+            if interval_ms:
+                request.stream_interval_ms = interval_ms
 
             async def stream() -> AsyncIterator[tuple[bool, int]]:
                 async for message in stub.GenerateStream(request, timeout=600):
@@ -490,6 +495,8 @@ async def _job(job: dict[str, Any]) -> dict[str, Any]:
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
+            if interval_ms:
+                body["stream_interval_ms"] = interval_ms
 
             async def stream() -> AsyncIterator[tuple[bool, int]]:
                 async with session.post(f"{job['address']}/v1/chat/completions", json=body) as r:
@@ -551,7 +558,14 @@ class _Clients:
             self._procs.append(proc)
 
     def run(
-        self, target: str, address: str, streams: int, requests: int, max_tokens: int, offset: int
+        self,
+        target: str,
+        address: str,
+        streams: int,
+        requests: int,
+        max_tokens: int,
+        offset: int,
+        stream_interval_ms: int = 0,
     ) -> tuple[list[Sample], float, list[str]]:
         used = min(len(self._pipes), streams)
         jobs = []
@@ -562,6 +576,7 @@ class _Clients:
                     "target": target,
                     "address": address,
                     "max_tokens": max_tokens,
+                    "stream_interval_ms": stream_interval_ms,
                     "concurrency": len(range(w, streams, used)),
                     "indexes": share,
                 }
@@ -688,7 +703,13 @@ def bench(args: argparse.Namespace) -> None:
                         )
                     else:
                         samples, wall, errors = clients.run(
-                            target, address, streams, requests, args.max_tokens, offset
+                            target,
+                            address,
+                            streams,
+                            requests,
+                            args.max_tokens,
+                            offset,
+                            args.stream_interval_ms,
                         )
                     stop.set()
                     for probe in probes:
@@ -786,7 +807,9 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f" {len(group)} | {sum(g['errors'] for g in group)} |"
         )
     lines.append(
-        f"\nmax_tokens {args.max_tokens}, greedy, closed loop with as many requests as streams "
+        f"\nmax_tokens {args.max_tokens}, greedy, "
+        + (f"stream interval {args.stream_interval_ms} ms, " if args.stream_interval_ms else "")
+        + "closed loop with as many requests as streams "
         f"(at least {args.min_requests}); medians over rounds. tok/s: output tokens over the run's "
         "wall time. tokens/response > 1: deltas merged on the way (vLLM's stream interval or the "
         "model's merging). CPU per token: the process group's CPU time over the run's tokens."
@@ -1177,6 +1200,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument(
+        "--stream-interval-ms",
+        type=int,
+        default=0,
+        help="bench: each request asks for this stream interval (direct Triton too, as the"
+        " orchestrator passes it on); 0: none",
+    )
     parser.add_argument("--targets", default="", help="only these (comma-separated)")
     parser.add_argument(
         "--health-url",
