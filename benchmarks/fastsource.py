@@ -20,10 +20,10 @@ is the cost on the far side: messages are pre-encoded, so one core sends tens of
 second, and ``--token-interval-ms`` paces each stream (0: as fast as the reader takes them).
 
 A request's ``stream_interval_ms`` parameter (which the orchestrator sends when it relays at a
-stream interval) is honoured as tokenrelay's vLLM model honours it: after the first token, a
-response waits until that long after the previous one and carries every token due by then
-(``--stream-interval ignore``: one response per token whatever the request says, as Triton's
-vLLM backend and the CPU models answer). Unpaced, every token is due at once, so the rest of the
+stream interval) is honoured as tokenrelay's vLLM and CPU models honour it: after the first
+token, a response waits until that long after the previous one and carries every token due by
+then (``--stream-interval ignore``: one response per token whatever the request says, as
+Triton's vLLM backend answers). Unpaced, every token is due at once, so the rest of the
 answer comes in one response after the interval.
 
 Not modelled: stop sequences, seeds, cancellation statistics, errors. Prints ``listening on

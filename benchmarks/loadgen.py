@@ -730,8 +730,8 @@ def main(argv: list[str] | None = None) -> None:
         choices=("honour", "ignore"),
         default="honour",
         help="with --source fast: merge each stream's tokens by the stream interval the"
-        " orchestrator passes on (as tokenrelay's vLLM model does), or send one response per"
-        " token (as Triton's vLLM backend and the CPU models do)",
+        " orchestrator passes on (as tokenrelay's vLLM and CPU models do), or send one response"
+        " per token (as Triton's vLLM backend does)",
     )
     parser.add_argument(
         "--stream-interval-ms",

@@ -19,6 +19,7 @@ from tritonclient.grpc import InferInput
 from _support import triton_metric
 from _support.target import MODELS, StackUnderTest
 from tokenrelay.config import Timeouts
+from tokenrelay.errors import InvalidRequest
 from tokenrelay.generation import Sampling
 from tokenrelay.orchestrator._triton import TritonNode
 from tokenrelay.stack import Stack
@@ -106,6 +107,40 @@ async def test_concurrent_requests_do_not_corrupt_each_other(stack: StackUnderTe
         await node.close()
     assert list(together) == alone
     assert len(set(alone)) == len(alone)
+
+
+@ANY
+async def test_a_stream_interval_passed_to_the_model_merges_its_responses(
+    stack: StackUnderTest,
+) -> None:
+    # The orchestrator sends its stream interval as the request parameter stream_interval_ms:
+    # the model sends the first text at once, then what came within each interval together.
+    node = TritonNode(stack.triton_grpc, Timeouts())
+    prompt = CHATML.format("Count from 1 to 20, separated by commas.")
+    try:
+        plain = [
+            d
+            async for d in node.generate(SMOL, prompt, Sampling(max_tokens=16, temperature=0), "p")
+        ]
+        sampling = Sampling(max_tokens=16, temperature=0, stream_interval_ms=400)
+        merged = [d async for d in node.generate(SMOL, prompt, sampling, "m")]
+    finally:
+        await node.close()
+    assert "".join(d.text for d in merged) == "".join(d.text for d in plain)
+    assert sum(d.output_tokens for d in merged) == sum(d.output_tokens for d in plain) == 16
+    assert merged[0].text and len(merged) <= len(plain) // 2, (len(merged), len(plain))
+    assert merged[-1].finish_reason is not None and merged[-1].finish_reason.value == "length"
+
+
+@ANY
+async def test_a_bad_stream_interval_parameter_is_refused(stack: StackUnderTest) -> None:
+    node = TritonNode(stack.triton_grpc, Timeouts())
+    try:
+        sampling = Sampling(max_tokens=4, stream_interval_ms=10_001)
+        with pytest.raises(InvalidRequest):  # the model's words stay in the log
+            [d async for d in node.generate(SMOL, CHATML.format("hi"), sampling, "b")]
+    finally:
+        await node.close()
 
 
 @ANY

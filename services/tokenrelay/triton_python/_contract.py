@@ -37,9 +37,9 @@ class BadRequest(ValueError):
 # the model may hold a stream's tokens until this many milliseconds have passed since its last
 # response, and send them together. It is a hint: the text is the same either way (the
 # orchestrator merges by the same interval), only the number of responses falls. tokenrelay's
-# vLLM model takes it; Triton's vLLM backend never reads request parameters when the sampling
-# parameters come as an input (as the orchestrator sends them), so it ignores it, as the CPU
-# models do.
+# vLLM model and the CPU models' shell (``_model``) take it; Triton's vLLM backend never reads
+# request parameters when the sampling parameters come as an input (as the orchestrator sends
+# them), so it ignores it.
 STREAM_INTERVAL_PARAMETER = "stream_interval_ms"
 MAX_STREAM_INTERVAL_MS = 10_000  # as the orchestrator's own bound (``max_stream_interval_ms``)
 

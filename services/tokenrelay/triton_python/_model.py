@@ -19,7 +19,10 @@ call into the stub (building and sending a response, asking whether a request wa
 updating a metric) goes through one outbox thread, because the stub's shared-memory channel is not
 safe for concurrent use (Triton aborted with ``boost::interprocess::lock_exception`` when workers
 sent at once; Triton's vLLM backend likewise sends from one thread). The last data response
-carries ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``.
+carries ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``. A streaming request's ``stream_interval_ms``
+request parameter (``_contract.STREAM_INTERVAL_PARAMETER``, sent by the orchestrator when it
+relays at a stream interval) is honoured as tokenrelay's vLLM model honours it: the first text goes
+out at once, later text waits until that long after the previous response and goes out together.
 A cancelled request (client gone, stream cancelled) stops between steps and ends with a CANCELLED
 error. Custom metrics: ``tokenrelay_model_generated_tokens_total`` and
 ``tokenrelay_model_requests_total{outcome=completed|cancelled|failed|rejected}``.
@@ -30,16 +33,24 @@ This module runs inside Triton's Python-backend stub, where ``triton_python_back
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
 import json
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tokenrelay.triton_python._contract import BadRequest, EngineSampling, parse_sampling
+from tokenrelay.triton_python._contract import (
+    BadRequest,
+    EngineSampling,
+    parse_sampling,
+    parse_stream_interval,
+)
 from tokenrelay.triton_python._engine import (
     Engine,
     Step,
@@ -52,6 +63,10 @@ from tokenrelay.triton_python._engine import (
 __all__ = ["DecoupledLLMModel"]
 
 _OUTCOMES = ("completed", "cancelled", "failed", "rejected")
+
+
+def _due() -> None:
+    """The outbox's wake-up for a timed job (never run)."""
 
 
 def _input(request: Any, name: str) -> Any:
@@ -94,23 +109,45 @@ def _logprobs_json(entries: list[tuple[TokenLogprob, ...]]) -> bytes:
 
 
 class _Outbox:
-    """The one thread that talks to the stub on the engines' behalf, in submission order."""
+    """The one thread that talks to the stub on the engines' behalf, in submission order, and
+    runs the jobs it was asked to run later (``later``) when their time comes."""
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        # (when, order, job): the outbox thread's own (``later`` is called from its jobs only).
+        self._timed: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
         self._thread.start()
 
+    def _call(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except Exception as exc:
+            pb_utils.Logger.log_error(f"{self._name}: stub call failed: {exc!r}")
+
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while True:
+            wait = max(0.0, self._timed[0][0] - time.monotonic()) if self._timed else None
             try:
-                job()
-            except Exception as exc:
-                pb_utils.Logger.log_error(f"{self._name}: stub call failed: {exc!r}")
+                job = self._queue.get(timeout=wait)
+            except queue.Empty:
+                job = _due
+            if job is None:
+                return
+            if job is not _due:
+                self._call(job)
+            now = time.monotonic()
+            while self._timed and self._timed[0][0] <= now:
+                self._call(heapq.heappop(self._timed)[2])
 
     def submit(self, job: Callable[[], None]) -> None:
         self._queue.put(job)
+
+    def later(self, when: float, job: Callable[[], None]) -> None:
+        """(Outbox thread.) Run ``job`` at ``time.monotonic()`` ``when``."""
+        heapq.heappush(self._timed, (when, next(self._order), job))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -136,6 +173,14 @@ class _Request:
         self._held_tokens = 0
         self._held_logprobs: list[tuple[TokenLogprob, ...]] = []
         self._cumulative = 0.0
+        # The stream interval's merging, the outbox thread's own: what waits, when the last
+        # response went out, whether text has gone out, and whether the request has ended.
+        self.interval = 0.0
+        self._waiting: tuple[str, int, list[tuple[TokenLogprob, ...]], float] | None = None
+        self._last_sent = 0.0
+        self._text_sent = False
+        self._flush_due = False
+        self._ended = False
 
     def parse(self, request: Any) -> None:
         """Read the inputs; raises ``BadRequest`` with a clear message."""
@@ -154,6 +199,8 @@ class _Request:
         self.want_in = _flag(request, "return_num_input_tokens", False)
         self.want_out = _flag(request, "return_num_output_tokens", False)
         self._held_text = prompt if self.prepend_input else ""
+        if self.stream:
+            self.interval = parse_stream_interval(request.parameters())
 
     def _response(
         self,
@@ -214,25 +261,65 @@ class _Request:
             return
         text, tokens, logprobs = self._held_text, self._held_tokens, self._held_logprobs
         self._held_text, self._held_tokens, self._held_logprobs = "", 0, []
-        cumulative = self._cumulative
         if step.finish_reason is not None:
             self._model.count_outcome("completed")
-            finish = step.finish_reason
+        self._outbox.submit(
+            functools.partial(
+                self._deliver, text, tokens, logprobs, self._cumulative, step.finish_reason
+            )
+        )
 
-            def last() -> None:
-                response = self._response(text, finish, tokens, logprobs, cumulative)
-                self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    # The outbox thread's: `_deliver`, `_flush`, `_end`.
 
-            self._outbox.submit(last)
+    def _deliver(
+        self,
+        text: str,
+        tokens: int,
+        logprobs: list[tuple[TokenLogprob, ...]],
+        cumulative: float,
+        finish: str | None,
+    ) -> None:
+        """Send a response now, or (after the first text, within the stream interval of the
+        last response) keep it to go out with what follows."""
+        if self._ended:
             return
+        if self._waiting is not None:
+            text, tokens, logprobs = (
+                self._waiting[0] + text,
+                self._waiting[1] + tokens,
+                self._waiting[2] + logprobs,
+            )
+            self._waiting = None
+        if finish is not None:
+            self._ended = True
+            response = self._response(text, finish, tokens, logprobs, cumulative)
+            self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        due = self._last_sent + self.interval
+        if self._text_sent and time.monotonic() < due:
+            self._waiting = (text, tokens, logprobs, cumulative)
+            if not self._flush_due:
+                self._flush_due = True
+                self._outbox.later(due, self._flush)
+            return
+        self._last_sent = time.monotonic()
+        self._text_sent = self._text_sent or bool(self.interval and text)
+        self.sender.send(self._response(text, None, tokens, logprobs, cumulative))
+        self._cancelled = bool(self.sender.is_cancelled())
 
-        def send() -> None:
-            self.sender.send(self._response(text, None, tokens, logprobs, cumulative))
-            self._cancelled = bool(self.sender.is_cancelled())
+    def _flush(self) -> None:
+        """The stream interval passed: what waits goes out."""
+        self._flush_due = False
+        if self._waiting is not None and not self._ended:
+            text, tokens, logprobs, cumulative = self._waiting
+            self._waiting = None
+            self._deliver(text, tokens, logprobs, cumulative, None)
 
-        self._outbox.submit(send)
+    def _end(self) -> None:
+        self._ended = True
 
     def fail(self, error: Exception) -> None:
+        self._outbox.submit(self._end)  # nothing waiting goes out after the error
         if isinstance(error, BadRequest):
             self._model.finish_with_error(
                 self.sender, str(error), pb_utils.TritonError.INVALID_ARG, "rejected"
@@ -245,6 +332,7 @@ class _Request:
         )
 
     def stopped(self) -> None:
+        self._outbox.submit(self._end)  # nothing waiting goes out after the error
         self._model.finish_with_error(
             self.sender, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled"
         )
