@@ -31,7 +31,7 @@ import math
 import re
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenrelay.config import Limits, ModelSpec
 from tokenrelay.errors import InvalidRequest, ModelNotFound
@@ -325,13 +325,14 @@ class Plan:
     fallback: bool = False
     retrieval: RetrievalReport | None = None
     tools: ToolPlan | None = None  # None: the answer is text
+    stream_interval_s: float = field(init=False)
+    """How long deltas may wait for company after a chunk (the request's, or the model's
+    default): worked out once, as the relay and each attempt read it."""
 
-    @property
-    def stream_interval_s(self) -> float:
-        """How long deltas may wait for company after a chunk (the request's, or the model's
-        default)."""
+    def __post_init__(self) -> None:
         asked = self.request.stream_interval_ms
-        return (self.spec.stream_interval_ms if asked is None else asked) / 1000
+        interval = self.spec.stream_interval_ms if asked is None else asked
+        object.__setattr__(self, "stream_interval_s", interval / 1000)
 
     @property
     def continuable(self) -> bool:
