@@ -454,6 +454,7 @@ class FramesClient:
         self._keep = keep_idle
         self._idle: deque[FrameConnection] = deque()
         self._closed = False
+        self._ending: set[asyncio.Task[None]] = set()  # calls let run to their end (``let_end``)
 
     async def _take(self) -> FrameConnection:
         while self._idle:
@@ -548,7 +549,35 @@ class FramesClient:
                 connection.on_frame = connection.on_lost = None
                 connection.close()
 
+    def let_end(self, messages: AsyncGenerator[bytes, None]) -> None:
+        """Let a call whose last message the caller has read (``unary_stream``'s ``messages``)
+        end by itself, in a task, instead of closing it: its end comes a moment after that
+        message, and only a call that ended leaves its connection for the next one. (Closed at
+        once, a call closed its connection, which cancels the call; the next call then paid for
+        a new connection on both sides: two calls in three at one stream through the edge.)
+        A call whose end takes over ``_END_S`` is closed then."""
+        task = asyncio.get_running_loop().create_task(_run_to_end(messages))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._ending):
+            task.cancel()
         while self._idle:
             self._idle.pop().close()
+
+
+# How long a call that ``FramesClient.let_end`` lets end may take to end.
+_END_S = 1.0
+
+
+async def _run_to_end(messages: AsyncGenerator[bytes, None]) -> None:
+    try:
+        async with asyncio.timeout(_END_S):
+            async for _ in messages:  # nothing is expected after the caller's last message
+                pass
+    except (TimeoutError, grpc.aio.AioRpcError):
+        pass  # the caller has its answer: only the connection is lost
+    finally:
+        await messages.aclose()

@@ -148,3 +148,43 @@ async def test_every_log_line_of_a_refused_request_carries_its_id(
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert seen and all(rid == "rid-7" for rid in seen)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_the_edge_calls_over_one_frames_connection_one_request_after_another(
+    source: FakeSource, orchestrator: Orchestrator, stream: bool
+) -> None:
+    # A connection serves a next call only once its call ended; the edge stops reading when
+    # every answer has ended, and lets the call's end come instead of closing it (a new
+    # connection per request cost both processes a connect and an accept).
+    source.words, source.interval_s = (" a", " b"), 0.0
+    settings = EdgeSettings(
+        orchestrator=f"127.0.0.1:{orchestrator.port}",
+        orchestrator_frames=f"127.0.0.1:{orchestrator.frames_port}",
+    )
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    frames = orchestrator._frames
+    assert frames is not None
+    seen = set()
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=10)) as session:
+            for n in (1, 2, 1):
+                body = {
+                    "model": "synthetic",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "stream": stream,
+                    "n": n,
+                }
+                async with session.post(server.make_url("/v1/chat/completions"), json=body) as r:
+                    assert r.status == 200
+                    await r.read()
+                for _ in range(100):  # the call's end may come a moment after the answer's
+                    if len(frames._connections) == 1 and not frames._calls:
+                        break
+                    await asyncio.sleep(0.01)
+                assert len(frames._connections) == 1
+                seen.add(id(next(iter(frames._connections))))
+    finally:
+        await server.close()
+    assert len(seen) == 1

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tokenrelay import _frames as frames
 from tokenrelay._frames import (
     CALL,
     MAX_FRAME,
@@ -133,6 +134,33 @@ async def test_a_call_streams_its_messages_and_the_connection_serves_the_next(
     assert 29 < first.time_remaining() <= 30
     assert second.time_remaining() is None
     assert len(server._connections) == 1  # one connection, two calls
+
+
+async def test_a_call_let_end_after_its_last_message_leaves_its_connection_for_the_next(
+    server: FramesServer, client: FramesClient, served: Served
+) -> None:
+    for _ in range(3):  # the caller has its answer (one message) and stops reading there
+        messages = client.unary_stream(METHOD, b"1")
+        assert await anext(messages) == b"m0"
+        client.let_end(messages)
+        for _ in range(100):
+            if client._idle:
+                break
+            await asyncio.sleep(0.01)
+    assert len(server._connections) == 1  # three calls, one connection
+    assert served.cancelled == 0  # each ended as it would have, read to its end
+
+
+async def test_a_call_let_end_that_does_not_end_is_closed_and_cancelled(
+    client: FramesClient, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(frames, "_END_S", 0.05)
+    served.behave = Served.sleeps
+    messages = client.unary_stream(METHOD, b"")
+    assert await anext(messages) == b"first"
+    client.let_end(messages)
+    await served.cancelled_once()
+    assert not client._idle
 
 
 async def test_many_messages_and_large_ones_arrive_whole(

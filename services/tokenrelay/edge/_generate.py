@@ -215,7 +215,8 @@ class OrchestratorClient:
         timeout_s: float,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
-        """The orchestrator's stream; raises ``RelayError``. Closing it cancels the call."""
+        """The orchestrator's stream, up to the last answer's end; raises ``RelayError``.
+        Closing it before then cancels the call."""
         if self._frames is not None:
             messages = self._frames.unary_stream(
                 _GENERATE_STREAM,
@@ -223,12 +224,25 @@ class OrchestratorClient:
                 timeout_s,
                 (*metadata, *forwarded_metadata(), *self._auth),
             )
+            # Once every answer has ended, the call's own end follows: the stream stops there
+            # and lets it come (``let_end``), so that the connection serves a next call. (A
+            # consumer reading ahead would be cancelled while it waited for that end.)
+            answers = request.n if request.HasField("n") else 1
+            ended, complete = 0, False
             try:
                 with _translated:
                     async for data in messages:
-                        yield _RESPONSE(data)
+                        message = _RESPONSE(data)
+                        ended += message.HasField("end")
+                        complete = ended >= answers
+                        yield message
+                        if complete:
+                            break
             finally:
-                await messages.aclose()
+                if complete:
+                    self._frames.let_end(messages)
+                else:
+                    await messages.aclose()
             return
         call = self._stub.GenerateStream(
             request, timeout=timeout_s, metadata=(*metadata, *forwarded_metadata(), *self._auth)
