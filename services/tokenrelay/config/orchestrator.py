@@ -4,7 +4,7 @@ continuation, TLS."""
 from __future__ import annotations
 
 from dataclasses import field
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic.dataclasses import dataclass
@@ -196,6 +196,11 @@ class OrchestratorSettings:
     triton_tls_cert: str = ""
     """... and the certificate and key presented for ``--grpc-use-ssl-mutual``."""
     triton_tls_key: str = ""
+    triton_streams: Literal["h2", "grpc"] = "h2"
+    """The client of generation streams to Triton: ``h2``, tokenrelay's own HTTP/2 client
+    (``orchestrator/_h2.py``; ~18 against ~50 µs of CPU per message read and decoded,
+    ``benchmarks/h2_read.py``) for ``host:port`` addresses, or ``grpc`` (``grpc.aio``, as every
+    other call to Triton). Both speak the same gRPC method and report failures alike."""
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     """Orchestrator processes sharing its ports (``listen``, ``frames_listen``,
     ``metrics_listen``, ``health_listen``: SO_REUSEPORT) under one

@@ -6,17 +6,21 @@ vLLM backend's contract is spoken as it is: ``exclude_input_in_output`` is alway
 counts and the finish reason are asked for; log probabilities only when the request wants them
 (``return_logprobs`` → the ``logprobs`` output, JSON text per response).
 
-The node talks to Triton through ``grpc.aio`` and ``tritonclient``'s generated messages
-(``service_pb2``), not through ``tritonclient.grpc.aio``'s client: that one wraps every response
-in an ``InferResult`` (and a request iterator in a task of its own), which cost a measurable share
-of the orchestrator's CPU per token. A response is read as the protobuf message and its raw output
-contents are decoded here (``_decode``).
-The bidirectional ``ModelStreamInfer`` is called as a server-streaming
-call (one request, then the half-close), which sends the request in one batch.
+Generation streams go over tokenrelay's own HTTP/2 client (``_h2``, ``triton_streams = "h2"``,
+the default, for a ``host:port`` address): through ``grpc.aio`` a message read and decoded cost
+~50 µs of the orchestrator's CPU, about as much as everything else it does per relayed token;
+through ``_h2`` ~18 (``benchmarks/h2_read.py``). ``triton_streams = "grpc"`` (or an address
+that is a gRPC target, ``dns:///…``) reads them through ``grpc.aio``, as every other call
+(readiness, embeddings) is made. Either way the messages are ``tritonclient``'s generated ones
+(``service_pb2``), not ``tritonclient.grpc.aio``'s client: that one wraps every response in an
+``InferResult`` (and a request iterator in a task of its own). A response's raw output contents
+are decoded here (``_decode``). The bidirectional ``ModelStreamInfer`` is called as a
+server-streaming call (one request, then the half-close), which sends the request in one batch.
 
-A stream fails three ways, all translated here: a ``grpc.RpcError`` when the call is set up or
-while reading, a response whose ``error_message`` is set (a backend that ignores
-``triton_grpc_error``), and a stream that ends before the last response. Messages of the upstream
+A stream fails three ways, all translated here: a ``grpc.RpcError`` (``_h2`` raises gRPC's own
+``AioRpcError``) when the call is set up or while reading, a response whose ``error_message`` is
+set (a backend that ignores ``triton_grpc_error``), and a stream that ends before the last
+response. Messages of the upstream
 never reach callers; they go to the log.
 """
 
@@ -46,6 +50,7 @@ from tokenrelay.errors import (
     UpstreamUnavailable,
 )
 from tokenrelay.generation import Delta, FinishReason, Logprob, Sampling, TokenLogprob
+from tokenrelay.orchestrator._h2 import H2Channel, tls_context
 from tokenrelay.triton_python._contract import STREAM_INTERVAL_PARAMETER
 
 __all__ = ["TritonNode", "TritonTLS"]
@@ -181,10 +186,13 @@ class TritonNode:
         timeouts: Timeouts,
         reconnect_max_s: float = 1.0,
         tls: TritonTLS | None = None,
+        streams: str = "h2",
     ) -> None:
         """``reconnect_max_s`` caps gRPC's reconnect backoff (default 120 s), so that a node
         that comes back is reachable by the next probe instead of minutes later. ``tls``: TLS
-        to Triton's gRPC endpoint when it names a CA."""
+        to Triton's gRPC endpoint when it names a CA. ``streams``: the client of generation
+        streams, ``h2`` (``_h2``: a ``host:port`` address only; others go through gRPC) or
+        ``grpc`` (``grpc.aio``)."""
         self._address = address
         self._timeouts = timeouts
         backoff_ms = max(100, int(reconnect_max_s * 1000))
@@ -209,6 +217,15 @@ class TritonNode:
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         channel = self._channel
+        self._h2 = (
+            H2Channel(
+                address,
+                timeouts.connect_s,
+                tls_context(tls.ca, tls.cert, tls.key) if tls.ca else None,
+            )
+            if streams == "h2" and H2Channel.parses(address)
+            else None
+        )
         # ModelStreamInfer is a bidirectional method, but one generation is one request and
         # then the client's half-close: on the wire exactly what a server-streaming call sends.
         # Called as one, gRPC sends the metadata, the request and the half-close in one batch
@@ -278,8 +295,45 @@ class TritonNode:
         headers: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[Delta, None]:
         request = self._request(model, prompt, sampling, request_id)
-        # One request, then the client half-closes; Triton keeps streaming responses.
-        call = self._stream_infer(request, metadata=(*headers, _STREAM_ERRORS))
+        metadata = (*headers, _STREAM_ERRORS)
+        if self._h2 is None:
+            async for delta in self._generate_grpc(request, sampling, metadata):
+                yield delta
+            return
+        # One request, then the half-close; Triton keeps streaming responses.
+        with _translate(self._address):
+            stream = await self._h2.stream(
+                _SERVICE + "ModelStreamInfer", request.SerializeToString(), metadata
+            )
+        final = False
+        parse = service_pb2.ModelStreamInferResponse.FromString
+        try:
+            while True:
+                raw = await stream.read()
+                if raw is None:
+                    raise UpstreamUnavailable("The inference node closed the stream early.")
+                message: Any = parse(raw)
+                if message.error_message:  # a backend that ignores triton_grpc_error
+                    raise _classify(None, message.error_message, self._address)
+                delta, final = _decode(message.infer_response, sampling.top_logprobs)
+                yield delta
+                if final:
+                    return
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, self._address) from exc
+        finally:
+            if final:
+                stream.let_end(_END_S)  # as _let_end: the status comes right after
+            else:
+                # Cancels the Triton request when we stop early (caller gone, watchdog, error).
+                stream.cancel()
+
+    async def _generate_grpc(
+        self, request: Any, sampling: Sampling, metadata: Sequence[tuple[str, str]]
+    ) -> AsyncGenerator[Delta, None]:
+        """``generate`` through ``grpc.aio`` (``triton_streams = "grpc"``, or an address that
+        is a gRPC target rather than ``host:port``)."""
+        call = self._stream_infer(request, metadata=metadata)
         final = False
         try:
             while True:
@@ -320,6 +374,8 @@ class TritonNode:
         return arrays["embedding"], arrays["num_tokens"]
 
     async def close(self) -> None:
+        if self._h2 is not None:
+            await self._h2.close()
         await self._channel.close()
 
 

@@ -104,7 +104,11 @@ def _triton_node(settings: Settings) -> typing.Callable[[str], TokenSource]:
 
     def make(address: str) -> TokenSource:
         return TritonNode(
-            address, orchestrator.timeouts, reconnect_max_s=orchestrator.probe_interval_s, tls=tls
+            address,
+            orchestrator.timeouts,
+            reconnect_max_s=orchestrator.probe_interval_s,
+            tls=tls,
+            streams=orchestrator.triton_streams,
         )
 
     return make

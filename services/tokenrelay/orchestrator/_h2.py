@@ -1,0 +1,590 @@
+"""Server-streaming gRPC calls to Triton over a small HTTP/2 client of our own.
+
+Why not ``grpc.aio`` for these: reading one message of a stream through it cost ~40 µs of the
+orchestrator's CPU (a completion-queue batch per message, the poller thread's wake-up, the
+Cython call and future around it), about half of everything the orchestrator spent per relayed
+token (``benchmarks/h2_read.py`` measures both clients against the same server). Here one
+``data_received`` call parses every frame the kernel handed over — at 64 streams often many
+streams' messages at once — and a message costs a few slices and a future's result.
+
+What is spoken: HTTP/2 (RFC 9113) with prior knowledge (``h2c``) or TLS with ALPN ``h2``, one
+connection per node (another one is opened when the server's ``MAX_CONCURRENT_STREAMS`` is
+reached), gRPC's length-prefixed messages without compression, and status from the trailers
+(``grpc-status``, ``grpc-message``) or from the HTTP status of a response that is not gRPC.
+Header blocks are coded by ``hpack`` (once per stream each way). Flow control both ways: what
+the server sends is acknowledged per connection as it arrives and per stream as the reader
+takes it (so one stream never buffers more than ``_STREAM_WINDOW``), and a large request waits
+for the server's windows. Pings are answered, ``GOAWAY`` stops new streams on the connection and
+fails those the server will not answer, ``RST_STREAM`` and a lost connection fail their streams.
+
+Failures are raised as ``grpc.aio.AioRpcError`` with the status gRPC would report, so callers
+translate them exactly as they translate ``grpc.aio``'s. Only ``ModelStreamInfer`` goes this
+way; unary calls (readiness, embeddings) stay on ``grpc.aio``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import struct
+import typing
+from collections import deque
+from collections.abc import Iterable, Sequence
+from urllib.parse import unquote
+
+import grpc
+import hpack
+
+__all__ = ["H2Channel", "H2Stream", "tls_context"]
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HEADER = struct.Struct(">HBBBL")  # a frame header: 24-bit length as 16 + 8, type, flags, id
+_MESSAGE = struct.Struct(">BL")  # a gRPC message's prefix: compressed flag, length
+_SETTING = struct.Struct(">HL")
+_WINDOW = struct.Struct(">L")
+
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = (
+    0,
+    1,
+    3,
+    4,
+    6,
+    7,
+    8,
+    9,
+)
+_END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
+_SETTINGS_MAX_CONCURRENT_STREAMS, _SETTINGS_INITIAL_WINDOW_SIZE, _SETTINGS_MAX_FRAME_SIZE = 3, 4, 5
+_CANCEL = 0x8
+
+# What we let the server send ahead: per stream (acknowledged as the reader takes messages) and
+# per connection (acknowledged as frames arrive; the streams' windows bound what is buffered).
+_STREAM_WINDOW = 1 << 20
+_CONNECTION_WINDOW = 1 << 24
+_DEFAULT_WINDOW = 65_535
+_MAX_FRAME = 16_384  # the largest frame we accept (we announce no other SETTINGS_MAX_FRAME_SIZE)
+
+# HTTP statuses of a response that is not gRPC, as gRPC maps them.
+_HTTP_CODES = {
+    400: grpc.StatusCode.INTERNAL,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.UNIMPLEMENTED,
+    429: grpc.StatusCode.UNAVAILABLE,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.UNAVAILABLE,
+}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_RESET_CODES = {
+    0x7: grpc.StatusCode.UNAVAILABLE,  # REFUSED_STREAM: never processed, safe to retry
+    0x8: grpc.StatusCode.CANCELLED,
+    0xB: grpc.StatusCode.RESOURCE_EXHAUSTED,  # ENHANCE_YOUR_CALM
+    0xC: grpc.StatusCode.PERMISSION_DENIED,  # INADEQUATE_SECURITY
+}
+
+
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    length = len(payload)
+    return _HEADER.pack(length >> 8, length & 0xFF, kind, flags, stream_id) + payload
+
+
+class H2Stream:
+    """One call: the request went out whole (or is going out); ``read`` gives the response's
+    messages, then ``None`` once the server ended the call with status OK."""
+
+    __slots__ = (
+        "_block",
+        "_connection",
+        "_end_timer",
+        "_ended",
+        "_error",
+        "_headers",
+        "_messages",
+        "_partial",
+        "_unacked",
+        "_waiter",
+        "id",
+        "send_window",
+    )
+
+    def __init__(self, connection: _Connection, stream_id: int, send_window: int) -> None:
+        self._connection = connection
+        self.id = stream_id
+        self._messages: deque[bytes] = deque()
+        self._partial = b""
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: grpc.aio.AioRpcError | None = None
+        self._ended = False  # the server's trailers came (status OK), or the stream failed
+        self._headers = False  # the response's headers came
+        self._block = b""  # a header block waiting for its CONTINUATION frames
+        self._unacked = 0
+        self.send_window = send_window
+        self._end_timer: asyncio.TimerHandle | None = None
+
+    # -- the reader's side
+
+    async def read(self) -> bytes | None:
+        """The next message; ``None`` when the call ended with status OK; raises the call's
+        failure as ``grpc.aio.AioRpcError`` (after the messages that came before it)."""
+        messages = self._messages
+        while not messages:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return None
+            waiter = self._waiter = self._connection.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        message = messages.popleft()
+        self._unacked += len(message) + 5
+        if self._unacked >= _STREAM_WINDOW // 2 and not self._ended:
+            self._connection.window_update(self.id, self._unacked)
+            self._unacked = 0
+        return message
+
+    @property
+    def done(self) -> bool:
+        return self._ended
+
+    def cancel(self) -> None:
+        """Ends the call now (``RST_STREAM`` CANCEL): the server cancels its request."""
+        if not self._ended:
+            self._fail(_error(grpc.StatusCode.CANCELLED, "Cancelled by the client."))
+            self._connection.reset(self.id)
+
+    def let_end(self, timeout_s: float) -> None:
+        """The last response has been read: let the server's trailers end the call, cancelling
+        it only if they take over ``timeout_s`` (a reset that overtakes them makes Triton count
+        the cancellation of a request it has answered)."""
+        if not self._ended and self._end_timer is None:
+            self._end_timer = self._connection.loop.call_later(timeout_s, self.cancel)
+
+    # -- the connection's side
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _data(self, payload: bytes) -> None:
+        if self._partial:
+            payload = self._partial + payload
+            self._partial = b""
+        size = len(payload)
+        if size >= 5 and payload[0] == 0:
+            length = (payload[1] << 24) | (payload[2] << 16) | (payload[3] << 8) | payload[4]
+            if size == length + 5:  # the usual frame: one whole message
+                self._messages.append(payload[5:])
+                self._wake()
+                return
+        position = 0
+        while size - position >= 5:
+            compressed, length = _MESSAGE.unpack_from(payload, position)
+            if size - position - 5 < length:
+                break
+            if compressed:
+                self._fail(_error(grpc.StatusCode.INTERNAL, "A compressed message came unasked."))
+                self._connection.reset(self.id)
+                return
+            self._messages.append(payload[position + 5 : position + 5 + length])
+            position += 5 + length
+        self._partial = payload[position:]
+        self._wake()
+
+    def _header_block(self, headers: Iterable[tuple[str, str]], end_stream: bool) -> None:
+        fields = dict(headers)
+        if not self._headers:
+            self._headers = True
+            status = fields.get(":status", "")
+            if status != "200":
+                code = _HTTP_CODES.get(int(status) if status.isdigit() else 0)
+                self._fail(
+                    _error(code or grpc.StatusCode.UNKNOWN, f"HTTP status {status or 'none'}.")
+                )
+                return
+            if not end_stream:
+                return
+        # Trailers (or a trailers-only response): the call's status.
+        value = fields.get("grpc-status")
+        if value is None:
+            self._fail(_error(grpc.StatusCode.INTERNAL, "The call ended without a gRPC status."))
+            return
+        code = _CODES.get(int(value) if value.isdigit() else -1, grpc.StatusCode.UNKNOWN)
+        if code is grpc.StatusCode.OK:
+            if self._partial:
+                self._fail(_error(grpc.StatusCode.INTERNAL, "The call ended inside a message."))
+                return
+            self._finish()
+        else:
+            self._fail(_error(code, unquote(fields.get("grpc-message", ""))))
+
+    def _finish(self) -> None:
+        self._ended = True
+        if self._end_timer is not None:
+            self._end_timer.cancel()
+        self._connection.forget(self.id)
+        self._wake()
+
+    def _fail(self, error: grpc.aio.AioRpcError) -> None:
+        if self._ended:
+            return
+        self._error = error
+        self._finish()
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/2 connection: frames in (``data_received``) and out (``transport.write``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, authority: str, scheme: str) -> None:
+        self.loop = loop
+        self._authority = authority
+        self._scheme = scheme
+        self._transport: asyncio.Transport | None = None
+        self._pending = b""
+        self._streams: dict[int, H2Stream] = {}
+        self._next_id = 1
+        self._encoder = hpack.Encoder()
+        self._decoder = hpack.Decoder()
+        self._decoder.max_allowed_table_size = 1 << 16
+        self._continuing: H2Stream | None = None  # the stream whose header block is open
+        self._continuing_end = False
+        self._orphan_block = b""
+        self._peer_window = _DEFAULT_WINDOW  # the server's initial window for our streams
+        self._max_frame = 16_384
+        self._max_streams = 1 << 31
+        self._send_window = _DEFAULT_WINDOW  # the server's connection window
+        self._window_opened = asyncio.Event()
+        self._received = 0  # connection-level bytes not yet acknowledged
+        self.closed = False
+        self._going_away = False
+        self._lost: asyncio.Future[None] = loop.create_future()
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are no subclass of asyncio.Transport, but have its methods.
+        self._transport = typing.cast(asyncio.Transport, transport)
+        settings = _SETTING.pack(0x2, 0) + _SETTING.pack(  # ENABLE_PUSH off
+            _SETTINGS_INITIAL_WINDOW_SIZE, _STREAM_WINDOW
+        )
+        self._transport.write(
+            _PREFACE
+            + _frame(_SETTINGS, 0, 0, settings)
+            + _frame(_WINDOW_UPDATE, 0, 0, _WINDOW.pack(_CONNECTION_WINDOW - _DEFAULT_WINDOW))
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._transport = None
+        self._window_opened.set()
+        for stream in list(self._streams.values()):
+            stream._fail(_error(grpc.StatusCode.UNAVAILABLE, "The connection to Triton was lost."))
+        self._streams.clear()
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._pending:
+            data = self._pending + data
+        size = len(data)
+        position = 0
+        received = 0
+        streams = self._streams
+        while size - position >= 9:
+            high, low, kind, flags, stream_id = _HEADER.unpack_from(data, position)
+            length = (high << 8) | low
+            if length > _MAX_FRAME:  # not HTTP/2, or a server breaking it
+                self._abort("Triton sent a frame larger than allowed.")
+                return
+            end = position + 9 + length
+            if end > size:
+                break
+            if kind == _DATA:
+                received += length
+                stream = streams.get(stream_id & 0x7FFFFFFF)
+                if stream is not None:
+                    if flags & _PADDED:
+                        payload = data[position + 10 : end - data[position + 9]]
+                    else:
+                        payload = data[position + 9 : end]
+                    if payload:
+                        stream._data(payload)
+                    if flags & _END_STREAM and not stream.done:
+                        stream._fail(
+                            _error(grpc.StatusCode.INTERNAL, "The call ended without trailers.")
+                        )
+            else:
+                self._control(kind, flags, stream_id & 0x7FFFFFFF, data[position + 9 : end])
+            position = end
+        self._pending = data[position:] if position < size else b""
+        if received:
+            self._received += received
+            if self._received >= _CONNECTION_WINDOW // 2:
+                self._write(_frame(_WINDOW_UPDATE, 0, 0, _WINDOW.pack(self._received)))
+                self._received = 0
+
+    # -- frames other than DATA
+
+    def _control(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == _HEADERS:
+            if flags & _PADDED:
+                payload = payload[1 : len(payload) - payload[0]]
+            if flags & _PRIORITY:
+                payload = payload[5:]
+            self._continuing = self._streams.get(stream_id)
+            self._continuing_end = bool(flags & _END_STREAM)
+            self._orphan_block = payload
+            if flags & _END_HEADERS:
+                self._header_block()
+        elif kind == _CONTINUATION:
+            self._orphan_block += payload
+            if flags & _END_HEADERS:
+                self._header_block()
+        elif kind == _SETTINGS:
+            if not flags & _ACK:
+                self._settings(payload)
+                self._write(_frame(_SETTINGS, _ACK, 0))
+        elif kind == _PING:
+            if not flags & _ACK:
+                self._write(_frame(_PING, _ACK, 0, payload))
+        elif kind == _WINDOW_UPDATE:
+            (increment,) = _WINDOW.unpack_from(payload)
+            increment &= 0x7FFFFFFF
+            if stream_id == 0:
+                self._send_window += increment
+            elif (stream := self._streams.get(stream_id)) is not None:
+                stream.send_window += increment
+            self._window_opened.set()
+        elif kind == _RST_STREAM:
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                (code,) = _WINDOW.unpack_from(payload)
+                status = _RESET_CODES.get(code, grpc.StatusCode.INTERNAL)
+                stream._fail(_error(status, f"Triton reset the stream (HTTP/2 error {code})."))
+        elif kind == _GOAWAY:
+            (last,) = _WINDOW.unpack_from(payload)
+            last &= 0x7FFFFFFF
+            self._going_away = True
+            for sid, stream in list(self._streams.items()):
+                if sid > last:
+                    stream._fail(
+                        _error(grpc.StatusCode.UNAVAILABLE, "Triton closed the connection.")
+                    )
+            self._close_when_idle()
+        # PRIORITY, PUSH_PROMISE (refused in our settings) and unknown frames are ignored.
+
+    def _header_block(self) -> None:
+        block, stream = self._orphan_block, self._continuing
+        self._orphan_block, self._continuing = b"", None
+        try:
+            # Every block is decoded, a dropped stream's too: they share the dynamic table.
+            headers = [(str(name), str(value)) for name, value in self._decoder.decode(block)]
+        except hpack.HPACKError:
+            self._abort("Triton sent a header block that cannot be decoded.")
+            return
+        if stream is not None:
+            stream._header_block(headers, self._continuing_end)
+
+    def _settings(self, payload: bytes) -> None:
+        for position in range(0, len(payload) - 5, 6):
+            key, value = _SETTING.unpack_from(payload, position)
+            if key == _SETTINGS_INITIAL_WINDOW_SIZE:
+                delta = value - self._peer_window
+                self._peer_window = value
+                for stream in self._streams.values():
+                    stream.send_window += delta
+                self._window_opened.set()
+            elif key == _SETTINGS_MAX_FRAME_SIZE:
+                self._max_frame = value
+            elif key == _SETTINGS_MAX_CONCURRENT_STREAMS:
+                self._max_streams = value
+
+    # -- writing
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(data)
+
+    def window_update(self, stream_id: int, increment: int) -> None:
+        self._write(_frame(_WINDOW_UPDATE, 0, stream_id, _WINDOW.pack(increment)))
+
+    def reset(self, stream_id: int) -> None:
+        self._write(_frame(_RST_STREAM, 0, stream_id, _WINDOW.pack(_CANCEL)))
+
+    def forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        if self._going_away:
+            self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        if not self._streams and self._transport is not None:
+            self._transport.close()
+
+    def _abort(self, why: str) -> None:
+        self.closed = True
+        for stream in list(self._streams.values()):
+            stream._fail(_error(grpc.StatusCode.INTERNAL, why))
+        if self._transport is not None:
+            self._transport.abort()
+
+    @property
+    def usable(self) -> bool:
+        return (
+            not self.closed
+            and not self._going_away
+            and len(self._streams) < self._max_streams
+            and self._next_id < (1 << 31) - 2
+        )
+
+    def open(self, path: str, metadata: Sequence[tuple[str, str]]) -> H2Stream:
+        """A new stream: its headers go out now, then the message (``send``)."""
+        stream_id = self._next_id
+        self._next_id += 2
+        stream = H2Stream(self, stream_id, self._peer_window)
+        self._streams[stream_id] = stream
+        headers = [
+            (":method", "POST"),
+            (":scheme", self._scheme),
+            (":path", path),
+            (":authority", self._authority),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+            ("user-agent", "tokenrelay"),
+            *metadata,
+        ]
+        block = self._encoder.encode(headers)
+        frames = []
+        first = True
+        while first or block:  # a block over the frame size continues in CONTINUATION frames
+            piece, block = block[: self._max_frame], block[self._max_frame :]
+            flags = 0 if block else _END_HEADERS
+            frames.append(_frame(_HEADERS if first else _CONTINUATION, flags, stream_id, piece))
+            first = False
+        self._write(b"".join(frames))
+        return stream
+
+    async def send(self, stream: H2Stream, message: bytes) -> None:
+        """The request's one message and the half-close, within the server's windows."""
+        data = _MESSAGE.pack(0, len(message)) + message
+        frames = []
+        while True:
+            size = min(len(data), self._max_frame, self._send_window, stream.send_window)
+            if size > 0 or not data:
+                piece, data = data[:size], data[size:]
+                self._send_window -= size
+                stream.send_window -= size
+                frames.append(_frame(_DATA, 0 if data else _END_STREAM, stream.id, piece))
+                if not data:
+                    self._write(b"".join(frames))
+                    return
+                continue
+            self._write(b"".join(frames))
+            frames = []
+            if self.closed or stream.done:
+                return  # the stream's reader sees why
+            self._window_opened.clear()
+            await self._window_opened.wait()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._lost
+
+
+class H2Channel:
+    """Streams to one ``host:port`` (``[v6]:port`` too), over as few connections as the server's
+    stream limit allows; a connection is opened when none can take the stream (the first call,
+    or after one was lost)."""
+
+    def __init__(self, address: str, connect_s: float, tls: ssl.SSLContext | None = None) -> None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"not a host:port address: {address!r}")
+        self._host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        self._port = int(port)
+        self._authority = address
+        self._connect_s = connect_s
+        self._tls = tls
+        self._connections: list[_Connection] = []
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+
+    @staticmethod
+    def parses(address: str) -> bool:
+        """Whether ``address`` is a plain ``host:port`` this channel connects to (not a gRPC
+        target with a scheme, such as ``dns:///`` or ``unix:``)."""
+        host, _, port = address.rpartition(":")
+        return bool(host) and port.isdigit() and "/" not in host and not host.startswith("unix")
+
+    async def _connection(self) -> _Connection:
+        for connection in self._connections:
+            if connection.usable:
+                return connection
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            self._connections = [c for c in self._connections if not c.closed]
+            for connection in self._connections:
+                if connection.usable:
+                    return connection
+            if self._closed:
+                raise _error(grpc.StatusCode.UNAVAILABLE, "The channel is closed.")
+            loop = asyncio.get_running_loop()
+            scheme = "https" if self._tls is not None else "http"
+            try:
+                async with asyncio.timeout(self._connect_s):
+                    _, protocol = await loop.create_connection(
+                        lambda: _Connection(loop, self._authority, scheme),
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
+                        server_hostname=self._host if self._tls is not None else None,
+                    )
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                raise _error(
+                    grpc.StatusCode.UNAVAILABLE, f"Cannot connect to {self._authority}: {exc}"
+                ) from exc
+            self._connections.append(protocol)
+            return protocol
+
+    async def stream(
+        self, path: str, message: bytes, metadata: Sequence[tuple[str, str]] = ()
+    ) -> H2Stream:
+        """Starts a call of ``path`` with one request ``message`` and the half-close."""
+        connection = await self._connection()
+        stream = connection.open(path, metadata)
+        try:
+            await connection.send(stream, message)
+        except BaseException:
+            stream.cancel()
+            raise
+        return stream
+
+    async def close(self) -> None:
+        self._closed = True
+        connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+        for connection in connections:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.wait_closed(), 1.0)
+
+
+def tls_context(ca: str, cert: str = "", key: str = "") -> ssl.SSLContext:
+    """A client TLS context for Triton's gRPC endpoint: the CA file of its certificate, our
+    certificate and key files for mutual TLS when given, ALPN ``h2``."""
+    context = ssl.create_default_context(cafile=ca)
+    if cert and key:
+        context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    return context

@@ -1,0 +1,211 @@
+"""tokenrelay's HTTP/2 client of Triton streams (``orchestrator/_h2.py``) against a real gRPC
+server (``grpc.aio``, the same C core as tritonserver's): messages, status, flow control both
+ways, cancellation, a server's stream limit, a server that goes away, and one that is not there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from tokenrelay.orchestrator._h2 import H2Channel
+
+_PATH = "/test.Streams/Stream"
+
+
+class _Server:
+    """One server-streaming method: the request (bytes) says what to answer."""
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+        self.finished = 0
+        self.requests: list[bytes] = []
+        self.metadata: list[dict[str, str]] = []
+        self.running = 0
+        self.most_running = 0
+        self.release = asyncio.Event()
+
+    async def stream(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        self.requests.append(request)
+        self.metadata.append({k: v for k, v in context.invocation_metadata()})
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            kind, _, arg = request.partition(b":")
+            if kind == b"count":  # arg messages, each its index
+                for i in range(int(arg)):
+                    yield b"m%d" % i
+            elif kind == b"big":  # arg messages of 100,000 bytes
+                for i in range(int(arg)):
+                    yield bytes([i % 256]) * 100_000
+            elif kind == b"fail":
+                yield b"before"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad thing: 100% ✗")
+            elif kind == b"hold":  # one message, then wait to be released or cancelled
+                yield b"first"
+                await self.release.wait()
+                yield b"released"
+            elif kind == b"size":  # the request's size
+                yield str(len(request)).encode()
+            self.finished += 1
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running -= 1
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.unary_stream_rpc_method_handler(self.stream)
+        return grpc.method_handlers_generic_handler("test.Streams", {"Stream": method})
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[_Server, str, grpc.aio.Server]]:
+    state = _Server()
+    grpc_server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 4)])
+    grpc_server.add_generic_rpc_handlers((state.handler(),))
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    yield state, f"127.0.0.1:{port}", grpc_server
+    await grpc_server.stop(0)
+
+
+async def _all(channel: H2Channel, request: bytes) -> list[bytes]:
+    messages = []
+    async with asyncio.timeout(20):  # a window never reopened would hang here
+        stream = await channel.stream(_PATH, request, (("x-trace", "t1"),))
+        while (message := await stream.read()) is not None:
+            messages.append(message)
+    return messages
+
+
+async def _eventually(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not check():  # noqa: ASYNC110 - the server's counters come from its own tasks
+            await asyncio.sleep(0.01)
+
+
+async def test_messages_then_the_end_and_the_metadata_reaches_the_server(server: Any) -> None:
+    state, address, _ = server
+    channel = H2Channel(address, 2.0)
+    assert await _all(channel, b"count:5") == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+    assert await _all(channel, b"count:0") == []
+    assert state.metadata[0]["x-trace"] == "t1"
+    await channel.close()
+
+
+async def test_a_failure_comes_after_the_messages_before_it_with_code_and_details(
+    server: Any,
+) -> None:
+    _, address, _ = server
+    channel = H2Channel(address, 2.0)
+    stream = await channel.stream(_PATH, b"fail")
+    assert await stream.read() == b"before"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream.read()
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "bad thing: 100% ✗"
+    await channel.close()
+
+
+async def test_large_requests_and_answers_pass_the_flow_control_windows(server: Any) -> None:
+    state, address, _ = server
+    channel = H2Channel(address, 2.0)
+    request = b"size:" + b"x" * 3_000_000  # past the server's 64 KiB windows
+    assert await _all(channel, request) == [str(len(request)).encode()]
+    # 40 messages of 100,000 bytes: frames of 16 KiB, 4 MB past our 1 MiB stream window.
+    answers = await asyncio.gather(*(_all(channel, b"big:40") for _ in range(3)))
+    for messages in answers:
+        assert [len(m) for m in messages] == [100_000] * 40
+        assert [m[0] for m in messages] == list(range(40))
+    assert state.finished == 4
+    await channel.close()
+
+
+async def test_cancel_ends_the_servers_call_and_leaves_the_connection_to_others(
+    server: Any,
+) -> None:
+    state, address, _ = server
+    channel = H2Channel(address, 2.0)
+    stream = await channel.stream(_PATH, b"hold")
+    assert await stream.read() == b"first"
+    stream.cancel()
+    await _eventually(lambda: state.cancelled == 1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream.read()
+    assert caught.value.code() is grpc.StatusCode.CANCELLED
+    assert await _all(channel, b"count:2") == [b"m0", b"m1"]
+    assert len(channel._connections) == 1
+    await channel.close()
+
+
+async def test_a_stream_let_end_is_not_cancelled(server: Any) -> None:
+    state, address, _ = server
+    channel = H2Channel(address, 2.0)
+    stream = await channel.stream(_PATH, b"count:1")
+    assert await stream.read() == b"m0"
+    stream.let_end(1.0)  # the last message read: the status follows
+    await _eventually(lambda: stream.done)
+    assert (state.finished, state.cancelled) == (1, 0)
+    await channel.close()
+
+
+async def test_streams_past_the_servers_limit_open_another_connection(server: Any) -> None:
+    state, address, _ = server
+    channel = H2Channel(address, 2.0)
+    first = await _all(channel, b"count:1")  # the server's settings (4 streams) are known now
+    assert first == [b"m0"]
+    streams = [await channel.stream(_PATH, b"hold") for _ in range(6)]
+    for stream in streams:
+        assert await stream.read() == b"first"
+    assert state.running == 6
+    assert len(channel._connections) == 2
+    state.release.set()
+    for stream in streams:
+        assert await stream.read() == b"released"
+        assert await stream.read() is None
+    await channel.close()
+
+
+async def test_a_server_that_stops_fails_its_streams_as_unavailable(server: Any) -> None:
+    _, address, grpc_server = server
+    channel = H2Channel(address, 2.0)
+    stream = await channel.stream(_PATH, b"hold")
+    assert await stream.read() == b"first"
+    await grpc_server.stop(0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async with asyncio.timeout(5):
+            await stream.read()
+    assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await channel.stream(_PATH, b"count:1")
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    await channel.close()
+
+
+async def test_no_server_is_unavailable_and_a_wrong_path_unimplemented(server: Any) -> None:
+    _, address, _ = server
+    channel = H2Channel("127.0.0.1:1", 2.0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.stream(_PATH, b"count:1")
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    await channel.close()
+    channel = H2Channel(address, 2.0)
+    stream = await channel.stream("/test.Streams/Nothing", b"")
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await stream.read()
+    assert unknown.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    await channel.close()
+
+
+def test_addresses_it_takes() -> None:
+    assert H2Channel.parses("127.0.0.1:8001")
+    assert H2Channel.parses("[::1]:8001")
+    assert H2Channel.parses("triton-0.triton:8001")
+    assert not H2Channel.parses("dns:///triton-headless:8001")
+    assert not H2Channel.parses("unix:/tmp/triton.sock")
+    assert not H2Channel.parses("127.0.0.1")
