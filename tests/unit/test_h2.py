@@ -6,6 +6,7 @@ ways, cancellation, a server's stream limit, a server that goes away, and one th
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -42,6 +43,8 @@ class _Server:
             elif kind == b"big":  # arg messages of 100,000 bytes
                 for i in range(int(arg)):
                     yield bytes([i % 256]) * 100_000
+            elif kind == b"one":  # one message of arg bytes
+                yield b"z" * int(arg)
             elif kind == b"fail":
                 yield b"before"
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad thing: 100% ✗")
@@ -95,6 +98,10 @@ async def test_messages_then_the_end_and_the_metadata_reaches_the_server(server:
     assert await _all(channel, b"count:5") == [b"m0", b"m1", b"m2", b"m3", b"m4"]
     assert await _all(channel, b"count:0") == []
     assert state.metadata[0]["x-trace"] == "t1"
+    # TCP keepalive: a node that vanishes fails its streams within a minute or so.
+    sock = channel._connections[0]._transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60_000
     await channel.close()
 
 
@@ -199,6 +206,27 @@ async def test_no_server_is_unavailable_and_a_wrong_path_unimplemented(server: A
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
         await stream.read()
     assert unknown.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    await channel.close()
+
+
+async def test_a_message_larger_than_the_stream_window_comes_whole(server: Any) -> None:
+    _, address, _ = server
+    channel = H2Channel(address, 2.0)
+    assert await _all(channel, b"one:3000000") == [b"z" * 3_000_000]  # the window: 1 MiB
+    assert await _all(channel, b"big:3") == [bytes([i]) * 100_000 for i in range(3)]
+    await channel.close()
+
+
+async def test_a_request_the_server_refuses_while_it_is_sent_ends_with_its_status(
+    server: Any,
+) -> None:
+    _, address, _ = server
+    channel = H2Channel(address, 2.0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        # Past the server's 4 MiB limit: it answers before the whole request is in.
+        await _all(channel, b"size:" + b"x" * 20_000_000)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await _all(channel, b"count:1") == [b"m0"]
     await channel.close()
 
 

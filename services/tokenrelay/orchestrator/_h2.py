@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import struct
 import typing
@@ -55,12 +56,14 @@ _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTIN
     9,
 )
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
-_SETTINGS_MAX_CONCURRENT_STREAMS, _SETTINGS_INITIAL_WINDOW_SIZE, _SETTINGS_MAX_FRAME_SIZE = 3, 4, 5
+_SETTINGS_HEADER_TABLE_SIZE, _SETTINGS_MAX_CONCURRENT_STREAMS = 1, 3
+_SETTINGS_INITIAL_WINDOW_SIZE, _SETTINGS_MAX_FRAME_SIZE = 4, 5
 _CANCEL = 0x8
 
 # What we let the server send ahead: per stream (acknowledged as the reader takes messages) and
 # per connection (acknowledged as frames arrive; the streams' windows bound what is buffered).
 _STREAM_WINDOW = 1 << 20
+_CREDIT = _STREAM_WINDOW // 4  # the least a stream's WINDOW_UPDATE gives back (but see _credit)
 _CONNECTION_WINDOW = 1 << 24
 _DEFAULT_WINDOW = 65_535
 _MAX_FRAME = 16_384  # the largest frame we accept (we announce no other SETTINGS_MAX_FRAME_SIZE)
@@ -106,8 +109,9 @@ class H2Stream:
         "_error",
         "_headers",
         "_messages",
+        "_owed",
         "_partial",
-        "_unacked",
+        "_queued",
         "_waiter",
         "id",
         "send_window",
@@ -117,13 +121,13 @@ class H2Stream:
         self._connection = connection
         self.id = stream_id
         self._messages: deque[bytes] = deque()
-        self._partial = b""
+        self._partial = bytearray()  # the start of a message that spans frames
         self._waiter: asyncio.Future[None] | None = None
         self._error: grpc.aio.AioRpcError | None = None
         self._ended = False  # the server's trailers came (status OK), or the stream failed
         self._headers = False  # the response's headers came
-        self._block = b""  # a header block waiting for its CONTINUATION frames
-        self._unacked = 0
+        self._owed = 0  # bytes received and not yet given back to the stream's window
+        self._queued = 0  # bytes of the messages waiting in _messages
         self.send_window = send_window
         self._end_timer: asyncio.TimerHandle | None = None
 
@@ -144,10 +148,9 @@ class H2Stream:
             finally:
                 self._waiter = None
         message = messages.popleft()
-        self._unacked += len(message) + 5
-        if self._unacked >= _STREAM_WINDOW // 2 and not self._ended:
-            self._connection.window_update(self.id, self._unacked)
-            self._unacked = 0
+        self._queued -= len(message)
+        if self._owed >= _CREDIT:
+            self._credit()
         return message
 
     @property
@@ -174,29 +177,45 @@ class H2Stream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _credit(self) -> None:
+        """Gives the stream's window back what came, unless a reader that lags holds over
+        half of it in whole messages (then ``read`` gives it back as it takes them). Bytes of
+        a message not yet whole are always given back, so a message larger than the window
+        still comes."""
+        if self._queued < _STREAM_WINDOW // 2 and not self._ended:
+            self._connection.window_update(self.id, self._owed)
+            self._owed = 0
+
+    def _message(self, message: bytes) -> None:
+        """One whole message (the usual DATA frame holds exactly one)."""
+        self._messages.append(message)
+        self._queued += len(message)
+        self._owed += len(message) + 5
+        if self._owed >= _CREDIT:
+            self._credit()
+        self._wake()
+
     def _data(self, payload: bytes) -> None:
-        if self._partial:
-            payload = self._partial + payload
-            self._partial = b""
-        size = len(payload)
-        if size >= 5 and payload[0] == 0:
-            length = (payload[1] << 24) | (payload[2] << 16) | (payload[3] << 8) | payload[4]
-            if size == length + 5:  # the usual frame: one whole message
-                self._messages.append(payload[5:])
-                self._wake()
-                return
+        """Any other DATA: part of a message, or several."""
+        self._owed += len(payload)
+        buffer = self._partial
+        buffer += payload
+        size = len(buffer)
         position = 0
         while size - position >= 5:
-            compressed, length = _MESSAGE.unpack_from(payload, position)
+            compressed, length = _MESSAGE.unpack_from(buffer, position)
             if size - position - 5 < length:
                 break
             if compressed:
                 self._fail(_error(grpc.StatusCode.INTERNAL, "A compressed message came unasked."))
                 self._connection.reset(self.id)
                 return
-            self._messages.append(payload[position + 5 : position + 5 + length])
+            self._messages.append(bytes(buffer[position + 5 : position + 5 + length]))
+            self._queued += length
             position += 5 + length
-        self._partial = payload[position:]
+        del buffer[:position]
+        if self._owed >= _CREDIT or (buffer and self._owed):
+            self._credit()
         self._wake()
 
     def _header_block(self, headers: Iterable[tuple[str, str]], end_stream: bool) -> None:
@@ -209,6 +228,8 @@ class H2Stream:
                 self._fail(
                     _error(code or grpc.StatusCode.UNKNOWN, f"HTTP status {status or 'none'}.")
                 )
+                if not end_stream:
+                    self._connection.reset(self.id)
                 return
             if not end_stream:
                 return
@@ -232,6 +253,7 @@ class H2Stream:
             self._end_timer.cancel()
         self._connection.forget(self.id)
         self._wake()
+        self._connection.wake_senders()  # a request still waiting for window: it ends too
 
     def _fail(self, error: grpc.aio.AioRpcError) -> None:
         if self._ended:
@@ -272,6 +294,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are no subclass of asyncio.Transport, but have its methods.
         self._transport = typing.cast(asyncio.Transport, transport)
+        _keepalive(transport.get_extra_info("socket"))
         settings = _SETTING.pack(0x2, 0) + _SETTING.pack(  # ENABLE_PUSH off
             _SETTINGS_INITIAL_WINDOW_SIZE, _STREAM_WINDOW
         )
@@ -311,18 +334,31 @@ class _Connection(asyncio.Protocol):
                 received += length
                 stream = streams.get(stream_id & 0x7FFFFFFF)
                 if stream is not None:
+                    start = position + 9
                     if flags & _PADDED:
-                        payload = data[position + 10 : end - data[position + 9]]
-                    else:
-                        payload = data[position + 9 : end]
-                    if payload:
-                        stream._data(payload)
+                        padding = data[start] if length else 256
+                        if padding >= length:
+                            self._abort("Triton sent a DATA frame padded past its end.")
+                            return
+                        stream._owed += padding + 1
+                        stream._data(data[start + 1 : end - padding])
+                    elif (
+                        length >= 5
+                        and not stream._partial
+                        and data[start] == 0
+                        and int.from_bytes(data[start + 1 : start + 5]) == length - 5
+                    ):  # the usual frame: one whole message
+                        stream._message(data[start + 5 : end])
+                    elif length:
+                        stream._data(data[start:end])
                     if flags & _END_STREAM and not stream.done:
                         stream._fail(
                             _error(grpc.StatusCode.INTERNAL, "The call ended without trailers.")
                         )
             else:
                 self._control(kind, flags, stream_id & 0x7FFFFFFF, data[position + 9 : end])
+                if self.closed:  # aborted: nothing more to read
+                    return
             position = end
         self._pending = data[position:] if position < size else b""
         if received:
@@ -402,6 +438,8 @@ class _Connection(asyncio.Protocol):
                 for stream in self._streams.values():
                     stream.send_window += delta
                 self._window_opened.set()
+            elif key == _SETTINGS_HEADER_TABLE_SIZE:
+                self._encoder.header_table_size = value
             elif key == _SETTINGS_MAX_FRAME_SIZE:
                 self._max_frame = value
             elif key == _SETTINGS_MAX_CONCURRENT_STREAMS:
@@ -412,6 +450,9 @@ class _Connection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self._transport is not None:
             self._transport.write(data)
+
+    def wake_senders(self) -> None:
+        self._window_opened.set()
 
     def window_update(self, stream_id: int, increment: int) -> None:
         self._write(_frame(_WINDOW_UPDATE, 0, stream_id, _WINDOW.pack(increment)))
@@ -554,6 +595,16 @@ class H2Channel:
                 raise _error(
                     grpc.StatusCode.UNAVAILABLE, f"Cannot connect to {self._authority}: {exc}"
                 ) from exc
+            transport = protocol._transport
+            alpn = transport.get_extra_info("ssl_object") if transport is not None else None
+            if self._tls is not None and (alpn is None or alpn.selected_alpn_protocol() != "h2"):
+                protocol.close()
+                raise _error(
+                    grpc.StatusCode.UNAVAILABLE, f"{self._authority} does not speak HTTP/2 (ALPN)."
+                )
+            if self._closed:  # closed while connecting
+                protocol.close()
+                raise _error(grpc.StatusCode.UNAVAILABLE, "The channel is closed.")
             self._connections.append(protocol)
             return protocol
 
@@ -578,6 +629,26 @@ class H2Channel:
         for connection in connections:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.wait_closed(), 1.0)
+
+
+def _keepalive(sock: typing.Any) -> None:
+    """TCP keepalive, so that a connection to a node that vanished (power, partition) fails its
+    streams within about a minute instead of the kernel's ~15: probes after 30 s idle, every
+    10 s, 3 missed; sent data unacknowledged for 60 s also ends it. (Not HTTP/2 pings: Triton
+    answers those more often than every 5 minutes with GOAWAY.)"""
+    if sock is None:
+        return
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), 30),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 10),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), 60_000),
+    ]
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
 
 
 def tls_context(ca: str, cert: str = "", key: str = "") -> ssl.SSLContext:
