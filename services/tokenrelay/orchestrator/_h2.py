@@ -485,8 +485,9 @@ class _Connection(asyncio.Protocol):
             and self._next_id < (1 << 31) - 2
         )
 
-    def open(self, path: str, metadata: Sequence[tuple[str, str]]) -> H2Stream:
-        """A new stream: its headers go out now, then the message (``send``)."""
+    def open(self, path: str, metadata: Sequence[tuple[str, str]]) -> tuple[H2Stream, list[bytes]]:
+        """A new stream and its header frames, which ``send`` must write (with the message)
+        before anything is awaited: header blocks go out in the order they were coded."""
         stream_id = self._next_id
         self._next_id += 2
         stream = H2Stream(self, stream_id, self._peer_window)
@@ -509,13 +510,12 @@ class _Connection(asyncio.Protocol):
             flags = 0 if block else _END_HEADERS
             frames.append(_frame(_HEADERS if first else _CONTINUATION, flags, stream_id, piece))
             first = False
-        self._write(b"".join(frames))
-        return stream
+        return stream, frames
 
-    async def send(self, stream: H2Stream, message: bytes) -> None:
-        """The request's one message and the half-close, within the server's windows."""
+    async def send(self, stream: H2Stream, message: bytes, frames: list[bytes]) -> None:
+        """``frames`` (the stream's headers), then the request's one message and the
+        half-close, within the server's windows: one write when the windows allow."""
         data = _MESSAGE.pack(0, len(message)) + message
-        frames = []
         while True:
             size = min(len(data), self._max_frame, self._send_window, stream.send_window)
             if size > 0 or not data:
@@ -613,9 +613,9 @@ class H2Channel:
     ) -> H2Stream:
         """Starts a call of ``path`` with one request ``message`` and the half-close."""
         connection = await self._connection()
-        stream = connection.open(path, metadata)
+        stream, headers = connection.open(path, metadata)
         try:
-            await connection.send(stream, message)
+            await connection.send(stream, message, headers)
         except BaseException:
             stream.cancel()
             raise
