@@ -323,8 +323,11 @@ class FramesServer:
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         loop = asyncio.get_running_loop()
+        # One connection per concurrent stream: a burst of hundreds of streams must not overflow
+        # the listen queue (a SYN dropped there waits 1 s for its retransmit; asyncio's default
+        # is 100, the kernel caps it at net.core.somaxconn).
         self._server = await loop.create_server(
-            self._connection, host, port, reuse_port=reuse_port or None
+            self._connection, host, port, reuse_port=reuse_port or None, backlog=4096
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
