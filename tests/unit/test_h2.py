@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import hpack
 import pytest
 
-from tokenrelay.orchestrator._h2 import H2Channel
+from tokenrelay.orchestrator._h2 import H2Channel, _plain_block, _request_block
 
 _PATH = "/test.Streams/Stream"
 
@@ -237,3 +238,38 @@ def test_addresses_it_takes() -> None:
     assert not H2Channel.parses("dns:///triton-headless:8001")
     assert not H2Channel.parses("unix:/tmp/triton.sock")
     assert not H2Channel.parses("127.0.0.1")
+
+
+def test_request_headers_are_coded_as_hpack_decodes_them() -> None:
+    metadata = [("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")]
+    long = [("x-long", "v" * 300)]  # a length past the 7-bit prefix
+    decoder = hpack.Decoder()
+    for first, scheme, extra in ((True, "http", metadata), (False, "https", long)):
+        block = _request_block(scheme, _PATH, "node:8001", extra, first)
+        assert decoder.decode(block) == [
+            (":method", "POST"),
+            (":scheme", scheme),
+            (":path", _PATH),
+            (":authority", "node:8001"),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+            ("user-agent", "tokenrelay"),
+            *extra,
+        ]
+    assert decoder.header_table.maxsize == 0  # the first block set our table's size to 0
+
+
+def test_blocks_that_leave_the_table_alone_are_read_without_the_decoder() -> None:
+    encoder, decoder = hpack.Encoder(), hpack.Decoder()
+    first = encoder.encode([(":status", "200"), ("content-type", "application/grpc")])
+    assert _plain_block(first, decoder.header_table) is None  # it adds to the table
+    assert decoder.decode(first) == [(":status", "200"), ("content-type", "application/grpc")]
+    again = encoder.encode([(":status", "200"), ("content-type", "application/grpc")])
+    assert _plain_block(again, decoder.header_table) == decoder.decode(again)
+    trailers = b"\x00\x0bgrpc-status\x010\x00\x0cgrpc-message\x00"  # literals, no indexing
+    assert _plain_block(trailers, decoder.header_table) == [
+        ("grpc-status", "0"),
+        ("grpc-message", ""),
+    ]
+    huffman = encoder.encode([("grpc-message", "a" * 40)], huffman=True)
+    assert _plain_block(huffman, decoder.header_table) is None

@@ -56,7 +56,7 @@ _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTIN
     9,
 )
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
-_SETTINGS_HEADER_TABLE_SIZE, _SETTINGS_MAX_CONCURRENT_STREAMS = 1, 3
+_SETTINGS_MAX_CONCURRENT_STREAMS = 3
 _SETTINGS_INITIAL_WINDOW_SIZE, _SETTINGS_MAX_FRAME_SIZE = 4, 5
 _CANCEL = 0x8
 
@@ -87,6 +87,79 @@ _RESET_CODES = {
     0xB: grpc.StatusCode.RESOURCE_EXHAUSTED,  # ENHANCE_YOUR_CALM
     0xC: grpc.StatusCode.PERMISSION_DENIED,  # INADEQUATE_SECURITY
 }
+
+
+def _string(text: str) -> bytes:
+    """An HPACK string literal, not Huffman-coded."""
+    data = text.encode()
+    return _integer(len(data), 7, 0) + data
+
+
+def _integer(value: int, bits: int, first: int) -> bytes:
+    """An HPACK integer with a ``bits``-bit prefix, OR-ed into ``first``."""
+    limit = (1 << bits) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = [first | limit]
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _request_block(
+    scheme: str, path: str, authority: str, metadata: Sequence[tuple[str, str]], first: bool
+) -> bytes:
+    """A request's header block, coded without our dynamic table (it is set to size 0 in the
+    connection's first block, so no server setting can ever make it too large): static-table
+    names and literal values, never Huffman. Costs ~2 µs against ``hpack.Encoder``'s ~14."""
+    parts = [
+        b"\x20" if first else b"",  # dynamic table size update: 0
+        b"\x83",  # :method POST (static 3)
+        b"\x87" if scheme == "https" else b"\x86",  # :scheme (static 7 / 6)
+        b"\x04" + _string(path),  # :path, literal without indexing, name static 4
+        b"\x01" + _string(authority),  # :authority (static 1)
+        b"\x00\x02te\x08trailers",
+        b"\x0f\x10\x10application/grpc",  # content-type (static 31)
+        b"\x0f\x2b\x0atokenrelay",  # user-agent (static 58)
+    ]
+    for name, value in metadata:
+        parts.append(b"\x00" + _string(name.lower()) + _string(value))
+    return b"".join(parts)
+
+
+def _plain_block(block: bytes, table: typing.Any) -> list[tuple[str, str]] | None:
+    """A header block decoded without the decoder when every field in it leaves the dynamic
+    table as it is — indexed ones (one byte) and literals without indexing, new name, not
+    Huffman-coded, as gRPC's server sends the responses' headers and trailers after a
+    connection's first ones; ``None`` for any other block (the decoder's then)."""
+    fields = []
+    position, size = 0, len(block)
+    while position < size:
+        first = block[position]
+        if 0x80 < first < 0xFF:  # indexed, index 1 to 126
+            name, value = table.get_by_index(first & 0x7F)
+            fields.append((name.decode(), value.decode()))
+            position += 1
+        elif first in (0x00, 0x10):  # literal without / never indexed, new name
+            strings = []
+            position += 1
+            for _ in range(2):
+                if position >= size:
+                    return None
+                length = block[position]
+                if length >= 0x7F:  # Huffman-coded, or a longer length: the decoder's
+                    return None
+                strings.append(block[position + 1 : position + 1 + length].decode())
+                position += 1 + length
+            if position > size:
+                return None
+            fields.append((strings[0], strings[1]))
+        else:
+            return None
+    return fields
 
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -274,7 +347,7 @@ class _Connection(asyncio.Protocol):
         self._pending = b""
         self._streams: dict[int, H2Stream] = {}
         self._next_id = 1
-        self._encoder = hpack.Encoder()
+        self._first_block = True  # ours: it starts by setting our table's size to 0
         self._decoder = hpack.Decoder()
         self._decoder.max_allowed_table_size = 1 << 16
         self._continuing: H2Stream | None = None  # the stream whose header block is open
@@ -434,8 +507,10 @@ class _Connection(asyncio.Protocol):
         self._orphan_block, self._continuing = b"", None
         try:
             # Every block is decoded, a dropped stream's too: they share the dynamic table.
-            headers = [(str(name), str(value)) for name, value in self._decoder.decode(block)]
-        except hpack.HPACKError:
+            headers = _plain_block(block, self._decoder.header_table) or [
+                (str(name), str(value)) for name, value in self._decoder.decode(block)
+            ]
+        except (hpack.HPACKError, UnicodeDecodeError):
             self._abort("Triton sent a header block that cannot be decoded.")
             return
         if stream is not None:
@@ -450,8 +525,6 @@ class _Connection(asyncio.Protocol):
                 for stream in self._streams.values():
                     stream.send_window += delta
                 self._window_opened.set()
-            elif key == _SETTINGS_HEADER_TABLE_SIZE:
-                self._encoder.header_table_size = value
             elif key == _SETTINGS_MAX_FRAME_SIZE:
                 self._max_frame = value
             elif key == _SETTINGS_MAX_CONCURRENT_STREAMS:
@@ -504,17 +577,8 @@ class _Connection(asyncio.Protocol):
         self._next_id += 2
         stream = H2Stream(self, stream_id, self._peer_window)
         self._streams[stream_id] = stream
-        headers = [
-            (":method", "POST"),
-            (":scheme", self._scheme),
-            (":path", path),
-            (":authority", self._authority),
-            ("te", "trailers"),
-            ("content-type", "application/grpc"),
-            ("user-agent", "tokenrelay"),
-            *metadata,
-        ]
-        block = self._encoder.encode(headers)
+        block = _request_block(self._scheme, path, self._authority, metadata, self._first_block)
+        self._first_block = False
         frames = []
         first = True
         while first or block:  # a block over the frame size continues in CONTINUATION frames
