@@ -1,9 +1,9 @@
 """Server-streaming gRPC calls to Triton over a small HTTP/2 client of our own.
 
-Why not ``grpc.aio`` for these: reading one message of a stream through it cost ~40 µs of the
-orchestrator's CPU (a completion-queue batch per message, the poller thread's wake-up, the
-Cython call and future around it), about half of everything the orchestrator spent per relayed
-token (``benchmarks/h2_read.py`` measures both clients against the same server). Here one
+Why not ``grpc.aio`` for these: a message read and decoded through it cost ~50 µs of the
+orchestrator's CPU against ~18 here (``benchmarks/h2_read.py``, both clients against one server):
+a completion-queue batch per message, the poller thread's wake-up, the Cython call and future
+around it, about half of everything the orchestrator spent per relayed token. Here one
 ``data_received`` call parses every frame the kernel handed over — at 64 streams often many
 streams' messages at once — and a message costs a few slices and a future's result.
 
@@ -11,11 +11,15 @@ What is spoken: HTTP/2 (RFC 9113) with prior knowledge (``h2c``) or TLS with ALP
 connection per node (another one is opened when the server's ``MAX_CONCURRENT_STREAMS`` is
 reached), gRPC's length-prefixed messages without compression, and status from the trailers
 (``grpc-status``, ``grpc-message``) or from the HTTP status of a response that is not gRPC.
-Header blocks are coded by ``hpack`` (once per stream each way). Flow control both ways: what
-the server sends is acknowledged per connection as it arrives and per stream as the reader
-takes it (so one stream never buffers more than ``_STREAM_WINDOW``), and a large request waits
-for the server's windows. Pings are answered, ``GOAWAY`` stops new streams on the connection and
-fails those the server will not answer, ``RST_STREAM`` and a lost connection fail their streams.
+Header blocks: ours coded here without a dynamic table (``_request_block``), the server's read
+without ``hpack``'s decoder when they leave its table alone (``_plain_block``: after a
+connection's first answer, gRPC's headers and trailers do), else by it. Flow control both ways:
+what the server sends is given back per connection as it arrives and per stream as the reader
+takes whole messages (a lagging reader holds at most about half of ``_STREAM_WINDOW`` in them),
+and a large request waits for the server's windows. Pings are answered, ``GOAWAY`` stops new
+streams on the connection and fails those the server will not answer, ``RST_STREAM`` and a lost
+connection fail their streams; TCP keepalive finds a node that vanished. A read of ``_BURST`` or
+more lets the loop run before the next.
 
 Failures are raised as ``grpc.aio.AioRpcError`` with the status gRPC would report, so callers
 translate them exactly as they translate ``grpc.aio``'s. Only ``ModelStreamInfer`` goes this
