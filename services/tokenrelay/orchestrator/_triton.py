@@ -312,10 +312,7 @@ class TritonNode:
                 raw = await stream.read()
                 if raw is None:
                     raise UpstreamUnavailable("The inference node closed the stream early.")
-                message: Any = parse(raw)
-                if message.error_message:  # a backend that ignores triton_grpc_error
-                    raise _classify(None, message.error_message, self._address)
-                delta, final = _decode(message.infer_response, sampling.top_logprobs)
+                delta, final = self._delta(parse(raw), sampling)
                 yield delta
                 if final:
                     return
@@ -327,6 +324,13 @@ class TritonNode:
             else:
                 # Cancels the Triton request when we stop early (caller gone, watchdog, error).
                 stream.cancel()
+
+    def _delta(self, message: Any, sampling: Sampling) -> tuple[Delta, bool]:
+        """One ``ModelStreamInferResponse`` of either client as a ``Delta`` and whether it is
+        the last; an error inside it (a backend that ignores ``triton_grpc_error``) raised."""
+        if message.error_message:
+            raise _classify(None, message.error_message, self._address)
+        return _decode(message.infer_response, sampling.top_logprobs)
 
     async def _generate_grpc(
         self, request: Any, sampling: Sampling, metadata: Sequence[tuple[str, str]]
@@ -341,9 +345,7 @@ class TritonNode:
                     message: Any = await call.read()
                 if message is grpc.aio.EOF:
                     raise UpstreamUnavailable("The inference node closed the stream early.")
-                if message.error_message:  # a backend that ignores triton_grpc_error
-                    raise _classify(None, message.error_message, self._address)
-                delta, final = _decode(message.infer_response, sampling.top_logprobs)
+                delta, final = self._delta(message, sampling)
                 yield delta
                 if final:
                     return
