@@ -180,7 +180,6 @@ class H2Stream:
     messages, then ``None`` once the server ended the call with status OK."""
 
     __slots__ = (
-        "_block",
         "_connection",
         "_end_timer",
         "_ended",
@@ -356,7 +355,7 @@ class _Connection(asyncio.Protocol):
         self._decoder.max_allowed_table_size = 1 << 16
         self._continuing: H2Stream | None = None  # the stream whose header block is open
         self._continuing_end = False
-        self._orphan_block = b""
+        self._open_block = b""
         self._peer_window = _DEFAULT_WINDOW  # the server's initial window for our streams
         self._max_frame = 16_384
         self._max_streams = 1 << 31
@@ -466,11 +465,11 @@ class _Connection(asyncio.Protocol):
                 payload = payload[5:]
             self._continuing = self._streams.get(stream_id)
             self._continuing_end = bool(flags & _END_STREAM)
-            self._orphan_block = payload
+            self._open_block = payload
             if flags & _END_HEADERS:
                 self._header_block()
         elif kind == _CONTINUATION:
-            self._orphan_block += payload
+            self._open_block += payload
             if flags & _END_HEADERS:
                 self._header_block()
         elif kind == _SETTINGS:
@@ -507,8 +506,8 @@ class _Connection(asyncio.Protocol):
         # PRIORITY, PUSH_PROMISE (refused in our settings) and unknown frames are ignored.
 
     def _header_block(self) -> None:
-        block, stream = self._orphan_block, self._continuing
-        self._orphan_block, self._continuing = b"", None
+        block, stream = self._open_block, self._continuing
+        self._open_block, self._continuing = b"", None
         try:
             # Every block is decoded, a dropped stream's too: they share the dynamic table.
             headers = _plain_block(block, self._decoder.header_table) or [
