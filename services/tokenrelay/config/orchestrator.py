@@ -198,7 +198,7 @@ class OrchestratorSettings:
     triton_tls_key: str = ""
     triton_streams: Literal["h2", "grpc"] = "h2"
     """The client of generation streams to Triton: ``h2``, tokenrelay's own HTTP/2 client
-    (``orchestrator/_h2.py``; ~18 against ~50 µs of CPU per message read and decoded,
+    (``orchestrator/_h2.py``; ~20 against ~55 µs of CPU per message read and decoded,
     ``benchmarks/h2_read.py``) for ``host:port`` addresses, or ``grpc`` (``grpc.aio``, as every
     other call to Triton). Both speak the same gRPC method and report failures alike."""
     workers: Annotated[int, Field(ge=1, le=256)] = 1

@@ -1,7 +1,7 @@
 """Server-streaming gRPC calls to Triton over a small HTTP/2 client of our own.
 
-Why not ``grpc.aio`` for these: a message read and decoded through it cost ~50 µs of the
-orchestrator's CPU against ~18 here (``benchmarks/h2_read.py``, both clients against one server):
+Why not ``grpc.aio`` for these: a message read and decoded through it cost ~55 µs of the
+orchestrator's CPU against ~20 here (``benchmarks/h2_read.py``, both clients against one server):
 a completion-queue batch per message, the poller thread's wake-up, the Cython call and future
 around it, about half of everything the orchestrator spent per relayed token. Here one
 ``data_received`` call parses every frame the kernel handed over — at 64 streams often many

@@ -8,8 +8,8 @@ counts and the finish reason are asked for; log probabilities only when the requ
 
 Generation streams go over tokenrelay's own HTTP/2 client (``_h2``, ``triton_streams = "h2"``,
 the default, for a ``host:port`` address): through ``grpc.aio`` a message read and decoded cost
-~50 µs of the orchestrator's CPU, about as much as everything else it does per relayed token;
-through ``_h2`` ~18 (``benchmarks/h2_read.py``). ``triton_streams = "grpc"`` (or an address
+~55 µs of the orchestrator's CPU, about as much as everything else it does per relayed token;
+through ``_h2`` ~20 (``benchmarks/h2_read.py``). ``triton_streams = "grpc"`` (or an address
 that is a gRPC target, ``dns:///…``) reads them through ``grpc.aio``, as every other call
 (readiness, embeddings) is made. Either way the messages are ``tritonclient``'s generated ones
 (``service_pb2``), not ``tritonclient.grpc.aio``'s client: that one wraps every response in an
