@@ -46,6 +46,8 @@ from typing import Any, TypeAlias
 import grpc
 from grpc.aio import Metadata
 
+from ._accept import Listener, listen
+
 __all__ = [
     "CALL",
     "END",
@@ -315,19 +317,19 @@ class FramesServer:
     ) -> None:
         self._handlers = handlers
         self._max_calls = max_calls
-        self._server: asyncio.Server | None = None
+        self._server: Listener | None = None
         self._connections: set[FrameConnection] = set()
         self._calls: set[asyncio.Task[None]] = set()
         self._accepting = True
         self.port = 0
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
-        loop = asyncio.get_running_loop()
         # One connection per concurrent stream: a burst of hundreds of streams must not overflow
         # the listen queue (a SYN dropped there waits 1 s for its retransmit; asyncio's default
-        # is 100, the kernel caps it at net.core.somaxconn).
-        self._server = await loop.create_server(
-            self._connection, host, port, reuse_port=reuse_port or None, backlog=4096
+        # is 100, the kernel caps it at net.core.somaxconn), nor wait in it for a loop pass per
+        # connection (uvloop's create_server accepts one a pass: see _accept).
+        self._server = await listen(
+            self._connection, host, port, backlog=4096, reuse_port=reuse_port
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port

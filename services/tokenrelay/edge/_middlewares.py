@@ -32,6 +32,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from tokenrelay._accept import listen
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._state import AUTH, METRICS, REQUEST_ID, SETTINGS
 from tokenrelay.errors import InvalidRequest, Overloaded, RelayError, Unauthenticated
@@ -364,17 +365,17 @@ class GuardedSite(web.TCPSite):
         await web.BaseSite.start(self)  # registers the site with its runner
         server = self._runner.server
         assert server is not None
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
+        # Not loop.create_server: uvloop's accepts one connection a loop pass (see _accept).
+        listener = await listen(
             lambda: _Guarded(self, server()),
-            self._host,
+            self._host or "",
             self._port,
             ssl=self._ssl_context,
             backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
+            reuse_port=bool(self._reuse_port),
         )
-        sockets = self._server.sockets
+        self._server = listener  # type: ignore[assignment]  # BaseSite.stop only closes it
+        sockets = listener.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
