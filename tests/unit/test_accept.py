@@ -6,11 +6,12 @@ accepting instead of failing the loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import uvloop
@@ -30,7 +31,8 @@ def _run(loop: str, main: Coroutine[Any, Any, None]) -> None:
 
 
 class _Echo(asyncio.Protocol):
-    made: list[int] = []
+    made: ClassVar[list[int]] = []  # the loop pass each connection was made in
+    all_made: ClassVar[asyncio.Event | None] = None  # set once 20 are
 
     def __init__(self, passes: list[int] | None = None) -> None:
         self._passes = passes
@@ -39,6 +41,8 @@ class _Echo(asyncio.Protocol):
         self.transport = transport
         if self._passes is not None:
             _Echo.made.append(self._passes[0])
+            if len(_Echo.made) == 20 and _Echo.all_made is not None:
+                _Echo.all_made.set()
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[attr-defined]
@@ -56,13 +60,14 @@ def test_a_burst_of_connections_is_accepted_in_one_busy_pass(loop: str) -> None:
     async def main() -> None:
         passes = [0]
         _Echo.made = []
+        _Echo.all_made = asyncio.Event()
         server = await listen(lambda: _Echo(passes), "127.0.0.1", 0, backlog=128)
         port = server.sockets[0].getsockname()[1]
         stop = False
 
         async def busy() -> None:
             while not stop:
-                time.sleep(0.02)  # a loaded loop: each pass does this much work
+                time.sleep(0.02)  # noqa: ASYNC251  (a loaded loop: each pass does this much work)
                 passes[0] += 1
                 await asyncio.sleep(0)
 
@@ -73,9 +78,8 @@ def test_a_burst_of_connections_is_accepted_in_one_busy_pass(loop: str) -> None:
             client = socket.create_connection(("127.0.0.1", port))
             clients.append(client)
         first = passes[0]
-        deadline = time.monotonic() + 5
-        while len(_Echo.made) < 20 and time.monotonic() < deadline:
-            await asyncio.sleep(0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_Echo.all_made.wait(), 5)
         stop = True
         await worker
         server.close()
@@ -110,15 +114,17 @@ def test_connections_work_and_close_stops_listening(loop: str) -> None:
 def test_accepted_sockets_have_nodelay() -> None:
     accepted: list[socket.socket] = []
 
-    class _Keep(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            accepted.append(transport.get_extra_info("socket"))
-
     async def main() -> None:
+        made = asyncio.Event()
+
+        class _Keep(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                accepted.append(transport.get_extra_info("socket"))
+                made.set()
+
         server = await listen(_Keep, "127.0.0.1", 0, backlog=16)
         _, writer = await _connect(server.sockets[0].getsockname()[1])
-        while not accepted:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(made.wait(), 5)
         assert accepted[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         writer.close()
         server.close()
@@ -148,17 +154,18 @@ def test_out_of_descriptors_pauses_accepting_then_resumes(
         sock.listen(16)
         sock.setblocking(False)
         made: list[float] = []
+        arrived = asyncio.Event()
 
         class _Note(asyncio.Protocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 made.append(time.monotonic())
+                arrived.set()
 
         server = Listener([sock], _Note, None)
         started = time.monotonic()
         _, writer = await _connect(sock.getsockname()[1])
-        while not made and time.monotonic() - started < 5:
-            await asyncio.sleep(0.01)
-        assert made and made[0] - started >= 0.15  # accepted after the pause, not before
+        await asyncio.wait_for(arrived.wait(), 5)
+        assert made[0] - started >= 0.15  # accepted after the pause, not before
         writer.close()
         server.close()
 
