@@ -87,15 +87,17 @@ class _Handoff(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         # What can change after this call is fixed here, in the caller: the bound fields, the
         # message (its arguments may be mutable) and the traceback (its frames go on running).
-        record.bound = _context.get()
-        record.msg, record.args = record.getMessage(), None
-        if record.exc_info:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-            record.exc_info = None
         try:
+            record.bound = _context.get()
+            record.msg, record.args = record.getMessage(), None
+            if record.exc_info:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
             self._records.put_nowait(record)
         except queue.Full:
             self.dropped += 1
+        except Exception:  # a bad format string: reported as logging does, never raised
+            self.handleError(record)
 
 
 class _Writer:

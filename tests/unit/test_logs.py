@@ -106,3 +106,16 @@ def test_what_waits_is_written_at_exit(pipe: tuple[Any, int]) -> None:
     stream.flush()
     lines = _lines(read, '"i": 99')
     assert [line["i"] for line in lines] == list(range(100))
+
+
+def test_a_bad_format_string_does_not_raise_to_the_caller(pipe: tuple[Any, int]) -> None:
+    stream, read = pipe
+    configure_logging("edge", stream=stream)
+    log = logging.getLogger("tokenrelay.test")
+    logging.raiseExceptions, saved = False, logging.raiseExceptions  # as in production
+    try:
+        log.info("%d requests", "many")  # TypeError inside logging, not in the caller
+    finally:
+        logging.raiseExceptions = saved
+    log.info("after")
+    assert [line["msg"] for line in _lines(read, '"after"')] == ["after"]
