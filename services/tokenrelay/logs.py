@@ -81,7 +81,7 @@ class _Handoff(logging.Handler):
 
     def __init__(self, records: queue.Queue[logging.LogRecord | None]) -> None:
         super().__init__()
-        self._records = records
+        self.records = records
         self.dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -93,7 +93,7 @@ class _Handoff(logging.Handler):
             if record.exc_info:
                 record.exc_text = logging.Formatter().formatException(record.exc_info)
                 record.exc_info = None
-            self._records.put_nowait(record)
+            self.records.put_nowait(record)
         except queue.Full:
             self.dropped += 1
         except Exception:  # a bad format string: reported as logging does, never raised
@@ -111,7 +111,7 @@ class _Writer:
         self._thread.start()
 
     def _run(self) -> None:
-        records = self._handoff._records
+        records = self._handoff.records
         while (record := records.get()) is not None:
             dropped = self._handoff.dropped
             if dropped > self._reported and records.empty():
@@ -122,7 +122,7 @@ class _Writer:
     def stop(self) -> None:
         """Write what waits, for up to ``_EXIT_S`` (a stderr nobody reads must not hang exit)."""
         with contextlib.suppress(queue.Full):
-            self._handoff._records.put(None, timeout=_EXIT_S)
+            self._handoff.records.put(None, timeout=_EXIT_S)
         self._thread.join(_EXIT_S)
 
 
