@@ -24,10 +24,15 @@ import socket
 import ssl as ssl_module
 from collections.abc import Callable
 
-__all__ = ["Listener", "listen"]
+__all__ = ["LISTEN_BACKLOG", "Listener", "listen"]
 
 log = logging.getLogger(__name__)
 
+# The listen queue: hundreds of clients connecting at once (a load test's start, a reconnect
+# storm, one frames connection per concurrent stream) overflowed aiohttp's 128 and asyncio's 100,
+# and each SYN dropped waited a second for its retransmit, which showed as a cluster of first
+# tokens near 1 s (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 4096
 _BATCH = 256  # connections accepted in one pass at most (the rest: the next pass)
 _RETRY_S = 1.0  # out of file descriptors or memory: stop accepting this long, as asyncio does
 _RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -117,7 +122,7 @@ async def listen(
     host: str,
     port: int,
     *,
-    backlog: int,
+    backlog: int = LISTEN_BACKLOG,
     reuse_port: bool = False,
     ssl: ssl_module.SSLContext | None = None,
 ) -> Listener:

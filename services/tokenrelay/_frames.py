@@ -324,13 +324,8 @@ class FramesServer:
         self.port = 0
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
-        # One connection per concurrent stream: a burst of hundreds of streams must not overflow
-        # the listen queue (a SYN dropped there waits 1 s for its retransmit; asyncio's default
-        # is 100, the kernel caps it at net.core.somaxconn), nor wait in it for a loop pass per
-        # connection (uvloop's create_server accepts one a pass: see _accept).
-        self._server = await listen(
-            self._connection, host, port, backlog=4096, reuse_port=reuse_port
-        )
+        # One connection per concurrent stream: a burst of hundreds of streams (see _accept).
+        self._server = await listen(self._connection, host, port, reuse_port=reuse_port)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 

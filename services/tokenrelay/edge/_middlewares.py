@@ -32,7 +32,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from tokenrelay._accept import listen
+from tokenrelay._accept import LISTEN_BACKLOG, listen
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._state import AUTH, METRICS, REQUEST_ID, SETTINGS
 from tokenrelay.errors import InvalidRequest, Overloaded, RelayError, Unauthenticated
@@ -343,19 +343,13 @@ class _Guarded(asyncio.Protocol):
             self._inner.resume_writing()
 
 
-# The listen queue: hundreds of clients connecting at once (a load test's start, a reconnect
-# storm) overflowed aiohttp's 128, and each SYN dropped waited a second for its retransmit, which
-# showed as a cluster of first tokens near 1 s (the kernel caps it at net.core.somaxconn).
-LISTEN_BACKLOG = 4096
-
-
 class GuardedSite(web.TCPSite):
     """A TCP site whose connections are capped and must send their headers in time."""
 
     def __init__(
         self, runner: web.BaseRunner, host: str, port: int, settings: EdgeSettings, **kwargs: Any
     ) -> None:
-        kwargs.setdefault("backlog", LISTEN_BACKLOG)
+        kwargs.setdefault("backlog", LISTEN_BACKLOG)  # aiohttp's 128 overflowed (see _accept)
         super().__init__(runner, host, port, **kwargs)
         self.max_connections = settings.max_connections
         self.header_timeout_s = settings.header_timeout_s
