@@ -118,9 +118,14 @@ def decode_metadata(
 def encode_call(
     method: str, timeout_s: float | None, metadata: MetadataPairs, request: bytes
 ) -> bytes:
-    raw = method.encode()
+    return _call(method.encode(), timeout_s, encode_metadata(metadata), request)
+
+
+def _call(raw_method: bytes, timeout_s: float | None, raw_metadata: bytes, request: bytes) -> bytes:
     left = -1.0 if timeout_s is None else max(timeout_s, 0.0)
-    return b"".join((_U16.pack(len(raw)), raw, _F64.pack(left), encode_metadata(metadata), request))
+    return b"".join(
+        (_U16.pack(len(raw_method)), raw_method, _F64.pack(left), raw_metadata, request)
+    )
 
 
 def decode_call(
@@ -456,15 +461,23 @@ class FramesClient:
         self._closed = False
         self._ending: set[asyncio.Task[None]] = set()  # calls let run to their end (``let_end``)
 
-    async def _take(self) -> FrameConnection:
+    async def _take(self, deadline: float | None = None) -> FrameConnection:
+        """An idle connection, else a new one, connected by ``deadline`` (the loop's clock)."""
         while self._idle:
             connection = self._idle.pop()
-            if not connection.closed:
+            transport = connection.transport
+            if not connection.closed and transport is not None and not transport.is_closing():
                 return connection
         loop = asyncio.get_running_loop()
+        scope = asyncio.timeout_at(deadline)  # a wedged listener's SYN retries take minutes
         try:
-            _, connection = await loop.create_connection(FrameConnection, self._host, self._port)
-        except OSError as exc:
+            async with scope:
+                _, connection = await loop.create_connection(
+                    FrameConnection, self._host, self._port
+                )
+        except OSError as exc:  # TimeoutError too
+            if scope.expired():
+                raise _failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
             raise _failed(
                 grpc.StatusCode.UNAVAILABLE,
                 f"failed to connect to the orchestrator at {self._host}:{self._port}: {exc}",
@@ -487,10 +500,22 @@ class FramesClient:
         metadata: MetadataPairs = (),
     ) -> AsyncGenerator[bytes, None]:
         """The call's response messages; raises ``grpc.aio.AioRpcError`` for a status other
-        than OK. Closing the iterator before the end cancels the call."""
-        connection = await self._take()
+        than OK. Closing the iterator before the end cancels the call. A caller that reads
+        slowly stops the reading from the socket (``_READ_HIGH``), so the orchestrator's writes
+        wait for it as they would over gRPC, instead of its messages piling up here."""
+        try:
+            raw_method, raw_metadata = method.encode(), encode_metadata(metadata)
+        except (UnicodeError, struct.error) as exc:  # e.g. a lone surrogate, a 64 KiB key
+            raise _failed(
+                grpc.StatusCode.INTERNAL, f"frames: the call cannot be encoded: {exc}"
+            ) from None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + max(timeout_s, 0.0)
+        connection = await self._take(deadline)
+        transport: asyncio.Transport = connection.transport  # type: ignore[assignment]
         frames: deque[tuple[int, bytes]] = deque()
         waiter: list[asyncio.Future[None] | None] = [None]
+        paused = [False]
 
         def wake() -> None:
             future = waiter[0]
@@ -499,29 +524,37 @@ class FramesClient:
 
         def arrived(kind: int, payload: bytes) -> None:
             frames.append((kind, payload))
+            if len(frames) >= _READ_HIGH and not paused[0]:
+                paused[0] = True
+                transport.pause_reading()
             wake()
 
         connection.on_frame = arrived
         connection.on_lost = wake
-        loop = asyncio.get_running_loop()
         expired = [False]
 
         def expire() -> None:
             expired[0] = True
             wake()
 
-        timer = None if timeout_s is None else loop.call_later(max(timeout_s, 0.0), expire)
-        connection.send(CALL, encode_call(method, timeout_s, metadata, request))
+        timer = None if deadline is None else loop.call_at(deadline, expire)
+        left = None if deadline is None else deadline - loop.time()
+        connection.send(CALL, _call(raw_method, left, raw_metadata, request))
         ended = False
         try:
             while True:
                 while frames:
                     kind, payload = frames.popleft()
+                    if paused[0] and len(frames) <= _READ_LOW:
+                        paused[0] = False
+                        transport.resume_reading()
                     if kind == MESSAGE:
                         yield payload
                     elif kind == END:
-                        ended = True
                         code, details, trailing = decode_end(payload)
+                        # At its deadline the server closes the connection after its END: one
+                        # read before the end of file, so not ``closed`` yet, and not reusable.
+                        ended = code is not grpc.StatusCode.DEADLINE_EXCEEDED
                         if code is not grpc.StatusCode.OK:
                             raise _failed(code, details, trailing)
                         return
@@ -544,6 +577,8 @@ class FramesClient:
             if timer is not None:
                 timer.cancel()
             if ended:
+                if paused[0]:
+                    transport.resume_reading()
                 self._give_back(connection)
             else:  # cancelled, failed or timed out mid-call: a closed connection cancels it
                 connection.on_frame = connection.on_lost = None
@@ -570,6 +605,10 @@ class FramesClient:
 
 # How long a call that ``FramesClient.let_end`` lets end may take to end.
 _END_S = 1.0
+# A call's frames waiting for its caller: reading from the socket pauses at the first count and
+# resumes at the second (a read already in hand is delivered whole: at most one read more).
+_READ_HIGH = 64
+_READ_LOW = 16
 
 
 async def _run_to_end(messages: AsyncGenerator[bytes, None]) -> None:

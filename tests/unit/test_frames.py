@@ -345,3 +345,77 @@ async def test_stop_lets_running_calls_finish_within_grace_and_refuses_new_ones(
     assert await running == [b"a", b"b"]
     await stopping
     await other.close()
+
+
+async def test_a_caller_that_reads_slowly_makes_the_handler_wait(
+    client: FramesClient, served: Served
+) -> None:
+    total, size = 20_000, 1024
+    written = [0]
+
+    async def many(request: bytes, context: Any) -> None:
+        for i in range(total):
+            await context.write(b"%08d" % i + bytes(size - 8))
+            written[0] += 1
+
+    served.behave = many
+    messages = client.unary_stream(METHOD, b"")
+    assert (await anext(messages))[:8] == b"00000000"
+    last = -1
+    while written[0] != last:  # until the handler stops getting on
+        last = written[0]
+        await asyncio.sleep(0.2)
+    assert written[0] < total // 2  # held by the socket's flow control, not read into memory
+    rest = [m[:8] async for m in messages]
+    assert rest == [b"%08d" % i for i in range(1, total)]
+    assert written[0] == total
+
+
+async def test_a_call_the_server_ends_at_its_deadline_does_not_leave_its_connection_to_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server's END at the deadline, read before the client's own timer fires and before the
+    connection's end: the next call must not get that connection."""
+    closing: list[frames.FrameConnection] = []
+
+    def answer(connection: frames.FrameConnection) -> Callable[[int, bytes], None]:
+        def on_frame(kind: int, payload: bytes) -> None:
+            if closing:  # the second call: answered on a connection of its own
+                connection.send(frames.MESSAGE, b"ok")
+                connection.send(frames.END, encode_end(grpc.StatusCode.OK, "", ()))
+                return
+            # as FramesServer._expire: the end, then the connection closes (here a moment later)
+            connection.send(
+                frames.END, encode_end(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", ())
+            )
+            connection.on_frame = lambda kind, payload: None
+            closing.append(connection)
+            asyncio.get_running_loop().call_later(0.2, connection.close)
+
+        return on_frame
+
+    def accepted() -> frames.FrameConnection:
+        connection = frames.FrameConnection()
+        connection.on_frame = answer(connection)
+        return connection
+
+    server = await asyncio.get_running_loop().create_server(accepted, "127.0.0.1", 0)
+    client = FramesClient("127.0.0.1", server.sockets[0].getsockname()[1])
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _all(client, b"", timeout_s=30)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await _all(client, b"", timeout_s=30) == [b"ok"]
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_a_call_whose_metadata_cannot_be_encoded_fails_without_a_connection(
+    server: FramesServer, client: FramesClient
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _all(client, b"", metadata=(("x-name", "\udc80"),))
+    assert caught.value.code() is grpc.StatusCode.INTERNAL
+    assert not server._connections and not client._idle
+    assert await _all(client, b"1") == [b"m0"]
