@@ -14,7 +14,20 @@ import grpc
 import hpack
 import pytest
 
-from tokenrelay.orchestrator._h2 import H2Channel, _plain_block, _request_block
+from tokenrelay.orchestrator._h2 import (
+    _DATA,
+    _HEADER,
+    _RST_STREAM,
+    _SETTING,
+    _SETTINGS,
+    _WINDOW,
+    _WINDOW_UPDATE,
+    H2Channel,
+    _Connection,
+    _frame,
+    _plain_block,
+    _request_block,
+)
 
 _PATH = "/test.Streams/Stream"
 
@@ -49,6 +62,8 @@ class _Server:
             elif kind == b"fail":
                 yield b"before"
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad thing: 100% ✗")
+            elif kind == b"longfail":  # a status whose message is arg bytes long
+                await context.abort(grpc.StatusCode.INTERNAL, "e" * int(arg))
             elif kind == b"hold":  # one message, then wait to be released or cancelled
                 yield b"first"
                 await self.release.wait()
@@ -117,6 +132,24 @@ async def test_a_failure_comes_after_the_messages_before_it_with_code_and_detail
         await stream.read()
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details() == "bad thing: 100% ✗"
+    await channel.close()
+
+
+async def test_a_status_with_a_long_message_fails_only_its_own_stream(server: Any) -> None:
+    state, address, _ = server
+    channel = H2Channel(address, 2.0)
+    held = await channel.stream(_PATH, b"hold")
+    assert await held.read() == b"first"
+    stream = await channel.stream(_PATH, b"longfail:100000")  # trailers past 64 KiB
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream.read()
+    assert caught.value.code() is grpc.StatusCode.INTERNAL
+    assert caught.value.details() == "e" * 100_000
+    state.release.set()  # the other stream on the connection goes on
+    assert await held.read() == b"released"
+    assert await held.read() is None
+    assert await _all(channel, b"count:1") == [b"m0"]
+    assert len(channel._connections) == 1
     await channel.close()
 
 
@@ -273,3 +306,51 @@ def test_blocks_that_leave_the_table_alone_are_read_without_the_decoder() -> Non
     ]
     huffman = encoder.encode([("grpc-message", "a" * 40)], huffman=True)
     assert _plain_block(huffman, decoder.header_table) is None
+
+
+class _Transport:
+    """What a connection writes, for the frame-level test below."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def get_extra_info(self, key: str) -> None:
+        return None
+
+    def kinds(self) -> list[int]:
+        """The kinds of the frames written so far, in order."""
+        data, position, kinds = b"".join(self.out), 0, []
+        while position + 9 <= len(data):
+            high, low, kind, _, _ = _HEADER.unpack_from(data, position)
+            kinds.append(kind)
+            position += 9 + ((high << 8) | low)
+        return kinds
+
+
+async def test_a_request_cancelled_while_it_waits_for_window_sends_nothing_more() -> None:
+    """RFC 9113 §5.1: after our RST_STREAM, no DATA on that stream, whatever window opens."""
+    connection = _Connection(asyncio.get_running_loop(), "triton:8001", "http")
+    transport = _Transport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    transport.out.clear()  # the preface
+    # The server's streams may take 1 MiB, its connection 64 KiB: the request waits for the latter.
+    connection.data_received(_frame(_SETTINGS, 0, 0, _SETTING.pack(4, 1 << 20)))
+    stream, headers = connection.open(_PATH, ())
+    sending = asyncio.create_task(connection.send(stream, b"x" * 300_000, headers))
+    await asyncio.sleep(0)
+    assert transport.kinds().count(_DATA) > 0 and not sending.done()
+    transport.out.clear()
+    stream.cancel()
+    connection.data_received(_frame(_WINDOW_UPDATE, 0, 0, _WINDOW.pack(1 << 20)))
+    await asyncio.wait_for(sending, 5)
+    assert _DATA not in transport.kinds()
+    assert _RST_STREAM in transport.kinds()

@@ -72,6 +72,7 @@ _CONNECTION_WINDOW = 1 << 24
 _DEFAULT_WINDOW = 65_535
 _BURST = 32_768  # a read this large lets the loop run before the next (data_received)
 _MAX_FRAME = 16_384  # the largest frame we accept (we announce no other SETTINGS_MAX_FRAME_SIZE)
+_MAX_BLOCK = 1 << 20  # the largest header block (HEADERS and its CONTINUATIONs) we gather
 
 # HTTP statuses of a response that is not gRPC, as gRPC maps them.
 _HTTP_CODES = {
@@ -353,6 +354,9 @@ class _Connection(asyncio.Protocol):
         self._first_block = True  # ours: it starts by setting our table's size to 0
         self._decoder = hpack.Decoder()
         self._decoder.max_allowed_table_size = 1 << 16
+        # hpack's 64 KiB default would abort the connection, every stream on it, for one long
+        # grpc-message (a Python backend's traceback); a block is bounded as gathered instead.
+        self._decoder.max_header_list_size = 1 << 24
         self._continuing: H2Stream | None = None  # the stream whose header block is open
         self._continuing_end = False
         self._open_block = b""
@@ -470,7 +474,9 @@ class _Connection(asyncio.Protocol):
                 self._header_block()
         elif kind == _CONTINUATION:
             self._open_block += payload
-            if flags & _END_HEADERS:
+            if len(self._open_block) > _MAX_BLOCK:  # not decoded, the shared table is lost
+                self._abort(f"Triton sent a header block over {_MAX_BLOCK} bytes.")
+            elif flags & _END_HEADERS:
                 self._header_block()
         elif kind == _SETTINGS:
             if not flags & _ACK:
@@ -612,6 +618,8 @@ class _Connection(asyncio.Protocol):
                 return  # the stream's reader sees why
             self._window_opened.clear()
             await self._window_opened.wait()
+            if self.closed or stream.done:  # reset or ended while it waited: nothing more
+                return
 
     def close(self) -> None:
         if self._transport is not None:
