@@ -692,6 +692,11 @@ class H2Channel:
             if self._closed:  # closed while connecting
                 protocol.close()
                 raise _error(grpc.StatusCode.UNAVAILABLE, "The channel is closed.")
+            if not protocol.usable:  # lost or told to go away before this task resumed
+                protocol.close()
+                raise _error(
+                    grpc.StatusCode.UNAVAILABLE, f"{self._authority} closed the connection."
+                )
             self._connections.append(protocol)
             return protocol
 
