@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -51,6 +53,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from tokenrelay._accept import LISTEN_BACKLOG
 from tokenrelay.config import Admission, join_hostport, split_hostport
 from tokenrelay.errors import Overloaded
 from tokenrelay.tenancy import (
@@ -125,6 +128,7 @@ class WorkerContext:
     index: int
     count: int
     directory: Path
+    supervisor: int  # its pid
 
     @property
     def coordinator(self) -> Path:
@@ -134,14 +138,35 @@ class WorkerContext:
         return self.directory / f"metrics-{index}.sock"
 
     def argv(self) -> list[str]:
-        return ["--worker", str(self.index), str(self.count), str(self.directory)]
+        return [
+            "--worker",
+            str(self.index),
+            str(self.count),
+            str(self.directory),
+            str(self.supervisor),
+        ]
 
     @classmethod
     def from_argv(cls, argv: Sequence[str]) -> WorkerContext | None:
-        """The context a supervisor passed (``--worker I N DIR``), or None."""
-        if len(argv) >= 4 and argv[0] == "--worker":
-            return cls(int(argv[1]), int(argv[2]), Path(argv[3]))
+        """The context a supervisor passed (``--worker I N DIR PID``), or None."""
+        if len(argv) >= 5 and argv[0] == "--worker":
+            return cls(int(argv[1]), int(argv[2]), Path(argv[3]), int(argv[4]))
         return None
+
+    def die_with_supervisor(self) -> None:
+        """Have SIGTERM sent to this worker when its supervisor dies, however it dies (Linux's
+        ``PR_SET_PDEATHSIG``: a supervisor killed with SIGKILL forwards nothing, and its
+        workers would go on holding the port without their coordinator); exits at once when
+        the supervisor is already gone. Call it first thing in a worker."""
+        if sys.platform == "linux":
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != self.supervisor:
+            sys.exit(f"worker {self.index}: its supervisor ({self.supervisor}) has exited")
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 # --- the coordinator (in the supervisor) -----------------------------------------------------
@@ -202,7 +227,11 @@ class Coordinator:
         return 0 if self._admission is None else self._admission.queued
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self._path))
+        # Every ask is a connection: a burst of requests over the workers is a burst of
+        # connections here, past asyncio's default backlog of 100 (connect then fails EAGAIN).
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=str(self._path), backlog=LISTEN_BACKLOG
+        )
 
     async def close(self) -> None:
         if self._server is not None:
@@ -289,10 +318,26 @@ async def _answer(writer: asyncio.StreamWriter, answer: dict[str, object]) -> No
 # --- the workers' side ------------------------------------------------------------------------
 
 
+async def _connect(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the coordinator; a full accept queue (EAGAIN: a Unix socket's connect
+    does not wait for room) is tried again for up to about 0.1 s."""
+    for delay in _CONNECT_RETRIES:
+        try:
+            return await asyncio.open_unix_connection(str(path))
+        except BlockingIOError as exc:
+            if exc.errno != errno.EAGAIN or delay is None:
+                raise
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+_CONNECT_RETRIES = (0.001, 0.004, 0.016, 0.064, None)
+
+
 async def _ask(
     path: Path, ask: dict[str, object]
 ) -> tuple[dict[str, object], asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_unix_connection(str(path))
+    reader, writer = await _connect(path)
     try:
         writer.write(json.dumps(ask).encode() + b"\n")
         await writer.drain()
@@ -535,21 +580,42 @@ class Supervisor:
                 await coordinator.close()
 
     async def _spawn(self, index: int, directory: Path) -> asyncio.subprocess.Process:
-        context = WorkerContext(index, self._count, directory)
+        context = WorkerContext(index, self._count, directory, os.getpid())
         return await asyncio.create_subprocess_exec(*self._command, *context.argv(), env=self._env)
 
     async def _supervise(self, directory: Path, stop: asyncio.Event) -> int:
+        """Restarts a worker that exits, after ``restart_delay_s`` doubled at each exit in a row
+        that came within ``_STEADY_S`` of its start (at most ``_MOST_DELAY_S``); gives up (1)
+        once every worker has failed so ``_GIVE_UP`` times in a row: nothing serves then, and
+        whatever runs the service (systemd, Kubernetes) should see it."""
+        loop = asyncio.get_running_loop()
         workers = {i: await self._spawn(i, directory) for i in range(self._count)}
+        started = dict.fromkeys(workers, loop.time())
+        failures: Counter[int] = Counter()  # exits in a row, each soon after its start
+        restart_at: dict[int, float] = {}  # workers waiting for their restart
         log.info(
             f"{self._name} supervisor running {self._count} workers",
             extra={"fields": {"workers": [w.pid for w in workers.values()]}},
         )
         stopping = asyncio.ensure_future(stop.wait())
+        gave_up = False
         try:
             while not stop.is_set():
-                waits = {asyncio.ensure_future(w.wait()): i for i, w in workers.items()}
+                for index, when in list(restart_at.items()):
+                    if when <= loop.time():
+                        del restart_at[index]
+                        workers[index] = await self._spawn(index, directory)
+                        started[index] = loop.time()
+                waits = {
+                    asyncio.ensure_future(w.wait()): i
+                    for i, w in workers.items()
+                    if i not in restart_at
+                }
+                due = min(restart_at.values(), default=None)
                 done, _ = await asyncio.wait(
-                    {stopping, *waits}, return_when=asyncio.FIRST_COMPLETED
+                    {stopping, *waits},
+                    timeout=None if due is None else max(due - loop.time(), 0.0),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 for future in waits:
                     if future not in done:
@@ -558,21 +624,39 @@ class Supervisor:
                     break
                 for future in done:
                     index = waits[future]
+                    quick = loop.time() - started[index] < _STEADY_S
+                    failures[index] = failures[index] + 1 if quick else 1
+                    delay = min(self._restart_delay_s * 2 ** (failures[index] - 1), _MOST_DELAY_S)
+                    restart_at[index] = loop.time() + delay
                     log.error(
-                        f"{self._name} worker exited; starting it again",
+                        f"{self._name} worker exited; starting it again in {delay:g} s",
                         extra={"fields": {"worker": index, "code": future.result()}},
                     )
-                    await asyncio.sleep(self._restart_delay_s)
-                    workers[index] = await self._spawn(index, directory)
+                if all(failures[i] >= _GIVE_UP for i in workers):
+                    log.error(
+                        f"{self._name} supervisor stopping: every worker keeps exiting at start",
+                        extra={"fields": {"exits_in_a_row": _GIVE_UP}},
+                    )
+                    gave_up = True
+                    break
         finally:
             stopping.cancel()
             for worker in workers.values():
                 if worker.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         worker.send_signal(signal.SIGTERM)
-            codes = [await worker.wait() for worker in workers.values()]
+            # (a worker waiting for its restart exited already: its code was logged then)
+            codes = [await w.wait() for i, w in workers.items() if i not in restart_at]
         log.info(f"{self._name} supervisor stopped", extra={"fields": {"codes": codes}})
-        return 0 if all(code == 0 for code in codes) else 1
+        return 1 if gave_up or any(code != 0 for code in codes) else 0
+
+
+# A worker's exit within this many seconds of its start counts towards the restart backoff and
+# the supervisor's giving up; the most a restart waits; the exits in a row of every worker that
+# make the supervisor give up.
+_STEADY_S = 30.0
+_MOST_DELAY_S = 30.0
+_GIVE_UP = 5
 
 
 def worker_command(module: str) -> list[str]:

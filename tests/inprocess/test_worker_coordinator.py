@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from _support import eventually
-from tokenrelay._workers import Coordinator, CoordinatorLimits, RemoteAdmission
+from tokenrelay._workers import Coordinator, CoordinatorLimits, RemoteAdmission, Supervisor
 from tokenrelay.config import Admission
 from tokenrelay.errors import Overloaded
 from tokenrelay.orchestrator._admission import AdmissionControl
@@ -102,3 +103,24 @@ async def test_the_keys_limits_are_counted_once_for_all_workers(coordinator: Pat
     assert short.granted == 40 and short.exhausted == "tokens_per_minute"
     await first.give_back_tokens(dataclasses.replace(ask, wanted=50))
     assert (await second.take_tokens(dataclasses.replace(ask, wanted=50))).granted == 50
+
+
+async def test_a_burst_of_asks_past_asyncios_default_backlog_is_answered(
+    coordinator: Path,
+) -> None:
+    # Each ask is a connection, all made before the coordinator accepts any: a backlog of 100
+    # refused most of them (EAGAIN) and the requests failed as if the store were down.
+    limits = CoordinatorLimits(coordinator)
+    waits = await asyncio.gather(*(limits.take_request(f"k{i}", 5) for i in range(600)))
+    assert waits == [0.0] * 600
+
+
+async def test_a_supervisor_backs_off_a_crashing_worker_then_gives_up(tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+    crash = f"open({str(starts)!r}, 'a').write('x'); raise SystemExit(3)"
+    supervisor = Supervisor("test", [sys.executable, "-c", crash], 2, restart_delay_s=0.05)
+    began = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(supervisor.run(), 30) == 1  # gave up
+    took = asyncio.get_running_loop().time() - began
+    assert starts.read_text() == "x" * 10  # each worker started 5 times
+    assert took >= 0.05 + 0.1 + 0.2 + 0.4  # restarts waited 0.05, then twice as long each time

@@ -406,3 +406,53 @@ def _status(url: str) -> int:
         return exc.code
     except OSError:
         return 0
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_workers_of_a_supervisor_killed_with_sigkill_stop_and_free_the_port(
+    tmp_path: Path,
+) -> None:
+    # SIGKILL forwards nothing: without a parent-death signal the workers went on holding the
+    # port (orphans of init, their coordinator gone), and a new edge was refused it.
+    port, probes = free_port(), f"127.0.0.1:{free_port()}"
+    config = tmp_path / "tokenrelay.toml"
+    settings = Settings(edge=EdgeSettings(workers=2), retrieval=Retrieval(store="none"))
+    config.write_text(to_toml(settings))
+    env = {
+        **os.environ,
+        "TOKENRELAY_CONFIG": str(config),
+        "TOKENRELAY_EDGE_LISTEN": f"127.0.0.1:{port}",
+        "TOKENRELAY_EDGE_HEALTH": probes,
+        "TOKENRELAY_EDGE_ORCHESTRATOR": f"127.0.0.1:{free_port()}",
+    }
+    log = (tmp_path / "edge.log").open("wb")
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay.edge"], env=env, stdout=log, stderr=log
+    )
+    workers: list[int] = []
+    try:
+        assert wait_until(lambda: len(_child_pids(supervisor.pid)) == 2, timeout_s=30)
+        assert wait_until(lambda: _status(f"http://{probes}/healthz") == 200, timeout_s=30)
+        workers = _child_pids(supervisor.pid)
+        supervisor.kill()
+        supervisor.wait(10)
+        assert wait_until(lambda: not any(_running(pid) for pid in workers), timeout_s=15), (
+            "the workers outlived their supervisor"
+        )
+        with socket.create_server(("127.0.0.1", port)):
+            pass  # free again
+    finally:
+        supervisor.kill()
+        supervisor.wait(10)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        log.close()
