@@ -12,6 +12,7 @@ import grpc
 import pytest
 from aiohttp import ClientSession, ClientTimeout
 from aiohttp.test_utils import TestServer
+from openai._streaming import SSEDecoder
 
 from _support import FakeSource, assert_openai
 from tokenrelay.config import EdgeSettings
@@ -95,7 +96,10 @@ async def test_edge_keeps_idle_streams_alive_and_ends_with_done(
     ):
         text = (await response.read()).decode()
     assert ": ping" in text
-    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    # Read as the openai SDK reads it: its decoder makes an event of every blank line once an
+    # event had an id (resumable streams' have), so a ping must not end with one.
+    decoder = SSEDecoder()
+    events = [e.data for e in map(decoder.decode, text.splitlines()) if e is not None]
     assert events[-1] == "[DONE]"
     for event in events[:-1]:
         assert_openai("CreateChatCompletionStreamResponse", json.loads(event))

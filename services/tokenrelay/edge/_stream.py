@@ -212,7 +212,7 @@ class SSEWriter:
         await self._response.write_eof()
 
     async def ping(self) -> None:
-        await self._response.write(b": ping\n\n")
+        await self._response.write(_PING)
 
     async def done(self) -> None:
         await self._response.write(b"data: [DONE]\n\n")
@@ -366,7 +366,10 @@ class Answer:
 
 log = logging.getLogger(__name__)
 
-_PING = b": ping\n\n"
+# A comment line and no blank line after it: once an event had an id (a resumable stream's
+# have), the openai SDK's decoder makes an event of every blank line, and an empty one fails its
+# JSON parsing (a JSONDecodeError in the client, mid-answer, after any 15 s gap).
+_PING = b": ping\n"
 
 
 def new_stream_id(request_id: str) -> str:
