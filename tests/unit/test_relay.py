@@ -277,6 +277,32 @@ async def test_hedging_keeps_the_first_answer_and_cancels_the_other() -> None:
     assert pool.breaker("a:1").state is BreakerState.CLOSED  # losing a race is no failure
 
 
+async def test_a_caller_gone_while_the_hedge_loser_stops_stops_the_winner_too() -> None:
+    class CancelsTheCaller(FakeSource):
+        """A loser whose stream, as it is cancelled, sees its caller go (the same loop turn)."""
+
+        caller: asyncio.Task[object] | None = None
+
+        async def generate(self, model, prompt, sampling, request_id, headers=()):  # type: ignore[no-untyped-def]
+            try:
+                await asyncio.sleep(5)
+                yield  # never
+            finally:
+                assert self.caller is not None
+                self.caller.cancel()
+
+    slow = CancelsTheCaller("a:1")
+    fast = FakeSource("b:1", first_delay_s=0.2, words=tuple(f" w{i}" for i in range(40)))
+    relay, pool = _relay(slow, fast, routing=Routing(hedge_after_s=0.1))
+    await pool.probe_once()
+    slow.caller = caller = asyncio.create_task(_collect(relay, _request()))
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert await eventually(lambda: fast.cancelled == 1)  # the winner's stream, cancelled
+    assert pool.in_flight("a:1") == pool.in_flight("b:1") == 0
+    assert relay.admission.running == 0
+
+
 async def test_admission_queue_then_refusal_with_retry_after() -> None:
     source = FakeSource(interval_s=0.1)
     admission = Admission(max_concurrent=1, max_queue=1, queue_timeout_s=5, retry_after_s=2)

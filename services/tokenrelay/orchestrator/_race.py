@@ -330,7 +330,11 @@ class FirstTokenRace:
                     self._running.remove(attempt)
                     exc = attempt.first.exception()
                     if exc is None:
-                        await self._stop_all(Outcome.NEUTRAL, "hedged attempt lost")
+                        try:
+                            await self._stop_all(Outcome.NEUTRAL, "hedged attempt lost")
+                        except BaseException:  # the caller left while the losers stopped:
+                            await attempt.stop(Outcome.NEUTRAL)  # nobody else stops the winner
+                            raise
                         return attempt, attempt.first.result()
                     outcome, node_down = judge(exc)
                     await attempt.stop(outcome, node_down)
