@@ -215,3 +215,19 @@ async def test_a_lease_counts_in_flight_until_released_once(outcome: Outcome) ->
     lease.release(Outcome.FAILURE)  # ignored
     assert pool.in_flight("a") == 0
     assert pool.breaker("a").state is BreakerState.CLOSED
+
+
+def test_a_node_that_never_fails_keeps_only_its_windows_outcomes() -> None:
+    # Outcomes were aged out only when judging a failure: a healthy node kept every request's.
+    clock = Clock()
+    breaker, _ = _breaker(clock)
+    for _ in range(10_000):
+        _run(breaker, Outcome.SUCCESS)
+        clock.now += 0.1  # 10,000 requests over 1,000 s; the window is 10 s
+    assert len(breaker._window) <= 101
+    clock.now += 20  # those leave the window: the rate is judged on what came after
+    for outcome in [Outcome.FAILURE, Outcome.SUCCESS] * 2 + [Outcome.FAILURE, Outcome.SUCCESS]:
+        _run(breaker, outcome)
+    assert breaker.state is BreakerState.CLOSED  # 3 of 6 (the sixth a success)
+    _run(breaker, Outcome.FAILURE)  # 4 of 7, never 3 in a row
+    assert breaker.state is BreakerState.OPEN

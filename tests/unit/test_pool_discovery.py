@@ -68,3 +68,24 @@ async def test_discovered_nodes_are_probed_then_used_and_drained_when_gone() -> 
     answers.addresses = set()  # an answer with no records: every node drains
     await discovery.resolve_once()
     assert not pool.ready("m")
+
+
+@pytest.mark.parametrize("placement", ["static", "dns group"])
+async def test_a_node_that_fails_its_probe_gives_up_its_requests_when_another_can_serve(
+    placement: str,
+) -> None:
+    """Its requests are moved at once (the lease is lost), as with nodes named one by one."""
+    if placement == "static":
+        pool = NodePool(
+            {"a:1": FakeSource("a:1"), "b:1": FakeSource("b:1")},
+            {"m": Placement("m", ("a:1", "b:1"))},
+        )
+    else:
+        pool = NodePool({}, {"m": Placement("m", ("triton.svc:8001",))})
+        pool.set_members("triton.svc:8001", ["a:1", "b:1"], FakeSource)
+    await pool.probe_once()
+    lease = pool.pick("m", exclude={"b:1"})
+    assert lease is not None and lease.node == "a:1"
+    pool._sources["a:1"].is_ready = False  # type: ignore[attr-defined]  # a:1 stops answering
+    await pool.probe_once()
+    assert lease.lost

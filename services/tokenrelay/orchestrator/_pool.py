@@ -147,6 +147,7 @@ class CircuitBreaker:
         now = self._clock()
         failed = outcome is Outcome.FAILURE
         self._window.append((now, failed))
+        self._age_out(now)  # a node that never fails would keep every request's outcome
         self._consecutive = self._consecutive + 1 if failed else 0
         if failed and (self._consecutive >= self._settings.failure_threshold or self._rate_high()):
             self._open()
@@ -155,10 +156,13 @@ class CircuitBreaker:
         """Open now (or restart the cool-down of an open breaker)."""
         self._open()
 
-    def _rate_high(self) -> bool:
-        horizon = self._clock() - self._settings.window_s
+    def _age_out(self, now: float) -> None:
+        horizon = now - self._settings.window_s
         while self._window and self._window[0][0] < horizon:
             self._window.popleft()
+
+    def _rate_high(self) -> bool:
+        self._age_out(self._clock())
         if len(self._window) < self._settings.min_requests:
             return False
         failures = sum(1 for _, failed in self._window if failed)
@@ -447,7 +451,7 @@ class NodePool:
             self._eligible(other, triton_model)
             for where in self._placement.values()
             if where.triton_model == triton_model
-            for other in where.nodes
+            for other in self._nodes(where)  # a DNS group's members, not its name
             if other != node
         )
 
