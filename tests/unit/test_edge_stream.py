@@ -3,6 +3,7 @@ edge is busy go out as one event, with the text intact."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -12,7 +13,7 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
 from _support import assert_openai
-from tokenrelay.config import EdgeSettings
+from tokenrelay.config import EdgeSettings, Resume
 from tokenrelay.edge import create_app
 from tokenrelay.edge._generate import OrchestratorClient
 from tokenrelay.v1 import generation_pb2 as pb
@@ -70,3 +71,66 @@ async def test_messages_that_arrive_together_go_out_as_one_event(
     # time it was written go out as one event.
     assert contents == ["Hello", " there, how are you?"]
     assert chunks[-1]["usage"]["completion_tokens"] == len(texts)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_an_unexpected_failure_mid_stream_ends_it_with_an_error_event(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    # A failure other than the relay's own (here a message that does not decode) used to reach
+    # the error middleware, whose 500 response went out inside the 200's chunked body, and the
+    # client waited on a stream that never ended.
+    async def stream(
+        self: OrchestratorClient, request: Any, timeout_s: float, metadata: Any = ()
+    ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
+        yield _messages(["Hello", " there"])[0]
+        raise ValueError("Error parsing message")
+
+    monkeypatch.setattr(OrchestratorClient, "stream", stream)
+    settings = EdgeSettings(orchestrator="127.0.0.1:9", resume=Resume(grace_s=0))  # not resumable
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    try:
+        body: dict[str, Any] = {"model": "synthetic", "stream": True}
+        body |= (
+            {"prompt": "hi"}
+            if path == "/v1/completions"
+            else {"messages": [{"role": "user", "content": "hi"}]}
+        )
+        async with (
+            ClientSession() as session,
+            session.post(server.make_url(path), json=body) as response,
+        ):
+            assert response.status == 200
+            raw = (await asyncio.wait_for(response.read(), 10)).decode()
+    finally:
+        await server.close()
+    assert "HTTP/1.1" not in raw
+    error = raw.split("event: error\ndata: ", 1)[1].split("\n\n", 1)[0]
+    assert json.loads(error)["error"]["message"] == "Internal error."
+    assert "Error parsing" not in raw
+
+
+async def test_an_unexpected_failure_of_a_websocket_generation_reaches_its_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def stream(
+        self: OrchestratorClient, request: Any, timeout_s: float, metadata: Any = ()
+    ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
+        yield _messages(["Hello", " there"])[0]
+        raise ValueError("Error parsing message")
+
+    monkeypatch.setattr(OrchestratorClient, "stream", stream)
+    server = TestServer(create_app(EdgeSettings(orchestrator="127.0.0.1:9")), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with ClientSession() as session, session.ws_connect(server.make_url("/v1/ws")) as ws:
+            body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}
+            await ws.send_json({"type": "chat.completions.create", "id": "g", "body": body})
+            kinds = []
+            while not kinds or kinds[-1]["type"] == "chunk":
+                kinds.append(json.loads((await asyncio.wait_for(ws.receive(), 5)).data))
+    finally:
+        await server.close()
+    assert kinds[-1]["type"] == "error" and kinds[-1]["id"] == "g"
+    assert kinds[-1]["error"]["message"] == "Internal error."

@@ -57,7 +57,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from typing import Any, Protocol, TypeVar
@@ -1055,6 +1055,12 @@ async def _sse(
         await pump(
             sse, messages, shape, first, include_usage, retrieval, settings.keepalive_interval_s
         )
+    except ConnectionError:
+        raise  # the client left (the error middleware tells that from a failure)
+    except Exception:  # the headers are out: the error middleware's 500 would corrupt the body
+        log.exception("stream failed")
+        with suppress(ConnectionError, RuntimeError):
+            await sse.fail(error_body(RelayError("Internal error.")))
     finally:
         streams.dec()
     return sse.response

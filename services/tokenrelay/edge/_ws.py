@@ -289,6 +289,9 @@ class Session:
                     await self._error(generation_id, exc)
                 except (ConnectionError, RuntimeError):  # the socket closed under us
                     pass
+                except Exception:  # a bug: the client still hears that its generation ended
+                    log.exception("websocket generation failed")
+                    await self._error(generation_id, RelayError("Internal error."))
         finally:
             if lease is not None:
                 await lease.release()
