@@ -437,6 +437,7 @@ class ResumableStream:
         self._client: _Client | None = None
         self._finished = False
         self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
         self.task: asyncio.Task[None] | None = None
 
     # The generation's side (a Sink).
@@ -447,17 +448,17 @@ class ResumableStream:
 
     async def write(self, frames: list[bytes]) -> None:
         if frames:
-            await self._emit(b"".join(self._hold(frame) for frame in frames))
+            await self._emit(frames)
 
     async def ping(self) -> None:
         async with self._lock:
             await self._send(_PING)
 
     async def fail(self, body: dict[str, Any]) -> None:
-        await self._emit(self._hold(b"event: error\ndata: " + encode(body) + b"\n\n"), last=True)
+        await self._emit([b"event: error\ndata: " + encode(body) + b"\n\n"], last=True)
 
     async def done(self) -> None:
-        await self._emit(self._hold(b"data: [DONE]\n\n"), last=True)
+        await self._emit([b"data: [DONE]\n\n"], last=True)
 
     def _hold(self, frame: bytes) -> bytes:
         """``frame`` as the next event (its id first), kept in the replay buffer, whose oldest
@@ -472,9 +473,10 @@ class ResumableStream:
             self._first_held = self._events[0][0]
         return event
 
-    async def _emit(self, data: bytes, last: bool = False) -> None:
-        async with self._lock:
-            delivered = await self._send(data)
+    async def _emit(self, frames: list[bytes], last: bool = False) -> None:
+        async with self._lock:  # numbered under the lock: a client resuming meanwhile gets each
+            # event once, in its backlog or after it
+            delivered = await self._send(b"".join(self._hold(frame) for frame in frames))
             if not last:
                 return
             self._finished = True
@@ -539,10 +541,19 @@ class ResumableStream:
             self._client.drop()
         async with self._lock:
             self.check(owner, after)
-            await response.prepare(request)
-            missed = b"".join(event for number, event in self._events if number > (after or 0))
-            if missed:
-                await response.write(missed)
+            self._stop_grace()  # the grace must not end the stream while its backlog is written
+            try:
+                await response.prepare(request)
+                missed = b"".join(e for number, e in self._events if number > (after or 0))
+                if missed:
+                    await response.write(missed)
+            except BaseException:
+                if self._client is None and not self._finished:
+                    self._start_grace()
+                raise
+            if self._closed:  # cancelled (POST .../cancel) while the backlog was written
+                await _eof(response)
+                return response
             if self._finished:
                 await _eof(response)
                 self._close()
@@ -567,6 +578,8 @@ class ResumableStream:
 
     def _start_grace(self) -> None:
         self._stop_grace()
+        if self._closed:
+            return
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._settings.grace_s, self._expire)
 
@@ -586,6 +599,7 @@ class ResumableStream:
     def _close(self) -> None:
         """Forget the stream; a generation still running is cancelled (at Triton too), and a
         client still attached ends."""
+        self._closed = True
         self._stop_grace()
         client, self._client = self._client, None
         if client is not None:
