@@ -13,10 +13,10 @@ import pytest
 
 from _support import eventually
 from tokenrelay._workers import Coordinator, CoordinatorLimits, RemoteAdmission, Supervisor
-from tokenrelay.config import Admission
-from tokenrelay.errors import Overloaded
+from tokenrelay.config import Admission, Tenancy
+from tokenrelay.errors import LimitsUnavailable, Overloaded
 from tokenrelay.orchestrator._admission import AdmissionControl
-from tokenrelay.tenancy import Identity, Priority, TokenAsk
+from tokenrelay.tenancy import Identity, Priority, TokenAsk, make_limits
 
 ADMISSION = Admission(max_concurrent=1, max_queue=2, queue_timeout_s=5.0)
 
@@ -124,3 +124,22 @@ async def test_a_supervisor_backs_off_a_crashing_worker_then_gives_up(tmp_path: 
     took = asyncio.get_running_loop().time() - began
     assert starts.read_text() == "x" * 10  # each worker started 5 times
     assert took >= 0.05 + 0.1 + 0.2 + 0.4  # restarts waited 0.05, then twice as long each time
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+async def test_a_workers_coordinator_out_of_reach_falls_under_the_store_down_policy(
+    tmp_path: Path, policy: str
+) -> None:
+    # Used directly, a coordinator out of reach (gone, or its accept queue full) raised
+    # StoreDown, which the edge answered with a 500.
+    limits = make_limits(
+        Tenancy(on_store_failure=policy),  # type: ignore[arg-type]
+        None,
+        shared=CoordinatorLimits(tmp_path / "nobody.sock"),
+    )
+    if policy == "open":
+        assert await limits.take_request("k", 3) == 0.0  # per-process limits meanwhile
+    else:
+        with pytest.raises(LimitsUnavailable):
+            await limits.take_request("k", 3)
+    await limits.close()

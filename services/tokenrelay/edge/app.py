@@ -84,10 +84,15 @@ def _limits_ctx(
         # A shared store's connections belong to the app's event loop, as the channel does.
         # Workers with the local store count a key's limits as one process would: in their
         # supervisor.
-        limits: LimitStore = (
-            CoordinatorLimits(worker.coordinator)
-            if worker is not None and tenancy.store == "local"
-            else make_limits(tenancy, secrets.redis_url)
+        limits: LimitStore = make_limits(
+            tenancy,
+            secrets.redis_url,
+            # behind the store-down policy, as Redis is: a coordinator unreachable is no 500
+            shared=(
+                CoordinatorLimits(worker.coordinator)
+                if worker is not None and tenancy.store == "local"
+                else None
+            ),
         )
         app[AUTH].limits = limits
         yield

@@ -206,10 +206,16 @@ class Orchestrator:
         metrics.watch(lambda: admission.running, lambda: admission.queued, self._pool.status)
         tenancy = settings.tenancy
         tenant_metrics = TenantMetrics(registry)
-        if limits is None and worker is not None and tenancy.store == "local":
-            # Several workers count a key's tokens as one process would: in their supervisor.
-            limits = CoordinatorLimits(worker.coordinator)
-        self._limits = limits or make_limits(tenancy, settings.secrets.redis_url, tenant_metrics)
+        # Several workers count a key's tokens as one process would: in their supervisor,
+        # behind the store-down policy as a shared store is.
+        coordinator = (
+            CoordinatorLimits(worker.coordinator)
+            if worker is not None and tenancy.store == "local"
+            else None
+        )
+        self._limits = limits or make_limits(
+            tenancy, settings.secrets.redis_url, tenant_metrics, shared=coordinator
+        )
         self._ledger = (
             UsageLedger(
                 settings.secrets.postgres_dsn.value,

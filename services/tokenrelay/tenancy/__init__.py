@@ -72,14 +72,20 @@ __all__ = [
 
 
 def make_limits(
-    tenancy: Tenancy, redis_url: Secret | None, metrics: TenantMetrics | None = None
+    tenancy: Tenancy,
+    redis_url: Secret | None,
+    metrics: TenantMetrics | None = None,
+    shared: LimitStore | None = None,
 ) -> LimitStore:
     """The store ``tenancy.store`` names: this process's counters, or Redis (``redis_url``)
-    behind the store-down policy. Create it inside the event loop that uses it."""
-    if tenancy.store == "local":
-        return LocalLimits()
-    assert redis_url is not None, "load_settings checks this"
-    shared = RedisLimits(redis_url.value, timeout_s=tenancy.store_timeout_s)
+    behind the store-down policy; ``shared``: another store that several processes share (a
+    worker's coordinator), behind the same policy. Create it inside the event loop that uses
+    it."""
+    if shared is None:
+        if tenancy.store == "local":
+            return LocalLimits()
+        assert redis_url is not None, "load_settings checks this"
+        shared = RedisLimits(redis_url.value, timeout_s=tenancy.store_timeout_s)
 
     def changed(down: bool) -> None:
         if metrics is not None:
