@@ -13,7 +13,8 @@ The keys file is TOML, reread when it changes (so a key is revoked without a res
     owner = "Alice <alice@example.com>"
     sha256 = "5c1f…"                # tokenrelay-keys new prints it with the key
     requests_per_minute = 60        # 0: no limit
-    max_streams = 4                 # concurrent requests; 0: no limit
+    max_streams = 4                 # concurrent requests (a resumable stream's generation
+                                    # counts until it ends, its client gone or not); 0: none
     revoked = false
     tier = "standard"               # [[tenancy.tiers]]: priority, weight, token limits
                                     # (empty or unknown: tenancy.default_tier)

@@ -22,7 +22,7 @@ from tokenrelay.edge import create_app
 from tokenrelay.orchestrator import Orchestrator
 from tokenrelay.security import ApiKey, hash_key, new_key
 
-ALICE, BOB = new_key(), new_key()
+ALICE, BOB, CAROL = new_key(), new_key(), new_key()  # Carol: one stream at a time
 WORDS = tuple(f" w{i}" for i in range(40))
 BODY = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 GRACE_S = 0.5
@@ -48,7 +48,11 @@ async def orchestrator(source: FakeSource) -> AsyncIterator[Orchestrator]:
 
 @pytest.fixture
 def keys_file(tmp_path: Path) -> Path:
-    keys = (ApiKey("alice", sha256=hash_key(ALICE)), ApiKey("bob", sha256=hash_key(BOB)))
+    keys = (
+        ApiKey("alice", sha256=hash_key(ALICE)),
+        ApiKey("bob", sha256=hash_key(BOB)),
+        ApiKey("carol", sha256=hash_key(CAROL), max_streams=1),
+    )
     path = tmp_path / "keys.toml"
     entries = [{k: v for k, v in dataclasses.asdict(k).items() if v is not None} for k in keys]
     path.write_text(tomli_w.dumps({"keys": entries}))
@@ -223,6 +227,33 @@ async def test_a_client_that_is_done_cancels_its_stream_at_once(
             assert "[DONE]" not in await response.text()  # the stream just ends
         async with http.post(f"{edge}/v1/chat/completions/{stream_id}/cancel") as again:
             assert again.status == 404
+
+
+async def test_a_dropped_stream_still_generating_counts_against_its_keys_max_streams(
+    start_edge: Edge, source: FakeSource
+) -> None:
+    # The lease went back when the first connection's handler returned: a client dropping and
+    # asking again ran more generations at once than its max_streams.
+    edge = await start_edge(resume=Resume(grace_s=5.0))
+    source.words = tuple(f" w{i}" for i in range(400))
+    async with ClientSession(headers=_auth(CAROL)) as http:
+        async with http.post(f"{edge}/v1/chat/completions", json=BODY) as response:
+            stream_id = json.loads(_events(await _read_some(response, 1))[0]["data"])["id"]
+        async with http.post(f"{edge}/v1/chat/completions", json=BODY) as again:
+            assert again.status == 429  # the first still generates, waiting to be resumed
+        resume = f"{edge}/v1/chat/completions/{stream_id}/stream"
+        async with http.get(resume, headers={"Last-Event-ID": "1"}) as resumed:
+            assert resumed.status == 200  # its own stream: under the lease it holds
+            assert _events(await _read_some(resumed, 1))[0]["id"] == "2"
+        async with http.post(f"{edge}/v1/chat/completions/{stream_id}/cancel") as cancel:
+            assert cancel.status == 200
+        await asyncio.wait_for(source.ended.wait(), 1)
+        for _ in range(50):  # its lease is given back as its generation ends
+            async with http.post(f"{edge}/v1/chat/completions", json=BODY) as after:
+                if after.status == 200:
+                    break
+            await asyncio.sleep(0.02)
+        assert after.status == 200
 
 
 async def test_a_resume_past_the_replay_buffer_is_410(start_edge: Edge, source: FakeSource) -> None:

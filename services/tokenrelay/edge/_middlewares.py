@@ -34,7 +34,7 @@ from aiohttp import web
 
 from tokenrelay._accept import LISTEN_BACKLOG, listen
 from tokenrelay.config import EdgeSettings
-from tokenrelay.edge._state import AUTH, METRICS, REQUEST_ID, SETTINGS
+from tokenrelay.edge._state import AUTH, METRICS, REQUEST_ID, SETTINGS, STREAM_LEASE
 from tokenrelay.errors import InvalidRequest, Overloaded, RelayError, Unauthenticated
 from tokenrelay.logs import bind
 from tokenrelay.security import ApiKey
@@ -223,10 +223,10 @@ async def authenticate(app: web.Application, presented: str | None) -> ApiKey | 
     return key
 
 
-async def admit(app: web.Application, key: ApiKey) -> StreamLease | None:
+async def admit(app: web.Application, key: ApiKey, stream: bool = True) -> StreamLease | None:
     """Count one request against ``key``'s limits: its requests per minute, and (when it has
-    one) a slot among its concurrent streams, returned as a lease to release when the request
-    ends. Raises ``Overloaded`` (429 with a Retry-After) when a limit is reached."""
+    one and ``stream``) a slot among its concurrent streams, returned as a lease to release when
+    the request ends. Raises ``Overloaded`` (429 with a Retry-After) when a limit is reached."""
     auth = app[AUTH]
     refused = app[METRICS].refused
     wait = await auth.limits.take_request(key.id, key.requests_per_minute)
@@ -237,8 +237,10 @@ async def admit(app: web.Application, key: ApiKey) -> StreamLease | None:
             retry_after=wait,
             code="rate_limit_exceeded",
         )
-    lease = await auth.limits.open_stream(key.id, key.max_streams) if key.max_streams else None
-    if key.max_streams and lease is None:
+    if not (stream and key.max_streams):
+        return None
+    lease = await auth.limits.open_stream(key.id, key.max_streams)
+    if lease is None:
         refused.labels(auth.tenants.label(key.id), "max_streams").inc()
         raise Overloaded(
             f"Too many concurrent requests: at most {key.max_streams} for this key.",
@@ -246,6 +248,9 @@ async def admit(app: web.Application, key: ApiKey) -> StreamLease | None:
             code="rate_limit_exceeded",
         )
     return lease
+
+
+_SAME_GENERATION = re.compile(r"/v1/chat/completions/[^/]+/(stream|cancel)")
 
 
 @web.middleware
@@ -263,12 +268,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             current_caller.reset(token)
     with bind(key_id=key.id):
         priority = _priority(request)
-        lease = await admit(request.app, key)
+        # Resuming or cancelling a stream is the same generation, which holds its lease.
+        same = _SAME_GENERATION.fullmatch(request.path) is not None
+        request[STREAM_LEASE] = await admit(request.app, key, stream=not same)
         token = current_caller.set(caller_of(key, priority))
         try:
             return await handler(request)
         finally:
             current_caller.reset(token)
+            lease = request.get(STREAM_LEASE)  # None when a resumable stream took it
             if lease is not None:
                 await lease.release()
 

@@ -12,7 +12,7 @@ from tokenrelay._workers import WorkerContext
 from tokenrelay.config import EdgeSettings
 from tokenrelay.edge._metrics import EdgeMetrics
 from tokenrelay.security import KeyStore
-from tokenrelay.tenancy import LimitStore, LocalLimits, Tenants
+from tokenrelay.tenancy import LimitStore, LocalLimits, StreamLease, Tenants
 
 if TYPE_CHECKING:  # the modules that hold these import this one
     from tokenrelay.edge._generate import OrchestratorClient
@@ -26,6 +26,7 @@ __all__ = [
     "SETTINGS",
     "STATE",
     "STREAMS",
+    "STREAM_LEASE",
     "UPSTREAM",
     "WORKER",
     "Auth",
@@ -61,6 +62,9 @@ STREAMS: web.AppKey[ResumableStreams] = web.AppKey("streams")  # resumable SSE s
 # Where this process stands in a group of workers (None: it serves alone).
 WORKER: web.AppKey[WorkerContext | None] = web.AppKey("worker")
 REQUEST_ID = web.RequestKey("request_id", str)  # the request's id, set by a middleware
+# The key's concurrent-stream lease of a request (``max_streams``), held by the auth middleware
+# until the handler returns, unless a generation that outlives it (a resumable stream) takes it.
+STREAM_LEASE: web.RequestKey[StreamLease | None] = web.RequestKey("stream_lease")
 
 
 def readiness(app: web.Application) -> tuple[bool, str]:

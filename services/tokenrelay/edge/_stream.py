@@ -69,7 +69,7 @@ from tokenrelay._readahead import batches
 from tokenrelay.config import Resume
 from tokenrelay.edge import _openai as oa
 from tokenrelay.edge._middlewares import error_body
-from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STREAMS
+from tokenrelay.edge._state import METRICS, REQUEST_ID, SETTINGS, STREAM_LEASE, STREAMS
 from tokenrelay.errors import (
     GenerationFailed,
     Gone,
@@ -1137,6 +1137,10 @@ async def _resumable(
     is its first client."""
     settings = request.app[SETTINGS]
     gauge = request.app[METRICS].streams
+    # The key's stream lease lasts as long as the generation, which outlives this connection:
+    # a client that drops and asks again must not run more than its max_streams at once.
+    lease = request.get(STREAM_LEASE)
+    request[STREAM_LEASE] = None
 
     async def generate(stream: ResumableStream) -> None:
         gauge.inc()
@@ -1155,7 +1159,11 @@ async def _resumable(
             await stream.fail(error_body(RelayError("Internal error.")))
         finally:
             gauge.dec()
-            await messages.aclose()
+            try:
+                await messages.aclose()
+            finally:
+                if lease is not None:
+                    await lease.release()
 
     owner = owner_id()
     stream = request.app[STREAMS].start(shape.id, owner, headers, generate)
