@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import json
@@ -54,6 +53,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenrelay._accept import LISTEN_BACKLOG
+from tokenrelay._exec import wrapped
 from tokenrelay.config import Admission, join_hostport, split_hostport
 from tokenrelay.errors import Overloaded
 from tokenrelay.tenancy import (
@@ -128,7 +128,6 @@ class WorkerContext:
     index: int
     count: int
     directory: Path
-    supervisor: int  # its pid
 
     @property
     def coordinator(self) -> Path:
@@ -138,35 +137,14 @@ class WorkerContext:
         return self.directory / f"metrics-{index}.sock"
 
     def argv(self) -> list[str]:
-        return [
-            "--worker",
-            str(self.index),
-            str(self.count),
-            str(self.directory),
-            str(self.supervisor),
-        ]
+        return ["--worker", str(self.index), str(self.count), str(self.directory)]
 
     @classmethod
     def from_argv(cls, argv: Sequence[str]) -> WorkerContext | None:
-        """The context a supervisor passed (``--worker I N DIR PID``), or None."""
-        if len(argv) >= 5 and argv[0] == "--worker":
-            return cls(int(argv[1]), int(argv[2]), Path(argv[3]), int(argv[4]))
+        """The context a supervisor passed (``--worker I N DIR``), or None."""
+        if len(argv) >= 4 and argv[0] == "--worker":
+            return cls(int(argv[1]), int(argv[2]), Path(argv[3]))
         return None
-
-    def die_with_supervisor(self) -> None:
-        """Have SIGTERM sent to this worker when its supervisor dies, however it dies (Linux's
-        ``PR_SET_PDEATHSIG``: a supervisor killed with SIGKILL forwards nothing, and its
-        workers would go on holding the port without their coordinator); exits at once when
-        the supervisor is already gone. Call it first thing in a worker."""
-        if sys.platform == "linux":
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != self.supervisor:
-            sys.exit(f"worker {self.index}: its supervisor ({self.supervisor}) has exited")
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 # --- the coordinator (in the supervisor) -----------------------------------------------------
@@ -582,8 +560,11 @@ class Supervisor:
                 await coordinator.close()
 
     async def _spawn(self, index: int, directory: Path) -> asyncio.subprocess.Process:
-        context = WorkerContext(index, self._count, directory, os.getpid())
-        return await asyncio.create_subprocess_exec(*self._command, *context.argv(), env=self._env)
+        context = WorkerContext(index, self._count, directory)
+        # SIGTERM when the supervisor dies, however it dies: one killed with SIGKILL forwards
+        # nothing, and its workers went on holding the port without their coordinator.
+        command = wrapped([*self._command, *context.argv()], death_signal=signal.SIGTERM)
+        return await asyncio.create_subprocess_exec(*command, env=self._env)
 
     async def _supervise(self, directory: Path, stop: asyncio.Event) -> int:
         """Restarts a worker that exits, after ``restart_delay_s`` doubled at each exit in a row

@@ -15,8 +15,6 @@ from tokenrelay.tracing import configure_tracing, shutdown_tracing
 
 def main() -> None:
     worker = WorkerContext.from_argv(sys.argv[1:])  # given by a supervisor (edge.workers > 1)
-    if worker is not None:
-        worker.die_with_supervisor()
     try:
         settings = load_settings()
         check_exposure(settings, "edge")

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tokenrelay.stack._exec import wrapped
+from tokenrelay._exec import wrapped
 
 __all__ = ["Postgres"]
 

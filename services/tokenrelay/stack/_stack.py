@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from tokenrelay.stack._exec import wrapped
+from tokenrelay._exec import wrapped
 from tokenrelay.stack._triton import TritonPorts, prepare_backends, triton_command, triton_env
 
 __all__ = ["Stack", "StackError", "StackPorts", "TritonProcess", "free_port"]
