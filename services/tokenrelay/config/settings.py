@@ -70,14 +70,6 @@ class Settings:
                     f"models: {model.id!r} has no Triton nodes (its nodes and"
                     " orchestrator.triton are both empty)"
                 )
-            between_ms = self.orchestrator.timeouts.between_tokens_s * 1000
-            if model.max_stream_interval_ms >= between_ms:
-                raise ValueError(
-                    f"models: {model.id!r}: max_stream_interval_ms"
-                    f" ({model.max_stream_interval_ms}) must be below"
-                    f" orchestrator.timeouts.between_tokens_s ({between_ms:g} ms): a stream held"
-                    " that long would count as a silent node"
-                )
             if model.fallback and model.fallback not in ids:
                 raise ValueError(
                     f"models: {model.id!r}: fallback must name another catalog model,"
