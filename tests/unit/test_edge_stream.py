@@ -73,6 +73,15 @@ async def test_messages_that_arrive_together_go_out_as_one_event(
     assert chunks[-1]["usage"]["completion_tokens"] == len(texts)
 
 
+async def _fails_after_its_first_message(
+    self: OrchestratorClient, request: Any, timeout_s: float, metadata: Any = ()
+) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
+    """The orchestrator's stream as the edge reads it, failing as a message that does not
+    decode would (not a relay error)."""
+    yield _messages(["Hello", " there"])[0]
+    raise ValueError("Error parsing message")
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 async def test_an_unexpected_failure_mid_stream_ends_it_with_an_error_event(
     monkeypatch: pytest.MonkeyPatch, path: str
@@ -80,13 +89,7 @@ async def test_an_unexpected_failure_mid_stream_ends_it_with_an_error_event(
     # A failure other than the relay's own (here a message that does not decode) used to reach
     # the error middleware, whose 500 response went out inside the 200's chunked body, and the
     # client waited on a stream that never ended.
-    async def stream(
-        self: OrchestratorClient, request: Any, timeout_s: float, metadata: Any = ()
-    ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
-        yield _messages(["Hello", " there"])[0]
-        raise ValueError("Error parsing message")
-
-    monkeypatch.setattr(OrchestratorClient, "stream", stream)
+    monkeypatch.setattr(OrchestratorClient, "stream", _fails_after_its_first_message)
     settings = EdgeSettings(orchestrator="127.0.0.1:9", resume=Resume(grace_s=0))  # not resumable
     server = TestServer(create_app(settings), host="127.0.0.1")
     await server.start_server()
@@ -114,13 +117,7 @@ async def test_an_unexpected_failure_mid_stream_ends_it_with_an_error_event(
 async def test_an_unexpected_failure_of_a_websocket_generation_reaches_its_client(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async def stream(
-        self: OrchestratorClient, request: Any, timeout_s: float, metadata: Any = ()
-    ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
-        yield _messages(["Hello", " there"])[0]
-        raise ValueError("Error parsing message")
-
-    monkeypatch.setattr(OrchestratorClient, "stream", stream)
+    monkeypatch.setattr(OrchestratorClient, "stream", _fails_after_its_first_message)
     server = TestServer(create_app(EdgeSettings(orchestrator="127.0.0.1:9")), host="127.0.0.1")
     await server.start_server()
     try:
