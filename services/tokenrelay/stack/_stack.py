@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -55,9 +56,36 @@ class StackError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """A loopback port free now, and not one this process handed out before. It is chosen below
+    the kernel's ephemeral range: the local ports of outgoing connections come from that range,
+    so one chosen there could be taken by any connection (a client's, a probe's) before its
+    service binds it ("Address already in use", seen once in a test run)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = _PORTS.randrange(_LOWEST_PORT, low) if low > _LOWEST_PORT + 1000 else 0
+        if port in _HANDED:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        _HANDED.add(port)
+        return port
+    raise OSError("no free port found below the ephemeral range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_LOWEST_PORT = 15000
+_PORTS = random.Random()
+_HANDED: set[int] = set()
 
 
 @dataclass(frozen=True, slots=True)
