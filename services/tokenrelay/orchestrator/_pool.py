@@ -162,7 +162,7 @@ class CircuitBreaker:
             self._window.popleft()
 
     def _rate_high(self) -> bool:
-        self._age_out(self._clock())
+        """Over the window's outcomes (``record`` has just aged it out)."""
         if len(self._window) < self._settings.min_requests:
             return False
         failures = sum(1 for _, failed in self._window if failed)
